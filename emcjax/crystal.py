@@ -127,6 +127,14 @@ class Crystal:
                 f"the metric (max deviation {dev:.3g} > {_METRIC_TOL})"
             )
 
+    def __getstate__(self) -> dict:
+        # Only the fields: cached gemmi objects (GroupOps) cannot be pickled; everything is recomputed lazily.
+        return {"cell": self.cell, "space_group": self.space_group}
+
+    def __setstate__(self, state: dict) -> None:
+        for key, value in state.items():
+            object.__setattr__(self, key, value)
+
     # ------------------------------------------------------------------ gemmi objects
     @functools.cached_property
     def gemmi_space_group(self) -> gemmi.SpaceGroup:
