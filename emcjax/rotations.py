@@ -545,18 +545,30 @@ def reduce_by_point_group(
             "reduce_by_point_group: rotation_ops_cartesian must be proper rotations (orthogonal, det +1); "
             f"got max |g g^T - 1| = {orth_err:.3g}, determinants {np.round(dets, 6).tolist()}"
         )
-    h_conj = quaternion_conjugate(matrix_to_quaternion(ops))  # (n_ops, 4)
-    keep = np.empty(q_all.shape[0], dtype=bool)
+    h = matrix_to_quaternion(ops)  # (n_ops, 4)
+    h_others = h[np.abs(h[:, 0]) < 1 - 1e-12]  # the non-identity operations
+    h_conj = quaternion_conjugate(h)
+    keep = np.ones(q_all.shape[0], dtype=bool)
+    if h_others.shape[0] == 0:
+        return np.flatnonzero(keep)
     for s in range(0, q_all.shape[0], chunk):
         q = q_all[s : s + chunk]
-        own = _canonical_sign(q, tol)  # (m, 4)
-        images = _canonical_sign(quaternion_multiply(q[:, None, :], h_conj[None, :, :]), tol)  # (m, n_ops, 4)
-        diff = images - own[:, None, :]
-        big = np.abs(diff) > tol
-        first = np.argmax(big, axis=-1)
-        lead = np.take_along_axis(diff, first[..., None], axis=-1)[..., 0]
-        beats = big.any(axis=-1) & (lead > 0)
-        keep[s : s + chunk] = ~beats.any(axis=1)
+        # primary key: the scalar part of the image q ⊗ conj(h) is q · h
+        own = np.abs(q[:, 0])
+        best_other = np.max(np.abs(q @ h_others.T), axis=1)
+        keep[s : s + chunk] = own > best_other + tol
+        tie = np.flatnonzero(np.abs(own - best_other) <= tol)
+        if tie.size:
+            # ties in |q0|: lexicographic comparison of the sign-canonical images
+            qt = q[tie]
+            own_c = _canonical_sign(qt, tol)  # (m, 4)
+            images = _canonical_sign(quaternion_multiply(qt[:, None, :], h_conj[None, :, :]), tol)  # (m, n_ops, 4)
+            diff = images - own_c[:, None, :]
+            big = np.abs(diff) > tol
+            first = np.argmax(big, axis=-1)
+            lead = np.take_along_axis(diff, first[..., None], axis=-1)[..., 0]
+            beats = big.any(axis=-1) & (lead > 0)
+            keep[s + tie] = ~beats.any(axis=1)
     return np.flatnonzero(keep)
 
 
@@ -612,7 +624,8 @@ def neighbours(
     cols = pairs["j"].astype(np.int64)
     key = np.unique(rows * n_s + cols)  # sorted: query ascending, then index ascending; dedups ±q hits
     rows, cols = key // n_s, key % n_s
-    ok = misorientation_angle(q_q[rows], q_s[cols]) <= max_angle_rad
-    rows, cols = rows[ok], cols[ok]
+    if max_angle_rad < np.pi:
+        ok = misorientation_angle(q_q[rows], q_s[cols]) <= max_angle_rad
+        rows, cols = rows[ok], cols[ok]
     offsets = np.searchsorted(rows, np.arange(n_q + 1), side="left").astype(np.int64)
     return offsets, cols
