@@ -11,8 +11,11 @@ Conventions (docs/ARCHITECTURE.md):
   quaternion files and candidate lists are used unchanged.
 
 The sampling (METHOD.md §9.1) restates the construction of the reference's ``make-quaternion`` program in
-vectorised numpy: same points, same half-sphere selection, same weights and the same output order, so that
-index ``r`` of :func:`sample_600cell` ``(n)`` is row ``r`` of the reference file ``c-quaternion<n>.bin``.
+vectorised numpy: same points, same half-sphere selection, same weights, and the reference's loop order
+(vertex numbering, edge/face/cell order), so that index ``r`` of :func:`sample_600cell` ``(n)`` is meant to be
+row ``r`` of the reference file ``c-quaternion<n>.bin`` (points and weights are tested against an
+independent loop restatement; the order is restated from the C source but has not been compared with a
+file written by the C program).
 
 Everything here is numpy set-up code (float64) except :func:`quaternion_to_matrix` and
 :func:`crystal_from_lab`, which also accept JAX arrays (and work under ``jit``) in the array's own dtype.
@@ -47,8 +50,10 @@ __all__ = [
 TAU = (1.0 + np.sqrt(5.0)) / 2.0
 """Golden ratio."""
 
-MEAN_SPACING_COEFF = 0.944
-"""The reference's angular resolution of the n-refined 600-cell sampling, ``0.944 / n`` rad (METHOD.md §9.1)."""
+COVERING_RADIUS_COEFF = 0.944
+"""The reference's angular resolution ``0.944 / n`` rad of the n-refined sampling (METHOD.md §9.1). Measured
+here, it is the covering radius (the largest misorientation between any rotation and its nearest sample:
+0.927/n at n = 4, 0.942/n at n = 6); the mean nearest-neighbour misorientation between samples is ~1.28/n."""
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -519,7 +524,11 @@ def reduce_by_point_group(
     the grid), so this is a fundamental-zone *selection* of grid points, not a quotient of the grid: the
     result has ``≈ n_rot / n_ops`` rotations, and every rotation of the full grid is, after some group
     operation, within about one grid spacing of a kept rotation. Weights of kept rotations are unchanged
-    (renormalise with ``sampling.subset(indices)``).
+    (renormalise with ``sampling.subset(indices)``). Measured for 422: 1377 of 10860 rotations kept at
+    n = 6, and every rotation has an image within 1.08/n (n = 6) and 1.12/n (n = 10) rad of a kept one.
+
+    Cost: the primary key of the images is ``|q · h_g|`` (one matmul); only the near-ties go through the
+    lexicographic comparison. n = 70 (17 M rotations) with 8 operations: ~9 s.
 
     Args:
         sampling: a :class:`RotationSampling` or ``(n_rot, 4)`` unit quaternions.
