@@ -1,0 +1,424 @@
+"""The intensity model: voxel profiles around every reflection, and slicing it with the Ewald sphere.
+
+The 3D intensity W(q) is non-zero only inside small spheres (radius ``radius`` in 1/Å) around the
+reciprocal-lattice nodes kept by :func:`make_grid`; inside each sphere the peak profile is free and sampled
+on a grid aligned with the reciprocal lattice (``divisions`` points per reciprocal axis, see
+docs/ARCHITECTURE.md "Voxel grid"). Every reflection has the same set of integer voxel ``offsets``, so the
+model is one dense array
+
+    intensity: (n_asu, n_voxels) float32   photons per unit polarization factor per unit phi
+
+over the asymmetric unit; reflection ``h`` (a mate ``M_g @ hkl_a`` of unique reflection ``a``) reads voxel
+``j`` from ``intensity[a, perm[g, j]]``. That map is stored flat (``ReciprocalGrid.full_to_asu``) so that
+slicing gathers directly from the asymmetric unit and back-projection scatters directly into it: symmetry
+costs nothing at run time.
+
+A detector pixel at crystal-frame q samples the model by trilinear interpolation (METHOD.md §5.2): the pixel
+belongs to reflection h iff |q - B hkl_h| <= radius; the 8 grid corners around it contribute with
+trilinear weights, corners outside the support are dropped without renormalisation.
+
+For one orientation the pixels inside any peak are its *in-peak entries* (pixel, reflection, 8 voxel
+indices, 8 weights). They depend on geometry only, are built once per run on the device
+(:func:`build_entries`), and make a tomogram (the model sliced at every in-peak pixel of every rotation) a
+single gather (:func:`tomogram`); the expected Bragg signal of a rotation is a segment sum
+(:func:`expected_signal`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from emcjax.crystal import AsymmetricUnit, Crystal, asymmetric_unit, lattice_grid_divisions, reflections
+from emcjax.errors import ConfigError
+from emcjax.rotations import crystal_from_lab
+
+# The 8 corners of a grid cell, (8, 3) int, in the order (dx, dy, dz) = (0,0,0), (0,0,1), ..., (1,1,1).
+_CORNERS = np.array([[i, j, k] for i in (0, 1) for j in (0, 1) for k in (0, 1)], dtype=np.int32)
+
+
+class GridTables(NamedTuple):
+    """Device arrays needed by the slicing kernels (a pytree).
+
+    Attributes:
+      frac_from_q: (3, 3) float32, B^-1: fractional hkl of a crystal-frame q (1/Å).
+      q_from_frac: (3, 3) float32, B: crystal-frame q (1/Å) of fractional hkl.
+      divisions: (3,) float32, grid points per reciprocal axis.
+      radius_sq: () float32, squared support radius (1/Å^2).
+      hkl_min: (3,) int32, smallest h, k, l of the reflection lookup box.
+      refl_lookup: (nh, nk, nl) int32, index of reflection (h, k, l) in ``ReciprocalGrid.hkl`` or -1.
+      box_min: (3,) int32, smallest voxel offset represented in ``box_lookup``.
+      box_lookup: (bx, by, bz) int32, voxel index of an integer offset, or n_voxels outside the support.
+      full_to_asu: (n_refl, n_voxels + 1) int32, flat index into the padded asymmetric-unit model of
+        voxel j of reflection h; column n_voxels (outside the support) points at the zero sentinel.
+    """
+
+    frac_from_q: jax.Array
+    q_from_frac: jax.Array
+    divisions: jax.Array
+    radius_sq: jax.Array
+    hkl_min: jax.Array
+    refl_lookup: jax.Array
+    box_min: jax.Array
+    box_lookup: jax.Array
+    full_to_asu: jax.Array
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class ReciprocalGrid:
+    """Where the model lives: reflections, their asymmetric unit and the voxel offsets of every peak.
+
+    Attributes:
+      crystal: the crystal (cell, space group).
+      hkl: (n_refl, 3) int32, every reflection whose whole peak sphere lies in [q_min, q_max].
+      asu: asymmetric-unit map of ``hkl`` (``asu.hkl`` are the rows of the model).
+      divisions: (3,) int, grid points per reciprocal axis.
+      offsets: (n_voxels, 3) int32, integer grid offsets of a peak's voxels (same for every reflection).
+      radius: support radius of a peak in 1/Å (``gw * min|a*| / vn``).
+      perm: (n_ops, n_voxels) int32, ``perm[g, j]``: the voxel of the representative that voxel j of
+        a mate ``M_g @ hkl_a`` shows.
+      q_min, q_max: the shell in 1/Å the reflections were selected from.
+    """
+
+    crystal: Crystal
+    hkl: np.ndarray
+    asu: AsymmetricUnit
+    divisions: np.ndarray
+    offsets: np.ndarray
+    radius: float
+    perm: np.ndarray
+    q_min: float
+    q_max: float
+
+    @property
+    def n_refl(self) -> int:
+        return int(self.hkl.shape[0])
+
+    @property
+    def n_asu(self) -> int:
+        return int(self.asu.hkl.shape[0])
+
+    @property
+    def n_voxels(self) -> int:
+        return int(self.offsets.shape[0])
+
+    @property
+    def model_shape(self) -> tuple[int, int]:
+        """Shape of the intensity array: (n_asu, n_voxels)."""
+        return (self.n_asu, self.n_voxels)
+
+    def voxel_q(self) -> np.ndarray:
+        """(n_voxels, 3) float64 crystal-frame q offset (1/Å) of each voxel from its peak centre."""
+        return (self.offsets / self.divisions) @ self.crystal.reciprocal_basis.T
+
+    def full_to_asu(self) -> np.ndarray:
+        """(n_refl, n_voxels + 1) int32 flat asymmetric-unit index; last column is the zero sentinel."""
+        flat = self.asu.index[:, None] * self.n_voxels + self.perm[self.asu.op]
+        sentinel = np.full((self.n_refl, 1), self.n_asu * self.n_voxels)
+        return np.concatenate([flat, sentinel], axis=1).astype(np.int32)
+
+    @functools.cached_property
+    def tables(self) -> GridTables:
+        """Device lookup tables for the kernels (computed once)."""
+        hkl_min = self.hkl.min(axis=0)
+        extent = self.hkl.max(axis=0) - hkl_min + 1
+        refl_lookup = np.full(extent, -1, dtype=np.int32)
+        refl_lookup[tuple((self.hkl - hkl_min).T)] = np.arange(self.n_refl, dtype=np.int32)
+        box_min = self.offsets.min(axis=0) - 1
+        box_extent = self.offsets.max(axis=0) + 2 - box_min + 1
+        box_lookup = np.full(box_extent, self.n_voxels, dtype=np.int32)
+        box_lookup[tuple((self.offsets - box_min).T)] = np.arange(self.n_voxels, dtype=np.int32)
+        basis = self.crystal.reciprocal_basis
+        return GridTables(
+            frac_from_q=jnp.asarray(np.linalg.inv(basis), jnp.float32),
+            q_from_frac=jnp.asarray(basis, jnp.float32),
+            divisions=jnp.asarray(self.divisions, jnp.float32),
+            radius_sq=jnp.asarray(self.radius**2, jnp.float32),
+            hkl_min=jnp.asarray(hkl_min, jnp.int32),
+            refl_lookup=jnp.asarray(refl_lookup),
+            box_min=jnp.asarray(box_min, jnp.int32),
+            box_lookup=jnp.asarray(box_lookup),
+            full_to_asu=jnp.asarray(self.full_to_asu()),
+        )
+
+
+def make_grid(crystal: Crystal, d_min: float, d_max: float, vn: int = 10, gw: float = 2.0) -> ReciprocalGrid:
+    """Builds the reflections and voxel grid of a model to resolution ``d_min``.
+
+    Args:
+      crystal: cell and space group.
+      d_min: high-resolution limit in Å (pixels and peaks beyond 1/d_min are not modelled).
+      d_max: low-resolution limit in Å (the beam stop; ``inf`` for none).
+      vn: grid points per shortest reciprocal-lattice vector (the reference's ``VN``).
+      gw: support radius of a peak in units of the grid spacing min|a*|/vn (the reference's ``gw``).
+
+    Returns:
+      The grid. A reflection is kept only if its whole support sphere lies in [1/d_max, 1/d_min] (the
+      reference's non-partial rule), and systematic absences are left out.
+
+    Raises:
+      ConfigError: a non-positive ``vn`` or ``gw``, or a ``gw`` so large that neighbouring peaks overlap.
+    """
+    if vn < 1:
+        raise ConfigError(f"vn must be a positive integer, got vn={vn}")
+    if not gw > 0:
+        raise ConfigError(f"gw must be positive (grid spacings), got gw={gw}")
+    basis = crystal.reciprocal_basis
+    lengths = np.linalg.norm(basis, axis=0)
+    radius = gw * lengths.min() / vn
+    if 2 * radius >= lengths.min():
+        raise ConfigError(
+            f"gw={gw} with vn={vn} makes peaks of radius {radius:.3g} 1/Å that overlap their neighbours "
+            f"(shortest reciprocal vector {lengths.min():.3g} 1/Å); use gw < vn/2"
+        )
+    real_lengths = np.linalg.norm(crystal.real_basis, axis=0)
+    if np.max(radius * real_lengths) >= 0.5:
+        raise ConfigError(
+            f"gw={gw} with vn={vn} is too large for this oblique cell: a peak sphere spans more than half a "
+            "lattice spacing along some reciprocal axis; lower gw or raise vn"
+        )
+    q_min = 0.0 if not np.isfinite(d_max) else 1.0 / d_max
+    q_max = 1.0 / d_min
+    hkl = reflections(crystal, d_min=d_min, d_max=d_max, margin=radius)
+    if hkl.shape[0] == 0:
+        raise ConfigError(f"no reflection of cell {crystal.cell} lies between d_max={d_max} Å and d_min={d_min} Å")
+    asu = asymmetric_unit(crystal, hkl)
+    divisions = np.asarray(lattice_grid_divisions(crystal, vn), dtype=np.int64)
+
+    # Integer offsets o with |B diag(N)^-1 o| <= radius; the extent along axis i is radius * |a_i| * N_i.
+    half = np.ceil(radius * real_lengths * divisions).astype(int)
+    axes = [np.arange(-m, m + 1) for m in half]
+    box = np.stack(np.meshgrid(*axes, indexing="ij"), axis=-1).reshape(-1, 3)
+    dq = (box / divisions) @ basis.T
+    offsets = box[np.einsum("ij,ij->i", dq, dq) <= radius**2 * (1 + 1e-9)].astype(np.int32)
+
+    # Voxel j of mate M @ hkl_a shows the representative's voxel at offset D M^-1 D^-1 o_j.
+    index_of = {tuple(o): j for j, o in enumerate(offsets.tolist())}
+    ops = crystal.laue_ops
+    perm = np.empty((ops.shape[0], offsets.shape[0]), dtype=np.int32)
+    for g, m in enumerate(ops):
+        conj = np.diag(divisions) @ np.linalg.inv(m) @ np.diag(1.0 / divisions)
+        mapped = np.rint(offsets @ conj.T).astype(int)
+        try:
+            perm[g] = [index_of[tuple(o)] for o in mapped.tolist()]
+        except KeyError as err:  # pragma: no cover - lattice_grid_divisions guarantees closure
+            raise ConfigError(f"voxel offsets are not closed under Laue operator {g}: {m.tolist()}") from err
+    return ReciprocalGrid(
+        crystal=crystal,
+        hkl=hkl,
+        asu=asu,
+        divisions=divisions,
+        offsets=offsets,
+        radius=float(radius),
+        perm=perm,
+        q_min=q_min,
+        q_max=q_max,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Kernels (one point; lifted with vmap)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _nearest_reflection(q_crystal: jax.Array, tables: GridTables) -> tuple[jax.Array, jax.Array]:
+    """Reflection whose support contains ``q_crystal`` (3,) 1/Å: (index or -1, fractional coords (3,))."""
+    frac = tables.frac_from_q @ q_crystal
+    hkl = jnp.round(frac)
+    delta = q_crystal - tables.q_from_frac @ hkl
+    inside = jnp.dot(delta, delta) <= tables.radius_sq
+    idx = hkl.astype(jnp.int32) - tables.hkl_min
+    shape = jnp.asarray(tables.refl_lookup.shape, jnp.int32)
+    in_box = jnp.all((idx >= 0) & (idx < shape))
+    refl = tables.refl_lookup[tuple(jnp.clip(idx, 0, shape - 1))]
+    return jnp.where(inside & in_box, refl, -1), frac
+
+
+def locate(q_crystal: jax.Array, tables: GridTables) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Trilinear stencil of one crystal-frame point.
+
+    Args:
+      q_crystal: (3,) float32 crystal-frame q in 1/Å.
+      tables: the grid's device tables.
+
+    Returns:
+      ``(refl, voxels, weights)``: reflection index (-1 when the point is in no peak), (8,) int32 flat
+      indices into the padded asymmetric-unit model (:func:`pad_model`), (8,) float32 trilinear weights
+      (zero for corners outside the support and for points in no peak).
+    """
+    refl, frac = _nearest_reflection(q_crystal, tables)
+    local = tables.divisions * (frac - jnp.round(frac))  # grid units from the peak centre
+    base = jnp.floor(local)
+    t = local - base
+    corners = base.astype(jnp.int32)[None, :] + jnp.asarray(_CORNERS) - tables.box_min  # (8, 3)
+    box_shape = jnp.asarray(tables.box_lookup.shape, jnp.int32)
+    corners = jnp.clip(corners, 0, box_shape - 1)
+    vox = tables.box_lookup[corners[:, 0], corners[:, 1], corners[:, 2]]  # (8,) voxel index or n_voxels
+    voxels = tables.full_to_asu[jnp.maximum(refl, 0), vox]
+    c = jnp.asarray(_CORNERS, jnp.float32)
+    weights = jnp.prod(c * t + (1 - c) * (1 - t), axis=1)
+    n_vox = tables.full_to_asu.shape[1] - 1
+    weights = jnp.where((vox < n_vox) & (refl >= 0), weights, 0.0)
+    return refl, voxels, weights
+
+
+def pad_model(intensity: jax.Array) -> jax.Array:
+    """Flattens (n_asu, n_voxels) intensity and appends the zero sentinel: (n_asu*n_voxels + 1,)."""
+    return jnp.concatenate([intensity.reshape(-1), jnp.zeros((1,), intensity.dtype)])
+
+
+@jax.jit
+def slice_points(intensity: jax.Array, q_crystal: jax.Array, tables: GridTables) -> jax.Array:
+    """Model value W(q) at arbitrary crystal-frame points.
+
+    Args:
+      intensity: (n_asu, n_voxels) float32 model.
+      q_crystal: (..., 3) float32 points in 1/Å.
+      tables: grid tables.
+
+    Returns:
+      (...,) float32 W, zero outside every peak.
+    """
+    flat = pad_model(intensity)
+    pts = q_crystal.reshape(-1, 3)
+    _, voxels, weights = jax.vmap(locate, in_axes=(0, None))(pts, tables)
+    return jnp.sum(weights * flat[voxels], axis=1).reshape(q_crystal.shape[:-1])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# In-peak entries of a set of rotations
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Entries:
+    """In-peak pixel entries of a set of rotations, flat and sorted by rotation.
+
+    Attributes:
+      rotation: (n_entries,) int32 local rotation index (0..n_rot-1, position in the quaternion list given).
+      pixel: (n_entries,) int32 valid-pixel index.
+      voxels: (n_entries, 8) int32 flat indices into the padded asymmetric-unit model.
+      weights: (n_entries, 8) float32 trilinear weights.
+      n_rot: number of rotations.
+    """
+
+    rotation: jax.Array
+    pixel: jax.Array
+    voxels: jax.Array
+    weights: jax.Array
+    n_rot: int
+
+    @property
+    def n_entries(self) -> int:
+        return int(self.rotation.shape[0])
+
+
+jax.tree_util.register_dataclass(
+    Entries, data_fields=["rotation", "pixel", "voxels", "weights"], meta_fields=["n_rot"]
+)
+
+
+@jax.jit
+def _classify(quaternions: jax.Array, q_lab: jax.Array, tables: GridTables) -> jax.Array:
+    """(n_rot_chunk, n_pix) int32 reflection index of every (rotation, pixel), -1 outside all peaks."""
+    rot = crystal_from_lab(quaternions)  # (r, 3, 3)
+    q_crystal = jnp.einsum("rij,pj->rpi", rot, q_lab)
+    refl, _ = jax.vmap(jax.vmap(_nearest_reflection, in_axes=(0, None)), in_axes=(0, None))(q_crystal, tables)
+    return refl
+
+
+@jax.jit
+def _stencils(quaternions, rotation, pixel, q_lab, tables):
+    rot = crystal_from_lab(quaternions)[rotation]
+    q_crystal = jnp.einsum("eij,ej->ei", rot, q_lab[pixel])
+    _, voxels, weights = jax.vmap(locate, in_axes=(0, None))(q_crystal, tables)
+    return voxels, weights
+
+
+def build_entries(
+    grid: ReciprocalGrid, q_lab: np.ndarray, quaternions: np.ndarray, *, chunk: int = 64
+) -> Entries:
+    """In-peak entries of every rotation, computed on the device in chunks of rotations.
+
+    Args:
+      grid: the model grid.
+      q_lab: (n_pix, 3) lab-frame pixel q in 1/Å (the detector's valid pixels).
+      quaternions: (n_rot, 4) orientations (scalar first).
+      chunk: rotations per device call (bounds memory at chunk x n_pix).
+
+    Returns:
+      The entries, sorted by rotation then pixel.
+    """
+    tables = grid.tables
+    q_dev = jnp.asarray(q_lab, jnp.float32)
+    quats = jnp.asarray(quaternions, jnp.float32)
+    n_rot = int(quaternions.shape[0])
+    rotation, pixel = [], []
+    for start in range(0, n_rot, chunk):
+        block = quats[start : start + chunk]
+        if block.shape[0] < chunk:  # keep one compiled shape
+            block = jnp.concatenate([block, jnp.tile(block[:1], (chunk - block.shape[0], 1))])
+        refl = np.asarray(_classify(block, q_dev, tables))[: min(chunk, n_rot - start)]
+        r, p = np.nonzero(refl >= 0)
+        rotation.append(r.astype(np.int32) + start)
+        pixel.append(p.astype(np.int32))
+    rotation = np.concatenate(rotation)
+    pixel = np.concatenate(pixel)
+    voxels, weights = [], []
+    step = 1 << 18
+    for start in range(0, rotation.shape[0], step):
+        r = rotation[start : start + step]
+        p = pixel[start : start + step]
+        pad = step - r.shape[0] if rotation.shape[0] > step else 0
+        v, w = _stencils(quats, jnp.asarray(np.pad(r, (0, pad))), jnp.asarray(np.pad(p, (0, pad))), q_dev, tables)
+        voxels.append(v[: r.shape[0]])
+        weights.append(w[: r.shape[0]])
+    if not voxels:
+        voxels, weights = [jnp.zeros((0, 8), jnp.int32)], [jnp.zeros((0, 8), jnp.float32)]
+    return Entries(
+        rotation=jnp.asarray(rotation),
+        pixel=jnp.asarray(pixel),
+        voxels=jnp.concatenate(voxels),
+        weights=jnp.concatenate(weights),
+        n_rot=n_rot,
+    )
+
+
+@jax.jit
+def tomogram(intensity: jax.Array, entries: Entries) -> jax.Array:
+    """Model value W at every in-peak entry: (n_entries,) float32 (photons per unit pol per unit phi)."""
+    flat = pad_model(intensity)
+    return jnp.sum(entries.weights * flat[entries.voxels], axis=1)
+
+
+@functools.partial(jax.jit, static_argnames="n_shells")
+def expected_signal(
+    intensity: jax.Array, entries: Entries, polarization: jax.Array, shell: jax.Array, n_shells: int
+) -> jax.Array:
+    """Expected Bragg photons of each rotation per radial shell at phi = 1.
+
+    S[r, s] = sum over in-peak pixels t of rotation r in shell s of pol_t W_rt.
+
+    Args:
+      intensity: (n_asu, n_voxels) model.
+      entries: in-peak entries of the rotations.
+      polarization: (n_pix,) polarization x solid-angle factor of the valid pixels.
+      shell: (n_pix,) int32 radial shell of the valid pixels.
+      n_shells: number of shells.
+
+    Returns:
+      (n_rot, n_shells) float32.
+    """
+    w = tomogram(intensity, entries) * polarization[entries.pixel]
+    seg = entries.rotation * n_shells + shell[entries.pixel]
+    return jax.ops.segment_sum(w, seg, num_segments=entries.n_rot * n_shells).reshape(entries.n_rot, n_shells)
+
+
+def integrated_intensity(intensity: np.ndarray) -> np.ndarray:
+    """(n_asu,) integrated intensity of each unique reflection: the sum of its voxels."""
+    return np.asarray(intensity).sum(axis=1)
