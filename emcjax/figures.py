@@ -65,38 +65,45 @@ def plot_convergence(records: Sequence[Mapping[str, Any]], path: str | os.PathLi
     return _save(fig, pathlib.Path(path))
 
 
-def plot_sections(hkl: np.ndarray, integrated: np.ndarray, path: str | os.PathLike) -> pathlib.Path:
+def plot_sections(
+    hkl: np.ndarray, integrated: np.ndarray, path: str | os.PathLike, laue_ops: np.ndarray | None = None
+) -> pathlib.Path:
     """Central sections hk0, h0l and 0kl of the integrated intensities.
 
-    The unique (asymmetric-unit) reflections lying on each plane and their Friedel mates (-h,-k,-l) are
-    drawn as a scatter coloured by log10 of the integrated intensity (no expansion by the other Laue
-    operators).
+    Every unique reflection is drawn with its symmetry mates ``M @ hkl`` for the Laue operators ``M`` when
+    given (they include the inversion), otherwise with its Friedel mate (-h,-k,-l) only, as a scatter
+    coloured by log10 of the integrated intensity (colour range: the 1st percentile to the maximum).
 
     Args:
       hkl: (n_asu, 3) int Miller indices of the unique reflections.
       integrated: (n_asu,) integrated intensity (photons at phi = 1) per unique reflection.
       path: the PNG to write.
+      laue_ops: optional (n_ops, 3, 3) int Laue operators acting on Miller indices.
     """
     hkl = np.asarray(hkl, np.int64)
     integrated = np.asarray(integrated, np.float64)
-    hkl = np.concatenate([hkl, -hkl])
-    value = np.concatenate([integrated, integrated])
+    ops = np.asarray(laue_ops, np.int64) if laue_ops is not None else np.stack([np.eye(3, dtype=np.int64), -np.eye(3, dtype=np.int64)])
+    mates = np.einsum("gij,nj->gni", ops, hkl).reshape(-1, 3)
+    value = np.tile(integrated, ops.shape[0])
+    mates, first = np.unique(mates, axis=0, return_index=True)
+    value = value[first]
     positive = value[value > 0]
-    floor = float(positive.min()) if positive.size else 1.0
-    logv = np.log10(np.maximum(value, floor))
-    vmin, vmax = (float(logv.min()), float(logv.max())) if logv.size else (0.0, 1.0)
+    if positive.size:
+        vmin, vmax = float(np.log10(np.percentile(positive, 1))), float(np.log10(positive.max()))
+    else:
+        vmin, vmax = 0.0, 1.0
+    logv = np.log10(np.maximum(value, 10.0**vmin))
     planes = [("hk0", 2, (0, 1), ("h", "k")), ("h0l", 1, (0, 2), ("h", "l")), ("0kl", 0, (1, 2), ("k", "l"))]
     fig, axes = plt.subplots(1, 3, figsize=(13.5, 4.4))
     scatter = None
     for ax, (name, zero_axis, (i, j), (xi, yj)) in zip(axes, planes):
-        on = hkl[:, zero_axis] == 0
-        scatter = ax.scatter(hkl[on, i], hkl[on, j], c=logv[on], s=12, cmap="viridis", vmin=vmin, vmax=vmax)
-        ax.set_aspect("equal")
+        on = mates[:, zero_axis] == 0
+        scatter = ax.scatter(mates[on, i], mates[on, j], c=logv[on], s=8, cmap="viridis", vmin=vmin, vmax=vmax)
+        ax.set_aspect("equal", adjustable="datalim")
         ax.set_title(f"{name} ({int(on.sum())} reflections)")
         ax.set_xlabel(xi)
         ax.set_ylabel(yj)
-        ax.axhline(0, color="0.8", lw=0.5, zorder=0)
-        ax.axvline(0, color="0.8", lw=0.5, zorder=0)
+        ax.grid(alpha=0.2)
     if scatter is not None:
         fig.colorbar(scatter, ax=list(axes), label="log10 integrated intensity", shrink=0.85)
     return _save(fig, pathlib.Path(path))
@@ -137,11 +144,15 @@ def draw_all(
     hkl: np.ndarray,
     integrated: np.ndarray,
     true_integrated: np.ndarray | None = None,
+    laue_ops: np.ndarray | None = None,
 ) -> list[pathlib.Path]:
     """Writes ``figures/convergence.png``, ``figures/sections.png`` and, with truth,
     ``figures/cc_true.png`` under ``run_dir``; returns the paths."""
     out = pathlib.Path(run_dir) / FIGURES_DIR
-    paths = [plot_convergence(records, out / "convergence.png"), plot_sections(hkl, integrated, out / "sections.png")]
+    paths = [
+        plot_convergence(records, out / "convergence.png"),
+        plot_sections(hkl, integrated, out / "sections.png", laue_ops),
+    ]
     if true_integrated is not None:
         paths.append(plot_cc_true(integrated, true_integrated, out / "cc_true.png"))
     return paths

@@ -77,7 +77,8 @@ class LowresConfig:
     out: pathlib.Path = pathlib.Path("runs/lowres")
     """Run directory for config.toml, metrics.jsonl, iterations/, checkpoints/, intensities.h5, figures/."""
     resume: bool = False
-    """Continue the run in --out from its latest checkpoint (up to --iters iterations in total)."""
+    """Continue the run in --out from its latest checkpoint (up to --iters iterations in total); without
+    --config, that run's config.toml supplies the defaults."""
     init_from: pathlib.Path | None = None
     """Run directory whose final model and phi (intensities.h5) start this run; same frames and model shape."""
     seed: int = 0
@@ -407,8 +408,14 @@ def _draw(out: pathlib.Path, records: list[dict], problem, state) -> None:
     true_integrated = None
     if truth is not None and truth.get("intensity") is not None:
         true_integrated = np.asarray(problem.integrated(truth["intensity"]))
+    crystal = getattr(problem.grid, "crystal", None)
     figures_lib.draw_all(
-        out, records, problem.grid.asu.hkl, np.asarray(problem.integrated(state.intensity)), true_integrated
+        out,
+        records,
+        problem.grid.asu.hkl,
+        np.asarray(problem.integrated(state.intensity)),
+        true_integrated,
+        laue_ops=getattr(crystal, "laue_ops", None),
     )
 
 
@@ -430,7 +437,11 @@ def _config_argument(argv: list[str]) -> pathlib.Path | None:
 
 
 def parse_args(argv: list[str] | None = None) -> LowresConfig:
-    """Parses the command line: ``--config FILE.toml`` (if given) supplies the defaults, flags override."""
+    """Parses the command line: ``--config FILE.toml`` (if given) supplies the defaults, flags override.
+
+    With ``--resume`` and no ``--config``, the resumed run's ``OUT/config.toml`` supplies the defaults, so
+    ``--out DIR --resume --iters 200`` continues a run with its own settings.
+    """
     import tyro
 
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -440,7 +451,15 @@ def parse_args(argv: list[str] | None = None) -> LowresConfig:
         default = runio.config_from_toml(LowresConfig, config_file)
         if default.config is not None:
             raise ConfigError(f"{config_file}: key 'config' cannot be set inside a config file")
-    return tyro.cli(LowresConfig, args=argv, default=default, description=__doc__.split("\n\n")[0])
+    description = __doc__.split("\n\n")[0]
+    prog = "python -m emcjax.lowres"
+    config = tyro.cli(LowresConfig, prog=prog, args=argv, default=default, description=description)
+    saved = config.out / runio.CONFIG_FILE
+    if config.resume and config_file is None and saved.exists():
+        # --resume without --config: the run's own saved config supplies the defaults, flags still override
+        default = dataclasses.replace(runio.config_from_toml(LowresConfig, saved), resume=False)
+        config = tyro.cli(LowresConfig, prog=prog, args=argv, default=default, description=description)
+    return config
 
 
 def main(argv: list[str] | None = None) -> None:

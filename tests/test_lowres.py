@@ -227,3 +227,24 @@ def test_init_from_checks_frames_and_model_shape(two_iterations, tmp_path):
         lowres.run(tiny(tmp_path / "c", iters=1, init_from=tmp_path / "missing"), log=lambda s: None)
     with pytest.raises(ConfigError, match="resume and init_from"):
         tiny(tmp_path / "d", resume=True, init_from=wrong_phi)
+
+
+def test_resume_flag_reads_the_saved_config(tmp_path):
+    out = tmp_path / "r"
+    runio.save_config(out / "config.toml", tiny(out, iters=3, seed=4))
+    config = lowres.parse_args(["--out", str(out), "--resume", "--iters", "8"])
+    assert config.resume and config.iters == 8 and config.seed == 4
+    assert config.demo == TINY_DEMO and config.emc == TINY_EMC
+
+
+def test_sections_expand_with_laue_ops(tmp_path):
+    from emcjax import figures
+    from emcjax.crystal import Crystal
+
+    hkl = np.array([[1, 2, 0], [3, 0, 1], [0, 0, 2]])
+    ops = Crystal(cell=(79.1, 79.1, 37.9, 90.0, 90.0, 90.0), space_group="P 43 21 2").laue_ops
+    for laue in (None, ops):
+        png = figures.plot_sections(hkl, np.array([10.0, 0.0, 5.0]), tmp_path / "s.png", laue)
+        assert png.read_bytes()[:4] == b"\x89PNG"
+    png = figures.plot_convergence([], tmp_path / "c.png")  # no iterations yet: still a figure
+    assert png.exists()
