@@ -638,3 +638,48 @@ def neighbours(
         rows, cols = rows[ok], cols[ok]
     offsets = np.searchsorted(rows, np.arange(n_q + 1), side="left").astype(np.int64)
     return offsets, cols
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Exact reduction of a grid by the symmetries it shares with the crystal
+# ----------------------------------------------------------------------------------------------------------
+
+
+def grid_symmetry_orbits(
+    sampling: RotationSampling, rotation_ops_cartesian, *, tol: float = 1e-6
+) -> tuple[np.ndarray, np.ndarray]:
+    """Orbits of the grid under the point-group operations that map the grid onto itself.
+
+    :func:`reduce_by_point_group` selects a fundamental zone, which is right for orientations off the grid
+    but drops grid orientations whose equivalent in the zone is not a grid point. This function is the
+    exact alternative for EMC on a grid: it keeps the subgroup H of operations ``g`` whose images
+    ``q ⊗ conj(h_g)`` of every grid point are grid points (for the 600-cell these are the operations shared
+    with the binary icosahedral group, e.g. the three 2-folds of 222), and returns one representative
+    (the smallest index) per orbit of H. Every grid orientation has the same likelihood as its
+    representative, so the E-step over the representatives, with the summed prior weight of each orbit,
+    gives exactly the posterior of the full grid.
+
+    Args:
+        sampling: the grid.
+        rotation_ops_cartesian: ``(n_ops, 3, 3)`` proper rotations acting on crystal-frame vectors.
+        tol: chord distance below which two unit quaternions are the same rotation.
+
+    Returns:
+        ``(representative, orbit)``: ``representative`` ``(n_rep,)`` int64 ascending grid indices, and
+        ``orbit`` ``(n_rot,)`` int64 the position in ``representative`` of each grid rotation's orbit.
+    """
+    ops = np.asarray(rotation_ops_cartesian, dtype=np.float64)
+    q = sampling.quaternions
+    tree = cKDTree(q)
+    images = [np.arange(q.shape[0])]
+    for g in ops[1:]:
+        h_conj = quaternion_conjugate(matrix_to_quaternion(g))
+        img = quaternion_multiply(q, h_conj[None, :])
+        d_pos, i_pos = tree.query(img)
+        d_neg, i_neg = tree.query(-img)
+        idx = np.where(d_pos <= d_neg, i_pos, i_neg)
+        if np.all(np.minimum(d_pos, d_neg) <= tol):
+            images.append(idx)
+    smallest = np.min(np.stack(images), axis=0)
+    representative, orbit = np.unique(smallest, return_inverse=True)
+    return representative.astype(np.int64), orbit.astype(np.int64)
