@@ -435,3 +435,43 @@ def test_iterate_is_deterministic(setup):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
     np.testing.assert_array_equal(fa["best_rotation"], fb["best_rotation"])
     assert {k: v for k, v in ma.items() if k != "seconds"} == {k: v for k, v in mb.items() if k != "seconds"}
+
+
+def _truth_state(problem: emc.Problem) -> emc.EMCState:
+    phi = np.asarray(problem.truth["phi"], np.float64)
+    return emc.EMCState(
+        iteration=jnp.asarray(0, jnp.int32),
+        intensity=jnp.asarray(problem.truth["intensity"], jnp.float32),
+        phi=jnp.asarray(phi / phi.mean(), jnp.float32),
+    )
+
+
+def test_mlem_stays_at_truth(setup):
+    """Started at the true model and phi, MLEM keeps the model (cc_true ~ 0.9995 measured) and phi."""
+    _, _, problem, _ = setup
+    config = emc.EMCConfig(rotation_n=2, intensity_update="mlem")
+    state = _truth_state(problem)
+    assert problem.cc_true(state.intensity) == pytest.approx(1.0, abs=1e-6)
+    for _ in range(3):
+        state, metrics, _ = emc.iterate(problem, state, config)
+    assert metrics["cc_true"] >= 0.99
+    ok = np.arange(problem.n_frames) > BLANK  # the altered frames no longer match the truth phi
+    assert np.corrcoef(np.asarray(state.phi)[ok], problem.truth["phi"][ok])[0, 1] > 0.9
+
+
+@pytest.mark.xfail(
+    strict=False,
+    reason="measured: from initial_state this small set does not recover (cc_true 0.30 'reference' / 0.48 "
+    "'mlem' after 8 iterations at 100-1500 frames, phi corr ~0.55); posteriors are hard (certainty 1.0) "
+    "from the first E-step and the grid's 105 orientations leave many reflections unobserved",
+)
+@pytest.mark.parametrize("rule", ["reference", "mlem"])
+def test_recovery_from_random_start(setup, rule):
+    _, _, problem, _ = setup
+    config = emc.EMCConfig(rotation_n=2, intensity_update=rule)
+    state = emc.initial_state(problem, config, seed=0)
+    for _ in range(5):
+        state, metrics, _ = emc.iterate(problem, state, config)
+    ok = np.arange(problem.n_frames) > BLANK
+    assert metrics["cc_true"] >= 0.95
+    assert np.corrcoef(np.asarray(state.phi)[ok], problem.truth["phi"][ok])[0, 1] > 0.9
