@@ -153,7 +153,7 @@ def simulate(config: SimulationConfig) -> tuple[data_io.SparseFrames, dict]:
     # Scale the model so that a frame at phi = 1 holds `bragg_photons` Bragg photons on average.
     entries = model_lib.build_entries(grid, detector.q, quaternion)
     pol = jnp.asarray(detector.polarization, jnp.float32)
-    shell = jnp.asarray(detector.shell, jnp.int32)
+    shell = jnp.zeros(detector.n_pix, jnp.int32)  # one segment per frame: the total over all shells
     signal = np.asarray(model_lib.expected_signal(jnp.asarray(intensity, jnp.float32), entries, pol, shell, 1))
     scale = config.bragg_photons / max(float(signal.mean()), 1e-30)
     intensity = intensity * scale
