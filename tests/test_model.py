@@ -274,7 +274,7 @@ def test_model_is_laue_invariant_at_arbitrary_points(name):
     assert np.count_nonzero(w0) > 0.5 * len(q)
     for r in grid.crystal.laue_ops_cartesian:
         w = np.asarray(model.slice_points(intensity, jnp.asarray(q @ r.T, jnp.float32), grid.tables))
-        np.testing.assert_allclose(w, w0, rtol=0, atol=2e-4)
+        np.testing.assert_allclose(w, w0, rtol=0, atol=2e-5)
 
 
 def test_hexagonal_model_is_laue_invariant_at_grid_nodes():
@@ -293,7 +293,7 @@ def test_hexagonal_model_is_laue_invariant_at_grid_nodes():
     np.testing.assert_allclose(w0, full[refl, vox], atol=2e-4)
     for r in grid.crystal.laue_ops_cartesian:
         w = np.asarray(model.slice_points(intensity, jnp.asarray(q @ r.T, jnp.float32), grid.tables))
-        np.testing.assert_allclose(w, w0, rtol=0, atol=2e-4)
+        np.testing.assert_allclose(w, w0, rtol=0, atol=2e-5)
 
 
 # ---------------------------------------------------------------------------------------------- slicing
