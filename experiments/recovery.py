@@ -24,13 +24,14 @@ from emcjax.data import SparseDataset
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--iters", type=int, default=3)
+    parser.add_argument("--inner", type=int, default=1, help="MLEM sub-iterations")
     parser.add_argument("--frames", type=int, default=2000)
     parser.add_argument("--update", choices=["reference", "mlem"], default="reference")
     parser.add_argument("--reduce", action="store_true", help="reduce the grid by its exact point-group symmetry")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
-    config = emc.EMCConfig(rotation_n=4, reduce_by_symmetry=args.reduce, intensity_update=args.update)
+    config = emc.EMCConfig(rotation_n=4, reduce_by_symmetry=args.reduce, intensity_update=args.update, inner_iterations=args.inner)
     with tempfile.TemporaryDirectory() as tmp:
         path = pathlib.Path(tmp) / "data.h5"
         start = time.perf_counter()
