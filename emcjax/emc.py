@@ -153,6 +153,7 @@ class Arrays(NamedTuple):
     log_prior: jax.Array  # (n_rot,) float32 log weight of each local rotation
     masked_shells: jax.Array  # (n_frames, n_masked) int32 shells excluded per frame, n_shells = padding
     join: Join
+    tables: model_lib.GridTables  # the grid's lookup tables (stabilizer symmetrisation)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -404,6 +405,7 @@ def setup_problem(dataset: SparseDataset, config: EMCConfig, frames: SparseFrame
         log_prior=jnp.asarray(log_w, jnp.float32),
         masked_shells=jnp.asarray(masked_shells),
         join=join,
+        tables=grid.tables,
     )
     truth = dataset.read_truth() if dataset.has_truth else None
     return Problem(
@@ -432,6 +434,7 @@ def initial_state(problem: Problem, config: EMCConfig, seed: int) -> EMCState:
     spacing = np.linalg.norm(grid.crystal.reciprocal_basis, axis=0).min() / config.vn
     r2 = np.einsum("ij,ij->i", grid.voxel_q(), grid.voxel_q()) / spacing**2
     intensity = rng.uniform(size=grid.model_shape) * np.exp(-r2 / config.gw**2)[None, :]
+    intensity = np.asarray(model_lib.symmetrize(jnp.asarray(intensity, jnp.float32), grid.tables), np.float64)
     signal = problem.photons - problem.expected_background
     target = max(float(signal.mean()), 1e-3)
     s = np.asarray(
@@ -614,8 +617,10 @@ def mlem_update(intensity, phi, kept: Kept, arrays: Arrays, n_shells: int, inner
     """Multiplicative EM update of the voxels (module docstring), ``inner_iterations`` times."""
     size = intensity.size + 1
     ent = arrays.entries
+    tables = arrays.tables
     pol = arrays.polarization[ent.pixel]
     denominator = _scatter_voxels(_entry_weight(phi, kept, arrays, n_shells) * pol, ent, None, size)[:-1]
+    denominator = model_lib.stabilizer_sum(denominator.reshape(intensity.shape), tables).reshape(-1)
     join = arrays.join
     entry = join.entry[kept.join_index]
     phi_k = phi[kept.frame]
@@ -627,6 +632,7 @@ def mlem_update(intensity, phi, kept: Kept, arrays: Arrays, n_shells: int, inner
         w = model_lib.tomogram(current, ent)[entry]
         ratio = pk / (bg + phi_k * w)
         numerator = _scatter_voxels(ratio, ent, entry, size)[:-1]
+        numerator = model_lib.stabilizer_sum(numerator.reshape(intensity.shape), tables).reshape(-1)
         updated = flat_intensity * numerator / jnp.maximum(denominator, _EPS)
         return jnp.where(denominator > _EPS, updated, flat_intensity)
 
@@ -643,6 +649,7 @@ def reference_update(intensity, phi, kept: Kept, arrays: Arrays, n_shells: int, 
     voxels no kept pair observes are set to 0 (as the reference does).
     """
     ent = arrays.entries
+    tables = arrays.tables
     n_entries = ent.rotation.shape[0]
     exposure = _entry_weight(phi, kept, arrays, n_shells)
     a = exposure * arrays.polarization[ent.pixel]
@@ -669,8 +676,10 @@ def reference_update(intensity, phi, kept: Kept, arrays: Arrays, n_shells: int, 
     w = jax.lax.fori_loop(0, newton_steps, body, w0)
     w = jnp.where(g0 > 0, w, 0.0)
     size = intensity.size + 1
-    numerator = _scatter_voxels(exposure * w, ent, None, size)[:-1]
-    denominator = _scatter_voxels(exposure, ent, None, size)[:-1]
+    numerator = _scatter_voxels(exposure * w, ent, None, size)[:-1].reshape(intensity.shape)
+    denominator = _scatter_voxels(exposure, ent, None, size)[:-1].reshape(intensity.shape)
+    numerator = model_lib.stabilizer_sum(numerator, tables).reshape(-1)
+    denominator = model_lib.stabilizer_sum(denominator, tables).reshape(-1)
     flat = intensity.reshape(-1)
     updated = jnp.where(denominator > _EPS, numerator / jnp.maximum(denominator, _EPS), 0.0)
     return updated.reshape(intensity.shape)

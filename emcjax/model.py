@@ -56,6 +56,9 @@ class GridTables(NamedTuple):
       box_lookup: (bx, by, bz) int32, voxel index of an integer offset, or n_voxels outside the support.
       full_to_asu: (n_refl, n_voxels + 1) int32, flat index into the padded asymmetric-unit model of
         voxel j of reflection h; column n_voxels (outside the support) points at the zero sentinel.
+      stabilizer: (n_asu, n_ops, n_voxels) int32, for each Laue operator g that maps unique reflection a
+        onto itself the flat index of voxel ``perm[g, j]`` of a, else the zero sentinel (see
+        :func:`stabilizer_sum`).
     """
 
     frac_from_q: jax.Array
@@ -67,6 +70,7 @@ class GridTables(NamedTuple):
     box_min: jax.Array
     box_lookup: jax.Array
     full_to_asu: jax.Array
+    stabilizer: jax.Array
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -122,6 +126,19 @@ class ReciprocalGrid:
         sentinel = np.full((self.n_refl, 1), self.n_asu * self.n_voxels)
         return np.concatenate([flat, sentinel], axis=1).astype(np.int32)
 
+    def stabilizer(self) -> np.ndarray:
+        """(n_asu, n_ops, n_voxels) int32 flat voxel indices under each operator of a reflection's stabilizer.
+
+        A reflection on a symmetry element (e.g. hk0 under 4/mmm) is mapped onto itself by some operators;
+        its profile must be invariant under them: I[a, j] == I[a, perm[g, j]]. Entries for operators outside
+        the stabilizer point at the zero sentinel.
+        """
+        hkl = self.asu.hkl
+        images = np.einsum("gij,aj->agi", self.crystal.laue_ops, hkl)
+        fixed = np.all(images == hkl[:, None, :], axis=-1)  # (n_asu, n_ops)
+        flat = np.arange(self.n_asu)[:, None, None] * self.n_voxels + self.perm[None, :, :]
+        return np.where(fixed[:, :, None], flat, self.n_asu * self.n_voxels).astype(np.int32)
+
     @functools.cached_property
     def tables(self) -> GridTables:
         """Device lookup tables for the kernels (computed once)."""
@@ -144,6 +161,7 @@ class ReciprocalGrid:
             box_min=jnp.asarray(box_min, jnp.int32),
             box_lookup=jnp.asarray(box_lookup),
             full_to_asu=jnp.asarray(self.full_to_asu()),
+            stabilizer=jnp.asarray(self.stabilizer()),
         )
 
 
@@ -265,6 +283,22 @@ def locate(q_crystal: jax.Array, tables: GridTables) -> tuple[jax.Array, jax.Arr
     n_vox = tables.full_to_asu.shape[1] - 1
     weights = jnp.where((vox < n_vox) & (refl >= 0), weights, 0.0)
     return refl, voxels, weights
+
+
+def stabilizer_sum(values: jax.Array, tables: GridTables) -> jax.Array:
+    """Sum of (n_asu, n_voxels) per-voxel values over each reflection's stabilizer.
+
+    The M-steps accumulate numerators and denominators per voxel through one operator per reflection;
+    summing both over the stabilizer before dividing makes the update invariant under the operators that
+    fix a reflection (the asymmetric-unit storage takes care of all others).
+    """
+    return pad_model(values)[tables.stabilizer].sum(axis=1)
+
+
+def symmetrize(intensity: jax.Array, tables: GridTables) -> jax.Array:
+    """Projects a model onto the symmetric ones: each profile averaged over its reflection's stabilizer."""
+    order = (tables.stabilizer[:, :, 0] < intensity.size).sum(axis=1)
+    return stabilizer_sum(intensity, tables) / order[:, None].astype(intensity.dtype)
 
 
 def pad_model(intensity: jax.Array) -> jax.Array:

@@ -266,6 +266,22 @@ def test_responsibilities_top_k_cap():
 # ---------------------------------------------------------------------------------------------------------
 
 
+def stabilizer_sum_np(values: np.ndarray, grid) -> np.ndarray:
+    """(n_asu, n_vox) values summed over the operators that map each unique reflection onto itself."""
+    out = np.zeros_like(values)
+    for a, hkl in enumerate(grid.asu.hkl):
+        for g, m in enumerate(grid.crystal.laue_ops):
+            if np.array_equal(m @ hkl, hkl):
+                out[a] += values[a, grid.perm[g]]
+    return out
+
+
+def stabilizer_sum_flat(flat: np.ndarray, grid) -> np.ndarray:
+    """The same on a padded flat model (sentinel kept)."""
+    body = stabilizer_sum_np(flat[:-1].reshape(grid.model_shape), grid)
+    return np.append(body.ravel(), flat[-1])
+
+
 @pytest.fixture(scope="module")
 def estep_of(setup):
     """E-step of the initial state (unpruned enough that several rotations are kept per frame)."""
@@ -308,6 +324,7 @@ def test_reference_update_matches_numpy(setup, estep_of):
         np.add.at(num, evox[e], c * ew[e] * w)
         np.add.at(den, evox[e], c * ew[e])
     num, den = num[:-1].reshape(new.shape), den[:-1].reshape(new.shape)
+    num, den = stabilizer_sum_np(num, problem.grid), stabilizer_sum_np(den, problem.grid)
     ref = np.where(den > 1e-10, num / np.maximum(den, 1e-300), 0.0)
     assert n_solved > 50
     heavy = den > 1e-3 * den.max()
@@ -337,6 +354,7 @@ def test_mlem_update_matches_numpy(setup, estep_of, inner):
         e = ent_of_rot[r]
         e = e[valid[d, epix[e]]]
         np.add.at(den, evox[e], (p * phi[d] * pol[epix[e]])[:, None] * ew[e])
+    den = stabilizer_sum_flat(den, problem.grid)
     flat = np.append(np.asarray(state.intensity, np.float64).ravel(), 0.0)
     for _ in range(inner):
         num = np.zeros(size)
@@ -347,6 +365,7 @@ def test_mlem_update_matches_numpy(setup, estep_of, inner):
             t = epix[e]
             ratio = p * K[d, t] * phi[d] / (np.maximum(B[d, t], 1e-6) + phi[d] * w)
             np.add.at(num, evox[e], ratio[:, None] * ew[e])
+        num = stabilizer_sum_flat(num, problem.grid)
         upd = np.where(den > 1e-20, flat * num / np.maximum(den, 1e-300), flat)
         upd[-1] = 0.0
         flat = upd
@@ -474,3 +493,23 @@ def test_recovery_from_random_start(tmp_path_factory, rule):
         state, metrics, _ = emc.iterate(problem, state, config)
     assert metrics["cc_true"] >= 0.95
     assert np.corrcoef(np.asarray(state.phi), problem.truth["phi"])[0, 1] > 0.9
+
+
+def test_updates_keep_special_reflections_symmetric(setup, estep_of):
+    """Reflections on symmetry elements (e.g. hk0 under 4/mmm) keep profiles invariant under their stabilizer."""
+    _, _, problem, state = setup
+    resp, kept = estep_of
+    grid = problem.grid
+    for new in (
+        emc.reference_update(state.intensity, state.phi, kept, problem.arrays, problem.n_shells),
+        emc.mlem_update(state.intensity, state.phi, kept, problem.arrays, problem.n_shells, 2),
+        state.intensity,
+    ):
+        new = np.asarray(new, np.float64)
+        n_special = 0
+        for a, hkl in enumerate(grid.asu.hkl):
+            for g, m in enumerate(grid.crystal.laue_ops[1:], start=1):
+                if np.array_equal(m @ hkl, hkl):
+                    n_special += 1
+                    np.testing.assert_allclose(new[a, grid.perm[g]], new[a], rtol=1e-5, atol=1e-6 * new.max())
+        assert n_special > 10
