@@ -305,3 +305,40 @@ def test_command_line_writes_and_refuses_to_overwrite(tmp_path):
     assert again.returncode != 0
     assert "error" in again.stderr.lower() and str(out.name) in again.stderr
     assert _sha(out) == before and out.stat().st_mtime_ns == mtime
+
+
+def test_structure_factor_intensities(tmp_path):
+    """Intensities from an atomic model through gemmi: one atom at the origin gives |f(s)|^2, a smooth
+    function of resolution that falls with |q| (no Wilson randomness)."""
+    import gemmi
+
+    from emcjax.crystal import Crystal
+    from emcjax.simulate import structure_intensities
+
+    st = gemmi.Structure()
+    st.cell = gemmi.UnitCell(79.1, 79.1, 37.9, 90, 90, 90)
+    st.spacegroup_hm = "P 1"
+    model = gemmi.Model("1")
+    chain = gemmi.Chain("A")
+    residue = gemmi.Residue()
+    residue.name = "HOH"
+    residue.seqid = gemmi.SeqId("1")
+    atom = gemmi.Atom()
+    atom.name = "O"
+    atom.element = gemmi.Element("O")
+    atom.pos = gemmi.Position(0, 0, 0)
+    atom.occ = 1.0
+    atom.b_iso = 0.0
+    residue.add_atom(atom)
+    chain.add_residue(residue)
+    model.add_chain(chain)
+    st.add_model(model)
+    path = tmp_path / "one_atom.pdb"
+    st.write_pdb(str(path))
+
+    crystal = Crystal(cell=(79.1, 79.1, 37.9, 90, 90, 90), space_group="P 1")
+    hkl = np.array([[1, 0, 0], [0, 0, 1], [5, 3, 2], [10, 0, 4]])
+    intensity = structure_intensities(path, crystal, hkl)
+    s = np.linalg.norm(hkl @ crystal.reciprocal_basis.T, axis=1) / 2  # sin(theta)/lambda
+    expected = np.array([gemmi.Element("O").it92.calculate_sf(x**2) for x in s]) ** 2
+    np.testing.assert_allclose(intensity, expected, rtol=1e-3)
