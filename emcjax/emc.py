@@ -231,6 +231,49 @@ def _ragged_ranges(starts: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray,
     return values, owner
 
 
+class PixelRecords(NamedTuple):
+    """Photons and dead pixels of a block of frames inside the valid pixels and the frames' unmasked shells.
+
+    Attributes:
+      frame: (n,) int64 frame of the record.
+      pixel: (n,) int64 valid-pixel index.
+      count: (n,) float64 photons (0 for a dead pixel).
+      dead: (n,) float64 1 for a dead pixel, else 0.
+      background: (n,) float64 B_d(s_t) at the pixel (photons per pixel per unit pol, >= 0).
+    """
+
+    frame: np.ndarray
+    pixel: np.ndarray
+    count: np.ndarray
+    dead: np.ndarray
+    background: np.ndarray
+
+
+def pixel_records(frames: SparseFrames, detector: Detector, background: np.ndarray) -> PixelRecords:
+    """The photons (then the dead pixels) of ``frames`` that the likelihood sees.
+
+    Args:
+      frames: sparse frames (raw pixel ids).
+      detector: valid pixels.
+      background: (n_frames, n_shells) background with masked shells < 0.
+    """
+    pixel_map = detector.pixel_map()
+    parts = []
+    for offsets, pixels, counts, dead in (
+        (frames.photon_offsets, frames.photon_pixels, frames.photon_counts, 0.0),
+        (frames.dead_offsets, frames.dead_pixels, None, 1.0),
+    ):
+        frame = np.repeat(np.arange(frames.n_frames), np.diff(offsets))
+        pix = pixel_map[pixels]
+        cnt = np.zeros(pix.shape, np.float64) if counts is None else counts.astype(np.float64)
+        keep = pix >= 0
+        frame, pix, cnt = frame[keep], pix[keep], cnt[keep]
+        bg = background[frame, detector.shell[pix]]
+        keep = bg >= 0  # photons in shells excluded for this frame do not count
+        parts.append((frame[keep], pix[keep], cnt[keep], np.full(keep.sum(), dead), bg[keep]))
+    return PixelRecords(*(np.concatenate(x) for x in zip(*parts)))
+
+
 def build_join(
     frames: SparseFrames,
     detector: Detector,
@@ -253,21 +296,7 @@ def build_join(
       ``(join, cell_offsets)`` with the join sorted by cell and its CSR offsets.
     """
     n_frames, n_slots = candidates.shape
-    pixel_map = detector.pixel_map()
-    rec = []
-    for offsets, pixels, counts, dead in (
-        (frames.photon_offsets, frames.photon_pixels, frames.photon_counts, 0.0),
-        (frames.dead_offsets, frames.dead_pixels, None, 1.0),
-    ):
-        frame = np.repeat(np.arange(n_frames), np.diff(offsets))
-        pix = pixel_map[pixels]
-        cnt = np.zeros(pix.shape, np.float64) if counts is None else counts.astype(np.float64)
-        keep = pix >= 0
-        frame, pix, cnt = frame[keep], pix[keep], cnt[keep]
-        bg = background[frame, detector.shell[pix]]
-        keep = bg >= 0  # photons in shells excluded for this frame do not count
-        rec.append((frame[keep], pix[keep], cnt[keep], np.full(keep.sum(), dead), bg[keep]))
-    rec_frame, rec_pixel, rec_count, rec_dead, rec_bg = (np.concatenate(x) for x in zip(*rec))
+    rec_frame, rec_pixel, rec_count, rec_dead, rec_bg = pixel_records(frames, detector, background)
 
     ent_pixel = np.asarray(entries.pixel)
     ent_rot = np.asarray(entries.rotation)
@@ -306,25 +335,14 @@ def _frame_constants(frames: SparseFrames, detector: Detector, background: np.nd
     """Per-frame photons, expected background and log-likelihood constant (all float64)."""
     n_frames, n_shells = background.shape
     pol_per_shell = np.bincount(detector.shell, weights=detector.polarization, minlength=n_shells)
-    valid = background >= 0
-    bg = np.where(valid, np.maximum(background, _BG_FLOOR), 0.0)
-    pixel_map = detector.pixel_map()
-    frame = np.repeat(np.arange(n_frames), np.diff(frames.photon_offsets))
-    pix = pixel_map[frames.photon_pixels]
-    keep = pix >= 0
-    frame, pix, cnt = frame[keep], pix[keep], frames.photon_counts[keep].astype(np.float64)
-    shell_bg = bg[frame, detector.shell[pix]]
-    keep = valid[frame, detector.shell[pix]]
-    frame, pix, cnt, shell_bg = frame[keep], pix[keep], cnt[keep], shell_bg[keep]
-    photons = np.bincount(frame, weights=cnt, minlength=n_frames)
-    expected = bg @ pol_per_shell
-    dframe = np.repeat(np.arange(n_frames), np.diff(frames.dead_offsets))
-    dpix = pixel_map[frames.dead_pixels]
-    dkeep = dpix >= 0
-    dframe, dpix = dframe[dkeep], dpix[dkeep]
-    expected -= np.bincount(dframe, weights=detector.polarization[dpix] * bg[dframe, detector.shell[dpix]], minlength=n_frames)
-    term = cnt * np.log(detector.polarization[pix] * shell_bg) - gammaln(cnt + 1)
-    log_offset = np.bincount(frame, weights=term, minlength=n_frames) - expected
+    bg = np.where(background >= 0, np.maximum(background, _BG_FLOOR), 0.0)
+    rec = pixel_records(frames, detector, background)
+    rec_bg = np.maximum(rec.background, _BG_FLOOR)
+    pol = detector.polarization[rec.pixel]
+    photons = np.bincount(rec.frame, weights=rec.count, minlength=n_frames)
+    expected = bg @ pol_per_shell - np.bincount(rec.frame, weights=rec.dead * pol * rec_bg, minlength=n_frames)
+    term = rec.count * np.log(pol * rec_bg) - gammaln(rec.count + 1)
+    log_offset = np.bincount(rec.frame, weights=term, minlength=n_frames) - expected
     return photons, expected, log_offset
 
 
