@@ -1,0 +1,351 @@
+"""emcjax.legacy: import/export of EMC-for-SMX working directories (METHOD.md §13).
+
+The reference directories are written here by a small independent writer that follows METHOD.md §3, §4 and
+§13 literally (pixel-unit geometry, the reference's hkl/voxel enumeration, binary layouts), from simulated
+frames. Cell 40 x 40 x 20 Å, P 4 2 2, VN = 6, gw = 2: the reference's Cartesian grid coincides with emcjax's
+lattice-aligned grid, so models move between the programs exactly (up to rounding).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import pathlib
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from emcjax import data as data_io
+from emcjax import emc
+from emcjax import legacy
+from emcjax import model as model_lib
+from emcjax import runio
+from emcjax.detector import DetectorGeometry
+from emcjax.errors import DataError
+from emcjax.rotations import sample_600cell
+from emcjax.simulate import SimulationConfig, simulate
+
+# reference config.ini values
+REF = dict(num_row=64, num_col=64, px=3.6e-3, detd=0.45, wl=1.0, cx=31.5, cy=31.5, sx=0.0, sy=0.0, sz=-1.0,
+           Rstop=6.0, res_max=8.0, qlen=10, res_cutoff=8.0, VN=6, gw=2.0)
+CELL = (40.0, 40.0, 20.0, 90.0, 90.0, 90.0)
+N_ROT = 2
+N_FRAMES = 60
+
+
+# ---------------------------------------------------------------------------------------------------------
+# An independent writer of reference directories (METHOD.md §3, §4.2-4.3, §13)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def ref_detector(mask):
+    """(qmax_px, qmin_px, q_px (n,3), pol (n,), raw id (n,)) by METHOD.md §3, loops over rows for clarity."""
+    s = np.array([REF["sx"], REF["sy"], REF["sz"]])
+    D = REF["detd"] / REF["px"] * np.linalg.norm(s) / abs(s[2])
+    b = D * s / np.linalg.norm(s)
+    qmax = math.ceil(REF["wl"] * D / REF["res_max"])
+    qmin = math.ceil(2 * D * math.sin(0.5 * math.atan(REF["Rstop"] / D)))
+    rows = []
+    for row in range(REF["num_row"]):
+        for col in range(REF["num_col"]):
+            S = np.array([b[0] + row - REF["cx"], b[1] + col - REF["cy"], b[2]])
+            q = D * (S / np.linalg.norm(S) - b / np.linalg.norm(b))
+            pol = (1 - (S[1] / np.linalg.norm(S)) ** 2) * abs(S[2]) / np.linalg.norm(S) ** 3
+            qn = np.linalg.norm(q)
+            if not mask[row * REF["num_col"] + col] and qmin <= qn <= qmax:
+                rows.append((qn, row * REF["num_col"] + col, q, pol))
+    rows.sort(key=lambda x: x[0])  # stable merge sort by |q|
+    q = np.array([r[2] for r in rows])
+    pol = np.array([r[3] for r in rows])
+    return qmax, qmin, q, pol / pol.max(), np.array([r[1] for r in rows]), D
+
+
+def ref_peaks(r_min, r_max, vn, gw):
+    """[(h, k, l, v, [g...])] non-partial peaks in lexicographic order, S_h in x-major order (§4.2-4.3)."""
+    astar = np.array([1 / CELL[0], 1 / CELL[1], 1 / CELL[2]])  # orthogonal cell
+    dv = astar.min() / vn
+    hmax = [int(math.floor(r_max / a)) for a in astar]
+    half = math.ceil(r_max / dv)
+    e = math.ceil(gw) + 1
+    out = []
+    for h in range(-hmax[0], hmax[0] + 1):
+        for k in range(-hmax[1], hmax[1] + 1):
+            for l in range(-hmax[2], hmax[2] + 1):
+                v = np.array([h, k, l]) * astar / dv
+                t = np.rint(v).astype(int)
+                pts = []
+                for x in range(t[0] - e, t[0] + e + 1):
+                    for y in range(t[1] - e, t[1] + e + 1):
+                        for z in range(t[2] - e, t[2] + e + 1):
+                            g = np.array([x, y, z])
+                            if np.sum((g - v) ** 2) <= gw * gw * (1 + 1e-9) and np.all(np.abs(g) <= half):
+                                pts.append(g)
+                if pts and all(r_min <= np.linalg.norm(g) * dv <= r_max for g in pts):
+                    out.append((h, k, l, v, pts))
+    return out, dv
+
+
+def analytic_model(h, k, l, g, v):
+    """A 4/mmm-symmetric peak model: amplitude from (sorted |h|,|k|), |l|; Gaussian profile in voxels."""
+    a, b = sorted((abs(h), abs(k)))
+    amp = 1.0 + 0.3 * a + 0.7 * b + 1.3 * abs(l) + 0.1 * a * b
+    return amp * math.exp(-float(np.sum((np.asarray(g) - v) ** 2)) / 2.0)
+
+
+def sym_ops_422():
+    """METHOD.md §2.8: the 8 rotations of 422 and the same with the diagonal sign flipped."""
+    rots = [np.diag([1, 1, 1]), np.array([[0, -1, 0], [1, 0, 0], [0, 0, 1]]), np.diag([-1, -1, 1]),
+            np.array([[0, 1, 0], [-1, 0, 0], [0, 0, 1]]), np.diag([-1, 1, -1]), np.diag([1, -1, -1]),
+            np.array([[0, 1, 0], [1, 0, 0], [0, 0, -1]]), np.array([[0, -1, 0], [-1, 0, 0], [0, 0, -1]])]
+    return rots + [-r for r in rots]
+
+
+def write_reference_dir(root: pathlib.Path, seed: int = 0, n_frames: int = N_FRAMES):
+    """A reference working directory from simulated frames; returns what was written (for the checks)."""
+    rng = np.random.default_rng(seed)
+    total = REF["num_row"] * REF["num_col"]
+    mask = np.zeros(total, bool)
+    mask[[30 * 64 + 40, 30 * 64 + 41, 31 * 64 + 40, 20 * 64 + 33]] = True  # a few bad pixels
+    qmax, qmin, q_px, pol, raw, D = ref_detector(mask)
+    lam_d = REF["wl"] * D
+    # simulate with the geometry whose exact limits are the reference's pixel limits
+    geom = DetectorGeometry(num_rows=64, num_cols=64, pixel_size_m=REF["px"], distance_m=REF["detd"],
+                            beam_center_px=(REF["cx"], REF["cy"]), wavelength_A=REF["wl"],
+                            beamstop_radius_px=D * math.tan(2 * math.asin(qmin / (2 * D))) * (1 - 1e-12),
+                            resolution_max_A=lam_d / qmax, n_shells=REF["qlen"])
+    sim = SimulationConfig(n_frames=n_frames, geometry=geom, cell=CELL, space_group="P 4 2 2", vn=REF["VN"],
+                           gw=REF["gw"], rotation_n=N_ROT, bragg_photons=150.0, background_photons=20.0, seed=seed)
+    frames, truth = simulate(sim)
+    n_pix = q_px.shape[0]
+    t_of = {int(p): t for t, p in enumerate(raw)}
+    dense = np.zeros((n_frames, n_pix), np.int16)
+    for d in range(n_frames):
+        for p, c in zip(frames.photon_pixels[frames.photon_offsets[d]:frames.photon_offsets[d + 1]],
+                        frames.photon_counts[frames.photon_offsets[d]:frames.photon_offsets[d + 1]]):
+            if int(p) in t_of:
+                dense[d, t_of[int(p)]] = c
+    order = rng.permutation(n_frames)  # the reference's load-balanced order
+    dense = dense[order]
+    dense[3, rng.choice(n_pix, 40, replace=False)] = -1  # dead pixels in (reduced) frame 3
+    dense[min(7, n_frames - 1), ::5] = -1
+    bg = np.asarray(frames.background, np.float64)[order]
+    bg[min(5, n_frames - 1), 4] = -1.0  # a masked shell
+    frame_id = np.sort(rng.choice(10 * n_frames, n_frames, replace=False))[order]
+    n_rot = 10 * (5 * N_ROT**3 + N_ROT)
+    cands = []
+    for d in order:
+        c = set(rng.choice(n_rot, 6, replace=False).tolist()) | {int(truth["rotation_index"][d])}
+        cands.append(np.array(sorted(c), np.int32))
+    phi = np.asarray(truth["phi"], np.float32)[order]
+    peaks, dv = ref_peaks(qmin / lam_d, qmax / lam_d, REF["VN"], REF["gw"])
+    model = np.array([analytic_model(h, k, l, g, v) for h, k, l, v, pts in peaks for g in pts])
+
+    (root / "make-detector").mkdir(parents=True)
+    (root / "aux").mkdir()
+    (root / "Data").mkdir()
+    (root / "reduce-data").mkdir()
+    cfg = dict(REF)
+    cfg.update(home_dir="/nonexistent/home", quat_file="/nonexistent/home/aux/c-quaternion2.bin",
+               mpi_datafile="Data/mpi-datafile.bin", mpi_bgfile="Data/mpi-bg_model.bin",
+               prob_orien_file="aux/prob-orien.bin", reduced_data_id_file="reduce-data/reduced-data_id.dat",
+               start_phi_file="aux/start-phi.dat", start_intens_file="aux/start_intensity.bin", nproc=20)
+    lines = ["[make-detector]"] + [f"{k} = {v}" for k, v in cfg.items()]
+    (root / "config.ini").write_text("\n".join(lines) + "\n")
+    with open(root / "make-detector/rec-vectors.bin", "wb") as f:
+        f.write(np.array([qmax, qmin, n_pix], "<i4").tobytes())
+        f.write(np.column_stack([q_px, pol]).astype("<f8").tobytes())
+    pix_map = np.full(total, -1)
+    pix_map[raw] = np.arange(n_pix)
+    (root / "make-detector/pix-map.dat").write_text("".join(f"{x}\n" for x in pix_map))
+    (root / "aux/basis-vec.dat").write_text(f"{CELL[0]} 0 0\n0 {CELL[1]} 0\n0 0 {CELL[2]}\n")
+    ops = sym_ops_422()
+    (root / "aux/sym-op.dat").write_text(f"{len(ops)}\n" + "".join(" ".join(map(str, m.ravel())) + "\n" for m in ops))
+    s = sample_600cell(N_ROT)
+    with open(root / "aux/c-quaternion2.bin", "wb") as f:
+        f.write(np.array([n_rot], "<i4").tobytes())
+        f.write(np.column_stack([s.quaternions, np.exp(s.log_weights) * 7.0]).astype("<f8").tobytes())
+    (root / "Data/mpi-datafile.bin").write_bytes(dense.astype("<i2").tobytes())
+    (root / "Data/mpi-bg_model.bin").write_bytes(bg.astype("<f8").tobytes())
+    with open(root / "aux/prob-orien.bin", "wb") as f:
+        for c in cands:
+            f.write(np.array([len(c)], "<i4").tobytes() + c.astype("<i4").tobytes())
+    (root / "reduce-data/reduced-data_id.dat").write_text(f"{n_frames}\n" + "".join(f"{i}\n" for i in frame_id))
+    (root / "aux/start-phi.dat").write_text("".join(f"{p:.9e}\n" for p in phi))
+    (root / "aux/start_intensity.bin").write_bytes(model.astype("<f8").tobytes())
+    return dict(dense=dense, raw=raw, bg=bg, frame_id=frame_id, cands=cands, phi=phi, peaks=peaks,
+                dv=dv, model=model, q_px=q_px, pol=pol, lam_d=lam_d, n_pix=n_pix, mask=mask, ops=ops)
+
+
+@pytest.fixture(scope="module")
+def written(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ref") / "work"
+    info = write_reference_dir(root)
+    out = root.parent / "imported.h5"
+    summary = legacy.import_directory(root, out)
+    return root, info, out, summary
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Import
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_import_every_array(written):
+    root, info, out, summary = written
+    assert summary["space_group"] == "P 4 2 2"
+    with data_io.SparseDataset(out) as ds:
+        fr = ds.read_all()
+        assert ds.candidate_sampling_n == N_ROT
+        assert ds.crystal["space_group"] == "P 4 2 2"
+        np.testing.assert_allclose(ds.crystal["cell"], CELL)
+        geometry = DetectorGeometry(**ds.geometry)
+        mask = ds.mask
+    np.testing.assert_array_equal(fr.frame_id, info["frame_id"])
+    for d in range(N_FRAMES):
+        row = info["dense"][d]
+        ph = slice(fr.photon_offsets[d], fr.photon_offsets[d + 1])
+        order = np.argsort(info["raw"][row > 0])
+        np.testing.assert_array_equal(fr.photon_pixels[ph], info["raw"][row > 0][order])
+        np.testing.assert_array_equal(fr.photon_counts[ph], row[row > 0][order])
+        dd = slice(fr.dead_offsets[d], fr.dead_offsets[d + 1])
+        np.testing.assert_array_equal(fr.dead_pixels[dd], np.sort(info["raw"][row < 0]))
+        cs = slice(fr.candidate_offsets[d], fr.candidate_offsets[d + 1])
+        np.testing.assert_array_equal(fr.candidate_rotations[cs], info["cands"][d])
+    assert fr.dead_offsets[4] - fr.dead_offsets[3] == 40
+    np.testing.assert_array_equal(fr.background, info["bg"].astype(np.float32))
+    assert fr.background[5, 4] == -1
+    # geometry: our detector keeps the file's pixels, q/(λD), polarization and radial bins
+    from emcjax.detector import make_detector
+
+    det = make_detector(geometry, mask)
+    assert det.n_pix == info["n_pix"]
+    pos = {int(p): i for i, p in enumerate(det.pixel_id)}
+    ours = np.array([pos[int(p)] for p in info["raw"]])
+    np.testing.assert_allclose(det.q[ours], info["q_px"] / info["lam_d"], rtol=0, atol=1e-12)
+    np.testing.assert_allclose(det.polarization[ours], info["pol"], atol=1e-12)
+    qmax = math.ceil(info["lam_d"] / REF["res_max"])
+    ref_shell = np.floor(np.linalg.norm(info["q_px"], axis=1) / (qmax / REF["qlen"])).astype(int)
+    np.testing.assert_array_equal(det.shell[ours], ref_shell)
+    assert geometry.n_shells == REF["qlen"]
+    # phi and the model of the init run
+    init = runio.read_run(out.with_name("imported-init"))
+    np.testing.assert_array_equal(init.phi, info["phi"])
+    cfg = runio.parse_toml(out.with_suffix(".toml"))
+    assert cfg["emc"]["intensity_update"] == "reference" and cfg["emc"]["prune_mass"] == 0.999
+    assert cfg["emc"]["prune_min"] == 1e-4 and cfg["emc"]["update_phi"] is True
+    assert cfg["emc"]["max_kept"] == max(len(c) for c in info["cands"])
+    from emcjax.lowres import LowresConfig
+
+    lc = runio.config_from_toml(LowresConfig, out.with_suffix(".toml"))
+    assert lc.emc.vn == REF["VN"] and lc.data == out.resolve()
+    grid = legacy.emc_grid(dataclasses.asdict(geometry), mask, _crystal(), lc.emc.d_min, REF["VN"], REF["gw"])
+    # the analytic model at our voxel positions (aligned grids: voxels coincide)
+    dv = info["dv"]
+    values = np.zeros(grid.model_shape)
+    seen = np.zeros(grid.model_shape, bool)
+    ref_hkl = {(h, k, l) for h, k, l, _, _ in info["peaks"]}
+    for i, hkl in enumerate(grid.hkl.tolist()):
+        if tuple(hkl) not in ref_hkl:
+            continue
+        a, g = grid.asu.index[i], grid.asu.op[i]
+        for j, o in enumerate(grid.offsets):
+            q = (np.asarray(hkl) + o / grid.divisions) @ grid.crystal.reciprocal_basis.T
+            gpt = np.rint(q / dv)
+            v = np.asarray(hkl) * np.array([1 / CELL[0], 1 / CELL[1], 1 / CELL[2]]) / dv
+            values[a, grid.perm[g, j]] = analytic_model(*hkl, gpt, v)
+            seen[a, grid.perm[g, j]] = True
+    assert seen.sum() > 0.9 * seen.size
+    np.testing.assert_allclose(init.intensity[seen], values[seen], rtol=1e-6)
+
+
+def _crystal():
+    from emcjax.crystal import Crystal
+
+    return Crystal(cell=CELL, space_group="P 4 2 2")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Export then import
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_export_then_import_is_identity(written, tmp_path):
+    root, info, out, _ = written
+    to = tmp_path / "exported"
+    legacy.export_run(out.with_name("imported-init"), to)
+    # the model file in the reference's voxel order equals the written one (aligned grids)
+    exported = np.fromfile(to / "finish_intensity.bin", "<f8")
+    assert exported.shape == info["model"].shape
+    # reflections emcjax does not model (its non-partial rule tests the peak sphere against the exact pixel
+    # |q| range, the reference tests voxel points against whole-pixel limits) are exported as 0
+    with data_io.SparseDataset(out) as ds:
+        grid = legacy.emc_grid(ds.geometry, ds.mask, _crystal(), runio.parse_toml(out.with_suffix(".toml"))["emc"]["d_min"],
+                               REF["VN"], REF["gw"])
+    ours = {tuple(h) for h in grid.hkl.tolist()}
+    modelled = np.concatenate([np.full(len(p[4]), p[:3] in ours) for p in info["peaks"]])
+    assert 0.9 * len(info["peaks"]) < sum(p[:3] in ours for p in info["peaks"]) < len(info["peaks"])
+    assert np.all(exported[~modelled] == 0)
+    np.testing.assert_allclose(exported[modelled], info["model"][modelled], rtol=1e-6)
+    hv = (to / "hkl-val.dat").read_text().split("\n")
+    assert int(hv[0].split()[3]) == len(info["peaks"])
+    h, k, l, s = hv[1].split()
+    assert (int(h), int(k), int(l)) == info["peaks"][0][:3]
+    assert len((to / "total-phi.dat").read_text().splitlines()) == N_FRAMES
+    out2 = tmp_path / "again.h5"
+    legacy.import_directory(to, out2)
+    with data_io.SparseDataset(out) as a, data_io.SparseDataset(out2) as b:
+        fa, fb = a.read_all(), b.read_all()
+        for name in ("frame_id", "photon_offsets", "photon_pixels", "photon_counts", "dead_offsets",
+                     "dead_pixels", "background", "candidate_offsets", "candidate_rotations"):
+            np.testing.assert_array_equal(getattr(fa, name), getattr(fb, name), err_msg=name)
+        assert a.geometry == b.geometry
+        assert a.crystal["space_group"] == b.crystal["space_group"]
+        np.testing.assert_array_equal(a.mask, b.mask)
+    ra, rb = runio.read_run(out.with_name("imported-init")), runio.read_run(tmp_path / "again-init")
+    np.testing.assert_array_equal(ra.phi, rb.phi)
+    np.testing.assert_allclose(rb.intensity, ra.intensity, rtol=1e-6, atol=1e-6 * ra.intensity.max())
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Errors
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name,action,expect", [
+    ("make-detector/rec-vectors.bin", "truncate", "expected"),
+    ("make-detector/pix-map.dat", "delete", "no such file"),
+    ("Data/mpi-datafile.bin", "truncate", "int16"),
+    ("Data/mpi-bg_model.bin", "truncate", "float64"),
+    ("aux/prob-orien.bin", "truncate", "int32"),
+    ("aux/start_intensity.bin", "truncate", "voxels"),
+    ("aux/c-quaternion2.bin", "truncate", "10(5n^3+n)"),
+    ("aux/sym-op.dat", "delete", "no such file"),
+    ("aux/start-phi.dat", "truncate_text", "one float per reduced frame"),
+    ("reduce-data/reduced-data_id.dat", "delete", "no such file"),
+])
+def test_missing_or_missized_file_is_named(tmp_path, name, action, expect):
+    root = tmp_path / "work"
+    write_reference_dir(root, n_frames=6)
+    path = root / name
+    if action == "delete":
+        path.unlink()
+    elif action == "truncate":
+        path.write_bytes(path.read_bytes()[:-8])
+    else:
+        path.write_text("\n".join(path.read_text().splitlines()[:-1]) + "\n")
+    with pytest.raises(DataError) as err:
+        legacy.import_directory(root, tmp_path / "x.h5")
+    msg = str(err.value)
+    assert pathlib.Path(name).name in msg and expect in msg, msg
+
+
+def test_wrong_quaternion_order_is_refused(tmp_path):
+    root = tmp_path / "work"
+    write_reference_dir(root, n_frames=4)
+    path = root / "aux/c-quaternion2.bin"
+    raw = np.fromfile(path, "<f8", offset=4).reshape(-1, 5)
+    raw[[0, 1]] = raw[[1, 0]]
+    path.write_bytes(np.array([raw.shape[0]], "<i4").tobytes() + raw.tobytes())
+    with pytest.raises(DataError, match="c-quaternion2.bin: row 0"):
+        legacy.import_directory(root, tmp_path / "x.h5")
