@@ -349,3 +349,147 @@ def test_wrong_quaternion_order_is_refused(tmp_path):
     path.write_bytes(np.array([raw.shape[0]], "<i4").tobytes() + raw.tobytes())
     with pytest.raises(DataError, match="c-quaternion2.bin: row 0"):
         legacy.import_directory(root, tmp_path / "x.h5")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# One reference-compatible intensity update vs a slow numpy METHOD.md §7.1 on the reference's own grid
+# ---------------------------------------------------------------------------------------------------------
+
+
+def ref_rotation(q):
+    """METHOD.md §1: the reference's matrix from a quaternion (q0 scalar), applied to lab vectors."""
+    q0, q1, q2, q3 = q
+    return np.array([
+        [1 - 2 * (q2 * q2 + q3 * q3), 2 * (q1 * q2 + q0 * q3), 2 * (q1 * q3 - q0 * q2)],
+        [2 * (q1 * q2 - q0 * q3), 1 - 2 * (q1 * q1 + q3 * q3), 2 * (q0 * q1 + q2 * q3)],
+        [2 * (q0 * q2 + q1 * q3), 2 * (q2 * q3 - q0 * q1), 1 - 2 * (q1 * q1 + q2 * q2)],
+    ])
+
+
+def slow_reference_update(info, quats, kept, phi):
+    """§7.1 on the reference's grid: per-entry 1-D Poisson ML (w >= 0, bisection, float64), compress per
+    peak, then the per-voxel numerator and denominator pooled over the 16 operators of sym-op.dat.
+
+    Returns {(h, k, l): (values (|S_h|,), denominators (|S_h|,))} for every kept peak.
+    """
+    peaks, dv = info["peaks"], info["dv"]
+    index = {p[:3]: i for i, p in enumerate(peaks)}
+    vox = [{tuple(g): j for j, g in enumerate(p[4])} for p in peaks]
+    astar = np.array([1 / CELL[0], 1 / CELL[1], 1 / CELL[2]])
+    q = info["q_px"] / info["lam_d"]
+    qmax = math.ceil(info["lam_d"] / REF["res_max"])
+    shell = np.floor(np.linalg.norm(info["q_px"], axis=1) / (qmax / REF["qlen"])).astype(int)
+    dense, bg, pol = info["dense"], info["bg"], info["pol"]
+    by_rot: dict[int, list] = {}
+    for d, r, p in kept:
+        if phi[d] > 0:
+            by_rot.setdefault(r, []).append((d, p))
+    ent_obs = []  # (entry, A, b, C) observations
+    ent_info = []  # (peak, [(j, weight)], c_e)
+    for r, obs in sorted(by_rot.items()):
+        u = q @ ref_rotation(quats[r]).T / dv  # rows: R q_t in voxel units
+        hkl = np.rint(u * dv / astar).astype(int)
+        for t in range(q.shape[0]):
+            h = index.get(tuple(hkl[t]))
+            if h is None or np.sum((u[t] - peaks[h][3]) ** 2) > REF["gw"] ** 2:
+                continue
+            base = np.floor(u[t]).astype(int)
+            f = u[t] - base
+            corners = []
+            for c in np.ndindex(2, 2, 2):
+                j = vox[h].get(tuple(base + np.array(c)))
+                if j is not None:
+                    corners.append((j, np.prod([f[i] if c[i] else 1 - f[i] for i in range(3)])))
+            if not corners:
+                continue
+            rows = [(d, p) for d, p in obs if dense[d, t] >= 0 and bg[d, shell[t]] >= 0]
+            if not rows:
+                continue
+            e = len(ent_info)
+            ent_info.append((h, corners, sum(p * phi[d] for d, p in rows)))
+            for d, p in rows:
+                ent_obs.append((e, p * dense[d, t], max(bg[d, shell[t]], 1e-6) / phi[d], p * phi[d] * pol[t]))
+    e_id, A, b, C = (np.array(x) for x in zip(*ent_obs))
+    n = len(ent_info)
+    a = np.bincount(e_id, weights=C, minlength=n)
+
+    def f(w):
+        return np.bincount(e_id, weights=A / (b + w[e_id]), minlength=n) - a
+
+    lo, hi = np.zeros(n), np.ones(n)
+    while np.any(f(hi) > 0):
+        hi = np.where(f(hi) > 0, 2 * hi, hi)
+    for _ in range(200):
+        mid = 0.5 * (lo + hi)
+        pos = f(mid) > 0
+        lo, hi = np.where(pos, mid, lo), np.where(pos, hi, mid)
+    w = np.where(f(np.zeros(n)) > 0, 0.5 * (lo + hi), 0.0)
+    num = [np.zeros(len(p[4])) for p in peaks]
+    den = [np.zeros(len(p[4])) for p in peaks]
+    for (h, corners, c), we in zip(ent_info, w):
+        for j, om in corners:
+            num[h][j] += c * om * we
+            den[h][j] += c * om
+    pnum = [np.zeros(len(p[4])) for p in peaks]
+    pden = [np.zeros(len(p[4])) for p in peaks]
+    for S in info["ops"]:
+        for h, p in enumerate(peaks):
+            target = index[tuple(int(x) for x in S @ np.array(p[:3]))]
+            for j, g in enumerate(p[4]):
+                jj = vox[target][tuple(int(x) for x in S @ np.asarray(g))]
+                pnum[target][jj] += num[h][j]
+                pden[target][jj] += den[h][j]
+    return {p[:3]: (np.where(pden[h] > 1e-10, pnum[h] / np.maximum(pden[h], 1e-300), 0.0), pden[h])
+            for h, p in enumerate(peaks)}
+
+
+def _kept_pairs(problem, state, config):
+    """[(frame, sampling rotation index, P)] of the pairs kept by emcjax's E-step (either emc API)."""
+    result = emc.estep(problem, state, config)
+    if hasattr(result, "kept"):  # streaming/sharded emc: kept (frame, rotation) pairs stacked over devices
+        k = result.kept
+        frame, rot, prob = (np.asarray(x).ravel() for x in (k.pair_frame, k.pair_rotation, k.pair_prob))
+        return [(int(d), int(problem.rotations[r]), float(p)) for d, r, p in zip(frame, rot, prob) if p > 0]
+    slot, prob = np.asarray(result.slot), np.asarray(result.prob, np.float64)
+    cand = np.asarray(problem.arrays.candidates)
+    return [(d, int(problem.rotations[cand[d, slot[d, j]]]), prob[d, j])
+            for d in range(slot.shape[0]) for j in range(slot.shape[1]) if prob[d, j] > 0]
+
+
+def _update(problem, state, config):
+    result = emc.estep(problem, state, config)
+    return emc.update_intensity(problem, state, result.kept if hasattr(result, "kept") else result, config)
+
+
+def test_reference_compatible_update_matches_slow_numpy(written):
+    root, info, out, _ = written
+    from emcjax.lowres import LowresConfig
+
+    lc = runio.config_from_toml(LowresConfig, out.with_suffix(".toml"))
+    init = runio.read_run(out.with_name("imported-init"))
+    with data_io.SparseDataset(out) as ds:
+        problem = emc.setup_problem(ds, lc.emc)
+    state = emc.EMCState(iteration=jnp.asarray(0, jnp.int32), intensity=jnp.asarray(init.intensity),
+                         phi=jnp.asarray(init.phi))
+    kept = _kept_pairs(problem, state, lc.emc)
+    new = np.asarray(_update(problem, state, lc.emc), np.float64)
+    assert len(kept) > N_FRAMES
+    quats = np.fromfile(root / "aux/c-quaternion2.bin", "<f8", offset=4).reshape(-1, 5)[:, :4]
+    ref = slow_reference_update(info, quats, kept, np.asarray(init.phi, np.float64))
+    legacy_dir = legacy.read_legacy(root)
+    got = legacy.model_to_reference(problem.grid, new, legacy_dir.ref_grid)
+    ours = {tuple(h) for h in problem.grid.hkl.tolist()}
+    exp_v, exp_d, got_v = [], [], []
+    for i, p in enumerate(info["peaks"]):
+        if p[:3] not in ours:
+            continue
+        v, dd = ref[p[:3]]
+        s = legacy_dir.ref_grid.offsets
+        exp_v.append(v)
+        exp_d.append(dd)
+        got_v.append(got[s[i]:s[i + 1]])
+    exp_v, exp_d, got_v = (np.concatenate(x) for x in (exp_v, exp_d, got_v))
+    observed = exp_d > 1e-10
+    assert observed.sum() > 1000
+    np.testing.assert_array_equal(got_v[~observed], 0.0)
+    np.testing.assert_allclose(got_v[observed], exp_v[observed], rtol=1e-4, atol=1e-4 * exp_v.max())
