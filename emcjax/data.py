@@ -675,6 +675,28 @@ class SparseDataset:
             raise self._err(f"frames [{start}, {stop}): {e}") from e
         return block
 
+    def read_background(self) -> np.ndarray:
+        """(n_frames, n_shells) float32 background of every frame (only that dataset is read)."""
+        f = self._require_open()
+        try:
+            background = np.asarray(f["frames"]["background"][...], np.float32)
+        except Exception as e:
+            raise self._err(f"cannot read dataset /frames/background ({type(e).__name__}: {e})") from e
+        if not np.all(np.isfinite(background)) or np.any((background < 0) & (background != -1)):
+            raise self._err("dataset /frames/background holds NaN, inf or negative values other than -1")
+        return background
+
+    def read_candidates(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """(candidate_offsets (n_frames+1,), candidate_rotations) of every frame, or None without candidates."""
+        if self._candidate_offsets is None:
+            return None
+        f = self._require_open()
+        try:
+            rotations = np.asarray(f["frames"]["candidate_rotations"][...], np.int64)
+        except Exception as e:
+            raise self._err(f"cannot read dataset /frames/candidate_rotations ({type(e).__name__}: {e})") from e
+        return np.asarray(self._candidate_offsets, np.int64), rotations
+
     def read_all(self) -> SparseFrames:
         """All frames (read_block(0, n_frames))."""
         return self.read_block(0, self.n_frames)

@@ -1,63 +1,49 @@
-"""The EMC iteration: E-step, intensity M-step and phi M-step on sparse frames.
+"""The EMC iteration on sparse frames, over all devices and hosts, in memory or streamed from disk.
 
-Model (METHOD.md §5-7): the photon count of valid pixel t in frame d at orientation r is Poisson with mean
+One iteration (METHOD.md §6-7) is an E-step + intensity update, then (``update_phi``) an E-step + phi
+update with the mean-1 normalisation. The kernels are pure (emcjax.estep, emcjax.mstep); this module owns
+the orchestration:
 
-    lambda_drt = pol_t * (B_d(s_t) + phi_d * W_rt)
-
-with B_d the frame's radial background per shell s_t, phi_d its scale and W_rt the model sliced at the
-rotated pixel (emcjax.model). Up to per-frame constants the log-likelihood of a (frame, rotation) pair is
-
-    L_dr = log w_r + sum_{photon/dead pixels t of d inside a peak at r} [K_dt log1p(phi_d W_rt / B_dt)
-                                                                      + dead_dt phi_d pol_t W_rt]
-                   - phi_d S_dr,        S_dr = sum_{valid t of d} pol_t W_rt,
-
-so only photons that fall inside a peak at r matter (DESIGN.md "Computational notes"). The photon term is a
-*sparse join*: every photon (and dead pixel) of every frame is joined once, at set-up, with the in-peak
-entries of every candidate rotation at its pixel; an E-step is then a gather of the tomogram, a log1p and a
-segment sum over the join, and S_dr comes from the per-rotation, per-shell expected signal.
-
-Responsibilities are pruned like the reference (top mass ``prune_mass``, P >= ``prune_min``, at most
-``max_kept``) and the M-steps touch only the join terms of kept (frame, rotation) pairs.
-
-Intensity updates (``EMCConfig.intensity_update``):
-
-* ``"mlem"``: the multiplicative EM update of the voxels given the responsibilities, with the
-  latent split of each photon into Bragg and background,
-
-      I_v <- I_v * [sum_{d,r} P_dr sum_t K_dt phi_d w_rtv / (B_dt + phi_d W_rt)]
-                 / [sum_{d,r} P_dr sum_t phi_d pol_t w_rtv],
-
-  repeated ``inner_iterations`` times (each raises the expected complete-data log-likelihood; the model
-  stays non-negative). Measured on the 2000-frame benchmark set it over-fits voxels that only a few
-  pixels touch with small trilinear weights (their ML value is a few photons over a tiny exposure), and
-  the correlation with the truth falls after the first iteration; it is offered for research.
-* ``"reference"`` (default): the reference program's per-pixel maximum likelihood followed by compression
-  (METHOD.md §7.1): every in-peak entry (r, t) gets the 1-D Poisson ML value w_rt >= 0 given its frames, and
-  each voxel becomes the trilinear-weighted average of those values.
-
-Symmetry costs nothing: entries gather from, and M-steps scatter into, the asymmetric-unit model.
+* **Set-up** (:func:`setup_problem`): detector, model grid, rotations and their in-peak entries (on the
+  device, once), and the frames cut into blocks of ``block_frames`` frames; each block is split evenly over
+  the devices of the mesh (emcjax.parallel) and every device's part is joined with the in-peak entries of
+  its frames' candidate rotations (emcjax.join). Each process reads only the frames of its own devices.
+* **E-step** (:func:`estep`): the tomograms and expected signals of all rotations are computed once, then
+  block by block and device by device (``jax.shard_map``) the log-likelihood of every (frame, candidate),
+  the pruned responsibilities and the join pairs of the kept pairs. With ``stream`` a block's join is
+  rebuilt from disk when needed, while the devices work on the previous block; per-frame state stays
+  O(frames x kept rotations).
+* **M-steps** (:func:`update_intensity`, :func:`update_phi`): on the kept pairs of every device, every sum
+  over frames ending in a ``psum``.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import functools
+import math
 import time
 from typing import Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
 from scipy.special import gammaln
 
 from emcjax import model as model_lib
+from emcjax import parallel
 from emcjax.crystal import Crystal
 from emcjax.data import SparseDataset, SparseFrames, bucket_length
 from emcjax.detector import Detector, DetectorGeometry, make_detector
 from emcjax.errors import ConfigError, DataError
+from emcjax.estep import BlockArrays, Responsibilities, Shared, block_log_likelihood, responsibilities, rotation_tables
+from emcjax.join import BACKGROUND_FLOOR, EntryIndex, build_join, pad_join, pixel_records, ragged_ranges
+from emcjax.mstep import Kept, mlem_update, phi_update, reference_update
 from emcjax.rotations import RotationSampling, grid_symmetry_orbits, sample_600cell
 
-_BG_FLOOR = 1e-6  # photons per pixel: a background floor so log1p(phi W / B) stays finite
 _EPS = 1e-20
 
 
@@ -90,6 +76,11 @@ class EMCConfig:
     """Drop rotations with a probability below this."""
     max_kept: int = 32
     """At most this many rotations are kept per frame (top-k)."""
+    block_frames: int = 0
+    """Frames per block of the E-step (0: all frames in one block); memory grows with the block, not the data."""
+    stream: bool = False
+    """Re-read and re-join each block from disk at every E-step (the next block is prepared while the devices
+    work on the current one) instead of keeping every block's join in memory."""
 
     def __post_init__(self):
         if self.rotation_n < 1:
@@ -102,6 +93,8 @@ class EMCConfig:
             raise ConfigError(f"prune_min must be in [0, 1), got {self.prune_min}")
         if self.max_kept < 1:
             raise ConfigError(f"max_kept must be >= 1, got {self.max_kept}")
+        if self.block_frames < 0:
+            raise ConfigError(f"block_frames must be >= 0 (0: one block), got {self.block_frames}")
         if self.intensity_update not in ("mlem", "reference"):
             raise ConfigError(f"intensity_update must be 'mlem' or 'reference', got {self.intensity_update!r}")
 
@@ -120,79 +113,110 @@ class EMCState(NamedTuple):
     phi: jax.Array
 
 
-class Join(NamedTuple):
-    """(photon or dead pixel) x (in-peak entry of a candidate rotation) pairs, sorted by cell.
+class _FrameSource:
+    """Frames from a data set on disk, or frames already in memory."""
 
-    A *cell* is a (frame, candidate slot) pair, flat index ``frame * n_slots + slot``.
+    def __init__(self, dataset: SparseDataset, frames: SparseFrames | None):
+        self.dataset = dataset
+        self.frames = frames
+        self.n_frames = dataset.n_frames if frames is None else frames.n_frames
+
+    def read(self, start: int, stop: int) -> SparseFrames:
+        stop = min(stop, self.n_frames)
+        start = min(start, stop)
+        if self.frames is not None:
+            return self.frames.frame_slice(start, stop)
+        return self.dataset.read_block(start, stop)
+
+    def candidates(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """(offsets, rotations) of every frame's candidate list, or None."""
+        if self.frames is not None:
+            if self.frames.candidate_offsets is None:
+                return None
+            return self.frames.candidate_offsets, self.frames.candidate_rotations
+        return self.dataset.read_candidates()
+
+    def background(self) -> np.ndarray:
+        """(n_frames, n_shells) float64 background of every frame."""
+        if self.frames is not None:
+            return np.asarray(self.frames.background, np.float64)
+        return np.asarray(self.dataset.read_background(), np.float64)
+
+
+@dataclasses.dataclass(eq=False)
+class Block:
+    """A block of frames, split evenly over the devices.
 
     Attributes:
-      cell: (n_join,) int32 cell of the pair.
-      entry: (n_join,) int32 in-peak entry (its rotation is the cell's candidate).
-      count: (n_join,) float32 photons K at the pixel (0 for a dead pixel).
-      dead: (n_join,) float32 1 for a dead pixel, else 0.
-      background: (n_join,) float32 B_d(s_t), photons per pixel per unit pol.
-      polarization: (n_join,) float32 pol_t.
+      start: global index of the block's first frame; mesh position i holds frames
+        [start + i * n_local, start + (i + 1) * n_local).
+      n_local: frames per device.
+      join_length: padded join length per device (the same on every device and process).
+      arrays: the stacked device arrays (None while streaming).
+      cell_offsets: per local device, CSR offsets of its join by cell (host).
+      candidates: per local device, (n_local, n_slots) candidate rotations (host).
     """
 
-    cell: jax.Array
-    entry: jax.Array
-    count: jax.Array
-    dead: jax.Array
-    background: jax.Array
-    polarization: jax.Array
+    start: int
+    n_local: int
+    join_length: int
+    arrays: BlockArrays | None
+    cell_offsets: list[np.ndarray]
+    candidates: list[np.ndarray]
 
 
-class Arrays(NamedTuple):
-    """Device arrays of a problem (a pytree passed to the jitted kernels)."""
+@dataclasses.dataclass(frozen=True, eq=False)
+class _Inputs:
+    """What building a device's part of a block needs."""
 
-    entries: model_lib.Entries
-    polarization: jax.Array  # (n_pix,) float32
-    shell: jax.Array  # (n_pix,) int32
-    candidates: jax.Array  # (n_frames, n_slots) int32 local rotation index
-    candidate_mask: jax.Array  # (n_frames, n_slots) bool
-    log_prior: jax.Array  # (n_rot,) float32 log weight of each local rotation
-    masked_shells: jax.Array  # (n_frames, n_masked) int32 shells excluded per frame, n_shells = padding
-    join: Join
-    tables: model_lib.GridTables  # the grid's lookup tables (stabilizer symmetrisation)
+    source: _FrameSource
+    detector: Detector
+    entry_index: EntryIndex
+    candidates: tuple[np.ndarray, np.ndarray] | None  # (offsets, local rotation ids) or None: all rotations
+    n_slots: int
+    background: np.ndarray
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Problem:
-    """Everything fixed during a run: geometry, data, rotations and their joins.
+    """Everything fixed during a run: geometry, rotations, blocks of frames and their joins.
 
     Attributes:
       detector: valid pixels (to ``d_min``).
       grid: the model grid.
-      sampling: the orientation sampling the rotation indices refer to.
-      rotations: (n_rot,) int64 global index (in ``sampling``) of each local rotation.
-      arrays: device arrays.
+      sampling: the orientation sampling rotation indices refer to.
+      rotations: (n_rot,) int64 sampling index of each rotation the E-step evaluates.
+      mesh: the device mesh.
+      shared: replicated device arrays.
+      blocks: the blocks of frames.
+      n_frames: number of frames; n_padded: n_frames rounded up to whole blocks.
+      n_slots: candidate slots per frame.
       n_shells: radial shells of the background.
-      cell_offsets: (n_frames * n_slots + 1,) int64 CSR offsets of the join by cell (host copy).
       log_offset: (n_frames,) float64 per-frame constant of the Poisson log-likelihood (nats).
       photons: (n_frames,) float64 photons per frame inside the valid pixels.
       expected_background: (n_frames,) float64 expected background photons per frame.
       truth: the data set's truth dict, or None.
+      inputs: what rebuilding a block from its frames needs (streaming).
+      stream: whether blocks are rebuilt at every E-step.
     """
 
     detector: Detector
     grid: model_lib.ReciprocalGrid
     sampling: RotationSampling
     rotations: np.ndarray
-    arrays: Arrays
+    mesh: Mesh
+    shared: Shared
+    blocks: list[Block]
+    n_frames: int
+    n_padded: int
+    n_slots: int
     n_shells: int
-    cell_offsets: np.ndarray
     log_offset: np.ndarray
     photons: np.ndarray
     expected_background: np.ndarray
     truth: dict | None
-
-    @property
-    def n_frames(self) -> int:
-        return int(self.arrays.candidates.shape[0])
-
-    @property
-    def n_slots(self) -> int:
-        return int(self.arrays.candidates.shape[1])
+    inputs: _Inputs
+    stream: bool
 
     def integrated(self, intensity) -> np.ndarray:
         """(n_asu,) integrated intensity of each unique reflection."""
@@ -205,6 +229,14 @@ class Problem:
         return correlation_by_hkl(
             self.grid.asu.hkl, self.integrated(intensity), self.truth["hkl"], np.asarray(self.truth["intensity"]).sum(1)
         )
+
+    def block_arrays(self, block: Block) -> BlockArrays:
+        """The block's stacked device arrays (rebuilt from the frames when streaming)."""
+        return block.arrays if block.arrays is not None else _block_arrays(self.mesh, self.inputs, block)
+
+    def local_block(self, index: int = 0, device: int = 0) -> BlockArrays:
+        """One local device's part of a block, without the device axis (for inspection and tests)."""
+        return jax.tree.map(lambda x: parallel.local_pieces(x)[device], self.block_arrays(self.blocks[index]))
 
 
 def correlation_by_hkl(hkl_a, values_a, hkl_b, values_b) -> float:
@@ -222,130 +254,6 @@ def correlation_by_hkl(hkl_a, values_a, hkl_b, values_b) -> float:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _ragged_ranges(starts: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Concatenation of ranges [starts[i], starts[i] + lengths[i]): (values, owner index i of each value)."""
-    lengths = np.asarray(lengths, np.int64)
-    owner = np.repeat(np.arange(lengths.shape[0]), lengths)
-    first = np.cumsum(lengths) - lengths
-    values = np.repeat(np.asarray(starts, np.int64), lengths) + np.arange(owner.shape[0]) - np.repeat(first, lengths)
-    return values, owner
-
-
-class PixelRecords(NamedTuple):
-    """Photons and dead pixels of a block of frames inside the valid pixels and the frames' unmasked shells.
-
-    Attributes:
-      frame: (n,) int64 frame of the record.
-      pixel: (n,) int64 valid-pixel index.
-      count: (n,) float64 photons (0 for a dead pixel).
-      dead: (n,) float64 1 for a dead pixel, else 0.
-      background: (n,) float64 B_d(s_t) at the pixel (photons per pixel per unit pol, >= 0).
-    """
-
-    frame: np.ndarray
-    pixel: np.ndarray
-    count: np.ndarray
-    dead: np.ndarray
-    background: np.ndarray
-
-
-def pixel_records(frames: SparseFrames, detector: Detector, background: np.ndarray) -> PixelRecords:
-    """The photons (then the dead pixels) of ``frames`` that the likelihood sees.
-
-    Args:
-      frames: sparse frames (raw pixel ids).
-      detector: valid pixels.
-      background: (n_frames, n_shells) background with masked shells < 0.
-    """
-    pixel_map = detector.pixel_map()
-    parts = []
-    for offsets, pixels, counts, dead in (
-        (frames.photon_offsets, frames.photon_pixels, frames.photon_counts, 0.0),
-        (frames.dead_offsets, frames.dead_pixels, None, 1.0),
-    ):
-        frame = np.repeat(np.arange(frames.n_frames), np.diff(offsets))
-        pix = pixel_map[pixels]
-        cnt = np.zeros(pix.shape, np.float64) if counts is None else counts.astype(np.float64)
-        keep = pix >= 0
-        frame, pix, cnt = frame[keep], pix[keep], cnt[keep]
-        bg = background[frame, detector.shell[pix]]
-        keep = bg >= 0  # photons in shells excluded for this frame do not count
-        parts.append((frame[keep], pix[keep], cnt[keep], np.full(keep.sum(), dead), bg[keep]))
-    return PixelRecords(*(np.concatenate(x) for x in zip(*parts)))
-
-
-def build_join(
-    frames: SparseFrames,
-    detector: Detector,
-    entries: model_lib.Entries,
-    candidates: np.ndarray,
-    candidate_mask: np.ndarray,
-    background: np.ndarray,
-) -> tuple[Join, np.ndarray]:
-    """Joins every photon and dead pixel with the in-peak entries of its frame's candidate rotations.
-
-    Args:
-      frames: sparse frames (raw pixel ids).
-      detector: valid pixels.
-      entries: in-peak entries of the local rotations.
-      candidates: (n_frames, n_slots) local rotation index of each slot.
-      candidate_mask: (n_frames, n_slots) which slots are real.
-      background: (n_frames, n_shells) float64 background with masked shells < 0.
-
-    Returns:
-      ``(join, cell_offsets)`` with the join sorted by cell and its CSR offsets.
-    """
-    n_frames, n_slots = candidates.shape
-    rec_frame, rec_pixel, rec_count, rec_dead, rec_bg = pixel_records(frames, detector, background)
-
-    ent_pixel = np.asarray(entries.pixel)
-    ent_rot = np.asarray(entries.rotation)
-    order = np.argsort(ent_pixel, kind="stable")
-    pix_start = np.searchsorted(ent_pixel[order], np.arange(detector.n_pix + 1))
-    pos, owner = _ragged_ranges(pix_start[rec_pixel], pix_start[rec_pixel + 1] - pix_start[rec_pixel])
-    entry = order[pos]
-    frame = rec_frame[owner]
-
-    # Slot of (frame, rotation): position of the rotation in the frame's sorted candidate list.
-    n_rot = entries.n_rot
-    cand_key = np.where(candidate_mask, np.arange(n_frames)[:, None] * n_rot + candidates, -1)
-    slot_order = np.argsort(cand_key, axis=1, kind="stable")
-    sorted_keys = np.take_along_axis(cand_key, slot_order, axis=1).ravel()
-    key = frame * n_rot + ent_rot[entry]
-    at = np.searchsorted(sorted_keys, key)
-    at_c = np.minimum(at, sorted_keys.shape[0] - 1)
-    hit = sorted_keys[at_c] == key
-    cell = frame[hit] * n_slots + slot_order.ravel()[at_c[hit]]
-    entry, owner = entry[hit], owner[hit]
-    order = np.argsort(cell, kind="stable")
-    cell, entry, owner = cell[order], entry[order], owner[order]
-    cell_offsets = np.searchsorted(cell, np.arange(n_frames * n_slots + 1)).astype(np.int64)
-    join = Join(
-        cell=jnp.asarray(cell, jnp.int32),
-        entry=jnp.asarray(entry, jnp.int32),
-        count=jnp.asarray(rec_count[owner], jnp.float32),
-        dead=jnp.asarray(rec_dead[owner], jnp.float32),
-        background=jnp.asarray(np.maximum(rec_bg[owner], _BG_FLOOR), jnp.float32),
-        polarization=jnp.asarray(detector.polarization[rec_pixel[owner]], jnp.float32),
-    )
-    return join, cell_offsets
-
-
-def _frame_constants(frames: SparseFrames, detector: Detector, background: np.ndarray):
-    """Per-frame photons, expected background and log-likelihood constant (all float64)."""
-    n_frames, n_shells = background.shape
-    pol_per_shell = np.bincount(detector.shell, weights=detector.polarization, minlength=n_shells)
-    bg = np.where(background >= 0, np.maximum(background, _BG_FLOOR), 0.0)
-    rec = pixel_records(frames, detector, background)
-    rec_bg = np.maximum(rec.background, _BG_FLOOR)
-    pol = detector.polarization[rec.pixel]
-    photons = np.bincount(rec.frame, weights=rec.count, minlength=n_frames)
-    expected = bg @ pol_per_shell - np.bincount(rec.frame, weights=rec.dead * pol * rec_bg, minlength=n_frames)
-    term = rec.count * np.log(pol * rec_bg) - gammaln(rec.count + 1)
-    log_offset = np.bincount(rec.frame, weights=term, minlength=n_frames) - expected
-    return photons, expected, log_offset
-
-
 def _sampling(crystal: Crystal, n: int, reduce: bool) -> tuple[RotationSampling, np.ndarray, np.ndarray]:
     """The 600-cell grid, the rotations the E-step evaluates and their log prior (normalised).
 
@@ -360,21 +268,86 @@ def _sampling(crystal: Crystal, n: int, reduce: bool) -> tuple[RotationSampling,
     return sampling, representative, np.log(weight)
 
 
-def setup_problem(dataset: SparseDataset, config: EMCConfig, frames: SparseFrames | None = None) -> Problem:
-    """One-time set-up: detector, grid, rotations, in-peak entries and the sparse join.
+def _frame_constants(frames: SparseFrames, detector: Detector, background: np.ndarray):
+    """Per-frame photons, expected background and log-likelihood constant (all float64)."""
+    n_frames, n_shells = background.shape
+    pol_per_shell = np.bincount(detector.shell, weights=detector.polarization, minlength=n_shells)
+    bg = np.where(background >= 0, np.maximum(background, BACKGROUND_FLOOR), 0.0)
+    rec = pixel_records(frames, detector, background)
+    rec_bg = np.maximum(rec.background, BACKGROUND_FLOOR)
+    pol = detector.polarization[rec.pixel]
+    photons = np.bincount(rec.frame, weights=rec.count, minlength=n_frames)
+    expected = bg @ pol_per_shell - np.bincount(rec.frame, weights=rec.dead * pol * rec_bg, minlength=n_frames)
+    term = rec.count * np.log(pol * rec_bg) - gammaln(rec.count + 1)
+    log_offset = np.bincount(rec.frame, weights=term, minlength=n_frames) - expected
+    return photons, expected, log_offset
+
+
+class _DevicePart(NamedTuple):
+    candidates: np.ndarray
+    mask: np.ndarray
+    join: object
+    cell_offsets: np.ndarray
+    constants: tuple
+
+
+def _device_part(inputs: _Inputs, start: int, n_local: int) -> _DevicePart:
+    """Reads and joins the frames [start, start + n_local) of one device (fewer at the end of the data)."""
+    frames = inputs.source.read(start, start + n_local)
+    n_real = frames.n_frames
+    candidates = np.zeros((n_local, inputs.n_slots), np.int64)
+    mask = np.zeros((n_local, inputs.n_slots), bool)
+    if inputs.candidates is None:
+        candidates[:] = np.arange(inputs.n_slots)
+        mask[:n_real] = True
+    else:
+        offsets, local_rotation = inputs.candidates
+        for i in range(n_real):
+            c = local_rotation[offsets[start + i] : offsets[start + i + 1]]
+            candidates[i, : c.shape[0]] = c
+            mask[i, : c.shape[0]] = True
+    background = inputs.background[start : start + n_real]
+    join, cell_offsets = build_join(frames, inputs.detector, inputs.entry_index, candidates, mask, background)
+    return _DevicePart(candidates, mask, join, cell_offsets, _frame_constants(frames, inputs.detector, background))
+
+
+def _stack_block(mesh: Mesh, block: Block, parts: list[_DevicePart]) -> BlockArrays:
+    """Pads every device's join to the block's length and stacks the device parts."""
+    n_cells = block.n_local * parts[0].candidates.shape[1]
+    positions = parallel.local_positions(mesh)
+    return BlockArrays(
+        frame_start=parallel.stack(mesh, [np.int32(block.start + i * block.n_local) for i in positions]),
+        candidates=parallel.stack(mesh, [p.candidates.astype(np.int32) for p in parts]),
+        candidate_mask=parallel.stack(mesh, [p.mask for p in parts]),
+        join=parallel.stack_tree(mesh, [pad_join(p.join, block.join_length, n_cells) for p in parts]),
+    )
+
+
+def _block_arrays(mesh: Mesh, inputs: _Inputs, block: Block) -> BlockArrays:
+    positions = parallel.local_positions(mesh)
+    parts = [_device_part(inputs, block.start + i * block.n_local, block.n_local) for i in positions]
+    return _stack_block(mesh, block, parts)
+
+
+def setup_problem(
+    dataset: SparseDataset, config: EMCConfig, frames: SparseFrames | None = None, *, mesh: Mesh | None = None
+) -> Problem:
+    """One-time set-up: detector, grid, rotations, in-peak entries, blocks and their joins.
 
     Args:
-      dataset: the data set (geometry, crystal and, unless ``frames`` is given, all frames are read).
-      config: algorithm settings.
-      frames: frames to use instead of reading all of ``dataset``.
+      dataset: the data set (geometry, crystal, truth and, unless ``frames`` is given, the frames).
+      config: algorithm settings (``block_frames``, ``stream``).
+      frames: frames to use instead of those of ``dataset``.
+      mesh: devices to use (default: every device of every process).
 
     Raises:
       ConfigError: settings that contradict the data (e.g. ``d_min`` beyond the detector).
-      DataError: no frame, or no usable pixel.
+      DataError: no frame.
     """
+    mesh = parallel.make_mesh() if mesh is None else mesh
+    source = _FrameSource(dataset, frames)
     geometry = DetectorGeometry(**dataset.geometry)
-    crystal_attrs = {k: v for k, v in dataset.crystal.items() if k in ("cell", "space_group")}
-    crystal = Crystal(cell=tuple(crystal_attrs["cell"]), space_group=str(crystal_attrs["space_group"]))
+    crystal = Crystal(cell=tuple(dataset.crystal["cell"]), space_group=str(dataset.crystal["space_group"]))
     detector = make_detector(geometry, dataset.mask)
     d_min = geometry.resolution_max_A if config.d_min is None else config.d_min
     if d_min < geometry.resolution_max_A:
@@ -382,70 +355,98 @@ def setup_problem(dataset: SparseDataset, config: EMCConfig, frames: SparseFrame
             f"d_min={d_min} Å is beyond the data set's pixels (resolution_max_A={geometry.resolution_max_A} Å)"
         )
     detector = detector.truncate(d_min)
-    frames = dataset.read_all() if frames is None else frames
-    if frames.n_frames == 0:
+    n_frames = source.n_frames
+    if n_frames == 0:
         raise DataError(f"{dataset.path}: the data set holds no frame")
     q_min = float(np.linalg.norm(detector.q, axis=1).min())
     grid = model_lib.make_grid(crystal, d_min=d_min, d_max=1.0 / max(q_min, 1e-9), vn=config.vn, gw=config.gw)
 
-    if frames.candidate_offsets is not None:
+    candidates = source.candidates()
+    if candidates is not None:
         sampling, _, log_w = _sampling(crystal, int(dataset.candidate_sampling_n), reduce=False)
-        rotations, inverse = np.unique(frames.candidate_rotations, return_inverse=True)
-        counts = np.diff(frames.candidate_offsets)
-        n_slots = max(int(counts.max()), 1)
-        candidates = np.zeros((frames.n_frames, n_slots), np.int64)
-        candidate_mask = np.arange(n_slots)[None, :] < counts[:, None]
-        candidates[candidate_mask] = inverse
+        offsets, rotation_ids = candidates
+        rotations, local_rotation = np.unique(rotation_ids, return_inverse=True)
+        n_slots = max(int(np.diff(offsets).max()), 1)
         log_w = log_w[rotations]
+        candidates = (np.asarray(offsets, np.int64), local_rotation.astype(np.int64))
     else:
         sampling, rotations, log_w = _sampling(crystal, config.rotation_n, config.reduce_by_symmetry)
-        candidates = np.broadcast_to(np.arange(rotations.shape[0]), (frames.n_frames, rotations.shape[0]))
-        candidate_mask = np.ones(candidates.shape, bool)
-
-    quats = sampling.quaternions[rotations]
-    entries = model_lib.build_entries(grid, detector.q, quats)
+        n_slots = int(rotations.shape[0])
     log_w = log_w - np.logaddexp.reduce(log_w)
+    entries = model_lib.build_entries(grid, detector.q, sampling.quaternions[rotations])
+    entry_index = EntryIndex.build(
+        np.asarray(entries.pixel), np.asarray(entries.rotation), detector.n_pix, int(rotations.shape[0])
+    )
 
-    background = np.asarray(frames.background, np.float64)
+    n_dev = mesh.size
+    per_block = n_frames if config.block_frames == 0 else min(config.block_frames, n_frames)
+    n_local = math.ceil(per_block / n_dev)
+    per_block = n_local * n_dev
+    n_blocks = math.ceil(n_frames / per_block)
+    n_padded = n_blocks * per_block
+
+    background = source.background()
     masked = [np.flatnonzero(row < 0) for row in background]
-    n_masked = max((m.shape[0] for m in masked), default=0)
-    masked_shells = np.full((frames.n_frames, n_masked), background.shape[1], np.int32)
+    masked_shells = np.full((n_padded, max((m.shape[0] for m in masked), default=0)), background.shape[1], np.int32)
     for d, m in enumerate(masked):
         masked_shells[d, : m.shape[0]] = m
-    join, cell_offsets = build_join(frames, detector, entries, candidates, candidate_mask, background)
-    photons, expected_bg, log_offset = _frame_constants(frames, detector, background)
-    arrays = Arrays(
+    shared = Shared(
         entries=entries,
-        polarization=jnp.asarray(detector.polarization, jnp.float32),
-        shell=jnp.asarray(detector.shell, jnp.int32),
-        candidates=jnp.asarray(candidates, jnp.int32),
-        candidate_mask=jnp.asarray(candidate_mask),
-        log_prior=jnp.asarray(log_w, jnp.float32),
-        masked_shells=jnp.asarray(masked_shells),
-        join=join,
+        polarization=detector.polarization.astype(np.float32),
+        shell=detector.shell.astype(np.int32),
+        log_prior=log_w.astype(np.float32),
         tables=grid.tables,
+        masked_shells=masked_shells,
+        frame_valid=np.arange(n_padded) < n_frames,
     )
-    truth = dataset.read_truth() if dataset.has_truth else None
+    shared = jax.tree.map(lambda x: parallel.replicate(mesh, np.asarray(x)), shared)
+    inputs = _Inputs(source, detector, entry_index, candidates, n_slots, background)
+
+    constants = np.zeros((3, n_padded))  # photons, expected background, log-likelihood constant
+    positions = parallel.local_positions(mesh)
+    blocks = []
+    for b in range(n_blocks):
+        start = b * per_block
+        parts = [_device_part(inputs, start + i * n_local, n_local) for i in positions]
+        for i, part in zip(positions, parts):
+            first = start + i * n_local
+            for row, values in enumerate(part.constants):
+                constants[row, first : first + values.shape[0]] = values
+        length = parallel.global_max(bucket_length(max(max(p.join.cell.shape[0] for p in parts), 1)))
+        block = Block(start, n_local, length, None, [p.cell_offsets for p in parts], [p.candidates for p in parts])
+        if not config.stream:
+            block.arrays = _stack_block(mesh, block, parts)
+        blocks.append(block)
+    photons, expected_bg, log_offset = (
+        parallel.gather_frames(mesh, [row], [0], n_padded)[:n_frames] for row in constants
+    )
     return Problem(
         detector=detector,
         grid=grid,
         sampling=sampling,
         rotations=rotations,
-        arrays=arrays,
+        mesh=mesh,
+        shared=shared,
+        blocks=blocks,
+        n_frames=n_frames,
+        n_padded=n_padded,
+        n_slots=n_slots,
         n_shells=int(background.shape[1]),
-        cell_offsets=cell_offsets,
         log_offset=log_offset,
         photons=photons,
         expected_background=expected_bg,
-        truth=truth,
+        truth=dataset.read_truth() if dataset.has_truth else None,
+        inputs=inputs,
+        stream=config.stream,
     )
 
 
 def initial_state(problem: Problem, config: EMCConfig, seed: int) -> EMCState:
     """Random symmetric model (U(0,1) x exp(-r^2/gw^2) per voxel, the reference's start) and phi from counts.
 
-    The model is scaled so that a frame at phi = 1 expects the mean number of non-background photons, and
-    phi_d is proportional to the frame's photons above its expected background (mean 1).
+    The model is scaled so that a frame at phi = 1 expects the mean number of non-background photons (over
+    the prior of the rotations), and phi_d is proportional to the frame's photons above its expected
+    background (mean 1).
     """
     rng = np.random.default_rng(seed)
     grid = problem.grid
@@ -455,320 +456,199 @@ def initial_state(problem: Problem, config: EMCConfig, seed: int) -> EMCState:
     intensity = np.asarray(model_lib.symmetrize(jnp.asarray(intensity, jnp.float32), grid.tables), np.float64)
     signal = problem.photons - problem.expected_background
     target = max(float(signal.mean()), 1e-3)
-    s = np.asarray(
-        model_lib.expected_signal(
-            jnp.asarray(intensity, jnp.float32),
-            problem.arrays.entries,
-            problem.arrays.polarization,
-            problem.arrays.shell,
-            1,
-        )
-    )
-    intensity *= target / max(float(s.mean()), _EPS)
+    total = np.asarray(rotation_tables(jnp.asarray(intensity, jnp.float32), problem.shared, problem.n_shells).total)
+    intensity *= target / max(float(np.exp(np.asarray(problem.shared.log_prior, np.float64)) @ total), _EPS)
     phi = np.maximum(signal, 0.1 * target) / target
     phi /= phi.mean()
     return EMCState(
-        iteration=jnp.asarray(0, jnp.int32),
-        intensity=jnp.asarray(intensity, jnp.float32),
-        phi=jnp.asarray(phi, jnp.float32),
+        iteration=parallel.replicate(problem.mesh, np.int32(0)),
+        intensity=parallel.replicate(problem.mesh, intensity.astype(np.float32)),
+        phi=parallel.replicate(problem.mesh, phi.astype(np.float32)),
     )
 
 
 # ---------------------------------------------------------------------------------------------------------
-# E-step
+# E-step over blocks and devices
 # ---------------------------------------------------------------------------------------------------------
 
 
-@functools.partial(jax.jit, static_argnames="n_shells")
-def cell_signal(intensity: jax.Array, arrays: Arrays, n_shells: int) -> jax.Array:
-    """(n_frames, n_slots) expected Bragg photons S_dr at phi = 1 over the frame's valid shells."""
-    s = model_lib.expected_signal(intensity, arrays.entries, arrays.polarization, arrays.shell, n_shells)
-    s_pad = jnp.concatenate([s, jnp.zeros((s.shape[0], 1), s.dtype)], axis=1)
-    total = s.sum(axis=1)[arrays.candidates]
-    masked = s_pad[arrays.candidates[:, :, None], arrays.masked_shells[:, None, :]].sum(axis=-1)
-    return total - masked
+def padded_phi(problem: Problem, phi: jax.Array) -> jax.Array:
+    """(n_padded,) phi with zeros for the frames that fill the last block."""
+    return jnp.pad(phi, (0, problem.n_padded - problem.n_frames))
 
 
-@functools.partial(jax.jit, static_argnames="n_shells")
-def log_likelihood(intensity: jax.Array, phi: jax.Array, arrays: Arrays, n_shells: int) -> jax.Array:
-    """Log-posterior (unnormalised) of every (frame, candidate slot), up to per-frame constants.
-
-    Args:
-      intensity: (n_asu, n_voxels) model.
-      phi: (n_frames,) scales.
-      arrays: problem arrays.
-      n_shells: number of background shells.
-
-    Returns:
-      (n_frames, n_slots) float32 L_dr (nats), -inf on padding slots.
-    """
-    n_frames, n_slots = arrays.candidates.shape
-    join = arrays.join
-    w = model_lib.tomogram(intensity, arrays.entries)[join.entry]
-    phi_j = phi[join.cell // n_slots]
-    bragg = phi_j * w
-    terms = join.count * jnp.log1p(bragg / join.background) + join.dead * join.polarization * bragg
-    photon_term = jax.ops.segment_sum(terms, join.cell, num_segments=n_frames * n_slots, indices_are_sorted=True)
-    s = cell_signal(intensity, arrays, n_shells)
-    logl = photon_term.reshape(n_frames, n_slots) - phi[:, None] * s + arrays.log_prior[arrays.candidates]
-    return jnp.where(arrays.candidate_mask, logl, -jnp.inf)
+def _squeeze(tree):
+    return jax.tree.map(lambda x: x[0], tree)
 
 
-class Responsibilities(NamedTuple):
-    """Pruned posterior over rotations, padded (n_frames, k).
+def _expand(tree):
+    return jax.tree.map(lambda x: x[None], tree)
+
+
+@functools.lru_cache(maxsize=None)
+def _estep_kernel(mesh: Mesh, k: int, prune_mass: float, prune_min: float):
+    def local(tables, phi, shared, block):
+        logl = block_log_likelihood(tables, phi, shared, _squeeze(block))
+        return _expand(responsibilities(logl, k, prune_mass, prune_min))
+
+    specs = (P(), P(), P(), P(parallel.AXIS))
+    return jax.jit(jax.shard_map(local, mesh=mesh, in_specs=specs, out_specs=P(parallel.AXIS)))
+
+
+@functools.lru_cache(maxsize=None)
+def _gather_kernel(mesh: Mesh):
+    def local(block, index, prob):
+        block, index, prob = _squeeze(block), index[0], prob[0]
+        join = block.join
+        frame = block.frame_start + join.cell[index] // block.candidates.shape[1]
+        fields = (join.entry, join.count, join.dead, join.background, join.polarization)
+        entry, count, dead, background, polarization = (f[index] for f in fields)
+        return _expand((entry, prob, count, dead, background, polarization, frame))
+
+    return jax.jit(jax.shard_map(local, mesh=mesh, in_specs=P(parallel.AXIS), out_specs=P(parallel.AXIS)))
+
+
+class EStep(NamedTuple):
+    """Result of an E-step.
 
     Attributes:
-      slot: (n_frames, k) int32 candidate slot, most likely first.
-      prob: (n_frames, k) float32 renormalised probability (0 where pruned).
-      log_evidence: (n_frames,) float32 log sum_r exp(L_dr) before pruning (nats, up to the frame constant).
-      max_prob: (n_frames,) float32 probability of the most likely rotation before pruning.
+      kept: the kept join pairs and (frame, rotation) pairs, stacked over devices.
+      log_evidence: (n_frames,) float64 log sum_r w_r p(K_d | r) up to the frame constant (nats).
+      max_prob: (n_frames,) float64 probability of the most likely rotation.
+      best_rotation: (n_frames,) int64 sampling index of the most likely rotation.
+      n_kept: (n_frames,) int64 rotations kept.
     """
 
-    slot: jax.Array
-    prob: jax.Array
-    log_evidence: jax.Array
-    max_prob: jax.Array
+    kept: Kept
+    log_evidence: np.ndarray
+    max_prob: np.ndarray
+    best_rotation: np.ndarray
+    n_kept: np.ndarray
 
 
-@functools.partial(jax.jit, static_argnames=("k", "prune_mass", "prune_min"))
-def responsibilities(logl: jax.Array, k: int, prune_mass: float, prune_min: float) -> Responsibilities:
-    """Softmax over candidates, then the reference's pruning (METHOD.md §6.5) capped at the top ``k``.
-
-    Keeps the most likely rotations until their cumulative probability reaches ``prune_mass``, drops those
-    below ``prune_min`` (the most likely one is always kept), renormalises.
-    """
-    k = min(k, logl.shape[1])
-    top, slot = jax.lax.top_k(logl, k)
-    log_evidence = jax.nn.logsumexp(logl, axis=1)
-    finite = jnp.isfinite(log_evidence)
-    p = jnp.where(finite[:, None], jnp.exp(top - jnp.where(finite, log_evidence, 0.0)[:, None]), 0.0)
-    before = jnp.cumsum(p, axis=1) - p
-    keep = (before < prune_mass) & (p >= prune_min)
-    keep = keep.at[:, 0].set(finite)
-    p = jnp.where(keep, p, 0.0)
-    p = p / jnp.maximum(p.sum(axis=1, keepdims=True), _EPS)
-    max_prob = jnp.where(finite, jnp.exp(top[:, 0] - jnp.where(finite, log_evidence, 0.0)), 0.0)
-    return Responsibilities(slot=slot.astype(jnp.int32), prob=p, log_evidence=log_evidence, max_prob=max_prob)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Kept pairs: the part of the join the M-steps need
-# ---------------------------------------------------------------------------------------------------------
-
-
-class Kept(NamedTuple):
-    """The join terms of kept (frame, rotation) pairs, padded to a bucketed length.
-
-    Attributes:
-      join_index: (n,) int32 index into the join (0 on padding).
-      prob: (n,) float32 P_dr of the pair (0 on padding).
-      frame: (n,) int32 frame of the pair.
-      pair_frame / pair_rotation / pair_prob: (n_frames * k,) every kept pair (prob 0 where pruned).
-    """
-
-    join_index: jax.Array
-    prob: jax.Array
-    frame: jax.Array
-    pair_frame: jax.Array
-    pair_rotation: jax.Array
-    pair_prob: jax.Array
+def _kept_of_block(problem: Problem, block: Block, arrays: BlockArrays, resp: Responsibilities):
+    """Host-side selection of the kept pairs of one block, then a device gather of their join pairs."""
+    mesh = problem.mesh
+    slots, probs = parallel.local_pieces(resp.slot), parallel.local_pieces(resp.prob)
+    index, term_prob, pair_frame, pair_rotation, pair_prob = [], [], [], [], []
+    for i, slot, prob, offsets, cand in zip(
+        parallel.local_positions(mesh), slots, probs, block.cell_offsets, block.candidates
+    ):
+        n_local, k = slot.shape
+        frame = np.repeat(np.arange(n_local), k)
+        cell = frame * problem.n_slots + slot.ravel()
+        p = prob.ravel()
+        live = p > 0
+        start = offsets[cell[live]]
+        idx, owner = ragged_ranges(start, offsets[cell[live] + 1] - start)
+        index.append(idx)
+        term_prob.append(p[live][owner])
+        pair_frame.append((block.start + i * n_local + frame).astype(np.int32))
+        pair_rotation.append(cand[frame, slot.ravel()].astype(np.int32))
+        pair_prob.append(p.astype(np.float32))
+    length = parallel.global_max(bucket_length(max(max(x.shape[0] for x in index), 1)))
+    index = parallel.stack(mesh, [np.pad(x, (0, length - x.shape[0])).astype(np.int32) for x in index])
+    term_prob = parallel.stack(mesh, [np.pad(x, (0, length - x.shape[0])).astype(np.float32) for x in term_prob])
+    terms = _gather_kernel(mesh)(arrays, index, term_prob)
+    pairs = tuple(parallel.stack(mesh, x) for x in (pair_frame, pair_rotation, pair_prob))
+    return terms, pairs
 
 
-def kept_pairs(problem: Problem, resp: Responsibilities) -> Kept:
-    """Selects the join terms of the kept pairs (host-side index work, device gathers)."""
-    n_slots = problem.n_slots
-    slot = np.asarray(resp.slot)
-    prob = np.asarray(resp.prob)
-    n_frames, k = slot.shape
-    frame = np.repeat(np.arange(n_frames), k)
-    cell = frame * n_slots + slot.ravel()
-    p = prob.ravel()
-    live = p > 0
-    starts = problem.cell_offsets[cell[live]]
-    lengths = problem.cell_offsets[cell[live] + 1] - starts
-    index, owner = _ragged_ranges(starts, lengths)
-    n = bucket_length(max(index.shape[0], 1))
-    pad = n - index.shape[0]
-    rotation = np.asarray(problem.arrays.candidates)[frame, slot.ravel()]
-    return Kept(
-        join_index=jnp.asarray(np.pad(index, (0, pad)), jnp.int32),
-        prob=jnp.asarray(np.pad(p[live][owner], (0, pad)), jnp.float32),
-        frame=jnp.asarray(np.pad(frame[live][owner], (0, pad)), jnp.int32),
-        pair_frame=jnp.asarray(frame, jnp.int32),
-        pair_rotation=jnp.asarray(rotation, jnp.int32),
-        pair_prob=jnp.asarray(p, jnp.float32),
+def _blocks_with_arrays(problem: Problem):
+    """Yields (block, arrays); while streaming, the next block is built while the caller uses this one."""
+    if not problem.stream:
+        for block in problem.blocks:
+            yield block, block.arrays
+        return
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as executor:
+        build = functools.partial(_block_arrays, problem.mesh, problem.inputs)
+        pending = executor.submit(build, problem.blocks[0])
+        for b, block in enumerate(problem.blocks):
+            arrays = pending.result()
+            if b + 1 < len(problem.blocks):
+                pending = executor.submit(build, problem.blocks[b + 1])
+            yield block, arrays
+
+
+def estep(problem: Problem, state: EMCState, config: EMCConfig) -> EStep:
+    """E-step over every block and device: responsibilities, kept pairs and per-frame summaries."""
+    tables = rotation_tables(state.intensity, problem.shared, problem.n_shells)
+    kernel = _estep_kernel(problem.mesh, config.max_kept, config.prune_mass, config.prune_min)
+    positions = parallel.local_positions(problem.mesh)
+    phi = padded_phi(problem, state.phi)
+    terms, pairs = [], []
+    per_frame = np.zeros((4, problem.n_padded))  # log evidence, max prob, best local rotation, kept count
+    for block, arrays in _blocks_with_arrays(problem):
+        resp = kernel(tables, phi, problem.shared, arrays)
+        block_terms, block_pairs = _kept_of_block(problem, block, arrays, resp)
+        terms.append(block_terms)
+        pairs.append(block_pairs)
+        slots = parallel.local_pieces(resp.slot)
+        rows = (
+            parallel.local_pieces(resp.log_evidence),
+            parallel.local_pieces(resp.max_prob),
+            [c[np.arange(c.shape[0]), s[:, 0]] for c, s in zip(block.candidates, slots)],
+            [np.sum(p > 0, axis=1) for p in parallel.local_pieces(resp.prob)],
+        )
+        for row, values in enumerate(rows):
+            for i, v in zip(positions, values):
+                first = block.start + i * block.n_local
+                per_frame[row, first : first + v.shape[0]] = v
+    per_frame = parallel.gather_frames(problem.mesh, [per_frame.T], [0], problem.n_padded).T
+    columns = [jnp.concatenate([t[j] for t in terms], axis=1) for j in range(7)]
+    columns += [jnp.concatenate([p[j] for p in pairs], axis=1) for j in range(3)]
+    n = problem.n_frames
+    return EStep(
+        kept=Kept(*columns),
+        log_evidence=per_frame[0, :n],
+        max_prob=per_frame[1, :n],
+        best_rotation=problem.rotations[per_frame[2, :n].astype(np.int64)],
+        n_kept=per_frame[3, :n].astype(np.int64),
     )
 
 
-def _entry_weight(phi: jax.Array, kept: Kept, arrays: Arrays, n_shells: int) -> jax.Array:
-    """(n_entries,) sum over kept pairs (d, r) with r the entry's rotation of P_dr phi_d, over the frame's valid
-    shells at the entry's pixel, minus kept dead pixels: the 'exposure' c_rt of each entry."""
-    n_rot = arrays.entries.n_rot
-    pw = kept.pair_prob * phi[kept.pair_frame]
-    per_rot = jax.ops.segment_sum(pw, kept.pair_rotation, num_segments=n_rot)
-    masked = arrays.masked_shells[kept.pair_frame]  # (pairs, n_masked)
-    seg = kept.pair_rotation[:, None] * (n_shells + 1) + masked
-    per_rot_shell = jax.ops.segment_sum(
-        jnp.broadcast_to(pw[:, None], masked.shape).ravel(), seg.ravel(), num_segments=n_rot * (n_shells + 1)
-    ).reshape(n_rot, n_shells + 1)
-    ent = arrays.entries
-    exposure = per_rot[ent.rotation] - per_rot_shell[ent.rotation, arrays.shell[ent.pixel]]
-    join = arrays.join
-    dead = kept.prob * phi[kept.frame] * join.dead[kept.join_index]
-    return exposure - jax.ops.segment_sum(dead, join.entry[kept.join_index], num_segments=exposure.shape[0])
+def total_log_likelihood(problem: Problem, result: EStep) -> float:
+    """Marginal Poisson log-likelihood of all frames (nats): sum_d log sum_r w_r p(K_d | r)."""
+    ok = np.isfinite(result.log_evidence)
+    return float(np.sum(result.log_evidence[ok] + problem.log_offset[ok]))
 
 
 # ---------------------------------------------------------------------------------------------------------
-# M-steps
+# M-steps over devices
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _scatter_voxels(values: jax.Array, entries: model_lib.Entries, index: jax.Array | None, size: int) -> jax.Array:
-    """Back-projects per-entry values through the trilinear weights into the padded flat model."""
-    voxels = entries.voxels if index is None else entries.voxels[index]
-    weights = entries.weights if index is None else entries.weights[index]
-    return jax.ops.segment_sum((values[:, None] * weights).ravel(), voxels.ravel(), num_segments=size)
+@functools.lru_cache(maxsize=None)
+def _mstep_kernel(mesh: Mesh, rule: str, n_shells: int, inner_iterations: int):
+    def local(intensity, phi, kept, shared):
+        kept = _squeeze(kept)
+        if rule == "reference":
+            return reference_update(intensity, phi, kept, shared, n_shells, axis=parallel.AXIS)
+        if rule == "mlem":
+            return mlem_update(intensity, phi, kept, shared, n_shells, inner_iterations, axis=parallel.AXIS)
+        return phi_update(intensity, phi, kept, shared, n_shells, axis=parallel.AXIS)
+
+    specs = (P(), P(), P(parallel.AXIS), P())
+    return jax.jit(jax.shard_map(local, mesh=mesh, in_specs=specs, out_specs=P(), check_vma=False))
 
 
-@functools.partial(jax.jit, static_argnames=("n_shells", "inner_iterations"))
-def mlem_update(intensity, phi, kept: Kept, arrays: Arrays, n_shells: int, inner_iterations: int):
-    """Multiplicative EM update of the voxels (module docstring), ``inner_iterations`` times."""
-    size = intensity.size + 1
-    ent = arrays.entries
-    tables = arrays.tables
-    pol = arrays.polarization[ent.pixel]
-    denominator = _scatter_voxels(_entry_weight(phi, kept, arrays, n_shells) * pol, ent, None, size)[:-1]
-    denominator = model_lib.stabilizer_sum(denominator.reshape(intensity.shape), tables).reshape(-1)
-    join = arrays.join
-    entry = join.entry[kept.join_index]
-    phi_k = phi[kept.frame]
-    pk = kept.prob * join.count[kept.join_index] * phi_k
-    bg = join.background[kept.join_index]
-
-    def body(_, flat_intensity):
-        current = flat_intensity.reshape(intensity.shape)
-        w = model_lib.tomogram(current, ent)[entry]
-        ratio = pk / (bg + phi_k * w)
-        numerator = _scatter_voxels(ratio, ent, entry, size)[:-1]
-        numerator = model_lib.stabilizer_sum(numerator.reshape(intensity.shape), tables).reshape(-1)
-        updated = flat_intensity * numerator / jnp.maximum(denominator, _EPS)
-        return jnp.where(denominator > _EPS, updated, flat_intensity)
-
-    return jax.lax.fori_loop(0, inner_iterations, body, intensity.reshape(-1)).reshape(intensity.shape)
+def update_intensity(problem: Problem, state: EMCState, kept: Kept, config: EMCConfig) -> jax.Array:
+    """Intensity M-step with the configured rule."""
+    kernel = _mstep_kernel(problem.mesh, config.intensity_update, problem.n_shells, config.inner_iterations)
+    return kernel(state.intensity, padded_phi(problem, state.phi), kept, problem.shared)
 
 
-@functools.partial(jax.jit, static_argnames=("n_shells", "newton_steps"))
-def reference_update(intensity, phi, kept: Kept, arrays: Arrays, n_shells: int, newton_steps: int = 30):
-    """The reference's per-pixel ML + compress (METHOD.md §7.1), with w_rt >= 0.
-
-    For each in-peak entry e = (r, t): w_e solves sum_{kept d} P_dr phi_d pol_t = sum P_dr K_dt / (B_dt/phi_d + w),
-    found by Newton's method from w = 0 (monotone for this convex decreasing function), w = 0 when the
-    right side at 0 is already smaller. Then I_v = sum_e c_e w_ev w_e / sum_e c_e w_ev with c_e = sum P_dr phi_d;
-    voxels no kept pair observes are set to 0 (as the reference does).
-    """
-    ent = arrays.entries
-    tables = arrays.tables
-    n_entries = ent.rotation.shape[0]
-    exposure = _entry_weight(phi, kept, arrays, n_shells)
-    a = exposure * arrays.polarization[ent.pixel]
-    join = arrays.join
-    entry = join.entry[kept.join_index]
-    phi_k = phi[kept.frame]
-    pk = kept.prob * join.count[kept.join_index]
-    b = join.background[kept.join_index] / jnp.maximum(phi_k, _EPS)
-    live = (pk > 0) & (phi_k > 0)
-
-    def g_and_slope(w):
-        x = jnp.where(live, pk / (b + w[entry]), 0.0)
-        g = jax.ops.segment_sum(x, entry, num_segments=n_entries) - a
-        slope = -jax.ops.segment_sum(jnp.where(live, x * x / jnp.maximum(pk, _EPS), 0.0), entry, num_segments=n_entries)
-        return g, slope
-
-    def body(_, w):
-        g, slope = g_and_slope(w)
-        step = jnp.where(slope < 0, -g / jnp.minimum(slope, -_EPS), 0.0)
-        return jnp.where(g > 0, w + step, w)
-
-    w0 = jnp.zeros(n_entries, jnp.float32)
-    g0, _ = g_and_slope(w0)
-    w = jax.lax.fori_loop(0, newton_steps, body, w0)
-    w = jnp.where(g0 > 0, w, 0.0)
-    size = intensity.size + 1
-    numerator = _scatter_voxels(exposure * w, ent, None, size)[:-1].reshape(intensity.shape)
-    denominator = _scatter_voxels(exposure, ent, None, size)[:-1].reshape(intensity.shape)
-    numerator = model_lib.stabilizer_sum(numerator, tables).reshape(-1)
-    denominator = model_lib.stabilizer_sum(denominator, tables).reshape(-1)
-    flat = intensity.reshape(-1)
-    updated = jnp.where(denominator > _EPS, numerator / jnp.maximum(denominator, _EPS), 0.0)
-    return updated.reshape(intensity.shape)
-
-
-@functools.partial(jax.jit, static_argnames=("n_shells", "newton_steps"))
-def phi_update(intensity, phi, resp: Responsibilities, kept: Kept, arrays: Arrays, n_shells: int, newton_steps: int = 40):
-    """Per-frame 1-D Poisson ML of phi >= 0 given the responsibilities (METHOD.md §7.3).
-
-    Maximises sum_{kept r} P_dr [sum_t K_dt log(B_dt + phi W_rt) - phi S_dr] by Newton's method from phi = 0
-    (the gradient is convex and decreasing in phi); phi = 0 when the gradient at 0 is <= 0 (a blank frame).
-    Returns the new (unnormalised) phi.
-    """
-    n_frames = phi.shape[0]
-    s = cell_signal(intensity, arrays, n_shells)
-    expected = jnp.sum(resp.prob * jnp.take_along_axis(s, resp.slot, axis=1), axis=1)
-    join = arrays.join
-    w = model_lib.tomogram(intensity, arrays.entries)[join.entry[kept.join_index]]
-    dead = kept.prob * join.dead[kept.join_index] * join.polarization[kept.join_index] * w
-    expected = expected - jax.ops.segment_sum(dead, kept.frame, num_segments=n_frames)
-    pk = kept.prob * join.count[kept.join_index]
-    bg = join.background[kept.join_index]
-
-    def grad(p):
-        x = pk * w / (bg + p[kept.frame] * w)
-        g = jax.ops.segment_sum(x, kept.frame, num_segments=n_frames) - expected
-        slope = -jax.ops.segment_sum(x * x / jnp.maximum(pk, _EPS), kept.frame, num_segments=n_frames)
-        return g, slope
-
-    def body(_, p):
-        g, slope = grad(p)
-        return jnp.where(g > 0, p - g / jnp.minimum(slope, -_EPS), p)
-
-    p0 = jnp.zeros(n_frames, jnp.float32)
-    g0, _ = grad(p0)
-    p = jax.lax.fori_loop(0, newton_steps, body, p0)
-    return jnp.where(g0 > 0, p, 0.0)
+def update_phi(problem: Problem, state: EMCState, kept: Kept) -> tuple[jax.Array, jax.Array]:
+    """phi M-step followed by the mean-1 normalisation with the inverse factor on the model."""
+    kernel = _mstep_kernel(problem.mesh, "phi", problem.n_shells, 1)
+    phi = kernel(state.intensity, padded_phi(problem, state.phi), kept, problem.shared)[: problem.n_frames]
+    mean = jnp.maximum(jnp.mean(phi), _EPS)
+    return state.intensity * mean, phi / mean
 
 
 # ---------------------------------------------------------------------------------------------------------
 # One iteration
 # ---------------------------------------------------------------------------------------------------------
-
-
-def estep(problem: Problem, state: EMCState, config: EMCConfig) -> Responsibilities:
-    """E-step: pruned responsibilities of the current model and phi."""
-    logl = log_likelihood(state.intensity, state.phi, problem.arrays, problem.n_shells)
-    return responsibilities(logl, config.max_kept, config.prune_mass, config.prune_min)
-
-
-def total_log_likelihood(problem: Problem, resp: Responsibilities) -> float:
-    """Marginal Poisson log-likelihood of all frames (nats): sum_d [log sum_r w_r p(K_d | r) ]."""
-    ev = np.asarray(resp.log_evidence, np.float64)
-    ok = np.isfinite(ev)
-    return float(np.sum(ev[ok] + problem.log_offset[ok]))
-
-
-def update_intensity(problem: Problem, state: EMCState, resp: Responsibilities, config: EMCConfig) -> jax.Array:
-    """Intensity M-step with the configured rule."""
-    kept = kept_pairs(problem, resp)
-    if config.intensity_update == "reference":
-        return reference_update(state.intensity, state.phi, kept, problem.arrays, problem.n_shells)
-    return mlem_update(state.intensity, state.phi, kept, problem.arrays, problem.n_shells, config.inner_iterations)
-
-
-def update_phi(problem: Problem, state: EMCState, resp: Responsibilities) -> tuple[jax.Array, jax.Array]:
-    """phi M-step followed by the mean-1 normalisation with the inverse factor on the model."""
-    kept = kept_pairs(problem, resp)
-    phi = phi_update(state.intensity, state.phi, resp, kept, problem.arrays, problem.n_shells)
-    mean = jnp.maximum(jnp.mean(phi), _EPS)
-    return state.intensity * mean, phi / mean
 
 
 def iterate(problem: Problem, state: EMCState, config: EMCConfig) -> tuple[EMCState, dict, dict]:
@@ -782,36 +662,33 @@ def iterate(problem: Problem, state: EMCState, config: EMCConfig) -> tuple[EMCSt
       ``best_probability``.
     """
     start = time.perf_counter()
-    resp = estep(problem, state, config)
-    logl = total_log_likelihood(problem, resp)
-    intensity = update_intensity(problem, state, resp, config)
+    result = estep(problem, state, config)
+    logl = total_log_likelihood(problem, result)
+    intensity = update_intensity(problem, state, result.kept, config)
     phi = state.phi
     if config.update_phi:
         mid = state._replace(intensity=intensity)
-        resp = estep(problem, mid, config)
-        intensity, phi = update_phi(problem, mid, resp)
+        result = estep(problem, mid, config)
+        intensity, phi = update_phi(problem, mid, result.kept)
     new = EMCState(iteration=state.iteration + 1, intensity=intensity, phi=phi)
     old = np.asarray(state.intensity, np.float64)
     new_i = np.asarray(intensity, np.float64)
     phi_np = np.asarray(phi, np.float64)
-    prob = np.asarray(resp.prob)
-    slot = np.asarray(resp.slot)
-    best_local = np.asarray(problem.arrays.candidates)[np.arange(problem.n_frames), slot[:, 0]]
     metrics = {
         "log_likelihood": logl,
         "model_change": float(np.linalg.norm(new_i - old) / max(np.linalg.norm(old), _EPS)),
         "phi_mean": float(phi_np.mean()),
         "phi_std": float(phi_np.std()),
         "phi_zero_fraction": float(np.mean(phi_np <= 1e-10)),
-        "certainty": float(np.mean(np.asarray(resp.max_prob))),
-        "kept_mean": float(np.mean(np.sum(prob > 0, axis=1))),
+        "certainty": float(np.mean(result.max_prob)),
+        "kept_mean": float(np.mean(result.n_kept)),
     }
     cc = problem.cc_true(intensity)
     if cc is not None:
         metrics["cc_true"] = cc
     metrics["seconds"] = time.perf_counter() - start
     per_frame = {
-        "best_rotation": problem.rotations[best_local].astype(np.int64),
-        "best_probability": np.asarray(resp.max_prob, np.float32),
+        "best_rotation": result.best_rotation.astype(np.int64),
+        "best_probability": result.max_prob.astype(np.float32),
     }
     return new, metrics, per_frame

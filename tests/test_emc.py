@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -18,6 +19,9 @@ from scipy.special import gammaln, logsumexp
 
 from emcjax import data as data_io
 from emcjax import emc
+from emcjax import estep as estep_lib
+from emcjax import mstep
+from emcjax.mstep import Kept
 from emcjax import model as model_lib
 from emcjax.detector import DetectorGeometry
 from emcjax.rotations import crystal_from_lab
@@ -69,7 +73,7 @@ def setup(tmp_path_factory):
     plain = emc.setup_problem(ds, CONFIG)
     det = plain.detector
     in_peak = np.zeros(det.n_pix, bool)
-    in_peak[np.asarray(plain.arrays.entries.pixel)] = True
+    in_peak[np.asarray(plain.shared.entries.pixel)] = True
 
     # DEAD: every 3rd in-peak valid pixel without a photon is dead in that frame.
     s = slice(frames.photon_offsets[DEAD], frames.photon_offsets[DEAD + 1])
@@ -131,18 +135,15 @@ def model_slices(problem: emc.Problem, intensity) -> np.ndarray:
     return np.asarray(w, np.float64)
 
 
-def kept_list(problem: emc.Problem, resp: emc.Responsibilities):
+def kept_list(problem: emc.Problem, kept: Kept):
     """[(frame, local rotation, P)] of the kept pairs."""
-    slot, prob = np.asarray(resp.slot), np.asarray(resp.prob, np.float64)
-    cand = np.asarray(problem.arrays.candidates)
-    return [
-        (d, int(cand[d, slot[d, j]]), prob[d, j])
-        for d in range(slot.shape[0]) for j in range(slot.shape[1]) if prob[d, j] > 0
-    ]
+    frame, rotation = np.asarray(kept.pair_frame), np.asarray(kept.pair_rotation)
+    prob = np.asarray(kept.pair_prob, np.float64)
+    return [(int(d), int(r), p) for d, r, p in zip(frame, rotation, prob) if p > 0]
 
 
 def entry_tables(problem: emc.Problem):
-    ent = problem.arrays.entries
+    ent = problem.shared.entries
     return (np.asarray(ent.rotation), np.asarray(ent.pixel), np.asarray(ent.voxels),
             np.asarray(ent.weights, np.float64))
 
@@ -189,8 +190,8 @@ def prune_reference(logits: np.ndarray, mass: float, pmin: float):
 
 def test_frames_exercise_edge_cases(setup):
     _, frames, problem, _ = setup
-    assert float(np.asarray(problem.arrays.join.dead).sum()) > 0  # dead pixels inside peaks are joined
-    assert np.asarray(problem.arrays.masked_shells)[MASKED, 0] < problem.n_shells
+    assert float(np.asarray(problem.local_block().join.dead).sum()) > 0  # dead pixels inside peaks are joined
+    assert np.asarray(problem.shared.masked_shells)[MASKED, 0] < problem.n_shells
     assert problem.photons[EMPTY] == 0
     assert problem.photons[BLANK] == 30
 
@@ -199,14 +200,14 @@ def test_log_likelihood_matches_full_poisson(setup):
     _, frames, problem, state = setup
     phi = np.array(state.phi)
     phi[5] = 0.0  # a frame at phi = 0: posterior = prior
-    logl = np.asarray(emc.log_likelihood(state.intensity, jnp.asarray(phi), problem.arrays, problem.n_shells))
+    logl = np.asarray(estep_lib.log_likelihood(state.intensity, jnp.asarray(phi), problem.shared, problem.local_block(), problem.n_shells))
     got = logl + problem.log_offset[:, None]
     K, valid, B = dense_frames(problem, frames)
     W = model_slices(problem, state.intensity)  # (n_rot, n_pix)
     pol = problem.detector.polarization
-    log_prior = np.asarray(problem.arrays.log_prior, np.float64)
+    log_prior = np.asarray(problem.shared.log_prior, np.float64)
     assert abs(logsumexp(log_prior)) < 1e-5
-    cand = np.asarray(problem.arrays.candidates)
+    cand = np.asarray(problem.local_block().candidates)
     for d in range(problem.n_frames):
         lam = pol[None, :] * (B[d][None, :] + phi[d] * W[cand[d]])  # (slots, n_pix)
         terms = np.where(valid[d], K[d] * np.log(np.where(valid[d], lam, 1.0)) - lam - gammaln(K[d] + 1), 0.0)
@@ -215,7 +216,7 @@ def test_log_likelihood_matches_full_poisson(setup):
         # what the posterior sees: differences between rotations
         np.testing.assert_allclose(got[d] - got[d].max(), ref - ref.max(), rtol=1e-5, atol=5e-3, err_msg=f"frame {d}")
     # phi = 0: every rotation has the likelihood of background only
-    assert np.ptp(logl[5] - np.asarray(problem.arrays.log_prior)[cand[5]]) < 1e-4
+    assert np.ptp(logl[5] - np.asarray(problem.shared.log_prior)[cand[5]]) < 1e-4
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -233,7 +234,7 @@ def test_responsibilities_pruning(mass, pmin):
     logits[4, :3] = [30.0, 29.0, 10.0]  # sharp
     logits[5] += 1e4  # large offsets
     logits[6] = -np.inf  # no candidate at all
-    resp = emc.responsibilities(jnp.asarray(logits, jnp.float32), k=12, prune_mass=mass, prune_min=pmin)
+    resp = estep_lib.responsibilities(jnp.asarray(logits, jnp.float32), k=12, prune_mass=mass, prune_min=pmin)
     ref, ev = prune_reference(logits.astype(np.float32).astype(np.float64), mass, pmin)  # what the kernel sees
     slot, prob = np.asarray(resp.slot), np.asarray(resp.prob, np.float64)
     for d in range(logits.shape[0]):
@@ -255,7 +256,7 @@ def test_responsibilities_pruning(mass, pmin):
 
 def test_responsibilities_top_k_cap():
     logits = jnp.zeros((2, 10), jnp.float32)
-    resp = emc.responsibilities(logits, k=3, prune_mass=0.999, prune_min=0.0)
+    resp = estep_lib.responsibilities(logits, k=3, prune_mass=0.999, prune_min=0.0)
     assert resp.prob.shape == (2, 3)
     np.testing.assert_allclose(np.asarray(resp.prob), 1 / 3, rtol=1e-6)
     np.testing.assert_allclose(np.asarray(resp.max_prob), 0.1, rtol=1e-6)
@@ -286,20 +287,20 @@ def stabilizer_sum_flat(flat: np.ndarray, grid) -> np.ndarray:
 def estep_of(setup):
     """E-step of the initial state (unpruned enough that several rotations are kept per frame)."""
     _, frames, problem, state = setup
-    resp = emc.estep(problem, state, CONFIG)
-    return resp, emc.kept_pairs(problem, resp)
+    result = emc.estep(problem, state, CONFIG)
+    return result, jax.tree.map(lambda x: x[0], result.kept)  # one device: drop the device axis
 
 
 def test_reference_update_matches_numpy(setup, estep_of):
     _, frames, problem, state = setup
     resp, kept = estep_of
-    new = np.asarray(emc.reference_update(state.intensity, state.phi, kept, problem.arrays, problem.n_shells), np.float64)
+    new = np.asarray(mstep.reference_update(state.intensity, state.phi, kept, problem.shared, problem.n_shells), np.float64)
     K, valid, B = dense_frames(problem, frames)
     phi = np.asarray(state.phi, np.float64)
     pol = problem.detector.polarization
     erot, epix, evox, ew = entry_tables(problem)
     by_rot: dict[int, list] = {}
-    for d, r, p in kept_list(problem, resp):
+    for d, r, p in kept_list(problem, kept):
         if phi[d] > 0:
             by_rot.setdefault(r, []).append((d, p))
     size = new.size + 1
@@ -340,13 +341,13 @@ def test_mlem_update_matches_numpy(setup, estep_of, inner):
     _, frames, problem, state = setup
     resp, kept = estep_of
     new = np.asarray(
-        emc.mlem_update(state.intensity, state.phi, kept, problem.arrays, problem.n_shells, inner), np.float64
+        mstep.mlem_update(state.intensity, state.phi, kept, problem.shared, problem.n_shells, inner), np.float64
     )
     K, valid, B = dense_frames(problem, frames)
     phi = np.asarray(state.phi, np.float64)
     pol = problem.detector.polarization
     erot, epix, evox, ew = entry_tables(problem)
-    pairs = kept_list(problem, resp)
+    pairs = kept_list(problem, kept)
     ent_of_rot = {r: np.flatnonzero(erot == r) for r in {r for _, r, _ in pairs}}
     size = new.size + 1
     den = np.zeros(size)
@@ -378,13 +379,13 @@ def test_phi_update_matches_numpy(setup, estep_of):
     _, frames, problem, state = setup
     resp, kept = estep_of
     got = np.asarray(
-        emc.phi_update(state.intensity, state.phi, resp, kept, problem.arrays, problem.n_shells), np.float64
+        mstep.phi_update(state.intensity, state.phi, kept, problem.shared, problem.n_shells), np.float64
     )
     K, valid, B = dense_frames(problem, frames)
     W = model_slices(problem, state.intensity)
     pol = problem.detector.polarization
     per_frame: dict[int, list] = {}
-    for d, r, p in kept_list(problem, resp):
+    for d, r, p in kept_list(problem, kept):
         per_frame.setdefault(d, []).append((r, p))
     ref = np.zeros(problem.n_frames)
     for d in range(problem.n_frames):
@@ -501,8 +502,8 @@ def test_updates_keep_special_reflections_symmetric(setup, estep_of):
     resp, kept = estep_of
     grid = problem.grid
     for new in (
-        emc.reference_update(state.intensity, state.phi, kept, problem.arrays, problem.n_shells),
-        emc.mlem_update(state.intensity, state.phi, kept, problem.arrays, problem.n_shells, 2),
+        mstep.reference_update(state.intensity, state.phi, kept, problem.shared, problem.n_shells),
+        mstep.mlem_update(state.intensity, state.phi, kept, problem.shared, problem.n_shells, 2),
         state.intensity,
     ):
         new = np.asarray(new, np.float64)

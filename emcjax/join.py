@@ -1,0 +1,179 @@
+"""The sparse join: photons (and dead pixels) of frames x in-peak entries of their candidate rotations.
+
+Only photons that fall inside a peak at rotation r change the likelihood of (frame, r) (DESIGN.md
+"Computational notes"). For a block of frames the join lists every (record, entry) pair where the record's
+pixel is the entry's pixel and the entry's rotation is one of the frame's candidates; it depends on the
+data and the geometry only, so it is built once per block (host-side numpy index work) and the E-step is
+then a gather, a log1p and a segment sum over it.
+
+A *cell* is a (frame, candidate slot) pair of the block, flat index ``local_frame * n_slots + slot``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple
+
+import numpy as np
+
+from emcjax.data import SparseFrames
+from emcjax.detector import Detector
+
+BACKGROUND_FLOOR = 1e-6  # photons per pixel: keeps log1p(phi W / B) finite
+
+
+class PixelRecords(NamedTuple):
+    """Photons and dead pixels of a block of frames inside the valid pixels and the frames' unmasked shells.
+
+    Attributes:
+      frame: (n,) int64 frame of the record (position in the block).
+      pixel: (n,) int64 valid-pixel index.
+      count: (n,) float64 photons (0 for a dead pixel).
+      dead: (n,) float64 1 for a dead pixel, else 0.
+      background: (n,) float64 B_d(s_t) at the pixel (photons per pixel per unit pol, >= 0).
+    """
+
+    frame: np.ndarray
+    pixel: np.ndarray
+    count: np.ndarray
+    dead: np.ndarray
+    background: np.ndarray
+
+
+def pixel_records(frames: SparseFrames, detector: Detector, background: np.ndarray) -> PixelRecords:
+    """The photons (then the dead pixels) of ``frames`` that the likelihood sees.
+
+    Args:
+      frames: sparse frames (raw pixel ids).
+      detector: valid pixels.
+      background: (n_frames, n_shells) background with masked shells < 0.
+    """
+    pixel_map = detector.pixel_map()
+    parts = []
+    for offsets, pixels, counts, dead in (
+        (frames.photon_offsets, frames.photon_pixels, frames.photon_counts, 0.0),
+        (frames.dead_offsets, frames.dead_pixels, None, 1.0),
+    ):
+        frame = np.repeat(np.arange(frames.n_frames), np.diff(offsets))
+        pix = pixel_map[pixels]
+        cnt = np.zeros(pix.shape, np.float64) if counts is None else counts.astype(np.float64)
+        keep = pix >= 0
+        frame, pix, cnt = frame[keep], pix[keep], cnt[keep]
+        bg = background[frame, detector.shell[pix]]
+        keep = bg >= 0  # photons in shells excluded for this frame do not count
+        parts.append((frame[keep], pix[keep], cnt[keep], np.full(keep.sum(), dead), bg[keep]))
+    return PixelRecords(*(np.concatenate(x) for x in zip(*parts)))
+
+
+def ragged_ranges(starts: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Concatenation of ranges [starts[i], starts[i] + lengths[i]): (values, owner index i of each value)."""
+    lengths = np.asarray(lengths, np.int64)
+    owner = np.repeat(np.arange(lengths.shape[0]), lengths)
+    first = np.cumsum(lengths) - lengths
+    values = np.repeat(np.asarray(starts, np.int64), lengths) + np.arange(owner.shape[0]) - np.repeat(first, lengths)
+    return values, owner
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class EntryIndex:
+    """Host copy of the in-peak entries, indexed by pixel (built once per run).
+
+    Attributes:
+      rotation: (n_entries,) int64 local rotation of each entry.
+      by_pixel: (n_entries,) int64 entry ids sorted by pixel.
+      pixel_start: (n_pix + 1,) int64 CSR offsets of ``by_pixel``.
+      n_rot: number of rotations.
+    """
+
+    rotation: np.ndarray
+    by_pixel: np.ndarray
+    pixel_start: np.ndarray
+    n_rot: int
+
+    @staticmethod
+    def build(entry_pixel: np.ndarray, entry_rotation: np.ndarray, n_pix: int, n_rot: int) -> "EntryIndex":
+        order = np.argsort(entry_pixel, kind="stable")
+        start = np.searchsorted(entry_pixel[order], np.arange(n_pix + 1))
+        return EntryIndex(rotation=np.asarray(entry_rotation, np.int64), by_pixel=order, pixel_start=start, n_rot=n_rot)
+
+
+class JoinArrays(NamedTuple):
+    """The join of one block of frames on one device (numpy or device arrays), sorted by cell.
+
+    Attributes:
+      cell: (n,) int32 cell of the pair.
+      entry: (n,) int32 in-peak entry (its rotation is the cell's candidate).
+      count: (n,) float32 photons K at the pixel (0 for a dead pixel or padding).
+      dead: (n,) float32 1 for a dead pixel, else 0.
+      background: (n,) float32 B_d(s_t), photons per pixel per unit pol (floored).
+      polarization: (n,) float32 pol_t.
+    """
+
+    cell: np.ndarray
+    entry: np.ndarray
+    count: np.ndarray
+    dead: np.ndarray
+    background: np.ndarray
+    polarization: np.ndarray
+
+
+def build_join(
+    frames: SparseFrames,
+    detector: Detector,
+    entries: EntryIndex,
+    candidates: np.ndarray,
+    candidate_mask: np.ndarray,
+    background: np.ndarray,
+) -> tuple[JoinArrays, np.ndarray]:
+    """Joins every photon and dead pixel with the in-peak entries of its frame's candidate rotations.
+
+    Args:
+      frames: sparse frames (raw pixel ids); may hold fewer frames than ``candidates`` has rows (padding).
+      detector: valid pixels.
+      entries: in-peak entries of the rotations, indexed by pixel.
+      candidates: (n_frames, n_slots) local rotation index of each slot.
+      candidate_mask: (n_frames, n_slots) which slots are real.
+      background: (frames.n_frames, n_shells) float64 background with masked shells < 0.
+
+    Returns:
+      ``(join, cell_offsets)``: the join sorted by cell (numpy) and its CSR offsets (n_frames*n_slots + 1,).
+    """
+    n_frames, n_slots = candidates.shape
+    rec = pixel_records(frames, detector, background)
+    start = entries.pixel_start[rec.pixel]
+    pos, owner = ragged_ranges(start, entries.pixel_start[rec.pixel + 1] - start)
+    entry = entries.by_pixel[pos]
+    frame = rec.frame[owner]
+
+    # Slot of (frame, rotation): position of the rotation in the frame's sorted candidate list. Keys are
+    # frame * (n_rot + 1) + rotation, padding slots get rotation n_rot (sorted last, never matched).
+    stride = entries.n_rot + 1
+    cand_key = np.arange(n_frames)[:, None] * stride + np.where(candidate_mask, candidates, entries.n_rot)
+    slot_order = np.argsort(cand_key, axis=1, kind="stable")
+    sorted_keys = np.take_along_axis(cand_key, slot_order, axis=1).ravel()
+    key = frame * stride + entries.rotation[entry]
+    at = np.minimum(np.searchsorted(sorted_keys, key), sorted_keys.shape[0] - 1)
+    hit = sorted_keys[at] == key
+    cell = frame[hit] * n_slots + slot_order.ravel()[at[hit]]
+    entry, owner = entry[hit], owner[hit]
+    order = np.argsort(cell, kind="stable")
+    cell, entry, owner = cell[order], entry[order], owner[order]
+    cell_offsets = np.searchsorted(cell, np.arange(n_frames * n_slots + 1)).astype(np.int64)
+    join = JoinArrays(
+        cell=cell.astype(np.int32),
+        entry=entry.astype(np.int32),
+        count=rec.count[owner].astype(np.float32),
+        dead=rec.dead[owner].astype(np.float32),
+        background=np.maximum(rec.background[owner], BACKGROUND_FLOOR).astype(np.float32),
+        polarization=detector.polarization[rec.pixel[owner]].astype(np.float32),
+    )
+    return join, cell_offsets
+
+
+def pad_join(join: JoinArrays, length: int, n_cells: int) -> JoinArrays:
+    """Pads a join to ``length`` pairs that contribute nothing (count 0, not dead, last cell, B = 1)."""
+    pad = length - join.cell.shape[0]
+    if pad < 0:
+        raise ValueError(f"pad_join: join of {join.cell.shape[0]} pairs does not fit length {length}")
+    fill = {"cell": max(n_cells - 1, 0), "entry": 0, "count": 0.0, "dead": 0.0, "background": 1.0, "polarization": 0.0}
+    return JoinArrays(**{k: np.concatenate([v, np.full(pad, fill[k], v.dtype)]) for k, v in join._asdict().items()})
