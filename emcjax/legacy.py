@@ -29,7 +29,9 @@ import math
 import pathlib
 import re
 import sys
-from typing import Annotated, Any
+from typing import Any
+
+import tyro
 
 import numpy as np
 
@@ -51,6 +53,8 @@ __all__ = [
     "export_run",
     "reference_compatible_config",
 ]
+
+_Positional = tyro.conf.Positional
 
 # Fixed locations inside a reference working directory (METHOD.md §2).
 REC_VECTORS = "make-detector/rec-vectors.bin"
@@ -1024,7 +1028,7 @@ def export_run(run_dir: str | pathlib.Path, to: str | pathlib.Path, *, data: str
 
 
 def _cli_import(
-    directory: Annotated[pathlib.Path, "positional"] = pathlib.Path("."),
+    directory: _Positional[pathlib.Path],
     out: pathlib.Path = pathlib.Path("imported.h5"),
     space_group: str | None = None,
     overwrite: bool = False,
@@ -1058,8 +1062,6 @@ def _cli_export(run: pathlib.Path, to: pathlib.Path, data: pathlib.Path | None =
 
 
 def main(argv: list[str] | None = None) -> None:
-    import tyro
-
     try:
         tyro.extras.subcommand_cli_from_dict({"import": _cli_import, "export": _cli_export}, args=argv,
                                              prog="python -m emcjax.legacy")
