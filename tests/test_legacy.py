@@ -444,21 +444,14 @@ def slow_reference_update(info, quats, kept, phi):
 
 
 def _kept_pairs(problem, state, config):
-    """[(frame, sampling rotation index, P)] of the pairs kept by emcjax's E-step (either emc API)."""
-    result = emc.estep(problem, state, config)
-    if hasattr(result, "kept"):  # streaming/sharded emc: kept (frame, rotation) pairs stacked over devices
-        k = result.kept
-        frame, rot, prob = (np.asarray(x).ravel() for x in (k.pair_frame, k.pair_rotation, k.pair_prob))
-        return [(int(d), int(problem.rotations[r]), float(p)) for d, r, p in zip(frame, rot, prob) if p > 0]
-    slot, prob = np.asarray(result.slot), np.asarray(result.prob, np.float64)
-    cand = np.asarray(problem.arrays.candidates)
-    return [(d, int(problem.rotations[cand[d, slot[d, j]]]), prob[d, j])
-            for d in range(slot.shape[0]) for j in range(slot.shape[1]) if prob[d, j] > 0]
+    """[(frame, sampling rotation index, P)] of the (frame, rotation) pairs emcjax's E-step kept."""
+    k = emc.estep(problem, state, config).kept  # pairs stacked over devices, zero-padded
+    frame, rot, prob = (np.asarray(x).ravel() for x in (k.pair_frame, k.pair_rotation, k.pair_prob))
+    return [(int(d), int(problem.rotations[r]), float(p)) for d, r, p in zip(frame, rot, prob) if p > 0]
 
 
 def _update(problem, state, config):
-    result = emc.estep(problem, state, config)
-    return emc.update_intensity(problem, state, result.kept if hasattr(result, "kept") else result, config)
+    return emc.update_intensity(problem, state, emc.estep(problem, state, config).kept, config)
 
 
 def test_reference_compatible_update_matches_slow_numpy(written):
