@@ -67,6 +67,20 @@ class DemoConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class DistributedConfig:
+    """Multi-process runs (jax.distributed): one process per host (or per GPU); unset fields come from the
+    EMCJAX_COORDINATOR / EMCJAX_NUM_PROCESSES / EMCJAX_PROCESS_ID environment variables, then from JAX's own
+    cluster detection (SLURM, Open MPI, cloud TPU)."""
+
+    coordinator_address: str | None = None
+    """host:port of process 0's coordinator service."""
+    num_processes: int | None = None
+    """Number of processes of the run."""
+    process_id: int | None = None
+    """This process's index, 0 .. num_processes-1 (process 0 writes the run directory)."""
+
+
+@dataclasses.dataclass(frozen=True)
 class LowresConfig:
     """Low-resolution EMC run."""
 
@@ -95,6 +109,8 @@ class LowresConfig:
     """EMC algorithm settings."""
     demo: DemoConfig = dataclasses.field(default_factory=DemoConfig)
     """Demo data set settings (used only without --data)."""
+    distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)
+    """Multi-process settings (single process when unset)."""
 
     def __post_init__(self) -> None:
         for name, low in (("iters", 0), ("keep_checkpoints", 1), ("figures_every", 0), ("iterations_every", 0)):
@@ -290,11 +306,15 @@ def run(config: LowresConfig, log=print) -> dict:
         ``init_from`` does not fit the data set.
       DataError: unreadable data set, checkpoint or init run.
     """
-    import jax.numpy as jnp
+    import jax
+    from jax.experimental import multihost_utils
 
+    from emcjax import parallel
     from emcjax.data import SparseDataset
 
+    main_process = jax.process_index() == 0
     _check_out_dir(config)
+    multihost_utils.sync_global_devices("emcjax.lowres: out checked")
     out = config.out
     diffs = runio.config_differences(config, LowresConfig())
     diffs.pop("config", None)
@@ -318,7 +338,10 @@ def run(config: LowresConfig, log=print) -> dict:
                 )
 
     init = runio.read_run(config.init_from) if config.init_from is not None else None
-    data_path = config.data if config.data is not None else ensure_demo(config.demo, log=log)
+    if config.data is None and main_process:
+        ensure_demo(config.demo, log=log)
+    multihost_utils.sync_global_devices("emcjax.lowres: data ready")
+    data_path = config.data if config.data is not None else demo_path(config.demo)
     if not pathlib.Path(data_path).exists():
         raise DataError(f"data: data set {data_path} does not exist")
 
@@ -331,12 +354,13 @@ def run(config: LowresConfig, log=print) -> dict:
     )
 
     state = emc_lib.initial_state(problem, config.emc, config.seed)
-    out.mkdir(parents=True, exist_ok=True)
-    runio.save_config(
-        out / runio.CONFIG_FILE,
-        dataclasses.replace(config, config=None, resume=False),
-        header="emcjax.lowres resolved config; reuse with --config",
-    )
+    if main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        runio.save_config(
+            out / runio.CONFIG_FILE,
+            dataclasses.replace(config, config=None, resume=False),
+            header="emcjax.lowres resolved config; reuse with --config",
+        )
     manager = _checkpoint_manager(out, config.keep_checkpoints)
     try:
         if config.resume:
@@ -346,15 +370,15 @@ def run(config: LowresConfig, log=print) -> dict:
                     f"resume: the checkpoint in {out} was made with {meta['n_frames']} frames, "
                     f"the data set {data_path} has {problem.n_frames}"
                 )
-            records = runio.truncate_metrics(out, int(state.iteration))
+            records = runio.truncate_metrics(out, int(state.iteration)) if main_process else []
             log(f"resumed {out} at iteration {int(state.iteration)}")
         else:
             records = []
             if init is not None:
                 _check_init(init, problem, config.init_from)
                 state = state._replace(
-                    intensity=jnp.asarray(init.intensity, state.intensity.dtype),
-                    phi=jnp.asarray(init.phi, state.phi.dtype),
+                    intensity=parallel.replicate(problem.mesh, np.asarray(init.intensity, state.intensity.dtype)),
+                    phi=parallel.replicate(problem.mesh, np.asarray(init.phi, state.phi.dtype)),
                 )
                 log(f"initial model and phi from {config.init_from}")
 
@@ -370,9 +394,12 @@ def run(config: LowresConfig, log=print) -> dict:
             state, metrics, per_frame = emc_lib.iterate(problem, state, config.emc)
             iteration = int(state.iteration)
             record = {"iteration": iteration, **metrics}
-            runio.append_metrics(out, record)
             records.append(record)
-            if iteration == config.iters or (config.iterations_every and iteration % config.iterations_every == 0):
+            if main_process:
+                runio.append_metrics(out, record)
+            if main_process and (
+                iteration == config.iters or (config.iterations_every and iteration % config.iterations_every == 0)
+            ):
                 runio.write_iteration(
                     out, iteration, state.intensity, state.phi,
                     per_frame["best_rotation"], per_frame["best_probability"], metrics,
@@ -381,24 +408,26 @@ def run(config: LowresConfig, log=print) -> dict:
             times.append(float(metrics.get("seconds", 0.0)))
             recent = times[-5:]
             eta = (config.iters - iteration) * (sum(recent) / len(recent))
-            log(progress_line(record, config.iters, eta))
-            if config.figures_every and iteration % config.figures_every == 0 and iteration < config.iters:
+            if main_process:
+                log(progress_line(record, config.iters, eta))
+            if main_process and config.figures_every and iteration % config.figures_every == 0 and iteration < config.iters:
                 _draw(out, records, problem, state)
         manager.wait_until_finished()
     finally:
         manager.close()
 
-    intensity = np.asarray(state.intensity)
+    final = dict(records[-1]) if records else {"iteration": int(state.iteration)}
+    if not main_process:
+        return final
     runio.write_intensities(
         out,
-        intensity,
+        np.asarray(state.intensity),
         problem.grid.asu.hkl,
         problem.integrated(state.intensity),
         np.asarray(state.phi),
         attrs={"iteration": int(state.iteration), "data": os.fspath(data_path)},
     )
     _draw(out, records, problem, state)
-    final = dict(records[-1]) if records else {"iteration": int(state.iteration)}
     log(f"done: {out} (iteration {int(state.iteration)})")
     return final
 
@@ -465,6 +494,10 @@ def parse_args(argv: list[str] | None = None) -> LowresConfig:
 def main(argv: list[str] | None = None) -> None:
     try:
         config = parse_args(argv)
+        from emcjax import parallel
+
+        d = config.distributed
+        parallel.initialize_distributed(d.coordinator_address, d.num_processes, d.process_id)
         run(config)
     except EmcjaxError as err:
         sys.exit(f"error: {err}")
