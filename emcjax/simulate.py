@@ -31,6 +31,9 @@ from emcjax.errors import ConfigError, EmcjaxError
 from emcjax.rotations import sample_600cell
 
 
+_CHUNK_FRAMES = 4096  # frames whose in-peak entries are held at once
+
+
 @dataclasses.dataclass(frozen=True)
 class SimulationConfig:
     """What to simulate. Defaults: the reference experiment scaled down."""
@@ -151,18 +154,34 @@ def simulate(config: SimulationConfig) -> tuple[data_io.SparseFrames, dict]:
         quaternion = random_quaternions(rng, config.n_frames)
 
     # Scale the model so that a frame at phi = 1 holds `bragg_photons` Bragg photons on average.
-    entries = model_lib.build_entries(grid, detector.q, quaternion)
+    # Frames are simulated in chunks so that the in-peak entries of one chunk bound the memory.
     pol = jnp.asarray(detector.polarization, jnp.float32)
     shell = jnp.zeros(detector.n_pix, jnp.int32)  # one segment per frame: the total over all shells
-    signal = np.asarray(model_lib.expected_signal(jnp.asarray(intensity, jnp.float32), entries, pol, shell, 1))
+    chunks = [(a, min(a + _CHUNK_FRAMES, config.n_frames)) for a in range(0, config.n_frames, _CHUNK_FRAMES)]
+    unit = jnp.asarray(intensity, jnp.float32)
+    signal = np.concatenate(
+        [
+            np.asarray(model_lib.expected_signal(unit, model_lib.build_entries(grid, detector.q, quaternion[a:b]), pol, shell, 1))[:, 0]
+            for a, b in chunks
+        ]
+    )
     scale = config.bragg_photons / max(float(signal.mean()), 1e-30)
     intensity = intensity * scale
 
     phi = rng.lognormal(mean=-config.phi_sigma**2 / 2, sigma=config.phi_sigma, size=config.n_frames)
-    w = np.asarray(model_lib.tomogram(jnp.asarray(intensity, jnp.float32), entries), np.float64)
-    ent_frame = np.asarray(entries.rotation)
-    ent_pixel = np.asarray(entries.pixel)
-    bragg = rng.poisson(phi[ent_frame] * detector.polarization[ent_pixel] * w)
+    scaled = jnp.asarray(intensity, jnp.float32)
+    ent_frame, ent_pixel, bragg = [], [], []
+    for a, b in chunks:
+        entries = model_lib.build_entries(grid, detector.q, quaternion[a:b])
+        w = np.asarray(model_lib.tomogram(scaled, entries), np.float64)
+        frame = np.asarray(entries.rotation) + a
+        pixel = np.asarray(entries.pixel)
+        counts = rng.poisson(phi[frame] * detector.polarization[pixel] * w)
+        hit = counts > 0
+        ent_frame.append(frame[hit])
+        ent_pixel.append(pixel[hit])
+        bragg.append(counts[hit])
+    ent_frame, ent_pixel, bragg = (np.concatenate(x) for x in (ent_frame, ent_pixel, bragg))
 
     n_shells = config.geometry.n_shells
     shell_q = (np.arange(n_shells) + 0.5) * detector.shell_width
@@ -174,9 +193,8 @@ def simulate(config: SimulationConfig) -> tuple[data_io.SparseFrames, dict]:
     n_bg = rng.poisson(frame_level * per_pixel.sum())
     p_bg = per_pixel / per_pixel.sum()
 
-    keep = bragg > 0
-    starts = np.searchsorted(ent_frame[keep], np.arange(config.n_frames + 1))
-    b_pix, b_cnt = ent_pixel[keep], bragg[keep]
+    starts = np.searchsorted(ent_frame, np.arange(config.n_frames + 1))
+    b_pix, b_cnt = ent_pixel, bragg
     pixels, counts, offsets = [], [], [0]
     for d in range(config.n_frames):
         pix = np.concatenate([b_pix[starts[d] : starts[d + 1]], rng.choice(detector.n_pix, size=n_bg[d], p=p_bg)])
@@ -201,7 +219,7 @@ def simulate(config: SimulationConfig) -> tuple[data_io.SparseFrames, dict]:
         "phi": phi,
         "quaternion": quaternion,
         "rotation_index": np.asarray(rotation_index, np.int64),
-        "expected_bragg_photons": phi * signal[:, 0] * scale,
+        "expected_bragg_photons": phi * signal * scale,
         "expected_background_photons": frame_level * per_pixel.sum(),
     }
     return frames, truth

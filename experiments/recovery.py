@@ -42,7 +42,7 @@ def main() -> None:
             problem = emc.setup_problem(dataset, config)
         print(
             f"set-up {time.perf_counter() - start:.1f} s: {problem.rotations.shape[0]} rotations, "
-            f"{problem.arrays.entries.n_entries} in-peak entries, {problem.arrays.join.cell.shape[0]} join terms, "
+            f"{problem.shared.entries.n_entries} in-peak entries, {sum(b.join_length for b in problem.blocks)} join pairs (padded), "
             f"model {problem.grid.model_shape}"
         )
         state = emc.initial_state(problem, config, seed=args.seed)
