@@ -152,15 +152,25 @@ class Block:
         [start + i * n_local, start + (i + 1) * n_local).
       n_local: frames per device.
       join_length: padded join length per device (the same on every device and process).
-      arrays: the stacked device arrays (None while streaming).
-      cell_offsets: per local device, CSR offsets of its join by cell (host).
-      candidates: per local device, (n_local, n_slots) candidate rotations (host).
+      resident: the block's arrays while it is kept in memory (None while streaming).
     """
 
     start: int
     n_local: int
     join_length: int
-    arrays: BlockArrays | None
+    resident: "BlockData | None" = None
+
+
+class BlockData(NamedTuple):
+    """A block's device arrays and the host tables the kept-pair selection needs.
+
+    Attributes:
+      arrays: the stacked device arrays.
+      cell_offsets: per local device, (n_local * n_slots + 1,) int32 CSR offsets of its join by cell.
+      candidates: per local device, (n_local, n_slots) int32 candidate rotations.
+    """
+
+    arrays: BlockArrays
     cell_offsets: list[np.ndarray]
     candidates: list[np.ndarray]
 
@@ -230,13 +240,14 @@ class Problem:
             self.grid.asu.hkl, self.integrated(intensity), self.truth["hkl"], np.asarray(self.truth["intensity"]).sum(1)
         )
 
-    def block_arrays(self, block: Block) -> BlockArrays:
-        """The block's stacked device arrays (rebuilt from the frames when streaming)."""
-        return block.arrays if block.arrays is not None else _block_arrays(self.mesh, self.inputs, block)
+    def block_data(self, block: Block) -> BlockData:
+        """The block's arrays and host tables (rebuilt from the frames when streaming)."""
+        return block.resident if block.resident is not None else _block_data(self.mesh, self.inputs, block)
 
     def local_block(self, index: int = 0, device: int = 0) -> BlockArrays:
         """One local device's part of a block, without the device axis (for inspection and tests)."""
-        return jax.tree.map(lambda x: parallel.local_pieces(x)[device], self.block_arrays(self.blocks[index]))
+        arrays = self.block_data(self.blocks[index]).arrays
+        return jax.tree.map(lambda x: parallel.local_pieces(x)[device], arrays)
 
 
 def correlation_by_hkl(hkl_a, values_a, hkl_b, values_b) -> float:
@@ -311,19 +322,21 @@ def _device_part(inputs: _Inputs, start: int, n_local: int) -> _DevicePart:
     return _DevicePart(candidates, mask, join, cell_offsets, _frame_constants(frames, inputs.detector, background))
 
 
-def _stack_block(mesh: Mesh, block: Block, parts: list[_DevicePart]) -> BlockArrays:
+def _stack_block(mesh: Mesh, block: Block, parts: list[_DevicePart]) -> BlockData:
     """Pads every device's join to the block's length and stacks the device parts."""
     n_cells = block.n_local * parts[0].candidates.shape[1]
     positions = parallel.local_positions(mesh)
-    return BlockArrays(
+    candidates = [p.candidates.astype(np.int32) for p in parts]
+    arrays = BlockArrays(
         frame_start=parallel.stack(mesh, [np.int32(block.start + i * block.n_local) for i in positions]),
-        candidates=parallel.stack(mesh, [p.candidates.astype(np.int32) for p in parts]),
+        candidates=parallel.stack(mesh, candidates),
         candidate_mask=parallel.stack(mesh, [p.mask for p in parts]),
         join=parallel.stack_tree(mesh, [pad_join(p.join, block.join_length, n_cells) for p in parts]),
     )
+    return BlockData(arrays, [p.cell_offsets.astype(np.int32) for p in parts], candidates)
 
 
-def _block_arrays(mesh: Mesh, inputs: _Inputs, block: Block) -> BlockArrays:
+def _block_data(mesh: Mesh, inputs: _Inputs, block: Block) -> BlockData:
     positions = parallel.local_positions(mesh)
     parts = [_device_part(inputs, block.start + i * block.n_local, block.n_local) for i in positions]
     return _stack_block(mesh, block, parts)
@@ -413,9 +426,9 @@ def setup_problem(
             for row, values in enumerate(part.constants):
                 constants[row, first : first + values.shape[0]] = values
         length = parallel.global_max(bucket_length(max(max(p.join.cell.shape[0] for p in parts), 1)))
-        block = Block(start, n_local, length, None, [p.cell_offsets for p in parts], [p.candidates for p in parts])
+        block = Block(start, n_local, length)
         if not config.stream:
-            block.arrays = _stack_block(mesh, block, parts)
+            block.resident = _stack_block(mesh, block, parts)
         blocks.append(block)
     photons, expected_bg, log_offset = (
         parallel.gather_frames(mesh, [row], [0], n_padded)[:n_frames] for row in constants
@@ -526,13 +539,13 @@ class EStep(NamedTuple):
     n_kept: np.ndarray
 
 
-def _kept_of_block(problem: Problem, block: Block, arrays: BlockArrays, resp: Responsibilities):
+def _kept_of_block(problem: Problem, block: Block, data: BlockData, resp: Responsibilities):
     """Host-side selection of the kept pairs of one block, then a device gather of their join pairs."""
     mesh = problem.mesh
     slots, probs = parallel.local_pieces(resp.slot), parallel.local_pieces(resp.prob)
     index, term_prob, pair_frame, pair_rotation, pair_prob = [], [], [], [], []
     for i, slot, prob, offsets, cand in zip(
-        parallel.local_positions(mesh), slots, probs, block.cell_offsets, block.candidates
+        parallel.local_positions(mesh), slots, probs, data.cell_offsets, data.candidates
     ):
         n_local, k = slot.shape
         frame = np.repeat(np.arange(n_local), k)
@@ -549,25 +562,25 @@ def _kept_of_block(problem: Problem, block: Block, arrays: BlockArrays, resp: Re
     length = parallel.global_max(bucket_length(max(max(x.shape[0] for x in index), 1)))
     index = parallel.stack(mesh, [np.pad(x, (0, length - x.shape[0])).astype(np.int32) for x in index])
     term_prob = parallel.stack(mesh, [np.pad(x, (0, length - x.shape[0])).astype(np.float32) for x in term_prob])
-    terms = _gather_kernel(mesh)(arrays, index, term_prob)
+    terms = _gather_kernel(mesh)(data.arrays, index, term_prob)
     pairs = tuple(parallel.stack(mesh, x) for x in (pair_frame, pair_rotation, pair_prob))
     return terms, pairs
 
 
-def _blocks_with_arrays(problem: Problem):
-    """Yields (block, arrays); while streaming, the next block is built while the caller uses this one."""
+def _blocks_with_data(problem: Problem):
+    """Yields (block, data); while streaming, the next block is built while the caller uses this one."""
     if not problem.stream:
         for block in problem.blocks:
-            yield block, block.arrays
+            yield block, block.resident
         return
     with concurrent.futures.ThreadPoolExecutor(max_workers=1) as executor:
-        build = functools.partial(_block_arrays, problem.mesh, problem.inputs)
+        build = functools.partial(_block_data, problem.mesh, problem.inputs)
         pending = executor.submit(build, problem.blocks[0])
         for b, block in enumerate(problem.blocks):
-            arrays = pending.result()
+            data = pending.result()
             if b + 1 < len(problem.blocks):
                 pending = executor.submit(build, problem.blocks[b + 1])
-            yield block, arrays
+            yield block, data
 
 
 def estep(problem: Problem, state: EMCState, config: EMCConfig) -> EStep:
@@ -578,16 +591,16 @@ def estep(problem: Problem, state: EMCState, config: EMCConfig) -> EStep:
     phi = padded_phi(problem, state.phi)
     terms, pairs = [], []
     per_frame = np.zeros((4, problem.n_padded))  # log evidence, max prob, best local rotation, kept count
-    for block, arrays in _blocks_with_arrays(problem):
-        resp = kernel(tables, phi, problem.shared, arrays)
-        block_terms, block_pairs = _kept_of_block(problem, block, arrays, resp)
+    for block, data in _blocks_with_data(problem):
+        resp = kernel(tables, phi, problem.shared, data.arrays)
+        block_terms, block_pairs = _kept_of_block(problem, block, data, resp)
         terms.append(block_terms)
         pairs.append(block_pairs)
         slots = parallel.local_pieces(resp.slot)
         rows = (
             parallel.local_pieces(resp.log_evidence),
             parallel.local_pieces(resp.max_prob),
-            [c[np.arange(c.shape[0]), s[:, 0]] for c, s in zip(block.candidates, slots)],
+            [c[np.arange(c.shape[0]), s[:, 0]] for c, s in zip(data.candidates, slots)],
             [np.sum(p > 0, axis=1) for p in parallel.local_pieces(resp.prob)],
         )
         for row, values in enumerate(rows):
