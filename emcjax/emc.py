@@ -143,6 +143,37 @@ class _FrameSource:
         return np.asarray(self.dataset.read_background(), np.float64)
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
+class RotationSet:
+    """Rotations evaluated together, with their in-peak entries.
+
+    Attributes:
+      rotations: (n_rot,) int64 sampling index of each rotation (ascending).
+      entries: their in-peak entries (device, replicated).
+      log_prior: (n_rot,) float32 log prior weight (device, replicated).
+      index: host index of the entries by pixel.
+    """
+
+    rotations: np.ndarray
+    entries: model_lib.Entries
+    log_prior: jax.Array
+    index: EntryIndex
+
+    def shared(self, shared: Shared) -> Shared:
+        """``shared`` with this set's entries and prior."""
+        return shared._replace(entries=self.entries, log_prior=self.log_prior)
+
+
+def _rotation_set(mesh: Mesh, grid, detector: Detector, sampling: RotationSampling, log_w: np.ndarray, rotations):
+    """In-peak entries of ``rotations`` (sampling indices), built on the device, and their prior."""
+    rotations = np.asarray(rotations, np.int64)
+    entries = model_lib.build_entries(grid, detector.q, sampling.quaternions[rotations])
+    index = EntryIndex.build(np.asarray(entries.pixel), np.asarray(entries.rotation), detector.n_pix, rotations.shape[0])
+    entries = jax.tree.map(lambda x: parallel.replicate(mesh, np.asarray(x)), entries)
+    log_prior = parallel.replicate(mesh, np.asarray(log_w[rotations], np.float32))
+    return RotationSet(rotations, entries, log_prior, index)
+
+
 @dataclasses.dataclass(eq=False)
 class Block:
     """A block of frames, split evenly over the devices.
@@ -152,12 +183,15 @@ class Block:
         [start + i * n_local, start + (i + 1) * n_local).
       n_local: frames per device.
       join_length: padded join length per device (the same on every device and process).
+      rotations: (n,) int64 sampling indices of the block's own rotation set (the union of its frames'
+        candidates), or None when every frame has all rotations of the problem's set.
       resident: the block's arrays while it is kept in memory (None while streaming).
     """
 
     start: int
     n_local: int
     join_length: int
+    rotations: np.ndarray | None = None
     resident: "BlockData | None" = None
 
 
@@ -167,12 +201,14 @@ class BlockData(NamedTuple):
     Attributes:
       arrays: the stacked device arrays.
       cell_offsets: per local device, (n_local * n_slots + 1,) int32 CSR offsets of its join by cell.
-      candidates: per local device, (n_local, n_slots) int32 candidate rotations.
+      candidates: per local device, (n_local, n_slots) int32 candidate rotations (in ``rotation_set``).
+      rotation_set: the rotations the candidates index.
     """
 
     arrays: BlockArrays
     cell_offsets: list[np.ndarray]
     candidates: list[np.ndarray]
+    rotation_set: RotationSet
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -181,8 +217,11 @@ class _Inputs:
 
     source: _FrameSource
     detector: Detector
-    entry_index: EntryIndex
-    candidates: tuple[np.ndarray, np.ndarray] | None  # (offsets, local rotation ids) or None: all rotations
+    grid: model_lib.ReciprocalGrid
+    sampling: RotationSampling
+    log_w: np.ndarray  # (sampling.n_rot,) log prior of every rotation of the sampling (normalised)
+    rotation_set: RotationSet | None  # the problem's set when frames have no candidate lists
+    candidates: tuple[np.ndarray, np.ndarray] | None  # (offsets, sampling indices) or None: all of rotation_set
     n_slots: int
     background: np.ndarray
 
@@ -195,7 +234,8 @@ class Problem:
       detector: valid pixels (to ``d_min``).
       grid: the model grid.
       sampling: the orientation sampling rotation indices refer to.
-      rotations: (n_rot,) int64 sampling index of each rotation the E-step evaluates.
+      rotations: (n_rot,) int64 sampling index of each rotation of ``shared`` (all rotations evaluated, or
+        block 0's set when frames carry candidate lists).
       mesh: the device mesh.
       shared: replicated device arrays.
       blocks: the blocks of frames.
@@ -302,7 +342,7 @@ class _DevicePart(NamedTuple):
     constants: tuple
 
 
-def _device_part(inputs: _Inputs, start: int, n_local: int) -> _DevicePart:
+def _device_part(inputs: _Inputs, rotation_set: RotationSet, start: int, n_local: int) -> _DevicePart:
     """Reads and joins the frames [start, start + n_local) of one device (fewer at the end of the data)."""
     frames = inputs.source.read(start, start + n_local)
     n_real = frames.n_frames
@@ -312,17 +352,17 @@ def _device_part(inputs: _Inputs, start: int, n_local: int) -> _DevicePart:
         candidates[:] = np.arange(inputs.n_slots)
         mask[:n_real] = True
     else:
-        offsets, local_rotation = inputs.candidates
+        offsets, rotation_ids = inputs.candidates
         for i in range(n_real):
-            c = local_rotation[offsets[start + i] : offsets[start + i + 1]]
+            c = np.searchsorted(rotation_set.rotations, rotation_ids[offsets[start + i] : offsets[start + i + 1]])
             candidates[i, : c.shape[0]] = c
             mask[i, : c.shape[0]] = True
     background = inputs.background[start : start + n_real]
-    join, cell_offsets = build_join(frames, inputs.detector, inputs.entry_index, candidates, mask, background)
+    join, cell_offsets = build_join(frames, inputs.detector, rotation_set.index, candidates, mask, background)
     return _DevicePart(candidates, mask, join, cell_offsets, _frame_constants(frames, inputs.detector, background))
 
 
-def _stack_block(mesh: Mesh, block: Block, parts: list[_DevicePart]) -> BlockData:
+def _stack_block(mesh: Mesh, block: Block, parts: list[_DevicePart], rotation_set: RotationSet) -> BlockData:
     """Pads every device's join to the block's length and stacks the device parts."""
     n_cells = block.n_local * parts[0].candidates.shape[1]
     positions = parallel.local_positions(mesh)
@@ -333,13 +373,25 @@ def _stack_block(mesh: Mesh, block: Block, parts: list[_DevicePart]) -> BlockDat
         candidate_mask=parallel.stack(mesh, [p.mask for p in parts]),
         join=parallel.stack_tree(mesh, [pad_join(p.join, block.join_length, n_cells) for p in parts]),
     )
-    return BlockData(arrays, [p.cell_offsets.astype(np.int32) for p in parts], candidates)
+    return BlockData(arrays, [p.cell_offsets.astype(np.int32) for p in parts], candidates, rotation_set)
+
+
+def _block_rotation_set(mesh: Mesh, inputs: _Inputs, block: Block) -> RotationSet:
+    if block.rotations is None:
+        return inputs.rotation_set
+    return _rotation_set(mesh, inputs.grid, inputs.detector, inputs.sampling, inputs.log_w, block.rotations)
+
+
+def _block_parts(mesh: Mesh, inputs: _Inputs, block: Block) -> tuple[list[_DevicePart], RotationSet]:
+    rotation_set = _block_rotation_set(mesh, inputs, block)
+    positions = parallel.local_positions(mesh)
+    parts = [_device_part(inputs, rotation_set, block.start + i * block.n_local, block.n_local) for i in positions]
+    return parts, rotation_set
 
 
 def _block_data(mesh: Mesh, inputs: _Inputs, block: Block) -> BlockData:
-    positions = parallel.local_positions(mesh)
-    parts = [_device_part(inputs, block.start + i * block.n_local, block.n_local) for i in positions]
-    return _stack_block(mesh, block, parts)
+    parts, rotation_set = _block_parts(mesh, inputs, block)
+    return _stack_block(mesh, block, parts, rotation_set)
 
 
 def setup_problem(
@@ -376,20 +428,20 @@ def setup_problem(
 
     candidates = source.candidates()
     if candidates is not None:
+        # Candidate lists (e.g. from spot matching): each block evaluates the union of its frames' lists.
         sampling, _, log_w = _sampling(crystal, int(dataset.candidate_sampling_n), reduce=False)
         offsets, rotation_ids = candidates
-        rotations, local_rotation = np.unique(rotation_ids, return_inverse=True)
         n_slots = max(int(np.diff(offsets).max()), 1)
-        log_w = log_w[rotations]
-        candidates = (np.asarray(offsets, np.int64), local_rotation.astype(np.int64))
+        candidates = (np.asarray(offsets, np.int64), np.asarray(rotation_ids, np.int64))
+        rotation_set = None
     else:
-        sampling, rotations, log_w = _sampling(crystal, config.rotation_n, config.reduce_by_symmetry)
+        sampling, rotations, log_w_set = _sampling(crystal, config.rotation_n, config.reduce_by_symmetry)
+        log_w = np.full(sampling.n_rot, -np.inf)
+        log_w[rotations] = log_w_set
         n_slots = int(rotations.shape[0])
-    log_w = log_w - np.logaddexp.reduce(log_w)
-    entries = model_lib.build_entries(grid, detector.q, sampling.quaternions[rotations])
-    entry_index = EntryIndex.build(
-        np.asarray(entries.pixel), np.asarray(entries.rotation), detector.n_pix, int(rotations.shape[0])
-    )
+    log_w = log_w - np.logaddexp.reduce(log_w[np.isfinite(log_w)])
+    if candidates is None:
+        rotation_set = _rotation_set(mesh, grid, detector, sampling, log_w, rotations)
 
     n_dev = mesh.size
     per_block = n_frames if config.block_frames == 0 else min(config.block_frames, n_frames)
@@ -403,41 +455,44 @@ def setup_problem(
     masked_shells = np.full((n_padded, max((m.shape[0] for m in masked), default=0)), background.shape[1], np.int32)
     for d, m in enumerate(masked):
         masked_shells[d, : m.shape[0]] = m
-    shared = Shared(
-        entries=entries,
-        polarization=detector.polarization.astype(np.float32),
-        shell=detector.shell.astype(np.int32),
-        log_prior=log_w.astype(np.float32),
-        tables=grid.tables,
-        masked_shells=masked_shells,
-        frame_valid=np.arange(n_padded) < n_frames,
-    )
-    shared = jax.tree.map(lambda x: parallel.replicate(mesh, np.asarray(x)), shared)
-    inputs = _Inputs(source, detector, entry_index, candidates, n_slots, background)
-
+    inputs = _Inputs(source, detector, grid, sampling, log_w, rotation_set, candidates, n_slots, background)
     constants = np.zeros((3, n_padded))  # photons, expected background, log-likelihood constant
     positions = parallel.local_positions(mesh)
     blocks = []
     for b in range(n_blocks):
         start = b * per_block
-        parts = [_device_part(inputs, start + i * n_local, n_local) for i in positions]
+        block = Block(start, n_local, 0)
+        if candidates is not None:
+            stop = min(start + per_block, n_frames)
+            block.rotations = np.unique(candidates[1][candidates[0][start] : candidates[0][stop]])
+        parts, block_set = _block_parts(mesh, inputs, block)
         for i, part in zip(positions, parts):
             first = start + i * n_local
             for row, values in enumerate(part.constants):
                 constants[row, first : first + values.shape[0]] = values
-        length = parallel.global_max(bucket_length(max(max(p.join.cell.shape[0] for p in parts), 1)))
-        block = Block(start, n_local, length)
+        block.join_length = parallel.global_max(bucket_length(max(max(p.join.cell.shape[0] for p in parts), 1)))
         if not config.stream:
-            block.resident = _stack_block(mesh, block, parts)
+            block.resident = _stack_block(mesh, block, parts, block_set)
         blocks.append(block)
     photons, expected_bg, log_offset = (
         parallel.gather_frames(mesh, [row], [0], n_padded)[:n_frames] for row in constants
     )
+    first_set = rotation_set if rotation_set is not None else _block_rotation_set(mesh, inputs, blocks[0])
+    shared = Shared(
+        entries=first_set.entries,
+        polarization=detector.polarization.astype(np.float32),
+        shell=detector.shell.astype(np.int32),
+        log_prior=first_set.log_prior,
+        tables=grid.tables,
+        masked_shells=masked_shells,
+        frame_valid=np.arange(n_padded) < n_frames,
+    )
+    shared = jax.tree.map(lambda x: parallel.replicate(mesh, np.asarray(x)), shared)
     return Problem(
         detector=detector,
         grid=grid,
         sampling=sampling,
-        rotations=rotations,
+        rotations=first_set.rotations,
         mesh=mesh,
         shared=shared,
         blocks=blocks,
@@ -525,7 +580,10 @@ class EStep(NamedTuple):
     """Result of an E-step.
 
     Attributes:
-      kept: the kept join pairs and (frame, rotation) pairs, stacked over devices.
+      kept: the kept join pairs and (frame, rotation) pairs, stacked over devices; entries and rotations
+        index ``rotation_set``.
+      rotation_set: the rotations (and in-peak entries) of the M-steps: the problem's set, or the union of
+        the kept rotations when frames carry candidate lists.
       log_evidence: (n_frames,) float64 log sum_r w_r p(K_d | r) up to the frame constant (nats).
       max_prob: (n_frames,) float64 probability of the most likely rotation.
       best_rotation: (n_frames,) int64 sampling index of the most likely rotation.
@@ -533,17 +591,34 @@ class EStep(NamedTuple):
     """
 
     kept: Kept
+    rotation_set: RotationSet
     log_evidence: np.ndarray
     max_prob: np.ndarray
     best_rotation: np.ndarray
     n_kept: np.ndarray
 
 
-def _kept_of_block(problem: Problem, block: Block, data: BlockData, resp: Responsibilities):
-    """Host-side selection of the kept pairs of one block, then a device gather of their join pairs."""
+class _HostKept(NamedTuple):
+    """Kept pairs of one device on the host, rotations as sampling indices, entries as (rotation, pixel)."""
+
+    rotation: np.ndarray
+    pixel: np.ndarray
+    prob: np.ndarray
+    count: np.ndarray
+    dead: np.ndarray
+    background: np.ndarray
+    polarization: np.ndarray
+    frame: np.ndarray
+    pair_frame: np.ndarray
+    pair_rotation: np.ndarray
+    pair_prob: np.ndarray
+
+
+def _kept_of_block(problem: Problem, block: Block, data: BlockData, resp: Responsibilities) -> list[_HostKept]:
+    """Host-side selection of the kept pairs of one block, a device gather of their join pairs, back to host."""
     mesh = problem.mesh
     slots, probs = parallel.local_pieces(resp.slot), parallel.local_pieces(resp.prob)
-    index, term_prob, pair_frame, pair_rotation, pair_prob = [], [], [], [], []
+    index, term_prob, pairs = [], [], []
     for i, slot, prob, offsets, cand in zip(
         parallel.local_positions(mesh), slots, probs, data.cell_offsets, data.candidates
     ):
@@ -556,15 +631,55 @@ def _kept_of_block(problem: Problem, block: Block, data: BlockData, resp: Respon
         idx, owner = ragged_ranges(start, offsets[cell[live] + 1] - start)
         index.append(idx)
         term_prob.append(p[live][owner])
-        pair_frame.append((block.start + i * n_local + frame).astype(np.int32))
-        pair_rotation.append(cand[frame, slot.ravel()].astype(np.int32))
-        pair_prob.append(p.astype(np.float32))
+        rotation = data.rotation_set.rotations[cand[frame[live], slot.ravel()[live]]]
+        pairs.append(((block.start + i * n_local + frame[live]).astype(np.int32), rotation, p[live].astype(np.float32)))
     length = parallel.global_max(bucket_length(max(max(x.shape[0] for x in index), 1)))
+    n_terms = [x.shape[0] for x in index]
     index = parallel.stack(mesh, [np.pad(x, (0, length - x.shape[0])).astype(np.int32) for x in index])
     term_prob = parallel.stack(mesh, [np.pad(x, (0, length - x.shape[0])).astype(np.float32) for x in term_prob])
-    terms = _gather_kernel(mesh)(data.arrays, index, term_prob)
-    pairs = tuple(parallel.stack(mesh, x) for x in (pair_frame, pair_rotation, pair_prob))
-    return terms, pairs
+    gathered = [parallel.local_pieces(x) for x in _gather_kernel(mesh)(data.arrays, index, term_prob)]
+    out = []
+    for j, (n, pair) in enumerate(zip(n_terms, pairs)):
+        entry, prob, count, dead, background, polarization, frame = (g[j][:n] for g in gathered)
+        ent = data.rotation_set.index
+        out.append(
+            _HostKept(
+                data.rotation_set.rotations[ent.rotation[entry]], ent.pixel[entry], prob, count, dead, background,
+                polarization, frame, *pair,
+            )
+        )
+    return out
+
+
+def _assemble_kept(problem: Problem, per_device: list[list[_HostKept]]) -> tuple[Kept, RotationSet]:
+    """Concatenates every block's kept pairs per device and indexes them into the M-step rotation set."""
+    merged = [_HostKept(*(np.concatenate(parts) for parts in zip(*blocks))) for blocks in per_device]
+    rotation_set = problem.inputs.rotation_set
+    if rotation_set is None:  # candidate lists: the union of the rotations kept anywhere
+        kept_rotations = parallel.global_union(np.unique(np.concatenate([m.pair_rotation for m in merged])))
+        inputs = problem.inputs
+        rotation_set = _rotation_set(
+            problem.mesh, inputs.grid, inputs.detector, inputs.sampling, inputs.log_w, kept_rotations
+        )
+    n_pix = problem.detector.n_pix
+    index = rotation_set.index
+    entry_key = index.rotation * n_pix + index.pixel  # entries are sorted by (rotation, pixel)
+    columns: list[list[np.ndarray]] = [[] for _ in Kept._fields]
+    n_terms = parallel.global_max(bucket_length(max(max(m.rotation.shape[0] for m in merged), 1)))
+    n_pairs = parallel.global_max(bucket_length(max(max(m.pair_rotation.shape[0] for m in merged), 1)))
+    for m in merged:
+        local_rotation = np.searchsorted(rotation_set.rotations, m.rotation)
+        entry = np.searchsorted(entry_key, local_rotation * n_pix + m.pixel)
+        pair_rotation = np.searchsorted(rotation_set.rotations, m.pair_rotation)
+        values = (entry, m.prob, m.count, m.dead, m.background, m.polarization, m.frame,
+                  m.pair_frame, pair_rotation, m.pair_prob)
+        for j, (v, field) in enumerate(zip(values, Kept._fields)):
+            length = n_pairs if field.startswith("pair_") else n_terms
+            dtype = np.int32 if field in ("entry", "frame", "pair_frame", "pair_rotation") else np.float32
+            fill = 1.0 if field == "background" else 0  # padding contributes nothing and divides by nothing
+            columns[j].append(np.pad(np.asarray(v, dtype), (0, length - v.shape[0]), constant_values=fill))
+    kept = Kept(*(parallel.stack(problem.mesh, c) for c in columns))
+    return kept, rotation_set
 
 
 def _blocks_with_data(problem: Problem):
@@ -584,23 +699,29 @@ def _blocks_with_data(problem: Problem):
 
 
 def estep(problem: Problem, state: EMCState, config: EMCConfig) -> EStep:
-    """E-step over every block and device: responsibilities, kept pairs and per-frame summaries."""
-    tables = rotation_tables(state.intensity, problem.shared, problem.n_shells)
+    """E-step over every block and device: responsibilities, kept pairs and per-frame summaries.
+
+    The tomograms and expected signals are computed once per rotation set: once per E-step for the
+    problem's set, once per block when each block has its own candidate rotations.
+    """
     kernel = _estep_kernel(problem.mesh, config.max_kept, config.prune_mass, config.prune_min)
     positions = parallel.local_positions(problem.mesh)
     phi = padded_phi(problem, state.phi)
-    terms, pairs = [], []
-    per_frame = np.zeros((4, problem.n_padded))  # log evidence, max prob, best local rotation, kept count
+    per_device: list[list[_HostKept]] = [[] for _ in positions]
+    per_frame = np.zeros((4, problem.n_padded))  # log evidence, max prob, best rotation, kept count
+    current_set, tables = None, None
     for block, data in _blocks_with_data(problem):
-        resp = kernel(tables, phi, problem.shared, data.arrays)
-        block_terms, block_pairs = _kept_of_block(problem, block, data, resp)
-        terms.append(block_terms)
-        pairs.append(block_pairs)
+        shared = data.rotation_set.shared(problem.shared)
+        if data.rotation_set is not current_set:
+            current_set, tables = data.rotation_set, rotation_tables(state.intensity, shared, problem.n_shells)
+        resp = kernel(tables, phi, shared, data.arrays)
+        for i, host in enumerate(_kept_of_block(problem, block, data, resp)):
+            per_device[i].append(host)
         slots = parallel.local_pieces(resp.slot)
         rows = (
             parallel.local_pieces(resp.log_evidence),
             parallel.local_pieces(resp.max_prob),
-            [c[np.arange(c.shape[0]), s[:, 0]] for c, s in zip(data.candidates, slots)],
+            [data.rotation_set.rotations[c[np.arange(c.shape[0]), s[:, 0]]] for c, s in zip(data.candidates, slots)],
             [np.sum(p > 0, axis=1) for p in parallel.local_pieces(resp.prob)],
         )
         for row, values in enumerate(rows):
@@ -608,14 +729,14 @@ def estep(problem: Problem, state: EMCState, config: EMCConfig) -> EStep:
                 first = block.start + i * block.n_local
                 per_frame[row, first : first + v.shape[0]] = v
     per_frame = parallel.gather_frames(problem.mesh, [per_frame.T], [0], problem.n_padded).T
-    columns = [jnp.concatenate([t[j] for t in terms], axis=1) for j in range(7)]
-    columns += [jnp.concatenate([p[j] for p in pairs], axis=1) for j in range(3)]
+    kept, rotation_set = _assemble_kept(problem, per_device)
     n = problem.n_frames
     return EStep(
-        kept=Kept(*columns),
+        kept=kept,
+        rotation_set=rotation_set,
         log_evidence=per_frame[0, :n],
         max_prob=per_frame[1, :n],
-        best_rotation=problem.rotations[per_frame[2, :n].astype(np.int64)],
+        best_rotation=per_frame[2, :n].astype(np.int64),
         n_kept=per_frame[3, :n].astype(np.int64),
     )
 
@@ -645,16 +766,18 @@ def _mstep_kernel(mesh: Mesh, rule: str, n_shells: int, inner_iterations: int):
     return jax.jit(jax.shard_map(local, mesh=mesh, in_specs=specs, out_specs=P(), check_vma=False))
 
 
-def update_intensity(problem: Problem, state: EMCState, kept: Kept, config: EMCConfig) -> jax.Array:
-    """Intensity M-step with the configured rule."""
+def update_intensity(problem: Problem, state: EMCState, result: EStep, config: EMCConfig) -> jax.Array:
+    """Intensity M-step with the configured rule, on the kept pairs of an E-step."""
     kernel = _mstep_kernel(problem.mesh, config.intensity_update, problem.n_shells, config.inner_iterations)
-    return kernel(state.intensity, padded_phi(problem, state.phi), kept, problem.shared)
+    shared = result.rotation_set.shared(problem.shared)
+    return kernel(state.intensity, padded_phi(problem, state.phi), result.kept, shared)
 
 
-def update_phi(problem: Problem, state: EMCState, kept: Kept) -> tuple[jax.Array, jax.Array]:
+def update_phi(problem: Problem, state: EMCState, result: EStep) -> tuple[jax.Array, jax.Array]:
     """phi M-step followed by the mean-1 normalisation with the inverse factor on the model."""
     kernel = _mstep_kernel(problem.mesh, "phi", problem.n_shells, 1)
-    phi = kernel(state.intensity, padded_phi(problem, state.phi), kept, problem.shared)[: problem.n_frames]
+    shared = result.rotation_set.shared(problem.shared)
+    phi = kernel(state.intensity, padded_phi(problem, state.phi), result.kept, shared)[: problem.n_frames]
     mean = jnp.maximum(jnp.mean(phi), _EPS)
     return state.intensity * mean, phi / mean
 
@@ -677,12 +800,12 @@ def iterate(problem: Problem, state: EMCState, config: EMCConfig) -> tuple[EMCSt
     start = time.perf_counter()
     result = estep(problem, state, config)
     logl = total_log_likelihood(problem, result)
-    intensity = update_intensity(problem, state, result.kept, config)
+    intensity = update_intensity(problem, state, result, config)
     phi = state.phi
     if config.update_phi:
         mid = state._replace(intensity=intensity)
         result = estep(problem, mid, config)
-        intensity, phi = update_phi(problem, mid, result.kept)
+        intensity, phi = update_phi(problem, mid, result)
     new = EMCState(iteration=state.iteration + 1, intensity=intensity, phi=phi)
     old = np.asarray(state.intensity, np.float64)
     new_i = np.asarray(intensity, np.float64)

@@ -80,12 +80,14 @@ class EntryIndex:
 
     Attributes:
       rotation: (n_entries,) int64 local rotation of each entry.
+      pixel: (n_entries,) int64 valid pixel of each entry.
       by_pixel: (n_entries,) int64 entry ids sorted by pixel.
       pixel_start: (n_pix + 1,) int64 CSR offsets of ``by_pixel``.
       n_rot: number of rotations.
     """
 
     rotation: np.ndarray
+    pixel: np.ndarray
     by_pixel: np.ndarray
     pixel_start: np.ndarray
     n_rot: int
@@ -94,7 +96,13 @@ class EntryIndex:
     def build(entry_pixel: np.ndarray, entry_rotation: np.ndarray, n_pix: int, n_rot: int) -> "EntryIndex":
         order = np.argsort(entry_pixel, kind="stable")
         start = np.searchsorted(entry_pixel[order], np.arange(n_pix + 1))
-        return EntryIndex(rotation=np.asarray(entry_rotation, np.int64), by_pixel=order, pixel_start=start, n_rot=n_rot)
+        return EntryIndex(
+            rotation=np.asarray(entry_rotation, np.int64),
+            pixel=np.asarray(entry_pixel, np.int64),
+            by_pixel=order,
+            pixel_start=start,
+            n_rot=n_rot,
+        )
 
 
 class JoinArrays(NamedTuple):

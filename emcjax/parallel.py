@@ -105,6 +105,17 @@ def global_sum(value: float) -> float:
     return float(np.sum(multihost_utils.process_allgather(np.asarray([value], np.float64))))
 
 
+def global_union(values: np.ndarray) -> np.ndarray:
+    """Sorted union of 1-D integer arrays over all processes (a collective)."""
+    values = np.unique(np.asarray(values, np.int64))
+    if jax.process_count() == 1:
+        return values
+    n = global_max(values.shape[0])
+    padded = np.concatenate([values, np.full(n - values.shape[0], -1, np.int64)])
+    gathered = np.asarray(multihost_utils.process_allgather(padded)).ravel()
+    return np.unique(gathered[gathered >= 0])
+
+
 def gather_frames(mesh: Mesh, values: Sequence[np.ndarray], starts: Sequence[int], n_total: int) -> np.ndarray:
     """Assembles per-frame values of this process's devices into the full ``(n_total, ...)`` array.
 

@@ -445,13 +445,15 @@ def slow_reference_update(info, quats, kept, phi):
 
 def _kept_pairs(problem, state, config):
     """[(frame, sampling rotation index, P)] of the (frame, rotation) pairs emcjax's E-step kept."""
-    k = emc.estep(problem, state, config).kept  # pairs stacked over devices, zero-padded
+    result = emc.estep(problem, state, config)
+    k = result.kept  # pairs stacked over devices, zero-padded; rotations index the E-step's rotation set
     frame, rot, prob = (np.asarray(x).ravel() for x in (k.pair_frame, k.pair_rotation, k.pair_prob))
-    return [(int(d), int(problem.rotations[r]), float(p)) for d, r, p in zip(frame, rot, prob) if p > 0]
+    rotations = result.rotation_set.rotations
+    return [(int(d), int(rotations[r]), float(p)) for d, r, p in zip(frame, rot, prob) if p > 0]
 
 
 def _update(problem, state, config):
-    return emc.update_intensity(problem, state, emc.estep(problem, state, config).kept, config)
+    return emc.update_intensity(problem, state, emc.estep(problem, state, config), config)
 
 
 def test_reference_compatible_update_matches_slow_numpy(written):
