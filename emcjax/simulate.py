@@ -191,13 +191,16 @@ def simulate(config: SimulationConfig) -> tuple[data_io.SparseFrames, dict]:
     frame_level = level * rng.uniform(0.8, 1.2, size=config.n_frames)
     background = (frame_level[:, None] * profile[None, :]).astype(np.float32)
     n_bg = rng.poisson(frame_level * per_pixel.sum())
-    p_bg = per_pixel / per_pixel.sum()
+    cdf_bg = np.cumsum(per_pixel / per_pixel.sum())
+    cdf_bg /= cdf_bg[-1]
 
     starts = np.searchsorted(ent_frame, np.arange(config.n_frames + 1))
     b_pix, b_cnt = ent_pixel, bragg
     pixels, counts, offsets = [], [], [0]
     for d in range(config.n_frames):
-        pix = np.concatenate([b_pix[starts[d] : starts[d + 1]], rng.choice(detector.n_pix, size=n_bg[d], p=p_bg)])
+        # = rng.choice(n_pix, size, p=p_bg) (same draws) without recomputing the CDF for every frame
+        background_pixels = np.searchsorted(cdf_bg, rng.random(n_bg[d]), side="right")
+        pix = np.concatenate([b_pix[starts[d] : starts[d + 1]], background_pixels])
         cnt = np.concatenate([b_cnt[starts[d] : starts[d + 1]], np.ones(n_bg[d], np.int64)])
         raw = detector.pixel_id[pix]
         uniq, inverse = np.unique(raw, return_inverse=True)
