@@ -164,14 +164,31 @@ class RotationSet:
         return shared._replace(entries=self.entries, log_prior=self.log_prior)
 
 
-def _rotation_set(mesh: Mesh, grid, detector: Detector, sampling: RotationSampling, log_w: np.ndarray, rotations):
-    """In-peak entries of ``rotations`` (sampling indices), built on the device, and their prior."""
+def _rotation_set(
+    mesh: Mesh, grid, detector: Detector, sampling: RotationSampling, log_w: np.ndarray, rotations, *, pad: bool = False
+) -> RotationSet:
+    """In-peak entries of ``rotations`` (sampling indices), built on the device, and their prior.
+
+    With ``pad`` the device arrays are padded to bucketed sizes (rotations with zero prior, entries with
+    zero weight), so that the many sets of a run (one per block, one per M-step) share a few compiled shapes.
+    """
     rotations = np.asarray(rotations, np.int64)
     entries = model_lib.build_entries(grid, detector.q, sampling.quaternions[rotations])
     index = EntryIndex.build(np.asarray(entries.pixel), np.asarray(entries.rotation), detector.n_pix, rotations.shape[0])
-    entries = jax.tree.map(lambda x: parallel.replicate(mesh, np.asarray(x)), entries)
-    log_prior = parallel.replicate(mesh, np.asarray(log_w[rotations], np.float32))
-    return RotationSet(rotations, entries, log_prior, index)
+    prior = np.asarray(log_w[rotations], np.float32)
+    arrays = {name: np.asarray(getattr(entries, name)) for name in ("rotation", "pixel", "voxels", "weights")}
+    n_rot = rotations.shape[0]
+    if pad:
+        n_rot = bucket_length(n_rot)
+        prior = np.concatenate([prior, np.full(n_rot - prior.shape[0], -np.inf, np.float32)])
+        extra = bucket_length(entries.n_entries) - entries.n_entries
+        sentinel = grid.n_asu * grid.n_voxels  # the zero voxel of the padded model
+        fill = {"rotation": 0, "pixel": 0, "voxels": sentinel, "weights": 0.0}
+        arrays = {
+            k: np.concatenate([v, np.full((extra, *v.shape[1:]), fill[k], v.dtype)]) for k, v in arrays.items()
+        }
+    entries = model_lib.Entries(**{k: parallel.replicate(mesh, v) for k, v in arrays.items()}, n_rot=n_rot)
+    return RotationSet(rotations, entries, parallel.replicate(mesh, prior), index)
 
 
 @dataclasses.dataclass(eq=False)
@@ -379,7 +396,7 @@ def _stack_block(mesh: Mesh, block: Block, parts: list[_DevicePart], rotation_se
 def _block_rotation_set(mesh: Mesh, inputs: _Inputs, block: Block) -> RotationSet:
     if block.rotations is None:
         return inputs.rotation_set
-    return _rotation_set(mesh, inputs.grid, inputs.detector, inputs.sampling, inputs.log_w, block.rotations)
+    return _rotation_set(mesh, inputs.grid, inputs.detector, inputs.sampling, inputs.log_w, block.rotations, pad=True)
 
 
 def _block_parts(mesh: Mesh, inputs: _Inputs, block: Block) -> tuple[list[_DevicePart], RotationSet]:
@@ -659,7 +676,7 @@ def _assemble_kept(problem: Problem, per_device: list[list[_HostKept]]) -> tuple
         kept_rotations = parallel.global_union(np.unique(np.concatenate([m.pair_rotation for m in merged])))
         inputs = problem.inputs
         rotation_set = _rotation_set(
-            problem.mesh, inputs.grid, inputs.detector, inputs.sampling, inputs.log_w, kept_rotations
+            problem.mesh, inputs.grid, inputs.detector, inputs.sampling, inputs.log_w, kept_rotations, pad=True
         )
     n_pix = problem.detector.n_pix
     index = rotation_set.index

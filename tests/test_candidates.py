@@ -77,7 +77,7 @@ def test_blocks_do_not_change_the_result(simulated, tmp_path):
     )
     path = _write(tmp_path / "lists.h5", with_lists, truth)
     one, i_one, p_one, b_one, m_one = _run(path)
-    assert one.shared.entries.n_rot < n_rot  # the block's union, not the whole sampling
+    assert one.rotations.shape[0] < n_rot  # the block's union, not the whole sampling
     for kwargs in ({"block_frames": 17}, {"block_frames": 25, "stream": True}):
         problem, i, p, b, m = _run(path, **kwargs)
         assert len(problem.blocks) >= 4
