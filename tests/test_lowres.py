@@ -248,3 +248,26 @@ def test_sections_expand_with_laue_ops(tmp_path):
         assert png.read_bytes()[:4] == b"\x89PNG"
     png = figures.plot_convergence([], tmp_path / "c.png")  # no iterations yet: still a figure
     assert png.exists()
+
+
+@pytest.mark.parametrize("problem", ["missing", "not_hdf5", "truncated", "d_min"])
+def test_bad_input_gives_one_error_and_writes_nothing(tmp_path, problem, capsys):
+    """A missing, corrupt or truncated data set, or a config that contradicts it: one error line naming the
+    file or field, a non-zero exit, and no run directory."""
+    data = tmp_path / "data.h5"
+    flags = []
+    if problem == "not_hdf5":
+        data.write_text("not an HDF5 file")
+    elif problem in ("truncated", "d_min"):
+        lowres.ensure_demo(TINY_DEMO, log=lambda _: None)
+        source = lowres.demo_path(TINY_DEMO).read_bytes()
+        data.write_bytes(source[: len(source) // 2] if problem == "truncated" else source)
+        if problem == "d_min":
+            flags = ["--emc.d-min", "1.0"]  # beyond the data set's 4 Å pixels
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as exit_info:
+        lowres.main(["--data", str(data), "--out", str(out), "--iters", "1", "--emc.rotation-n", "2", *flags])
+    message = str(exit_info.value.code)
+    assert message.startswith("error: ")
+    assert ("d_min" in message) if problem == "d_min" else ("data.h5" in message)
+    assert not out.exists()
