@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import NamedTuple
 
 import jax
@@ -403,6 +404,11 @@ def build_entries(
         pixel.append(p.astype(np.int32))
     rotation = np.concatenate(rotation)
     pixel = np.concatenate(pixel)
+    return _entries_from_pairs(rotation, pixel, quats, q_dev, tables, n_rot)
+
+
+def _entries_from_pairs(rotation, pixel, quats, q_dev, tables, n_rot) -> Entries:
+    """Entries of sorted (rotation, pixel) pairs (host int32 arrays): trilinear stencils on the device."""
     voxels, weights = [], []
     step = 1 << 18
     for start in range(0, rotation.shape[0], step):
@@ -421,6 +427,204 @@ def build_entries(
         weights=jnp.concatenate(weights),
         n_rot=n_rot,
     )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# In-peak entries driven by reflections (same result as build_entries, without testing every pixel)
+# ---------------------------------------------------------------------------------------------------------
+
+
+class _ProjectionTables(NamedTuple):
+    """Device arrays of :func:`_reflection_pixels` (a pytree; all float32 unless said)."""
+
+    centres: jax.Array  # (n_refl, 3) crystal-frame reflection centres B @ hkl, 1/Å
+    k_beam: jax.Array  # (3,) b̂/λ: the Ewald sphere is |q + k_beam| = 1/λ
+    inv_wl: jax.Array  # () 1/λ
+    shell_tol: jax.Array  # () a reflection can hold pixels only if | |g + k_beam| - 1/λ | <= shell_tol
+    cos_min: jax.Array  # () ... and if its direction g + k_beam is within acos(cos_min) of the normal -z
+    beam_px: jax.Array  # (3,) b, sample -> beam centre on the detector, pixel units
+    centre_px: jax.Array  # (2,) beam centre (row, col)
+    half_width: jax.Array  # () half-width w (pixels) of the box around a reflection's projection
+    pixel_map: jax.Array  # (num_rows * num_cols,) int32 raw pixel id -> valid index or -1
+    q_lab: jax.Array  # (n_pix, 3) lab-frame pixel q
+
+
+def _projection_bounds(grid: ReciprocalGrid, detector) -> tuple[float, float, float]:
+    """Conservative bounds for the reflection-driven search: ``(shell_tol, cos_min, half_width)``.
+
+    A valid pixel t with |q_t - g| <= r (r = grid.radius, g = C^T G_h the reflection's lab position) obeys:
+
+    * the Ewald sphere: |q_t + b̂/λ| = 1/λ, so with s = g + b̂/λ, | |s| - 1/λ | <= r;
+    * direction: λ s and the unit vector Ŝ_t = λ (q_t + b̂/λ) are λ r apart; the distance from Ŝ_t to the
+      ray along ŝ is sin α (α the angle between Ŝ_t and ŝ, when α < 90°, else >= 1), so sin α <= λ r;
+    * detector: the angle φ of a direction from the detector normal (-z) is at most φ_det (the largest
+      over the valid pixels) for Ŝ_t, so at most φ_det + α along the arc from Ŝ_t to ŝ, and cos φ(ŝ) >=
+      cos(φ_det + α_max);
+    * the map from a direction u to its detector point P(u) = L u_xy / (-u_z) (pixels, L = |b_z|) stretches
+      arcs by at most L / cos² φ (radially; L / cos φ tangentially), so |P(ŝ) - P(Ŝ_t)| <= L α / cos²(φ_det
+      + α), which bounds both the row and the column offset of the pixel from the projection of s.
+
+    Every bound gets a relative margin of 1e-3 (float32 arithmetic in the kernel and in the inside test).
+    """
+    g = detector.geometry
+    r = grid.radius * (1.0 + 1e-3)
+    wl = g.wavelength_A
+    if not wl * r < 1.0:
+        raise ConfigError(f"peak radius {grid.radius} 1/Å is not small against the Ewald sphere 1/λ = {1 / wl} 1/Å")
+    alpha = math.asin(wl * r)
+    b = g.beam_vector_px
+    rows, cols = np.divmod(np.asarray(detector.pixel_id, np.int64), g.num_cols)
+    sx = b[0] + rows - g.beam_center_px[0]
+    sy = b[1] + cols - g.beam_center_px[1]
+    length = abs(b[2])
+    phi_det = float(np.max(np.arctan2(np.hypot(sx, sy), length)))
+    phi = (phi_det + alpha) * (1.0 + 1e-6) + 1e-6
+    if not phi < 0.5 * math.pi - 1e-3:
+        raise ConfigError(
+            f"detector {g} sees directions up to {math.degrees(phi_det):.3g}° from its normal: the reflection-driven "
+            "search needs them below 90°; use build_entries"
+        )
+    half_width = length * alpha / math.cos(phi) ** 2 * (1.0 + 1e-3) + 0.05
+    return r + 1e-6, math.cos(phi), half_width
+
+
+def _candidate_reflections(rot: jax.Array, proj: _ProjectionTables, shape: tuple[int, int]):
+    """Reflections of one rotation that may hold valid pixels, and their box corners.
+
+    Returns ``(candidate, row0, col0)``: (n_refl,) bool, (n_refl,) int32 first row and column of the box.
+    """
+    num_rows, num_cols = shape
+    # Lab position g = C^T G of every reflection, written elementwise (no matmul: exact float32 on any backend).
+    g = jnp.sum(rot[None, :, :] * proj.centres[:, :, None], axis=1)  # (n_refl, 3)
+    s = g + proj.k_beam
+    s_norm = jnp.sqrt(jnp.sum(s * s, axis=1))
+    near = jnp.abs(s_norm - proj.inv_wl) <= proj.shell_tol
+    ahead = s[:, 2] <= -proj.cos_min * s_norm  # within the cone of directions that can reach a pixel
+    sz = jnp.where(ahead, s[:, 2], -1.0)
+    scale = proj.beam_px[2] / sz  # pixel units per 1/Å along s, > 0
+    row = s[:, 0] * scale - proj.beam_px[0] + proj.centre_px[0]
+    col = s[:, 1] * scale - proj.beam_px[1] + proj.centre_px[1]
+    w = proj.half_width
+    overlap = (row + w >= 0) & (row - w <= num_rows - 1) & (col + w >= 0) & (col - w <= num_cols - 1)
+    candidate = near & ahead & overlap
+    row0 = jnp.ceil(jnp.where(candidate, row - w, 0.0)).astype(jnp.int32)
+    col0 = jnp.ceil(jnp.where(candidate, col - w, 0.0)).astype(jnp.int32)
+    return candidate, row0, col0
+
+
+@functools.partial(jax.jit, static_argnames=("shape",))
+def _count_candidates(quaternions, proj: _ProjectionTables, shape):
+    """(n_rot_chunk,) int32 number of candidate reflections of every rotation."""
+    rot = crystal_from_lab(quaternions)
+    return jax.vmap(lambda m: _candidate_reflections(m, proj, shape)[0].sum(dtype=jnp.int32))(rot)
+
+
+@functools.partial(jax.jit, static_argnames=("shape", "h_max", "n_box"))
+def _reflection_pixels(quaternions, proj: _ProjectionTables, tables: GridTables, shape, h_max, n_box):
+    """In-peak pixels of a chunk of rotations found from their candidate reflections.
+
+    Returns ``(pixels, counts)``: (n_rot_chunk, h_max * n_box²) int32 valid-pixel index of every kept
+    (rotation, box slot), -1 elsewhere; (n_rot_chunk,) int32 candidate reflections per rotation (the result
+    is complete only where counts <= h_max).
+    """
+    num_rows, num_cols = shape
+    n_refl = proj.centres.shape[0]
+    step = jnp.arange(n_box, dtype=jnp.int32)
+    d_row = jnp.repeat(step, n_box)  # (n_box²,)
+    d_col = jnp.tile(step, n_box)
+    near_pixel = jax.vmap(jax.vmap(_nearest_reflection, in_axes=(0, None)), in_axes=(0, None))
+
+    def one(rot):
+        candidate, row0, col0 = _candidate_reflections(rot, proj, shape)
+        count = candidate.sum(dtype=jnp.int32)
+        (refl,) = jnp.nonzero(candidate, size=h_max, fill_value=n_refl)
+        used = refl < n_refl
+        refl = jnp.minimum(refl, n_refl - 1)
+        rows = row0[refl][:, None] + d_row[None, :]  # (h_max, n_box²)
+        cols = col0[refl][:, None] + d_col[None, :]
+        on_det = used[:, None] & (rows >= 0) & (rows < num_rows) & (cols >= 0) & (cols < num_cols)
+        pid = jnp.where(on_det, rows * num_cols + cols, 0)
+        pixel = jnp.where(on_det, proj.pixel_map[pid], -1)
+        q = proj.q_lab[jnp.maximum(pixel, 0)]  # (h_max, n_box², 3)
+        q_crystal = jnp.sum(rot[None, None, :, :] * q[:, :, None, :], axis=-1)
+        found, _ = near_pixel(q_crystal, tables)
+        keep = (pixel >= 0) & (found == refl[:, None])
+        return jnp.where(keep, pixel, -1).reshape(-1), count
+
+    return jax.vmap(one)(crystal_from_lab(quaternions))
+
+
+def _bucket(n: int) -> int:
+    """Rounds a candidate count up with a 25% margin to a multiple of 32 (few distinct compiled shapes)."""
+    return int(-(-(int(n * 1.25) + 8) // 32) * 32)
+
+
+def build_entries_by_reflection(
+    grid: ReciprocalGrid, detector, quaternions: np.ndarray, *, chunk: int = 64, h_max: int | None = None
+) -> Entries:
+    """In-peak entries of every rotation, found from the reflections near the Ewald sphere.
+
+    Same result as ``build_entries(grid, detector.q, quaternions)`` (same pairs, stencils and order), but
+    instead of testing every pixel against every rotation it projects each reflection whose peak can touch
+    the Ewald sphere onto the detector and tests only the pixels in a small box around its projection (the
+    box half-width is a proven bound, see :func:`_projection_bounds`). A pixel is kept by exactly the test of
+    :func:`build_entries`: its float32 crystal-frame q rounds to that reflection and lies within the radius.
+
+    Args:
+      grid: the model grid.
+      detector: an :class:`emcjax.detector.Detector` (its valid pixels are the pixel indices).
+      quaternions: (n_rot, 4) orientations (scalar first).
+      chunk: rotations per device call.
+      h_max: candidate reflections per rotation held by the padded kernel; None sizes it from the first
+        chunk with a margin. A chunk with more candidates is recomputed with a larger ``h_max``.
+
+    Returns:
+      The entries, sorted by rotation then pixel.
+    """
+    geo = detector.geometry
+    shape = (geo.num_rows, geo.num_cols)
+    shell_tol, cos_min, half_width = _projection_bounds(grid, detector)
+    n_box = int(math.floor(2 * half_width)) + 1
+    b = geo.beam_vector_px
+    f32 = functools.partial(jnp.asarray, dtype=jnp.float32)
+    proj = _ProjectionTables(
+        centres=f32(grid.hkl @ grid.crystal.reciprocal_basis.T),
+        k_beam=f32(b / np.linalg.norm(b) / geo.wavelength_A),
+        inv_wl=f32(1.0 / geo.wavelength_A),
+        shell_tol=f32(shell_tol),
+        cos_min=f32(cos_min),
+        beam_px=f32(b),
+        centre_px=f32(geo.beam_center_px),
+        half_width=f32(half_width),
+        pixel_map=jnp.asarray(detector.pixel_map()),
+        q_lab=f32(detector.q),
+    )
+    tables = grid.tables
+    quats = jnp.asarray(quaternions, jnp.float32)
+    n_rot = int(quaternions.shape[0])
+    if h_max is None:
+        h_max = _bucket(int(np.max(_count_candidates(quats[:chunk], proj, shape), initial=0)))
+    rotation, pixel = [], []
+    for start in range(0, n_rot, chunk):
+        block = quats[start : start + chunk]
+        n = block.shape[0]
+        if n < chunk:  # keep one compiled shape
+            block = jnp.concatenate([block, jnp.tile(block[:1], (chunk - n, 1))])
+        while True:
+            found, counts = _reflection_pixels(block, proj, tables, shape, h_max, n_box)
+            most = int(np.max(counts))
+            if most <= h_max:
+                break
+            h_max = _bucket(most)
+        found = np.asarray(found)[:n]
+        r, slot = np.nonzero(found >= 0)
+        p = found[r, slot]
+        order = np.lexsort((p, r))
+        rotation.append(r[order].astype(np.int32) + start)
+        pixel.append(p[order].astype(np.int32))
+    rotation = np.concatenate(rotation) if rotation else np.zeros(0, np.int32)
+    pixel = np.concatenate(pixel) if pixel else np.zeros(0, np.int32)
+    return _entries_from_pairs(rotation, pixel, quats, jnp.asarray(detector.q, jnp.float32), tables, n_rot)
 
 
 @jax.jit
