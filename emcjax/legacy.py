@@ -550,18 +550,19 @@ def _encode(parts: list[np.ndarray], span: int) -> np.ndarray:
     return key
 
 
-def model_to_reference(grid, intensity: np.ndarray, ref: ReferenceGrid) -> np.ndarray:
-    """emcjax's model W(q) at every reference voxel (float64, in finish_intensity.bin order).
+def _reference_sampling(grid, ref: ReferenceGrid) -> tuple[np.ndarray, np.ndarray]:
+    """The linear map from emcjax's model to the reference's voxels: (columns, weights), each (n_ref, 8).
 
-    W is evaluated like ``emcjax.model.slice_points`` (trilinear on the lattice-aligned grid, corners outside
-    the support dropped) but in float64 and with the reflection fixed to the voxel's own h (so a voxel at
-    exactly the support radius is not lost to rounding). Reflections emcjax does not model (systematic
-    absences, reflections its non-partial rule drops) get 0.
+    Row r is reference voxel r (finish_intensity.bin order); its value is sum_k weights[r, k] *
+    flat[columns[r, k]] with ``flat`` the asymmetric-unit model raveled, column ``n_asu * n_voxels`` (the
+    zero sentinel) for corners outside the support and for reflections emcjax does not model. W is evaluated
+    like ``emcjax.model.slice_points`` (trilinear on the lattice-aligned grid, corners outside the support
+    dropped) but in float64 and with the reflection fixed to the voxel's own h (so a voxel at exactly the
+    support radius is not lost to rounding).
     """
-    intensity = np.asarray(intensity, np.float64)
-    flat = np.append(intensity.ravel(), 0.0)
     full_to_asu = grid.full_to_asu()
     n_vox = grid.n_voxels
+    sentinel = grid.n_asu * n_vox
     span = 2 * int(np.abs(grid.hkl).max() + np.abs(ref.hkl).max() + 2) + 1
     our_keys = _encode([grid.hkl[:, 0], grid.hkl[:, 1], grid.hkl[:, 2]], span)
     order = np.argsort(our_keys)
@@ -577,19 +578,29 @@ def model_to_reference(grid, intensity: np.ndarray, ref: ReferenceGrid) -> np.nd
     off_span = 2 * int(np.abs(grid.offsets).max() + 3) + 1
     off_keys = _encode([grid.offsets[:, i].astype(np.int64) for i in range(3)], off_span)
     off_order = np.argsort(off_keys)
-    value = np.zeros(ref.n_voxels)
-    for c in _CORNERS:
+    columns = np.empty((ref.n_voxels, 8), np.int64)
+    weights = np.empty((ref.n_voxels, 8))
+    for k, c in enumerate(_CORNERS):
         corner = base + c
         key = _encode([corner[:, i] for i in range(3)], off_span)
         pos = np.clip(np.searchsorted(off_keys[off_order], key), 0, n_vox - 1)
         j = np.where(off_keys[off_order][pos] == key, off_order[pos], n_vox)
-        w = np.prod(np.where(c == 1, t, 1.0 - t), axis=1)
-        idx = np.where(refl >= 0, full_to_asu[np.maximum(refl, 0), j], flat.shape[0] - 1)
-        value += w * flat[idx]
-    return value
+        columns[:, k] = np.where(refl >= 0, full_to_asu[np.maximum(refl, 0), j], sentinel)
+        weights[:, k] = np.prod(np.where(c == 1, t, 1.0 - t), axis=1)
+    return columns, weights
 
 
-def reference_to_model(grid, ref: ReferenceGrid, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def model_to_reference(grid, intensity: np.ndarray, ref: ReferenceGrid) -> np.ndarray:
+    """emcjax's model W(q) at every reference voxel (float64, in finish_intensity.bin order).
+
+    Reflections emcjax does not model (systematic absences, reflections its non-partial rule drops) get 0.
+    """
+    flat = np.append(np.asarray(intensity, np.float64).ravel(), 0.0)
+    columns, weights = _reference_sampling(grid, ref)
+    return np.sum(weights * flat[columns], axis=1)
+
+
+def _interpolated_model(grid, ref: ReferenceGrid, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The reference's model W(q) at emcjax's voxels, averaged over symmetry mates.
 
     For every reflection h of ``grid.hkl`` that the reference also holds and every voxel j, W is the
@@ -632,6 +643,41 @@ def reference_to_model(grid, ref: ReferenceGrid, values: np.ndarray) -> tuple[np
     count = np.bincount(target, minlength=size)[:size]
     model = np.where(count > 0, total / np.maximum(count, 1), 0.0)
     return model.reshape(grid.model_shape), count.reshape(grid.model_shape)
+
+
+def reference_to_model(grid, ref: ReferenceGrid, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The emcjax model whose reference-voxel values (:func:`model_to_reference`) best match ``values``.
+
+    Least squares over every reference voxel of every symmetry mate, solved per unique reflection (the map is
+    block diagonal: a reference voxel only sees its own reflection's profile). Where the reference's voxels
+    do not determine emcjax's (grids that do not coincide), the solution closest to the reference's own
+    trilinear interpolation at emcjax's voxels (:func:`_interpolated_model`) is taken. So exporting the
+    imported model reproduces the file exactly (up to rounding) whenever it came from an emcjax export, and
+    on grids that coincide the model itself comes back exactly. Voxels no reference voxel sees keep the
+    interpolated value.
+
+    Returns:
+      ((n_asu, n_voxels) float64 model, (n_asu, n_voxels) int64 number of reference voxels that see each voxel).
+    """
+    values = np.asarray(values, np.float64)
+    columns, weights = _reference_sampling(grid, ref)
+    n_asu, n_vox = grid.model_shape
+    live = columns < n_asu * n_vox
+    weights = np.where(live, weights, 0.0)
+    has = np.any(live & (weights > 0), axis=1)
+    start, _ = _interpolated_model(grid, ref, values)
+    columns, weights, values = columns[has], weights[has], values[has]
+    block = columns[np.arange(columns.shape[0]), np.argmax(live[has], axis=1)] // n_vox  # one reflection per row
+    j = np.where(columns < n_asu * n_vox, columns % n_vox, 0)
+    normal = np.zeros((n_asu, n_vox, n_vox))
+    rhs = np.zeros((n_asu, n_vox))
+    np.add.at(normal, (block[:, None, None], j[:, :, None], j[:, None, :]), weights[:, :, None] * weights[:, None, :])
+    np.add.at(rhs, (block[:, None], j), weights * values[:, None])
+    count = np.zeros((n_asu, n_vox), np.int64)
+    np.add.at(count, (block[:, None], j), (weights > 0).astype(np.int64))
+    residual = rhs - np.einsum("aij,aj->ai", normal, start)
+    model = start + np.einsum("aij,aj->ai", np.linalg.pinv(normal, rcond=1e-10, hermitian=True), residual)
+    return model, count
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -488,3 +488,29 @@ def test_reference_compatible_update_matches_slow_numpy(written):
     assert observed.sum() > 1000
     np.testing.assert_array_equal(got_v[~observed], 0.0)
     np.testing.assert_allclose(got_v[observed], exp_v[observed], rtol=1e-4, atol=1e-4 * exp_v.max())
+
+
+@pytest.mark.parametrize("c", [25.0, 31.0])
+def test_model_round_trip_on_grids_that_do_not_coincide(c):
+    """On a cell whose reference Cartesian grid does not coincide with ours, export then import gives a model
+    whose export is the same file (to rounding), and integrated intensities of peak-shaped models come back
+    within a few % (measured: 2.1 % median for c = 25 Å, 2.2 % for 31 Å; the reference's interpolation alone
+    loses 9-11 %). Voxels the reference's grid cannot see are taken from that interpolation."""
+    from emcjax import model as model_lib
+    from emcjax.crystal import Crystal
+
+    crystal = Crystal(cell=(40.0, 40.0, c, 90.0, 90.0, 90.0), space_group="P 4 2 2")
+    vn, gw, q_min, q_max = 6, 2.0, 0.03, 0.125
+    grid = model_lib.make_grid(crystal, d_min=1 / q_max, d_max=1 / q_min, vn=vn, gw=gw)
+    ref = legacy.reference_grid(crystal.real_basis, q_min, q_max, vn, gw)
+    rng = np.random.default_rng(0)
+    spacing = np.linalg.norm(crystal.reciprocal_basis, axis=0).min() / vn
+    profile = np.exp(-np.sum(grid.voxel_q() ** 2, axis=1) / (2 * (0.8 * spacing) ** 2))
+    model = rng.exponential(size=grid.n_asu)[:, None] * profile[None, :]
+    exported = legacy.model_to_reference(grid, model, ref)
+    imported, count = legacy.reference_to_model(grid, ref, exported)
+    np.testing.assert_allclose(legacy.model_to_reference(grid, imported, ref), exported, rtol=1e-9, atol=1e-12)
+    error = np.abs(imported.sum(axis=1) - model.sum(axis=1)) / model.sum(axis=1)
+    assert np.median(error) < 0.04
+    interpolated, _ = legacy._interpolated_model(grid, ref, exported)
+    assert np.median(error) < 0.5 * np.median(np.abs(interpolated.sum(axis=1) - model.sum(axis=1)) / model.sum(axis=1))
