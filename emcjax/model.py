@@ -437,10 +437,11 @@ def _entries_from_pairs(rotation, pixel, quats, q_dev, tables, n_rot) -> Entries
 class _ProjectionTables(NamedTuple):
     """Device arrays of :func:`_reflection_pixels` (a pytree; all float32 unless said)."""
 
-    centres: jax.Array  # (n_refl, 3) crystal-frame reflection centres B @ hkl, 1/Å
+    centres: jax.Array  # (n_refl, 3) crystal-frame reflection centres G = B @ hkl, 1/Å
+    centres_sq: jax.Array  # (n_refl,) |G|²
     k_beam: jax.Array  # (3,) b̂/λ: the Ewald sphere is |q + k_beam| = 1/λ
-    inv_wl: jax.Array  # () 1/λ
-    shell_tol: jax.Array  # () a reflection can hold pixels only if | |g + k_beam| - 1/λ | <= shell_tol
+    shell_lo: jax.Array  # () a reflection can hold pixels only if shell_lo <= |G|² + 2 G·(C k_beam) ...
+    shell_hi: jax.Array  # () ... <= shell_hi (i.e. | |g + k_beam| - 1/λ | <= the radius, with margin)
     cos_min: jax.Array  # () ... and if its direction g + k_beam is within acos(cos_min) of the normal -z
     beam_px: jax.Array  # (3,) b, sample -> beam centre on the detector, pixel units
     centre_px: jax.Array  # (2,) beam centre (row, col)
@@ -454,15 +455,15 @@ def _projection_bounds(grid: ReciprocalGrid, detector) -> tuple[float, float, fl
 
     A valid pixel t with |q_t - g| <= r (r = grid.radius, g = C^T G_h the reflection's lab position) obeys:
 
-    * the Ewald sphere: |q_t + b̂/λ| = 1/λ, so with s = g + b̂/λ, | |s| - 1/λ | <= r;
+    * the Ewald sphere: |q_t + b̂/λ| = 1/λ, so with s = g + b̂/λ, | |s| - 1/λ | <= r (= shell_tol);
     * direction: λ s and the unit vector Ŝ_t = λ (q_t + b̂/λ) are λ r apart; the distance from Ŝ_t to the
       ray along ŝ is sin α (α the angle between Ŝ_t and ŝ, when α < 90°, else >= 1), so sin α <= λ r;
     * detector: the angle φ of a direction from the detector normal (-z) is at most φ_det (the largest
       over the valid pixels) for Ŝ_t, so at most φ_det + α along the arc from Ŝ_t to ŝ, and cos φ(ŝ) >=
-      cos(φ_det + α_max);
+      cos(φ_det + α_max) (= cos_min);
     * the map from a direction u to its detector point P(u) = L u_xy / (-u_z) (pixels, L = |b_z|) stretches
       arcs by at most L / cos² φ (radially; L / cos φ tangentially), so |P(ŝ) - P(Ŝ_t)| <= L α / cos²(φ_det
-      + α), which bounds both the row and the column offset of the pixel from the projection of s.
+      + α) (= half_width), which bounds both the row and the column offset of the pixel from P(ŝ).
 
     Every bound gets a relative margin of 1e-3 (float32 arithmetic in the kernel and in the inside test).
     """
@@ -488,44 +489,32 @@ def _projection_bounds(grid: ReciprocalGrid, detector) -> tuple[float, float, fl
     return r + 1e-6, math.cos(phi), half_width
 
 
-def _candidate_reflections(rot: jax.Array, proj: _ProjectionTables, shape: tuple[int, int]):
-    """Reflections of one rotation that may hold valid pixels, and their box corners.
+def _near_sphere(rot: jax.Array, proj: _ProjectionTables) -> jax.Array:
+    """(n_refl,) bool: reflections of one rotation whose peak can touch the Ewald sphere.
 
-    Returns ``(candidate, row0, col0)``: (n_refl,) bool, (n_refl,) int32 first row and column of the box.
+    |C^T G + k|² - 1/λ² = |G|² + 2 G·(C k) (|k| = 1/λ): three multiply-adds per reflection.
     """
-    num_rows, num_cols = shape
-    # Lab position g = C^T G of every reflection, written elementwise (no matmul: exact float32 on any backend).
-    g = jnp.sum(rot[None, :, :] * proj.centres[:, :, None], axis=1)  # (n_refl, 3)
-    s = g + proj.k_beam
-    s_norm = jnp.sqrt(jnp.sum(s * s, axis=1))
-    near = jnp.abs(s_norm - proj.inv_wl) <= proj.shell_tol
-    ahead = s[:, 2] <= -proj.cos_min * s_norm  # within the cone of directions that can reach a pixel
-    sz = jnp.where(ahead, s[:, 2], -1.0)
-    scale = proj.beam_px[2] / sz  # pixel units per 1/Å along s, > 0
-    row = s[:, 0] * scale - proj.beam_px[0] + proj.centre_px[0]
-    col = s[:, 1] * scale - proj.beam_px[1] + proj.centre_px[1]
-    w = proj.half_width
-    overlap = (row + w >= 0) & (row - w <= num_rows - 1) & (col + w >= 0) & (col - w <= num_cols - 1)
-    candidate = near & ahead & overlap
-    row0 = jnp.ceil(jnp.where(candidate, row - w, 0.0)).astype(jnp.int32)
-    col0 = jnp.ceil(jnp.where(candidate, col - w, 0.0)).astype(jnp.int32)
-    return candidate, row0, col0
+    k_crystal = jnp.sum(rot * proj.k_beam[None, :], axis=1)  # C k, elementwise (no matmul precision mode)
+    d = proj.centres_sq + 2.0 * (
+        proj.centres[:, 0] * k_crystal[0] + proj.centres[:, 1] * k_crystal[1] + proj.centres[:, 2] * k_crystal[2]
+    )
+    return (d >= proj.shell_lo) & (d <= proj.shell_hi)
 
 
-@functools.partial(jax.jit, static_argnames=("shape",))
-def _count_candidates(quaternions, proj: _ProjectionTables, shape):
-    """(n_rot_chunk,) int32 number of candidate reflections of every rotation."""
+@jax.jit
+def _count_candidates(quaternions, proj: _ProjectionTables):
+    """(n_rot_chunk,) int32 number of reflections near the Ewald sphere of every rotation."""
     rot = crystal_from_lab(quaternions)
-    return jax.vmap(lambda m: _candidate_reflections(m, proj, shape)[0].sum(dtype=jnp.int32))(rot)
+    return jax.vmap(lambda m: _near_sphere(m, proj).sum(dtype=jnp.int32))(rot)
 
 
 @functools.partial(jax.jit, static_argnames=("shape", "h_max", "n_box"))
 def _reflection_pixels(quaternions, proj: _ProjectionTables, tables: GridTables, shape, h_max, n_box):
-    """In-peak pixels of a chunk of rotations found from their candidate reflections.
+    """In-peak pixels of a chunk of rotations found from their reflections near the Ewald sphere.
 
     Returns ``(pixels, counts)``: (n_rot_chunk, h_max * n_box²) int32 valid-pixel index of every kept
-    (rotation, box slot), -1 elsewhere; (n_rot_chunk,) int32 candidate reflections per rotation (the result
-    is complete only where counts <= h_max).
+    (rotation, box slot), -1 elsewhere; (n_rot_chunk,) int32 reflections near the sphere per rotation (the
+    result is complete only where counts <= h_max).
     """
     num_rows, num_cols = shape
     n_refl = proj.centres.shape[0]
@@ -535,13 +524,25 @@ def _reflection_pixels(quaternions, proj: _ProjectionTables, tables: GridTables,
     near_pixel = jax.vmap(jax.vmap(_nearest_reflection, in_axes=(0, None)), in_axes=(0, None))
 
     def one(rot):
-        candidate, row0, col0 = _candidate_reflections(rot, proj, shape)
-        count = candidate.sum(dtype=jnp.int32)
-        (refl,) = jnp.nonzero(candidate, size=h_max, fill_value=n_refl)
+        near = _near_sphere(rot, proj)
+        count = near.sum(dtype=jnp.int32)
+        (refl,) = jnp.nonzero(near, size=h_max, fill_value=n_refl)
         used = refl < n_refl
         refl = jnp.minimum(refl, n_refl - 1)
-        rows = row0[refl][:, None] + d_row[None, :]  # (h_max, n_box²)
-        cols = col0[refl][:, None] + d_col[None, :]
+        # Lab position g = C^T G of the selected reflections, elementwise; its projection onto the detector.
+        g = jnp.sum(rot[None, :, :] * proj.centres[refl][:, :, None], axis=1)  # (h_max, 3)
+        s = g + proj.k_beam
+        s_norm = jnp.sqrt(jnp.sum(s * s, axis=1))
+        ahead = s[:, 2] <= -proj.cos_min * s_norm  # within the cone of directions that can reach a pixel
+        scale = proj.beam_px[2] / jnp.where(ahead, s[:, 2], -1.0)  # pixels per 1/Å along s, > 0
+        row = s[:, 0] * scale - proj.beam_px[0] + proj.centre_px[0]
+        col = s[:, 1] * scale - proj.beam_px[1] + proj.centre_px[1]
+        w = proj.half_width
+        used = used & ahead & (row + w >= 0) & (row - w <= num_rows - 1) & (col + w >= 0) & (col - w <= num_cols - 1)
+        row0 = jnp.ceil(jnp.where(used, row - w, 0.0)).astype(jnp.int32)
+        col0 = jnp.ceil(jnp.where(used, col - w, 0.0)).astype(jnp.int32)
+        rows = row0[:, None] + d_row[None, :]  # (h_max, n_box²)
+        cols = col0[:, None] + d_col[None, :]
         on_det = used[:, None] & (rows >= 0) & (rows < num_rows) & (cols >= 0) & (cols < num_cols)
         pid = jnp.where(on_det, rows * num_cols + cols, 0)
         pixel = jnp.where(on_det, proj.pixel_map[pid], -1)
@@ -555,8 +556,8 @@ def _reflection_pixels(quaternions, proj: _ProjectionTables, tables: GridTables,
 
 
 def _bucket(n: int) -> int:
-    """Rounds a candidate count up with a 25% margin to a multiple of 32 (few distinct compiled shapes)."""
-    return int(-(-(int(n * 1.25) + 8) // 32) * 32)
+    """Rounds a candidate count up to a multiple of 32 (few distinct compiled shapes)."""
+    return max(32, -(-n // 32) * 32)
 
 
 def build_entries_by_reflection(
@@ -575,8 +576,8 @@ def build_entries_by_reflection(
       detector: an :class:`emcjax.detector.Detector` (its valid pixels are the pixel indices).
       quaternions: (n_rot, 4) orientations (scalar first).
       chunk: rotations per device call.
-      h_max: candidate reflections per rotation held by the padded kernel; None sizes it from the first
-        chunk with a margin. A chunk with more candidates is recomputed with a larger ``h_max``.
+      h_max: reflections near the Ewald sphere per rotation held by the padded kernel; None counts them
+        for every rotation first. A chunk with more is recomputed with a larger ``h_max``.
 
     Returns:
       The entries, sorted by rotation then pixel.
@@ -586,12 +587,15 @@ def build_entries_by_reflection(
     shell_tol, cos_min, half_width = _projection_bounds(grid, detector)
     n_box = int(math.floor(2 * half_width)) + 1
     b = geo.beam_vector_px
+    inv_wl = 1.0 / geo.wavelength_A
+    centres = grid.hkl @ grid.crystal.reciprocal_basis.T
     f32 = functools.partial(jnp.asarray, dtype=jnp.float32)
     proj = _ProjectionTables(
-        centres=f32(grid.hkl @ grid.crystal.reciprocal_basis.T),
+        centres=f32(centres),
+        centres_sq=f32(np.einsum("ij,ij->i", centres, centres)),
         k_beam=f32(b / np.linalg.norm(b) / geo.wavelength_A),
-        inv_wl=f32(1.0 / geo.wavelength_A),
-        shell_tol=f32(shell_tol),
+        shell_lo=f32((inv_wl - shell_tol) ** 2 - inv_wl**2 - 1e-5 * inv_wl**2),
+        shell_hi=f32((inv_wl + shell_tol) ** 2 - inv_wl**2 + 1e-5 * inv_wl**2),
         cos_min=f32(cos_min),
         beam_px=f32(b),
         centre_px=f32(geo.beam_center_px),
@@ -602,8 +606,15 @@ def build_entries_by_reflection(
     tables = grid.tables
     quats = jnp.asarray(quaternions, jnp.float32)
     n_rot = int(quaternions.shape[0])
-    if h_max is None:
-        h_max = _bucket(int(np.max(_count_candidates(quats[:chunk], proj, shape), initial=0)))
+    if h_max is None:  # the largest count over all rotations (cheap: three multiply-adds per reflection)
+        step = max(chunk, min(1024, 1 << max(n_rot - 1, 0).bit_length()))
+        most = 0
+        for start in range(0, n_rot, step):
+            block = quats[start : start + step]
+            if block.shape[0] < step:
+                block = jnp.concatenate([block, jnp.tile(block[:1], (step - block.shape[0], 1))])
+            most = max(most, int(np.max(_count_candidates(block, proj))))
+        h_max = _bucket(most)
     rotation, pixel = [], []
     for start in range(0, n_rot, chunk):
         block = quats[start : start + chunk]
@@ -616,12 +627,10 @@ def build_entries_by_reflection(
             if most <= h_max:
                 break
             h_max = _bucket(most)
-        found = np.asarray(found)[:n]
-        r, slot = np.nonzero(found >= 0)
-        p = found[r, slot]
-        order = np.lexsort((p, r))
-        rotation.append(r[order].astype(np.int32) + start)
-        pixel.append(p[order].astype(np.int32))
+        found = np.sort(np.asarray(found)[:n], axis=1)  # per rotation: the -1 slots first, then pixels ascending
+        kept = found >= 0
+        rotation.append(np.repeat(np.arange(start, start + n, dtype=np.int32), kept.sum(axis=1)))
+        pixel.append(found[kept].astype(np.int32))
     rotation = np.concatenate(rotation) if rotation else np.zeros(0, np.int32)
     pixel = np.concatenate(pixel) if pixel else np.zeros(0, np.int32)
     return _entries_from_pairs(rotation, pixel, quats, jnp.asarray(detector.q, jnp.float32), tables, n_rot)
