@@ -546,13 +546,15 @@ def _reflection_pixels(quaternions, proj: _ProjectionTables, tables: GridTables,
         on_det = used[:, None] & (rows >= 0) & (rows < num_rows) & (cols >= 0) & (cols < num_cols)
         pid = jnp.where(on_det, rows * num_cols + cols, 0)
         pixel = jnp.where(on_det, proj.pixel_map[pid], -1)
-        q = proj.q_lab[jnp.maximum(pixel, 0)]  # (h_max, n_box², 3)
-        q_crystal = jnp.sum(rot[None, None, :, :] * q[:, :, None, :], axis=-1)
-        found, _ = near_pixel(q_crystal, tables)
-        keep = (pixel >= 0) & (found == refl[:, None])
-        return jnp.where(keep, pixel, -1).reshape(-1), count
+        return pixel.reshape(-1), jnp.broadcast_to(refl[:, None], pixel.shape).reshape(-1), count
 
-    return jax.vmap(one)(crystal_from_lab(quaternions))
+    rot = crystal_from_lab(quaternions)
+    pixel, refl, count = jax.vmap(one)(rot)  # (r, h_max * n_box²) each, (r,)
+    # The inside test of build_entries (_classify), on the same (rotation, pixel)-shaped batch.
+    q_crystal = jnp.sum(rot[:, None, :, :] * proj.q_lab[jnp.maximum(pixel, 0)][:, :, None, :], axis=-1)
+    found, _ = near_pixel(q_crystal, tables)
+    keep = (pixel >= 0) & (found == refl)
+    return jnp.where(keep, pixel, -1), count
 
 
 def _bucket(n: int) -> int:
