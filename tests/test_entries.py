@@ -69,7 +69,7 @@ def random_quaternions(n: int, seed: int) -> np.ndarray:
     return q / np.linalg.norm(q, axis=1, keepdims=True)
 
 
-def boundary_distance(grid: model.ReciprocalGrid, det, quats: np.ndarray, rot: np.ndarray, pix: np.ndarray) -> np.ndarray:
+def boundary_distance(grid: model.ReciprocalGrid, det, quats: np.ndarray, rot: np.ndarray, pix: np.ndarray):
     """float64 | |q_crystal - G_nearest| - r | / r of (rotation, pixel) pairs."""
     B = grid.crystal.reciprocal_basis
     mats = quaternion_to_matrix(quats.astype(np.float64))  # active R; crystal_from_lab = R^T
@@ -163,7 +163,8 @@ def test_box_contains_every_in_peak_point(name):
 
     def project(v):
         scale = b[2] / v[:, 2]
-        return np.stack([v[:, 0] * scale - b[0] + geo.beam_center_px[0], v[:, 1] * scale - b[1] + geo.beam_center_px[1]], 1)
+        row = v[:, 0] * scale - b[0] + geo.beam_center_px[0]
+        return np.stack([row, v[:, 1] * scale - b[1] + geo.beam_center_px[1]], 1)
 
     offset = np.abs(project(s) - project(q + k))
     ratio = offset.max() / half_width
