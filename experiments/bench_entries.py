@@ -5,7 +5,8 @@
 Two geometries at 4 Å with the simulator's default crystal (P 43 21 2, 79.1 x 79.1 x 37.9 Å, vn 10, gw 2):
 the simulator's default detector (256 x 256 pixels of 0.9 mm at 0.45 m) and a larger one (1024 x 1024 pixels
 of 0.225 mm, the same area). Each builder is run once to compile (build_entries on a prefix of the rotations)
-and then timed; the outputs are checked to be identical. Prints seconds and rotations per second of both, and the speed-up.
+and then timed; the outputs are checked to be identical. Prints seconds and rotations per second of both, and
+the speed-up.
 """
 
 from __future__ import annotations
