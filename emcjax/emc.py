@@ -173,7 +173,7 @@ def _rotation_set(
     zero weight), so that the many sets of a run (one per block, one per M-step) share a few compiled shapes.
     """
     rotations = np.asarray(rotations, np.int64)
-    entries = model_lib.build_entries(grid, detector.q, sampling.quaternions[rotations])
+    entries = model_lib.build_entries_by_reflection(grid, detector, sampling.quaternions[rotations])
     index = EntryIndex.build(np.asarray(entries.pixel), np.asarray(entries.rotation), detector.n_pix, rotations.shape[0])
     prior = np.asarray(log_w[rotations], np.float32)
     arrays = {name: np.asarray(getattr(entries, name)) for name in ("rotation", "pixel", "voxels", "weights")}

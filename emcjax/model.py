@@ -40,6 +40,10 @@ from emcjax.crystal import AsymmetricUnit, Crystal, asymmetric_unit, lattice_gri
 from emcjax.errors import ConfigError
 from emcjax.rotations import crystal_from_lab
 
+# Full float32 matrix products: accelerators may otherwise use reduced-precision (e.g. TF32) products, whose
+# ~5e-4 relative error would move pixels across peak boundaries.
+_EXACT = jax.lax.Precision.HIGHEST
+
 # The 8 corners of a grid cell, (8, 3) int, in the order (dx, dy, dz) = (0,0,0), (0,0,1), ..., (1,1,1).
 _CORNERS = np.array([[i, j, k] for i in (0, 1) for j in (0, 1) for k in (0, 1)], dtype=np.int32)
 
@@ -248,9 +252,9 @@ def make_grid(crystal: Crystal, d_min: float, d_max: float, vn: int = 10, gw: fl
 
 def _nearest_reflection(q_crystal: jax.Array, tables: GridTables) -> tuple[jax.Array, jax.Array]:
     """Reflection whose support contains ``q_crystal`` (3,) 1/Å: (index or -1, fractional coords (3,))."""
-    frac = tables.frac_from_q @ q_crystal
+    frac = jnp.matmul(tables.frac_from_q, q_crystal, precision=_EXACT)
     hkl = jnp.round(frac)
-    delta = q_crystal - tables.q_from_frac @ hkl
+    delta = q_crystal - jnp.matmul(tables.q_from_frac, hkl, precision=_EXACT)
     inside = jnp.dot(delta, delta) <= tables.radius_sq
     idx = hkl.astype(jnp.int32) - tables.hkl_min
     shape = jnp.asarray(tables.refl_lookup.shape, jnp.int32)
@@ -363,7 +367,7 @@ jax.tree_util.register_dataclass(
 def _classify(quaternions: jax.Array, q_lab: jax.Array, tables: GridTables) -> jax.Array:
     """(n_rot_chunk, n_pix) int32 reflection index of every (rotation, pixel), -1 outside all peaks."""
     rot = crystal_from_lab(quaternions)  # (r, 3, 3)
-    q_crystal = jnp.einsum("rij,pj->rpi", rot, q_lab)
+    q_crystal = jnp.einsum("rij,pj->rpi", rot, q_lab, precision=_EXACT)
     refl, _ = jax.vmap(jax.vmap(_nearest_reflection, in_axes=(0, None)), in_axes=(0, None))(q_crystal, tables)
     return refl
 
@@ -371,7 +375,7 @@ def _classify(quaternions: jax.Array, q_lab: jax.Array, tables: GridTables) -> j
 @jax.jit
 def _stencils(quaternions, rotation, pixel, q_lab, tables):
     rot = crystal_from_lab(quaternions)[rotation]
-    q_crystal = jnp.einsum("eij,ej->ei", rot, q_lab[pixel])
+    q_crystal = jnp.einsum("eij,ej->ei", rot, q_lab[pixel], precision=_EXACT)
     _, voxels, weights = jax.vmap(locate, in_axes=(0, None))(q_crystal, tables)
     return voxels, weights
 

@@ -159,11 +159,11 @@ def simulate(config: SimulationConfig) -> tuple[data_io.SparseFrames, dict]:
     shell = jnp.zeros(detector.n_pix, jnp.int32)  # one segment per frame: the total over all shells
     chunks = [(a, min(a + _CHUNK_FRAMES, config.n_frames)) for a in range(0, config.n_frames, _CHUNK_FRAMES)]
     unit = jnp.asarray(intensity, jnp.float32)
+    def entries_of(a: int, b: int) -> model_lib.Entries:
+        return model_lib.build_entries_by_reflection(grid, detector, quaternion[a:b])
+
     signal = np.concatenate(
-        [
-            np.asarray(model_lib.expected_signal(unit, model_lib.build_entries(grid, detector.q, quaternion[a:b]), pol, shell, 1))[:, 0]
-            for a, b in chunks
-        ]
+        [np.asarray(model_lib.expected_signal(unit, entries_of(a, b), pol, shell, 1))[:, 0] for a, b in chunks]
     )
     scale = config.bragg_photons / max(float(signal.mean()), 1e-30)
     intensity = intensity * scale
@@ -172,7 +172,7 @@ def simulate(config: SimulationConfig) -> tuple[data_io.SparseFrames, dict]:
     scaled = jnp.asarray(intensity, jnp.float32)
     ent_frame, ent_pixel, bragg = [], [], []
     for a, b in chunks:
-        entries = model_lib.build_entries(grid, detector.q, quaternion[a:b])
+        entries = entries_of(a, b)
         w = np.asarray(model_lib.tomogram(scaled, entries), np.float64)
         frame = np.asarray(entries.rotation) + a
         pixel = np.asarray(entries.pixel)
