@@ -20,6 +20,7 @@ the orchestration:
 from __future__ import annotations
 
 import concurrent.futures
+import ctypes
 import dataclasses
 import functools
 import math
@@ -659,10 +660,12 @@ def _kept_of_block(problem: Problem, block: Block, data: BlockData, resp: Respon
     for j, (n, pair) in enumerate(zip(n_terms, pairs)):
         entry, prob, count, dead, background, polarization, frame = (g[j][:n] for g in gathered)
         ent = data.rotation_set.index
+        rotation = data.rotation_set.rotations[ent.rotation[entry]].astype(np.int32)
         out.append(
             _HostKept(
-                data.rotation_set.rotations[ent.rotation[entry]], ent.pixel[entry], prob, count, dead, background,
-                polarization, frame, *pair,
+                rotation, ent.pixel[entry].astype(np.int32),
+                *(np.array(x) for x in (prob, count, dead, background, polarization, frame)),  # own, compact copies
+                pair[0], pair[1].astype(np.int32), pair[2],
             )
         )
     return out
@@ -671,6 +674,7 @@ def _kept_of_block(problem: Problem, block: Block, data: BlockData, resp: Respon
 def _assemble_kept(problem: Problem, per_device: list[list[_HostKept]]) -> tuple[Kept, RotationSet]:
     """Concatenates every block's kept pairs per device and indexes them into the M-step rotation set."""
     merged = [_HostKept(*(np.concatenate(parts) for parts in zip(*blocks))) for blocks in per_device]
+    per_device.clear()  # the per-block pieces are merged: free them before the columns are built
     rotation_set = problem.inputs.rotation_set
     if rotation_set is None:  # candidate lists: the union of the rotations kept anywhere
         kept_rotations = parallel.global_union(np.unique(np.concatenate([m.pair_rotation for m in merged])))
@@ -681,22 +685,26 @@ def _assemble_kept(problem: Problem, per_device: list[list[_HostKept]]) -> tuple
     n_pix = problem.detector.n_pix
     index = rotation_set.index
     entry_key = index.rotation * n_pix + index.pixel  # entries are sorted by (rotation, pixel)
-    columns: list[list[np.ndarray]] = [[] for _ in Kept._fields]
     n_terms = parallel.global_max(bucket_length(max(max(m.rotation.shape[0] for m in merged), 1)))
     n_pairs = parallel.global_max(bucket_length(max(max(m.pair_rotation.shape[0] for m in merged), 1)))
-    for m in merged:
-        local_rotation = np.searchsorted(rotation_set.rotations, m.rotation)
-        entry = np.searchsorted(entry_key, local_rotation * n_pix + m.pixel)
-        pair_rotation = np.searchsorted(rotation_set.rotations, m.pair_rotation)
-        values = (entry, m.prob, m.count, m.dead, m.background, m.polarization, m.frame,
-                  m.pair_frame, pair_rotation, m.pair_prob)
-        for j, (v, field) in enumerate(zip(values, Kept._fields)):
-            length = n_pairs if field.startswith("pair_") else n_terms
-            dtype = np.int32 if field in ("entry", "frame", "pair_frame", "pair_rotation") else np.float32
-            fill = 1.0 if field == "background" else 0  # padding contributes nothing and divides by nothing
-            columns[j].append(np.pad(np.asarray(v, dtype), (0, length - v.shape[0]), constant_values=fill))
-    kept = Kept(*(parallel.stack(problem.mesh, c) for c in columns))
-    return kept, rotation_set
+    for i, m in enumerate(merged):
+        local_rotation = np.searchsorted(rotation_set.rotations, m.rotation).astype(np.int64)
+        merged[i] = m._replace(
+            rotation=np.searchsorted(entry_key, local_rotation * n_pix + m.pixel).astype(np.int32),  # now: entry
+            pair_rotation=np.searchsorted(rotation_set.rotations, m.pair_rotation).astype(np.int32),
+        )
+    source = dict(zip(Kept._fields, ("rotation", "prob", "count", "dead", "background", "polarization", "frame",
+                                     "pair_frame", "pair_rotation", "pair_prob")))
+    columns = []
+    for field in Kept._fields:  # one field at a time, so only one padded copy is alive
+        length = n_pairs if field.startswith("pair_") else n_terms
+        dtype = np.int32 if field in ("entry", "frame", "pair_frame", "pair_rotation") else np.float32
+        fill = 1.0 if field == "background" else 0  # padding contributes nothing and divides by nothing
+        pieces = [getattr(m, source[field]).astype(dtype, copy=False) for m in merged]
+        columns.append(parallel.stack(
+            problem.mesh, [np.pad(v, (0, length - v.shape[0]), constant_values=fill) for v in pieces]
+        ))
+    return Kept(*columns), rotation_set
 
 
 def _blocks_with_data(problem: Problem):
@@ -713,6 +721,17 @@ def _blocks_with_data(problem: Problem):
             if b + 1 < len(problem.blocks):
                 pending = executor.submit(build, problem.blocks[b + 1])
             yield block, data
+            del data
+            _release_freed_memory()
+
+
+def _release_freed_memory() -> None:
+    """Returns freed heap memory to the system (glibc keeps it per thread arena otherwise: streamed blocks
+    built in a worker thread would leave the process holding several blocks' worth). A no-op elsewhere."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def estep(problem: Problem, state: EMCState, config: EMCConfig) -> EStep:
