@@ -617,7 +617,8 @@ class EStep(NamedTuple):
 
 
 class _HostKept(NamedTuple):
-    """Kept pairs of one device on the host, rotations as sampling indices, entries as (rotation, pixel)."""
+    """Kept pairs of one device on the host: join pairs as (sampling rotation, pixel) when the block had its own
+    rotation set, else ``rotation`` is already the entry of the problem's set (and ``pixel`` is -1)."""
 
     rotation: np.ndarray
     pixel: np.ndarray
@@ -660,10 +661,14 @@ def _kept_of_block(problem: Problem, block: Block, data: BlockData, resp: Respon
     for j, (n, pair) in enumerate(zip(n_terms, pairs)):
         entry, prob, count, dead, background, polarization, frame = (g[j][:n] for g in gathered)
         ent = data.rotation_set.index
-        rotation = data.rotation_set.rotations[ent.rotation[entry]].astype(np.int32)
+        if data.rotation_set is problem.inputs.rotation_set:  # entries already index the M-step set
+            rotation, pixel = np.array(entry), np.full(entry.shape, -1, np.int32)
+        else:
+            rotation = data.rotation_set.rotations[ent.rotation[entry]].astype(np.int32)
+            pixel = ent.pixel[entry].astype(np.int32)
         out.append(
             _HostKept(
-                rotation, ent.pixel[entry].astype(np.int32),
+                rotation, pixel,
                 *(np.array(x) for x in (prob, count, dead, background, polarization, frame)),  # own, compact copies
                 pair[0], pair[1].astype(np.int32), pair[2],
             )
@@ -683,14 +688,15 @@ def _assemble_kept(problem: Problem, per_device: list[list[_HostKept]]) -> tuple
             problem.mesh, inputs.grid, inputs.detector, inputs.sampling, inputs.log_w, kept_rotations, pad=True
         )
     n_pix = problem.detector.n_pix
-    index = rotation_set.index
-    entry_key = index.rotation * n_pix + index.pixel  # entries are sorted by (rotation, pixel)
+    if problem.inputs.rotation_set is None:
+        entry_key = rotation_set.index.rotation * n_pix + rotation_set.index.pixel  # sorted by (rotation, pixel)
     n_terms = parallel.global_max(bucket_length(max(max(m.rotation.shape[0] for m in merged), 1)))
     n_pairs = parallel.global_max(bucket_length(max(max(m.pair_rotation.shape[0] for m in merged), 1)))
     for i, m in enumerate(merged):
-        local_rotation = np.searchsorted(rotation_set.rotations, m.rotation).astype(np.int64)
-        merged[i] = m._replace(
-            rotation=np.searchsorted(entry_key, local_rotation * n_pix + m.pixel).astype(np.int32),  # now: entry
+        if problem.inputs.rotation_set is None:  # (rotation, pixel) -> entry of the M-step set
+            local_rotation = np.searchsorted(rotation_set.rotations, m.rotation).astype(np.int64)
+            m = m._replace(rotation=np.searchsorted(entry_key, local_rotation * n_pix + m.pixel).astype(np.int32))
+        merged[i] = m._replace(  # from here on ``rotation`` holds the entry
             pair_rotation=np.searchsorted(rotation_set.rotations, m.pair_rotation).astype(np.int32),
         )
     source = dict(zip(Kept._fields, ("rotation", "prob", "count", "dead", "background", "polarization", "frame",
