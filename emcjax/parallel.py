@@ -98,13 +98,6 @@ def global_max(value: int) -> int:
     return int(np.max(multihost_utils.process_allgather(np.asarray([value], np.int64))))
 
 
-def global_sum(value: float) -> float:
-    """The sum of a float over all processes (a collective)."""
-    if jax.process_count() == 1:
-        return float(value)
-    return float(np.sum(multihost_utils.process_allgather(np.asarray([value], np.float64))))
-
-
 def global_union(values: np.ndarray) -> np.ndarray:
     """Sorted union of 1-D integer arrays over all processes (a collective)."""
     values = np.unique(np.asarray(values, np.int64))
