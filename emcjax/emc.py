@@ -496,16 +496,18 @@ def setup_problem(
         parallel.gather_frames(mesh, [row], [0], n_padded)[:n_frames] for row in constants
     )
     first_set = rotation_set if rotation_set is not None else _block_rotation_set(mesh, inputs, blocks[0])
-    shared = Shared(
-        entries=first_set.entries,
-        polarization=detector.polarization.astype(np.float32),
-        shell=detector.shell.astype(np.int32),
-        log_prior=first_set.log_prior,
-        tables=grid.tables,
-        masked_shells=masked_shells,
-        frame_valid=np.arange(n_padded) < n_frames,
+    replicate = functools.partial(jax.tree.map, lambda x: parallel.replicate(mesh, np.asarray(x)))
+    shared = first_set.shared(  # the set's entries and prior are on the devices already
+        Shared(
+            entries=None,
+            polarization=replicate(detector.polarization.astype(np.float32)),
+            shell=replicate(detector.shell.astype(np.int32)),
+            log_prior=None,
+            tables=replicate(grid.tables),
+            masked_shells=replicate(masked_shells),
+            frame_valid=replicate(np.arange(n_padded) < n_frames),
+        )
     )
-    shared = jax.tree.map(lambda x: parallel.replicate(mesh, np.asarray(x)), shared)
     return Problem(
         detector=detector,
         grid=grid,
@@ -617,11 +619,11 @@ class EStep(NamedTuple):
 
 
 class _HostKept(NamedTuple):
-    """Kept pairs of one device on the host: join pairs as (sampling rotation, pixel) when the block had its own
-    rotation set, else ``rotation`` is already the entry of the problem's set (and ``pixel`` is -1)."""
+    """Kept pairs of one device on the host: the fields of :class:`Kept` (pair rotations as sampling
+    indices), plus, when the block had its own rotation set, each join pair's sampling rotation and pixel
+    (``entry`` is then -1 until :func:`_assemble_kept` knows the M-step set; else the two are empty)."""
 
-    rotation: np.ndarray
-    pixel: np.ndarray
+    entry: np.ndarray
     prob: np.ndarray
     count: np.ndarray
     dead: np.ndarray
@@ -631,6 +633,8 @@ class _HostKept(NamedTuple):
     pair_frame: np.ndarray
     pair_rotation: np.ndarray
     pair_prob: np.ndarray
+    rotation: np.ndarray
+    pixel: np.ndarray
 
 
 def _kept_of_block(problem: Problem, block: Block, data: BlockData, resp: Responsibilities) -> list[_HostKept]:
@@ -662,15 +666,18 @@ def _kept_of_block(problem: Problem, block: Block, data: BlockData, resp: Respon
         entry, prob, count, dead, background, polarization, frame = (g[j][:n] for g in gathered)
         ent = data.rotation_set.index
         if data.rotation_set is problem.inputs.rotation_set:  # entries already index the M-step set
-            rotation, pixel = np.array(entry), np.full(entry.shape, -1, np.int32)
+            rotation = pixel = np.zeros(0, np.int32)
+            entry = np.array(entry)
         else:
             rotation = data.rotation_set.rotations[ent.rotation[entry]].astype(np.int32)
             pixel = ent.pixel[entry].astype(np.int32)
+            entry = np.full(entry.shape, -1, np.int32)
         out.append(
             _HostKept(
-                rotation, pixel,
+                entry,
                 *(np.array(x) for x in (prob, count, dead, background, polarization, frame)),  # own, compact copies
                 pair[0], pair[1].astype(np.int32), pair[2],
+                rotation, pixel,
             )
         )
     return out
@@ -687,26 +694,21 @@ def _assemble_kept(problem: Problem, per_device: list[list[_HostKept]]) -> tuple
         rotation_set = _rotation_set(
             problem.mesh, inputs.grid, inputs.detector, inputs.sampling, inputs.log_w, kept_rotations, pad=True
         )
-    n_pix = problem.detector.n_pix
-    if problem.inputs.rotation_set is None:
-        entry_key = rotation_set.index.rotation * n_pix + rotation_set.index.pixel  # sorted by (rotation, pixel)
-    n_terms = parallel.global_max(bucket_length(max(max(m.rotation.shape[0] for m in merged), 1)))
-    n_pairs = parallel.global_max(bucket_length(max(max(m.pair_rotation.shape[0] for m in merged), 1)))
-    for i, m in enumerate(merged):
-        if problem.inputs.rotation_set is None:  # (rotation, pixel) -> entry of the M-step set
+        # (sampling rotation, pixel) of each join pair -> entry of the M-step set (sorted by rotation, pixel)
+        n_pix = problem.detector.n_pix
+        entry_key = rotation_set.index.rotation * n_pix + rotation_set.index.pixel
+        for i, m in enumerate(merged):
             local_rotation = np.searchsorted(rotation_set.rotations, m.rotation).astype(np.int64)
-            m = m._replace(rotation=np.searchsorted(entry_key, local_rotation * n_pix + m.pixel).astype(np.int32))
-        merged[i] = m._replace(  # from here on ``rotation`` holds the entry
-            pair_rotation=np.searchsorted(rotation_set.rotations, m.pair_rotation).astype(np.int32),
-        )
-    source = dict(zip(Kept._fields, ("rotation", "prob", "count", "dead", "background", "polarization", "frame",
-                                     "pair_frame", "pair_rotation", "pair_prob")))
+            merged[i] = m._replace(entry=np.searchsorted(entry_key, local_rotation * n_pix + m.pixel).astype(np.int32))
+    merged = [m._replace(pair_rotation=np.searchsorted(rotation_set.rotations, m.pair_rotation)) for m in merged]
+    n_terms = parallel.global_max(bucket_length(max(max(m.entry.shape[0] for m in merged), 1)))
+    n_pairs = parallel.global_max(bucket_length(max(max(m.pair_rotation.shape[0] for m in merged), 1)))
     columns = []
     for field in Kept._fields:  # one field at a time, so only one padded copy is alive
         length = n_pairs if field.startswith("pair_") else n_terms
         dtype = np.int32 if field in ("entry", "frame", "pair_frame", "pair_rotation") else np.float32
         fill = 1.0 if field == "background" else 0  # padding contributes nothing and divides by nothing
-        pieces = [getattr(m, source[field]).astype(dtype, copy=False) for m in merged]
+        pieces = [getattr(m, field).astype(dtype, copy=False) for m in merged]
         columns.append(parallel.stack(
             problem.mesh, [np.pad(v, (0, length - v.shape[0]), constant_values=fill) for v in pieces]
         ))
