@@ -73,7 +73,9 @@ def equal_volume_edges(q_min: float, q_max: float, n_shells: int) -> np.ndarray:
         raise ConfigError(f"n_shells must be >= 1, got {n_shells}")
     if not 0 <= q_min < q_max:
         raise ConfigError(f"shell limits must satisfy 0 <= q_min < q_max, got {q_min}, {q_max}")
-    return np.cbrt(np.linspace(q_min**3, q_max**3, n_shells + 1))
+    edges = np.cbrt(np.linspace(q_min**3, q_max**3, n_shells + 1))
+    edges[0], edges[-1] = q_min, q_max  # exactly, so that the extreme reflections are inside
+    return edges
 
 
 def shell_of(q, edges) -> np.ndarray:
