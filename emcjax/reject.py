@@ -77,7 +77,7 @@ def reject(config: RejectConfig, log=print) -> dict:
     if unexplained is not None:  # frames outside this run's set take no part in the robust statistics
         unexplained = tuple(np.where(used, x, np.nan) for x in unexplained)
     flags, z = reject_lib.frame_flags(
-        np.where(used, it["phi"], 1.0), np.where(used, first, 1.0), np.where(used, second, 0.0), unexplained, criteria
+        *(np.where(used, x, np.nan) for x in (it["phi"], first, second)), unexplained, criteria
     )
     flags[~used] = 0
     weights = run.weights() * (flags == 0)

@@ -2,7 +2,9 @@
 
 Reasons (bits of the ``flags`` array; a frame may have several):
 
-* ``phi_zero`` (1): the scale phi went to 0 (no Bragg signal; the reference's phi = 0 rule).
+* ``phi_zero`` (1): the scale phi went to (nearly) 0: phi <= ``phi_min`` times the median phi (no Bragg
+  signal; the reference's phi = 0 rule, relative because the phi update leaves a blank frame a small phi
+  from background photons that fall into peaks by chance).
 * ``undetermined`` (2): the orientation is not clearly determined: the posterior mass within
   ``cluster_angle`` of the most likely rotation, or of any of its symmetry mates, is below ``min_certainty``.
 * ``two_orientations`` (4): besides that cluster, a second cluster of orientations that no rotation of the
@@ -31,8 +33,8 @@ REASONS = {"phi_zero": 1, "undetermined": 2, "two_orientations": 4, "unexplained
 class RejectionCriteria:
     """Thresholds of the frame tests."""
 
-    phi_min: float = 1e-10
-    """Frames with phi <= this are rejected (phi_zero)."""
+    phi_min: float = 0.05
+    """Frames with phi <= this fraction of the median phi (of the frames tested) are rejected (phi_zero)."""
     min_certainty: float = 0.5
     """Posterior mass the most likely orientation's cluster must hold (undetermined below)."""
     second_probability: float = 0.05
@@ -114,7 +116,7 @@ def frame_flags(
     """Flags (bitmask of REASONS) of every frame and the unexplained-photon z-scores.
 
     Args:
-      phi: (n,) per-frame scale.
+      phi: (n,) per-frame scale (NaN: frame not tested).
       first_mass, second_mass: (n,) masses of the two leading orientation clusters (second NaN: not known).
       unexplained: ``(observed, expected)`` photons outside the predicted peaks (NaN: frame not tested), or
         None to skip that test. The z-scores are relative to the frames no other test flags.
@@ -125,8 +127,9 @@ def frame_flags(
     """
     phi = np.asarray(phi, np.float64)
     flags = np.zeros(phi.shape[0], np.uint8)
-    flags[phi <= criteria.phi_min] |= REASONS["phi_zero"]
-    flags[np.asarray(first_mass) < criteria.min_certainty] |= REASONS["undetermined"]
+    with np.errstate(invalid="ignore"):
+        flags[phi <= criteria.phi_min * max(float(np.nanmedian(phi)), 0.0)] |= REASONS["phi_zero"]
+        flags[np.asarray(first_mass) < criteria.min_certainty] |= REASONS["undetermined"]
     second = np.nan_to_num(np.asarray(second_mass, np.float64), nan=0.0)
     flags[second >= criteria.second_probability] |= REASONS["two_orientations"]
     z = np.full(phi.shape[0], np.nan)
