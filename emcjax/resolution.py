@@ -19,7 +19,7 @@ import h5py
 import numpy as np
 
 from emcjax import runio
-from emcjax.crystal import Crystal, asymmetric_unit, reflections
+from emcjax.crystal import Crystal
 from emcjax.errors import ConfigError, DataError, EmcjaxError
 from emcjax.merge import observe
 from emcjax.merge import sigma as sigma_lib
@@ -100,8 +100,9 @@ def merge_halves(config: ResolutionConfig, log=print) -> dict:
     scale_b = sigma_lib.common_scale(i_a[both], b.result.integrated[both])
     i_b = b.result.integrated.astype(np.float64) * scale_b
 
-    possible = asymmetric_unit(crystal, reflections(crystal, d_min=1 / a.grid.q_max, d_max=1 / a.grid.q_min)).hkl
-    possible_q = np.linalg.norm(possible @ crystal.reciprocal_basis.T, axis=1)
+    # completeness relative to every allowed unique reflection whose whole peak sphere lies inside the
+    # detector's resolution range (the reflections the model holds)
+    possible_q = q
     edges = stats_lib.equal_volume_edges(float(possible_q.min()), float(possible_q.max()), config.n_shells)
     shell = np.where(both, stats_lib.shell_of(q, edges), -1)
     sigma, params = sigma_lib.half_set_sigma(i_a[both], i_b[both], shell[both])

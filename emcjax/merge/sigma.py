@@ -13,8 +13,9 @@ counting-statistics error model,
     sigma_h^2 = a_s + b_s * max(M_h, 0),     a_s, b_s >= 0,
 
 (a_s: the background-like floor, b_s: the Poisson-like growth with the intensity) and (a_s, b_s) are fitted
-to d_h = (A_h - B_h)^2 / 4 by iteratively re-weighted least squares with weights 1 / sigma_h^4 (d_h has mean
-sigma_h^2 and variance 2 sigma_h^4 for Gaussian errors). Shells with fewer than ``min_per_shell``
+to d_h = (A_h - B_h)^2 / 4, averaged in groups of similar intensity, by iteratively re-weighted least
+squares (d_h has mean sigma_h^2 and variance 2 sigma_h^4 for Gaussian errors). sigma_h^2 is floored at the
+mean d_h of the shell's weakest reflections (so a reflection the model sets to 0 keeps an error). Shells with fewer than ``min_per_shell``
 reflections borrow the fit over all reflections. Checked against the truth in tests and
 ``experiments/merging.py``: (M_h - k I_true,h) / sigma_h has a spread of ~1 in every shell.
 """
@@ -38,22 +39,34 @@ def common_scale(reference, other) -> float:
     return float(np.sum(reference)) / total
 
 
-def fit_variance_model(merged, squared_difference, *, iterations: int = 10) -> tuple[float, float]:
-    """(a, b) >= 0 of Var = a + b max(merged, 0), fitted to ``squared_difference`` (unbiased estimates of
-    Var) by re-weighted least squares."""
+def fit_variance_model(merged, squared_difference, *, group_size: int = 15, iterations: int = 10) -> tuple[float, float]:
+    """(a, b) >= 0 of Var = a + b max(merged, 0), fitted to ``squared_difference`` (unbiased one-degree-of-
+    freedom estimates of Var).
+
+    The reflections are sorted by intensity and averaged in groups of ~``group_size`` (a group mean of d has
+    a relative error of ~sqrt(2 / group_size) instead of sqrt 2, and exact zeros, e.g. reflections both halves
+    set to 0, cannot pull the fit to a zero variance), then (a, b) are fitted to the group means by least
+    squares re-weighted with group size / Var^2.
+    """
     x = np.maximum(np.asarray(merged, np.float64), 0.0)
     y = np.asarray(squared_difference, np.float64)
     if y.size == 0:
         return float("nan"), float("nan")
+    order = np.argsort(x)
+    groups = np.array_split(order, max(1, y.size // group_size))
+    gx = np.array([x[g].mean() for g in groups])
+    gy = np.array([y[g].mean() for g in groups])
+    gn = np.array([g.size for g in groups], np.float64)
     a, b = float(np.mean(y)), 0.0
+    floor = 1e-6 * max(float(np.mean(y)), 1e-300)
     for _ in range(iterations):
-        w = 1.0 / np.maximum(a + b * x, 1e-30) ** 2
-        design = np.stack([np.ones_like(x), x], axis=1) * np.sqrt(w)[:, None]
-        (a_new, b_new), *_ = np.linalg.lstsq(design, y * np.sqrt(w), rcond=None)
+        w = gn / np.maximum(a + b * gx, floor) ** 2
+        design = np.stack([np.ones_like(gx), gx], axis=1) * np.sqrt(w)[:, None]
+        (a_new, b_new), *_ = np.linalg.lstsq(design, gy * np.sqrt(w), rcond=None)
         if b_new < 0:  # constrained: constant variance
-            a_new, b_new = float(np.sum(w * y) / np.sum(w)), 0.0
+            a_new, b_new = float(np.sum(w * gy) / np.sum(w)), 0.0
         elif a_new < 0:  # constrained: proportional to the intensity
-            a_new, b_new = 0.0, float(np.sum(w * x * y) / max(np.sum(w * x * x), 1e-300))
+            a_new, b_new = 0.0, float(np.sum(w * gx * gy) / max(np.sum(w * gx * gx), 1e-300))
         a, b = float(a_new), float(b_new)
     return a, b
 
@@ -82,4 +95,12 @@ def half_set_sigma(i_a, i_b, shell, *, min_per_shell: int = MIN_PER_SHELL) -> tu
         params[s] = fit_variance_model(merged[mask], d2[mask]) if mask.sum() >= min_per_shell else overall
     a = np.where(shell >= 0, params[np.maximum(shell, 0), 0] if n_shells else overall[0], overall[0])
     b = np.where(shell >= 0, params[np.maximum(shell, 0), 1] if n_shells else overall[1], overall[1])
-    return np.sqrt(np.maximum(a + b * np.maximum(merged, 0.0), 1e-30)), params
+    # floor: a reflection the model puts at 0 keeps the error of the weakest group of its shell
+    floor = np.zeros(n_shells)
+    for s in range(n_shells):
+        mask = shell == s
+        if mask.any():
+            weakest = np.argsort(merged[mask])[: max(min_per_shell // 2, 1)]
+            floor[s] = np.mean(d2[mask][weakest])
+    variance = np.maximum(a + b * np.maximum(merged, 0.0), floor[np.maximum(shell, 0)] if n_shells else 0.0)
+    return np.sqrt(np.maximum(variance, 1e-30)), params

@@ -102,8 +102,10 @@ class MergingStats:
       cc_star: CC* from CC1/2.
       r_split: Rsplit.
       cc_true: correlation of the merged intensities with the truth (NaN without truth).
-      true_z_sd: standard deviation of (I - k I_true) / sigma(I), k the overall least-squares scale (NaN
+      true_z_sd: standard deviation of z = (I - k I_true) / sigma(I), k the overall least-squares scale (NaN
         without truth): ~1 when sigma(I) is right.
+      true_z_mad: the same spread measured robustly, 1.4826 x the median absolute deviation of z (a few
+        reflections with a large error common to both halves raise the standard deviation, not this).
       overall: a MergingStats of one "shell" holding all reflections (None inside ``overall`` itself).
     """
 
@@ -121,6 +123,7 @@ class MergingStats:
     r_split: np.ndarray
     cc_true: np.ndarray
     true_z_sd: np.ndarray
+    true_z_mad: np.ndarray
     overall: "MergingStats | None" = None
 
     @property
@@ -142,6 +145,7 @@ def _one_shell(i_a, i_b, sigma, n_obs, i_true, true_scale, n_possible, d_max, d_
     n_unique = int(i_a.shape[0])
     with np.errstate(invalid="ignore", divide="ignore"):
         ios = merged / sigma
+    z = (merged - true_scale * i_true) / sigma if i_true is not None and n_unique > 1 else None
     return dict(
         d_max=d_max,
         d_min=d_min,
@@ -156,7 +160,8 @@ def _one_shell(i_a, i_b, sigma, n_obs, i_true, true_scale, n_possible, d_max, d_
         cc_star=float(cc_star(cc)),
         r_split=r_split(i_a, i_b) if n_unique else float("nan"),
         cc_true=pearson(merged, i_true) if i_true is not None else float("nan"),
-        true_z_sd=float(np.std((merged - true_scale * i_true) / sigma)) if i_true is not None and n_unique > 1 else float("nan"),
+        true_z_sd=float(np.std(z)) if z is not None else float("nan"),
+        true_z_mad=float(1.4826 * np.median(np.abs(z - np.median(z)))) if z is not None else float("nan"),
     )
 
 
@@ -254,6 +259,7 @@ _COLUMNS = [
     ("r_split", "r_split", "{:8.3f}"),
     ("cc_true", "cc_true", "{:8.3f}"),
     ("sd(z)", "true_z_sd", "{:6.2f}"),
+    ("mad(z)", "true_z_mad", "{:6.2f}"),
 ]
 
 
@@ -265,9 +271,9 @@ def _cell(fmt: str, value, width: int) -> str:
 
 def format_table(stats: MergingStats, *, significance: float = SIGNIFICANCE) -> str:
     """The merging table as text: one line per shell, then the overall line; ``*`` marks a significant CC1/2
-    (p < ``significance``), as in DIALS. The truth columns (cc_true; sd(z), the spread of
-    (I - k I_true) / sigma(I)) are left out when no truth is known."""
-    columns = [c for c in _COLUMNS if c[1] not in ("cc_true", "true_z_sd") or np.isfinite(stats.cc_true).any()]
+    (p < ``significance``), as in DIALS. The truth columns (cc_true; sd(z) and mad(z), the spread of
+    z = (I - k I_true) / sigma(I)) are left out when no truth is known."""
+    columns = [c for c in _COLUMNS if c[1] not in ("cc_true", "true_z_sd", "true_z_mad") or np.isfinite(stats.cc_true).any()]
     widths = [max(len(h), len(fmt.format(1.0 if "d" not in fmt else 1))) + 1 for h, _, fmt in columns]
     lines = ["".join(h.rjust(w) for (h, _, _), w in zip(columns, widths))]
     for row in stats.rows():
