@@ -125,8 +125,8 @@ def merge_halves(config: ResolutionConfig, log=print) -> dict:
             f.attrs["cell"] = np.asarray(crystal.cell)
             f.attrs["space_group"] = crystal.space_group
             f.attrs["wavelength_A"] = float(a.detector.geometry.wavelength_A)
-            f.attrs["half_a"] = str(config.half_a)
-            f.attrs["half_b"] = str(config.half_b)
+            f.attrs["half_a_run"] = str(config.half_a)
+            f.attrs["half_b_run"] = str(config.half_b)
             f.attrs["scale_b"] = scale_b
             f.attrs["d_suggested"] = np.nan if d_suggested is None else d_suggested
             f.attrs["criterion"] = criterion
@@ -172,8 +172,8 @@ def read_merged(directory: pathlib.Path) -> dict:
         with h5py.File(path, "r") as f:
             if f.attrs.get("format") != "emcjax-merged":
                 raise DataError(f"{path}: attribute format is {f.attrs.get('format')!r}, expected 'emcjax-merged'")
-            out = {name: f[name][()] for name in f}
-            out.update({k: (v.item() if isinstance(v, np.generic) else v) for k, v in f.attrs.items()})
+            out = {k: (v.item() if isinstance(v, np.generic) else v) for k, v in f.attrs.items()}
+            out.update({name: f[name][()] for name in f})
     except OSError as err:
         raise DataError(f"{path} is not a readable HDF5 file: {err}") from None
     return out
