@@ -27,6 +27,8 @@ import time
 
 import numpy as np
 
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # this checkout's emcjax
+
 
 def sh(args: list[str]) -> str:
     cmd = [sys.executable, "-m", *args]
@@ -116,6 +118,23 @@ def main() -> None:
     t = true_i[[key[tuple(h)] for h in hkl.tolist()]]
     summary["mtz"] = {"space_group": mtz["space_group"], "cell": list(mtz["cell"]), "n": int(hkl.shape[0]),
                       "cc_imean_truth": float(np.corrcoef(mtz["IMEAN"], t)[0, 1])}
+    # the spread of (I - k I_true) / sigma for reflections on symmetry elements and for the others
+    from emcjax.crystal import Crystal
+    from emcjax.merge.stats import shell_of
+    from emcjax.resolution import read_merged
+
+    m = read_merged(merged)
+    crystal = Crystal(tuple(m["cell"]), str(m["space_group"]))
+    t = true_i[[key[tuple(h)] for h in m["hkl"].tolist()]]
+    w = m["sigma"] ** -2.0
+    scale = np.sum(w * m["intensity"] * t) / np.sum(w * t * t)
+    z = (m["intensity"] - scale * t) / m["sigma"]
+    images = np.einsum("gij,nj->ngi", crystal.laue_ops, m["hkl"])
+    special = (np.all(images == m["hkl"][:, None, :], axis=2).sum(axis=1) > 1)  # a non-trivial stabilizer
+    shell = shell_of(np.linalg.norm(m["hkl"] @ crystal.reciprocal_basis.T, axis=1), m["shell_edges_q"])
+    summary["special_reflections"] = int(special.sum())
+    summary["true_z_sd_general_per_shell"] = [round(float(np.std(z[(shell == s) & ~special])), 3) for s in range(len(shells))]
+    summary["true_z_sd_special_per_shell"] = [round(float(np.std(z[(shell == s) & special])), 3) for s in range(len(shells))]
     print(json.dumps(summary, indent=1))
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
 
