@@ -299,7 +299,7 @@ class Problem:
     stream: bool
     kept_budget: int
 
-    @property
+    @functools.cached_property
     def shared(self) -> Shared:
         """Replicated arrays of the problem's rotation set (block 0's when frames carry candidate lists)."""
         first = self.rotation_set if self.rotation_set is not None else self.block_data(self.blocks[0]).rotation_set
