@@ -32,7 +32,6 @@ from emcjax import parallel
 from emcjax.config import EMCConfig
 from emcjax.core.arrays import EMCState, Hyper, Kept
 from emcjax.core.estep import rotation_tables
-from emcjax.core.kept import concatenate
 from emcjax.core.step import Batch, Diagnostics, FrameStats, KeptRotations, StepSpec, estep_block, intensity_mstep
 from emcjax.core.step import make_update, phi_mstep
 from emcjax.data import bucket_length

@@ -253,3 +253,23 @@ def test_research_doc_emc_code_runs():
     kept = np.asarray(namespace["diagnostics"].last.n_kept).mean(axis=1)
     assert kept[0] <= kept[1]
     assert np.isfinite(float(namespace["g_r"])) and np.all(np.isfinite(np.asarray(namespace["g_model"])))
+
+
+def test_research_doc_cli_commands_run(tmp_path, monkeypatch):
+    """The bash block of docs/RESEARCH.md's EMC section (simulate, then lowres with negbin) runs as written."""
+    import pathlib
+    import re
+    import shlex
+
+    from emcjax import lowres, simulate
+
+    text = (pathlib.Path(__file__).parents[1] / "docs" / "RESEARCH.md").read_text()
+    section = text.split("## Running EMC with a likelihood", 1)[1]
+    (block,) = re.findall(r"```bash\n(.*?)```", section, flags=re.S)[:1]
+    commands = [shlex.split(line) for line in block.strip().splitlines()]
+    assert [c[:3] for c in commands] == [["python", "-m", "emcjax.simulate"], ["python", "-m", "emcjax.lowres"]]
+    monkeypatch.chdir(tmp_path)
+    simulate.main(commands[0][3:])
+    lowres.main(commands[1][3:])  # exits non-zero (SystemExit) on any error
+    records = [line for line in (tmp_path / "runs" / "nb" / "metrics.jsonl").read_text().splitlines() if line]
+    assert len(records) == 2

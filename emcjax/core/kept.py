@@ -64,11 +64,6 @@ def kept_pairs(resp: Responsibilities, local: BlockArrays, budget: int | None, w
     return kept, n_live
 
 
-def concatenate(parts: list[Kept]) -> Kept:
-    """The kept pairs of several blocks as one set (fields concatenated along their first axis)."""
-    return parts[0] if len(parts) == 1 else Kept(*(jnp.concatenate(f, axis=0) for f in zip(*parts)))
-
-
 def flatten_blocks(kept: Kept) -> Kept:
     """Kept pairs stacked over blocks, (n_blocks, n, ...) -> (n_blocks * n, ...)."""
     return jax.tree.map(lambda x: x.reshape(x.shape[0] * x.shape[1], *x.shape[2:]), kept)
