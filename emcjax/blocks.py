@@ -23,8 +23,8 @@ from emcjax.join import BACKGROUND_FLOOR, EntryIndex, build_join, pad_join, pixe
 from emcjax.rotations import RotationSampling
 
 class FrameSource:
-    """Frames from a data set on disk (opened per read, so a closed handle never stops a streamed run), or
-    frames already in memory."""
+    """Frames from a data set on disk, or frames already in memory. A streamed run re-reads its blocks at
+    every E-step: the source reopens the file when the caller's handle was closed after set-up."""
 
     def __init__(self, dataset: SparseDataset, frames: SparseFrames | None):
         self.dataset = dataset
@@ -36,6 +36,8 @@ class FrameSource:
         start = min(start, stop)
         if self.frames is not None:
             return self.frames.frame_slice(start, stop)
+        if self.dataset.closed:
+            self.dataset = SparseDataset(self.dataset.path)
         return self.dataset.read_block(start, stop)
 
     def candidates(self) -> tuple[np.ndarray, np.ndarray] | None:
