@@ -16,7 +16,7 @@ from emcjax.detector import DetectorGeometry, make_detector
 from emcjax.errors import DataError
 from emcjax.legacy.directory import LegacyDirectory, read_legacy
 from emcjax.legacy.files import BASIS_VEC, PIX_MAP_DAT, REC_VECTORS, SYM_OP, _write
-from emcjax.legacy.geometry import _qmin_px, reference_detector_arrays
+from emcjax.legacy.geometry import _qmin_px, reference_detector_arrays, reference_limits
 from emcjax.legacy.grid import model_to_reference, reference_grid, reference_to_model
 
 
@@ -58,6 +58,10 @@ def import_directory(directory: str | pathlib.Path, out: str | pathlib.Path, *, 
     """
     out = pathlib.Path(out)
     legacy = read_legacy(directory, space_group=space_group)
+    if legacy.quaternion_n is None:
+        raise DataError(f"{legacy.quaternion_file}: {legacy.quaternions.shape[0]} rotations, no 600-cell sampling "
+                        "(N = 10(5n^3+n)); expected a 600-cell file: emcjax data sets index candidate rotations of a "
+                        "600-cell sampling (the reference-compatible update, emcjax.legacy.refupdate, reads any list)")
     crystal = {"cell": np.asarray(legacy.cell), "space_group": legacy.space_group, "vn": legacy.vn, "gw": legacy.gw}
     data_io.write_dataset(out, legacy.frames, geometry=dataclasses.asdict(legacy.geometry), crystal=crystal,
                           mask=legacy.mask if legacy.mask.any() else None, overwrite=overwrite,
@@ -157,11 +161,12 @@ def export_run(run_dir: str | pathlib.Path, to: str | pathlib.Path, *, data: str
     pix_map = np.full(g.num_pixels, -1, np.int64)
     pix_map[ids] = np.arange(ids.shape[0])
     _write(to / PIX_MAP_DAT, "\n".join(map(str, pix_map.tolist())) + "\n")
-    _write(to / BASIS_VEC, "\n".join(" ".join(f"{x:.10g}" for x in row) for row in crystal.real_basis) + "\n")
+    basis = np.array([[float(f"{x:.10g}") for x in row] for row in crystal.real_basis])  # as the file holds it
+    _write(to / BASIS_VEC, "\n".join(" ".join(f"{x:.10g}" for x in row) for row in basis) + "\n")
     ops = _sym_ops_cartesian(crystal)
     _write(to / SYM_OP, f"{len(ops)}\n" + "".join(" ".join(f"{x:.17g}" for x in m.ravel()) + "\n" for m in ops))
     # model files
-    ref = reference_grid(crystal.real_basis, qmin_px / lam_d, qcut_px / lam_d, vn, gw)
+    ref = reference_grid(basis, *reference_limits(g, qmin_px, qcut_px), vn, gw)
     values_ref = model_to_reference(grid, result.intensity, ref)
     _write(to / "finish_intensity.bin", values_ref.astype("<f8").tobytes())
     sums = np.bincount(ref.owner, weights=values_ref, minlength=ref.hkl.shape[0])

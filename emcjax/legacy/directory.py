@@ -16,7 +16,7 @@ from emcjax.legacy.files import (BASIS_VEC, REC_VECTORS, SYM_OP, _key, read_conf
                                  read_float64_array, read_matrix_file, read_phi, read_pix_map, read_prob_orien,
                                  read_quaternion_file, read_rec_vectors)
 from emcjax.legacy.geometry import (_resolution_for_px, cell_from_basis, check_detector, geometry_from_config,
-                                    infer_space_group)
+                                    infer_space_group, reference_limits)
 from emcjax.legacy.grid import ReferenceGrid, reference_grid
 
 # ---------------------------------------------------------------------------------------------------------
@@ -37,7 +37,7 @@ class LegacyDirectory:
     cell: tuple
     space_group: str
     sym_ops: np.ndarray
-    quaternion_n: int
+    quaternion_n: int | None  # 600-cell n (from the row count); None: an arbitrary rotation list
     quaternions: np.ndarray  # (n_rot, 5)
     frames: data_io.SparseFrames
     phi: np.ndarray
@@ -49,6 +49,12 @@ class LegacyDirectory:
     res_cutoff: float
     d_min: float
     ref_grid: ReferenceGrid
+    quaternion_file: pathlib.Path
+    basis: np.ndarray  # (3, 3) aux/basis-vec.dat, columns a, b, c in Å
+    pixel_limits: tuple[int, int, int]  # (q_min_px, q_max_px, q_cut_px) pixel units
+    q_px: np.ndarray  # (full_num_pix, 3) rec-vectors.bin, pixel units
+    polarization: np.ndarray  # (full_num_pix,) rec-vectors.bin
+    background: np.ndarray  # (n_frames, qlen) float64 mpi-bg_model.bin (frames hold it as float32)
 
 
 def _resolve(root: pathlib.Path, cfg: dict, key: str, default: str | None = None) -> pathlib.Path:
@@ -119,7 +125,7 @@ def read_legacy(root: str | pathlib.Path, space_group: str | None = None, check_
 
     quat_path = _resolve(root, cfg, "quat_file")
     n, quats = read_quaternion_file(quat_path)
-    if check_quaternions:
+    if check_quaternions and n is not None:
         _sampling_check(n, quats, quat_path)
 
     ids_path = _resolve(root, cfg, "reduced_data_id_file")
@@ -176,8 +182,7 @@ def read_legacy(root: str | pathlib.Path, space_group: str | None = None, check_
         raise DataError(f"{cfg_path}: res_cutoff = {res_cutoff} Å is beyond res_max = {_key(cfg, 'res_max', cfg_path, float)} "
                         "Å; expected res_cutoff >= res_max")
     d_min = _resolution_for_px(lam_d, qcut_px)
-    real_basis = Crystal(cell=cell, space_group="P 1").real_basis
-    ref = reference_grid(real_basis, qmin_px / lam_d, qcut_px / lam_d, vn, gw)
+    ref = reference_grid(basis, *reference_limits(geometry, qmin_px, qcut_px), vn, gw)
 
     intensity_file, intensity = None, None
     candidates = []
@@ -195,6 +200,8 @@ def read_legacy(root: str | pathlib.Path, space_group: str | None = None, check_
         root=root, config=cfg, geometry=geometry, detector=detector, mask=mask, pixel_of=pixel_of, cell=cell,
         space_group=space_group, sym_ops=sym_ops, quaternion_n=n, quaternions=quats, frames=frames, phi=phi,
         phi_file=phi_path, intensity_file=intensity_file, intensity=intensity, vn=vn, gw=gw,
-        res_cutoff=res_cutoff, d_min=d_min, ref_grid=ref,
+        res_cutoff=res_cutoff, d_min=d_min, ref_grid=ref, quaternion_file=quat_path, basis=basis,
+        pixel_limits=(qmin_px, qmax_px, qcut_px), q_px=q_px, polarization=pol,
+        background=background,
     )
 

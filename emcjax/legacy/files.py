@@ -145,22 +145,34 @@ def read_matrix_file(path: pathlib.Path, count: int | None, what: str) -> np.nda
     return vals.reshape(n, 3, 3)
 
 
-def read_quaternion_file(path: pathlib.Path) -> tuple[int, np.ndarray]:
-    """``c-quaternion<n>.bin``: (n parsed from the name, (N, 5) float64 rows q0, q1, q2, q3, w)."""
-    m = re.search(r"quaternion(\d+)\.bin$", path.name)
-    if m is None:
-        raise DataError(f"{path}: file name does not end in 'quaternion<n>.bin'; expected the 600-cell sampling "
-                        "c-quaternion<n>.bin (n is read from the name)")
-    n = int(m.group(1))
-    n_rot = data_io.rotation_count(n)
-    what = f"int32 N = {n_rot} (10(5n^3+n) for n = {n}), then N x float64 (q0, q1, q2, q3, w)"
+def sampling_n_of_count(n_rot: int) -> int | None:
+    """The 600-cell parameter n with 10(5n^3 + n) == n_rot (METHOD.md §9.1), or None if there is none."""
+    n = max(int(round((n_rot / 50.0) ** (1.0 / 3.0))), 1)
+    for m in (n - 1, n, n + 1):
+        if m >= 1 and data_io.rotation_count(m) == n_rot:
+            return m
+    return None
+
+
+def read_quaternion_file(path: pathlib.Path) -> tuple[int | None, np.ndarray]:
+    """A quaternion file (``c-quaternion<n>.bin`` or any name): (n, (N, 5) float64 rows q0, q1, q2, q3, w).
+
+    n comes from the row count N = 10(5n^3 + n) (None when N is no 600-cell count: an arbitrary rotation
+    list with its weights); a name ending in ``quaternion<m>.bin`` is only a cross-check (m must equal n).
+    """
+    what = "int32 N, then N x float64 (q0, q1, q2, q3, w)"
     raw = _read_bytes(path, what)
     if len(raw) < 4:
         raise DataError(f"{path}: {len(raw)} bytes; expected {what}")
     count = int(np.frombuffer(raw[:4], "<i4")[0])
-    if count != n_rot or len(raw) != 4 + 40 * n_rot:
-        raise DataError(f"{path}: header N = {count}, {len(raw)} bytes; expected {what} ({4 + 40 * n_rot} bytes)")
-    return n, np.frombuffer(raw[4:], "<f8").reshape(n_rot, 5).copy()
+    if count < 1 or len(raw) != 4 + 40 * count:
+        raise DataError(f"{path}: header N = {count}, {len(raw)} bytes; expected {what} ({4 + 40 * max(count, 0)} bytes)")
+    n = sampling_n_of_count(count)
+    m = re.search(r"quaternion(\d+)\.bin$", path.name)
+    if m is not None and n != int(m.group(1)):
+        raise DataError(f"{path}: {count} rows; the name says n = {m.group(1)}, which has "
+                        f"{data_io.rotation_count(int(m.group(1)))} rows (10(5n^3+n)); expected the row count of the name")
+    return n, np.frombuffer(raw[4:], "<f8").reshape(count, 5).copy()
 
 
 def read_prob_orien(path: pathlib.Path, n_frames: int, n_rot: int) -> tuple[np.ndarray, np.ndarray]:

@@ -29,6 +29,16 @@ def _distance_px(detd: float, px: float, s: np.ndarray) -> float:
     return detd / px * float(np.linalg.norm(s)) / abs(float(s[2]))
 
 
+def reference_limits(geometry: DetectorGeometry, qmin_px: int, qcut_px: int) -> tuple[float, float]:
+    """(r_min, r_max) in 1/Å exactly as low-res-emc/setup.c computes them: ``q_px * (1/wl/D)`` with
+    ``D = (detd/px) * sqrt(sx^2 + sy^2 + sz^2) / |sz|`` (same float64 operations, so the same bits)."""
+    sx, sy, sz = (float(x) for x in geometry.beam_direction)
+    norm = math.sqrt((sx * sx + sy * sy) + sz * sz)
+    distance = (geometry.distance_m / geometry.pixel_size_m) * norm / abs(sz)
+    scale = 1.0 / geometry.wavelength_A / distance
+    return qmin_px * scale, qcut_px * scale
+
+
 def _resolution_for_px(lam_d: float, q_px: int) -> float:
     """The largest-ish d with ceil(λD/d) == q_px (d ≈ λD/q_px, nudged by ulps against rounding)."""
     d = lam_d / q_px

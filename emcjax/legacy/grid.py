@@ -37,52 +37,99 @@ class ReferenceGrid:
         return int(self.voxels.shape[0])
 
 
-def _reference_reciprocal(real_basis: np.ndarray) -> np.ndarray:
-    a, b, c = real_basis[:, 0], real_basis[:, 1], real_basis[:, 2]
-    vol = abs(float(np.dot(np.cross(a, b), c)))
-    return np.stack([np.cross(b, c) / vol, np.cross(c, a) / vol, np.cross(a, b) / vol], axis=1)
+def c_round(x: np.ndarray) -> np.ndarray:
+    """C's ``round``: half away from zero, exactly (x - trunc(x) is exact in floating point)."""
+    x = np.asarray(x, np.float64)
+    whole = np.trunc(x)
+    return whole + np.where(np.abs(x - whole) >= 0.5, np.sign(x), 0.0)
+
+
+def reference_reciprocal(real_basis: np.ndarray) -> np.ndarray:
+    """``rlatt_vec`` (3x3, columns a*, b*, c*, 1/Å) from basis-vec.dat's columns a, b, c, with the reference's
+    float64 operation order (low-res-emc/setup.c ``set_intens``; METHOD.md §1)."""
+    basis = np.asarray(real_basis, np.float64)
+    a, b, c = basis[:, 0], basis[:, 1], basis[:, 2]
+
+    def cross(u, v):
+        return np.array([u[1] * v[2] - u[2] * v[1], u[2] * v[0] - u[0] * v[2], u[0] * v[1] - u[1] * v[0]])
+
+    ab = cross(a, b)
+    volume = abs(((0.0 + ab[0] * c[0]) + ab[1] * c[1]) + ab[2] * c[2])
+    rl = np.empty((3, 3))
+    rl[:, 2] = ab / volume
+    rl[:, 0] = cross(b, c) / volume
+    rl[:, 1] = cross(c, a) / volume
+    return rl
+
+
+def _lattice_points(rl: np.ndarray, hkl: np.ndarray) -> np.ndarray:
+    """rvec_i = ((rl[i][0]*h + rl[i][1]*k) + rl[i][2]*l) for (n, 3) hkl, summed left to right like the C."""
+    h = hkl.astype(np.float64)
+    return np.stack([((0.0 + rl[i, 0] * h[:, 0]) + rl[i, 1] * h[:, 1]) + rl[i, 2] * h[:, 2] for i in range(3)], axis=1)
+
+
+def _sum_squares(v: np.ndarray) -> np.ndarray:
+    return ((0.0 + v[..., 0] * v[..., 0]) + v[..., 1] * v[..., 1]) + v[..., 2] * v[..., 2]
 
 
 def reference_grid(real_basis: np.ndarray, r_min: float, r_max: float, vn: int, gw: float) -> ReferenceGrid:
-    """The reference's hkl table and S_h (METHOD.md §4.2-4.3), in its orders.
+    """The reference's hkl table and S_h (METHOD.md §4.2-4.3), in its orders and with its float64 arithmetic.
 
-    Boundary points at distance exactly gw are included (relative tolerance 1e-9, as emcjax's grid does).
+    Every quantity is computed with the operations of low-res-emc/setup.c ``set_intens`` in the same order
+    (numpy float64 gives the C program's bits), so points at distance exactly gw fall the same way: the
+    reciprocal basis (:func:`reference_reciprocal`), ``min_rcell = sqrt(min_j sum_i rl[i][j]^2)``,
+    ``rescale = VN / min_rcell``, the peak centre ``q_i = rvec_i * rescale``, ``t_i = round(q_i)`` (half away
+    from zero), and for each offset o in the cube ``-(ceil(gw)+1)..ceil(gw)+1`` (x-major)
+    ``d_i = (t_i + o_i) - q_i``, kept iff ``d_0^2 + d_1^2 + d_2^2 <= gw^2``, no tolerance. A reflection is
+    partial (dropped) if a kept point has ``|t + o|^2 / rescale^2`` (integer numerator) above ``r_max^2`` or
+    below ``r_min^2``.
+
+    Args:
+      real_basis: (3, 3) columns a, b, c in Å, the values of aux/basis-vec.dat.
+      r_min, r_max: the reference's limits ``q_px * (1/wl/D)`` in 1/Å (squared here, as ``pow(x, 2)``).
+      vn, gw: VN and gw.
     """
-    rl = _reference_reciprocal(np.asarray(real_basis, np.float64))
-    lens = np.linalg.norm(rl, axis=0)
-    spacing = float(lens.min()) / vn
-    box = [int(math.floor(r_max / x)) for x in lens]
-    # grow the box while a lattice point on a face lies inside the sphere (oblique cells)
-    for axis in range(3):
-        while True:
+    rl = reference_reciprocal(real_basis)
+    rmax2, rmin2 = float(r_max) * float(r_max), float(r_min) * float(r_min)
+    norms = _sum_squares(rl.T)
+    min_rcell = math.sqrt(float(norms.min()))
+    box = [int(math.floor(math.sqrt(rmax2 / float(x)))) for x in norms]
+    # grow the box while a lattice point on a face lies strictly inside the sphere (h faces first)
+    while True:
+        for axis in range(3):
             rng = [np.arange(-m, m + 1) for m in box]
             rng[axis] = np.array([-box[axis], box[axis]])
-            g = np.stack(np.meshgrid(*rng, indexing="ij"), -1).reshape(-1, 3) @ rl.T
-            if np.any(np.einsum("ij,ij->i", g, g) < r_max**2):
+            faces = np.stack(np.meshgrid(*rng, indexing="ij"), -1).reshape(-1, 3)
+            if np.any(_sum_squares(_lattice_points(rl, faces)) < rmax2):
                 box[axis] += 1
-            else:
                 break
+        else:
+            break
+    rescale = vn / min_rcell
+    half_grid = int(math.ceil(math.sqrt(rmax2) / min_rcell * vn))  # (Nx - 1) / 2
     rng = [np.arange(-m, m + 1) for m in box]
     hkl = np.stack(np.meshgrid(*rng, indexing="ij"), -1).reshape(-1, 3)
-    centre = (hkl @ rl.T) / spacing
-    half_grid = int(math.ceil(r_max / spacing))
+    centre = _lattice_points(rl, hkl) * rescale  # voxel units
+    # pre-filter: reflections whose sphere lies wholly outside [r_min, r_max] are partial for sure
+    margin = (gw + 2.0) / rescale
+    cn = np.sqrt(_sum_squares(centre)) / rescale
+    cand = np.flatnonzero((cn <= math.sqrt(rmax2) + margin) & (cn >= math.sqrt(rmin2) - margin))
+    q = centre[cand]
+    t = c_round(q).astype(np.int64)
     ext = int(math.ceil(gw)) + 1
     cube = np.stack(np.meshgrid(*[np.arange(-ext, ext + 1)] * 3, indexing="ij"), -1).reshape(-1, 3)
-    # cheap pre-filter: only reflections whose sphere can touch the shell
-    cn = np.linalg.norm(centre, axis=1) * spacing
-    cand = np.flatnonzero((cn <= r_max + 2 * gw * spacing) & (cn >= r_min - 2 * gw * spacing))
-    t = np.rint(centre[cand]).astype(np.int64)
-    pts = t[:, None, :] + cube[None]  # (n, c, 3) x-major order
-    d2 = np.sum((pts - centre[cand][:, None, :]) ** 2, axis=-1)
-    inside = (d2 <= gw * gw * (1 + 1e-9)) & np.all(np.abs(pts) <= half_grid, axis=-1)
-    r = np.linalg.norm(pts, axis=-1) * spacing
-    ok = np.where(inside, (r >= r_min) & (r <= r_max), True).all(axis=1) & inside.any(axis=1)
+    pts = t[:, None, :] + cube[None]  # (n, c, 3) integer grid points, x-major order
+    diff = pts.astype(np.float64) - q[:, None, :]
+    inside = _sum_squares(diff) <= gw * gw
+    norm = np.sum(pts * pts, axis=-1).astype(np.float64) / (rescale * rescale)
+    partial = np.any(inside & ((norm > rmax2) | (norm < rmin2)), axis=1)
+    inside &= np.all(np.abs(pts) <= half_grid, axis=-1)
+    ok = ~partial & inside.any(axis=1)
     keep = cand[ok]
-    inside = inside[ok]
-    pts = pts[ok]
+    inside, pts = inside[ok], pts[ok]
     counts = inside.sum(axis=1)
     offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-    return ReferenceGrid(spacing=spacing, hkl=hkl[keep].astype(np.int64), box=(box[0], box[1], box[2]),
+    return ReferenceGrid(spacing=min_rcell / vn, hkl=hkl[keep].astype(np.int64), box=(box[0], box[1], box[2]),
                          voxels=pts[inside].astype(np.int64),
                          owner=np.repeat(np.arange(keep.shape[0]), counts).astype(np.int64),
                          offsets=offsets)
