@@ -100,7 +100,7 @@ def test_update_from_the_programs_printed_probabilities(directory):
 def test_import_holds_the_files(directory, tmp_path):
     """The imported data set holds the fixture's frames, background, candidates, ids and phi (numpy reader)."""
     out = tmp_path / "a.h5"
-    legacy.import_directory(FIXTURE, out)
+    summary = legacy.import_directory(FIXTURE, out)
     n_pix = np.fromfile(FIXTURE / "make-detector/rec-vectors.bin", "<i4", count=3)[2]
     dense = np.fromfile(FIXTURE / "Data/mpi-datafile.bin", "<i2").reshape(100, n_pix)
     pix_map = np.loadtxt(FIXTURE / "make-detector/pix-map.dat", np.int64)
@@ -110,7 +110,11 @@ def test_import_holds_the_files(directory, tmp_path):
     ids = np.loadtxt(FIXTURE / "reduce-data/reduced-data_id.dat", np.int64)[1:]
     with data_io.SparseDataset(out) as ds:
         fr = ds.read_all()
-        assert ds.candidate_sampling_n == 2
+        # prob-orien.bin lists all 420 rotations for every frame: no lists, the all-rotations path (issue 8)
+        assert not ds.has_candidates and fr.candidate_offsets is None
+    assert summary["orientation_search"].startswith("all 420 rotations of the 600-cell sampling n = 2")
+    emc_cfg = runio.parse_toml(out.with_suffix(".toml"))["emc"]
+    assert emc_cfg["rotation_n"] == 2 and emc_cfg["reduce_by_symmetry"] is True
     np.testing.assert_array_equal(fr.frame_id, ids)
     np.testing.assert_array_equal(fr.background, np.fromfile(FIXTURE / "Data/mpi-bg_model.bin").reshape(100, -1)
                                   .astype(np.float32))
@@ -122,8 +126,7 @@ def test_import_holds_the_files(directory, tmp_path):
         np.testing.assert_array_equal(fr.photon_pixels[sl], raw_of[row > 0][order])
         np.testing.assert_array_equal(fr.photon_counts[sl], row[row > 0][order])
         count = po[pos]
-        np.testing.assert_array_equal(fr.candidate_rotations[fr.candidate_offsets[d]:fr.candidate_offsets[d + 1]],
-                                      po[pos + 1:pos + 1 + count])
+        np.testing.assert_array_equal(po[pos + 1:pos + 1 + count], np.arange(420))
         pos += 1 + count
     init = runio.read_run(tmp_path / "a-init")
     np.testing.assert_allclose(init.phi, np.loadtxt(FIXTURE / "aux/start-phi.dat"), rtol=1e-7)
@@ -140,7 +143,10 @@ def test_round_trip_is_the_identity(tmp_path):
                      "dead_pixels", "background", "candidate_offsets", "candidate_rotations"):
             np.testing.assert_array_equal(getattr(fa, name), getattr(fb, name), err_msg=name)
         assert a.geometry == b.geometry and a.crystal == b.crystal
-        assert a.candidate_sampling_n == b.candidate_sampling_n == 2
+        assert not a.has_candidates and not b.has_candidates  # export listed all 420 rotations again
+    assert runio.parse_toml(tmp_path / "b.toml")["emc"]["rotation_n"] == 2
+    po = np.fromfile(tmp_path / "exported/aux/prob-orien.bin", "<i4").reshape(100, 421)
+    assert np.all(po[:, 0] == 420) and np.all(po[:, 1:] == np.arange(420))
     ra, rb = runio.read_run(tmp_path / "a-init"), runio.read_run(tmp_path / "b-init")
     np.testing.assert_array_equal(ra.phi, rb.phi)
     np.testing.assert_allclose(rb.intensity, ra.intensity, rtol=0, atol=1e-7 * ra.intensity.max())

@@ -20,12 +20,26 @@ from emcjax.legacy.geometry import _qmin_px, reference_detector_arrays, referenc
 from emcjax.legacy.grid import model_to_reference, reference_grid, reference_to_model
 
 
-def reference_compatible_config(legacy: LegacyDirectory) -> dict:
-    """EMCConfig fields that follow the reference's rules (docs/LEGACY.md)."""
+def searches_every_rotation(frames: data_io.SparseFrames, n_rot: int) -> bool:
+    """True when every frame's candidate list holds every rotation (a full search written as lists)."""
+    offsets = frames.candidate_offsets
+    if offsets is None or frames.n_frames == 0 or not np.all(np.diff(offsets) == n_rot):
+        return False
+    lists = np.sort(frames.candidate_rotations.reshape(frames.n_frames, n_rot), axis=1)
+    return bool(np.all(lists == np.arange(n_rot)[None, :]))
+
+
+def reference_compatible_config(legacy: LegacyDirectory, all_rotations: bool = False) -> dict:
+    """EMCConfig fields that follow the reference's rules (docs/LEGACY.md).
+
+    With ``all_rotations`` (prob-orien.bin lists every rotation for every frame) the data set holds no lists:
+    the EMC searches all rotations of the 600-cell sampling n with the exact point-group reduction (the same
+    posterior, |H| times fewer rotations) and keeps the top ``max_kept = 32`` per frame before pruning.
+    """
     counts = np.diff(legacy.frames.candidate_offsets)
     return {
         "rotation_n": int(legacy.quaternion_n),
-        "reduce_by_symmetry": False,
+        "reduce_by_symmetry": bool(all_rotations),
         "vn": int(legacy.vn),
         "gw": float(legacy.gw),
         "d_min": float(legacy.d_min),
@@ -34,7 +48,7 @@ def reference_compatible_config(legacy: LegacyDirectory) -> dict:
         "update_phi": True,
         "prune_mass": 0.999,
         "prune_min": 1e-4,
-        "max_kept": int(max(int(counts.max()) if counts.size else 1, 1)),
+        "max_kept": 32 if all_rotations else int(max(int(counts.max()) if counts.size else 1, 1)),
     }
 
 
@@ -63,10 +77,15 @@ def import_directory(directory: str | pathlib.Path, out: str | pathlib.Path, *, 
                         "(N = 10(5n^3+n)); expected a 600-cell file: emcjax data sets index candidate rotations of a "
                         "600-cell sampling (the reference-compatible update, emcjax.legacy.refupdate, reads any list)")
     crystal = {"cell": np.asarray(legacy.cell), "space_group": legacy.space_group, "vn": legacy.vn, "gw": legacy.gw}
-    data_io.write_dataset(out, legacy.frames, geometry=dataclasses.asdict(legacy.geometry), crystal=crystal,
+    n_rot = int(legacy.quaternions.shape[0])
+    all_rotations = searches_every_rotation(legacy.frames, n_rot)
+    frames = legacy.frames
+    if all_rotations:  # no lists: the EMC's all-rotations path (emc.rotation_n below records n)
+        frames = dataclasses.replace(frames, candidate_offsets=None, candidate_rotations=None)
+    data_io.write_dataset(out, frames, geometry=dataclasses.asdict(legacy.geometry), crystal=crystal,
                           mask=legacy.mask if legacy.mask.any() else None, overwrite=overwrite,
-                          candidate_sampling_n=legacy.quaternion_n)
-    emc_fields = reference_compatible_config(legacy)
+                          candidate_sampling_n=None if all_rotations else legacy.quaternion_n)
+    emc_fields = reference_compatible_config(legacy, all_rotations)
     init_dir = out.with_name(out.stem + "-init")
     toml = {"data": str(out.resolve()), "init_from": str(init_dir.resolve()), "emc": emc_fields}
     header = (f"imported from {pathlib.Path(directory).resolve()} by python -m emcjax.legacy import\n"
@@ -76,7 +95,12 @@ def import_directory(directory: str | pathlib.Path, out: str | pathlib.Path, *, 
 
     grid = emc_grid(dataclasses.asdict(legacy.geometry), legacy.mask if legacy.mask.any() else None,
                     Crystal(cell=legacy.cell, space_group=legacy.space_group), legacy.d_min, legacy.vn, legacy.gw)
-    summary = {"n_frames": legacy.frames.n_frames, "n_rot": int(legacy.quaternions.shape[0]),
+    counts = np.diff(legacy.frames.candidate_offsets)
+    search = (f"all {n_rot} rotations of the 600-cell sampling n = {legacy.quaternion_n} (prob-orien.bin lists every "
+              "rotation for every frame: no candidate lists stored; emc.rotation_n = n with the exact point-group "
+              "reduction)" if all_rotations else
+              f"candidate lists of prob-orien.bin ({int(counts.min())}-{int(counts.max())} rotations per frame)")
+    summary = {"n_frames": legacy.frames.n_frames, "n_rot": n_rot, "orientation_search": search,
                "space_group": legacy.space_group, "phi_file": str(legacy.phi_file),
                "model_file": None if legacy.intensity_file is None else str(legacy.intensity_file)}
     if legacy.intensity is not None:
@@ -126,7 +150,7 @@ def export_run(run_dir: str | pathlib.Path, to: str | pathlib.Path, *, data: str
             raise DataError(f"{run_dir / runio.INTENSITIES_FILE}: model of shape {result.intensity.shape} does not fit the "
                             f"grid of {data_path} with vn = {vn}, gw = {gw}, d_min = {d_min} ({grid.model_shape})")
         frames = None if model_only else ds.read_all()
-        sampling_n = ds.candidate_sampling_n if ds.has_candidates else None
+        sampling_n = ds.candidate_sampling_n if ds.has_candidates else emc_values.get("rotation_n")
     if result.phi.shape != (ds.n_frames,):
         raise DataError(f"{run_dir / runio.INTENSITIES_FILE}: phi has {result.phi.shape[0]} frames, the data set "
                         f"{data_path} {ds.n_frames}")
@@ -208,8 +232,9 @@ def export_run(run_dir: str | pathlib.Path, to: str | pathlib.Path, *, data: str
         _write(to / "Data/mpi-datafile.bin", dense.tobytes())
         _write(to / "Data/mpi-bg_model.bin", np.asarray(frames.background, "<f8").tobytes())
         recs = []
-        for d in range(n):
-            c = frames.candidate_rotations[frames.candidate_offsets[d]:frames.candidate_offsets[d + 1]]
+        for d in range(n):  # a data set without lists searched every rotation: list them all
+            c = np.arange(s.n_rot) if frames.candidate_offsets is None else \
+                frames.candidate_rotations[frames.candidate_offsets[d]:frames.candidate_offsets[d + 1]]
             recs.append(np.concatenate([[c.shape[0]], c]).astype("<i4"))
         _write(to / "aux/prob-orien.bin", np.concatenate(recs).astype("<i4").tobytes())
         _write(to / "reduce-data/reduced-data_id.dat", f"{n}\n" + "".join(f"{i}\n" for i in frames.frame_id.tolist()))
