@@ -23,7 +23,8 @@ is exact (to rounding) when the reference's Cartesian grid coincides with emcjax
 
 Modules: ``files`` (readers/writers), ``geometry`` (detector and crystal checks), ``grid`` (the reference's voxel
 grid, model resampling), ``directory`` (``read_legacy``), ``convert`` (``import_directory``, ``export_run``),
-``__main__`` (the CLI).
+``__main__`` (the CLI); ``refmodel`` and ``refupdate``: the reference program's own E-step and intensity update
+on its grid, rule for rule (reproduces its finish_intensity.bin; docs/LEGACY.md).
 """
 
 from emcjax.legacy.convert import emc_grid, export_run, import_directory, reference_compatible_config
