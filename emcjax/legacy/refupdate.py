@@ -18,6 +18,7 @@ import dataclasses
 
 import numpy as np
 
+from emcjax.errors import DataError
 from emcjax.legacy.directory import LegacyDirectory
 from emcjax.legacy.grid import _lattice_points, c_round, reference_reciprocal
 from emcjax.legacy.refmodel import (EPSILON, ReferenceArrays, Tomogram, reference_arrays, responsibilities,
@@ -229,6 +230,9 @@ def reference_update(legacy: LegacyDirectory, kept: list | None = None,
         program's own ``high_p`` files, :func:`emcjax.legacy.refmodel.read_high_p`).
       intensity: start model (reference voxel values; default: the directory's).
     """
+    if intensity is None and legacy.intensity is None:
+        raise DataError(f"{legacy.root / 'config.ini'}: no start model (start_intens_file); expected one, or pass "
+                        "intensity (the program's random start is not reproducible: unseeded rand())")
     arrays = reference_arrays(legacy)
     model = np.asarray(legacy.intensity if intensity is None else intensity, np.float64)
     fr = legacy.frames
