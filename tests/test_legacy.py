@@ -494,8 +494,8 @@ def test_reference_compatible_update_matches_slow_numpy(written):
     init = runio.read_run(out.with_name("imported-init"))
     with data_io.SparseDataset(out) as ds:
         problem = emc.setup_problem(ds, lc.emc)
-    state = emc.EMCState(iteration=jnp.asarray(0, jnp.int32), intensity=jnp.asarray(init.intensity),
-                         phi=jnp.asarray(init.phi))
+    state = emc.initial_state(problem, lc.emc, seed=0)._replace(intensity=jnp.asarray(init.intensity),
+                                                                 phi=jnp.asarray(init.phi))
     kept = _kept_pairs(problem, state, lc.emc)
     new = np.asarray(_update(problem, state, lc.emc), np.float64)
     assert len(kept) > N_FRAMES
