@@ -165,18 +165,23 @@ def _safe_exp_diff(a, b, finite):
     return jnp.where(finite, jnp.exp(jnp.where(finite, a - b, 0.0)), 0.0)
 
 
-def responsibilities(logl: jax.Array, shared: Shared, local: BlockArrays, hyper: Hyper, k: int) -> Responsibilities:
-    """Tempered softmax over candidates, then the reference's pruning (METHOD.md §6.5) capped at the top ``k``.
+def prune(log_posterior: jax.Array, hyper: Hyper, k: int, log_evidence: jax.Array | None = None) -> Responsibilities:
+    """Softmax over candidates, then the reference's pruning (METHOD.md §6.5) capped at the top ``k``.
 
     Keeps the most likely rotations until their cumulative probability reaches ``hyper.prune_mass``, drops
     those below ``hyper.prune_min`` (the most likely one is always kept), renormalises (prune_mass = 1 and
-    prune_min = 0 with k = n_slots: soft responsibilities). Frames without candidates get no rotation
-    (probabilities 0, log evidence -inf). The thresholds are traced: ``vmap`` over them works.
+    prune_min = 0 with k = n_slots: soft responsibilities). Frames without candidates (a row of -inf) get
+    no rotation (probabilities 0, log evidence -inf). The thresholds are traced: ``vmap`` over them works.
+
+    Args:
+      log_posterior: (n_frames, n_slots) log w_r + beta L_dr, -inf on padding.
+      hyper: the thresholds.
+      k: static top-k cap.
+      log_evidence: (n_frames,) what to report as the log evidence (default: log-sum-exp of the rows).
     """
-    k = min(k, logl.shape[1])
-    tempered = log_posterior(logl, shared, local, hyper.inverse_temperature)
-    top, slot = jax.lax.top_k(tempered, k)
-    norm = jax.nn.logsumexp(tempered, axis=1)
+    k = min(k, log_posterior.shape[1])
+    top, slot = jax.lax.top_k(log_posterior, k)
+    norm = jax.nn.logsumexp(log_posterior, axis=1)
     finite = jnp.isfinite(norm)
     p = _safe_exp_diff(top, norm[:, None], finite[:, None] & jnp.isfinite(top))
     before = jnp.cumsum(p, axis=1) - p
@@ -186,10 +191,17 @@ def responsibilities(logl: jax.Array, shared: Shared, local: BlockArrays, hyper:
     total = p.sum(axis=1, keepdims=True)
     p = jnp.where(total > 0, p / jnp.where(total > 0, total, 1.0), 0.0)
     # max over the row, not top[:, 0]: slicing top_k's output makes XLA:CPU fall back to a full sort (30x slower)
-    max_prob = _safe_exp_diff(jnp.max(tempered, axis=1), norm, finite)
-    log_evidence = jax.lax.cond(  # the evidence at beta = 1 (a second log-sum-exp only when annealing)
+    max_prob = _safe_exp_diff(jnp.max(log_posterior, axis=1), norm, finite)
+    log_evidence = norm if log_evidence is None else log_evidence
+    return Responsibilities(slot=slot.astype(jnp.int32), prob=p, log_evidence=log_evidence, max_prob=max_prob)
+
+
+def responsibilities(logl: jax.Array, shared: Shared, local: BlockArrays, hyper: Hyper, k: int) -> Responsibilities:
+    """:func:`prune` of the tempered posterior of one device's block; the log evidence is at beta = 1."""
+    tempered = log_posterior(logl, shared, local, hyper.inverse_temperature)
+    log_evidence = jax.lax.cond(  # a second log-sum-exp only when annealing
         hyper.inverse_temperature == 1.0,
-        lambda: norm,
+        lambda: jax.nn.logsumexp(tempered, axis=1),
         lambda: jax.nn.logsumexp(log_posterior(logl, shared, local), axis=1),
     )
-    return Responsibilities(slot=slot.astype(jnp.int32), prob=p, log_evidence=log_evidence, max_prob=max_prob)
+    return prune(tempered, hyper, k, log_evidence)
