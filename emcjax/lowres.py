@@ -361,8 +361,7 @@ def run(config: LowresConfig, log=print) -> dict:
             dataset.n_frames, weights_file=config.frame_weights, half=config.half, split=config.split,
             split_seed=config.split_seed,
         )
-        extra = {} if weights is None else {"frame_weights": weights}
-        problem = emc_lib.setup_problem(dataset, config.emc, **extra)
+        problem = emc_lib.setup_problem(dataset, config.emc, frame_weights=weights)
     log(
         f"problem: {problem.n_frames} frames, model {tuple(problem.grid.model_shape)} (unique reflections x voxels), "
         f"set up in {time.perf_counter() - start_setup:.1f} s"

@@ -170,3 +170,21 @@ def test_mismatched_halves_and_missing_results_give_one_clear_error(pipeline, tm
     done = _cli("emcjax.export", "--run", str(runs["A"]))
     assert done.returncode != 0 and "no merged.h5" in done.stderr and "Traceback" not in done.stderr
     assert not (tmp_path / "m").exists()
+
+
+def test_half_sets_of_other_cells_or_space_groups_are_refused(pipeline):
+    import dataclasses
+
+    from emcjax.crystal import Crystal
+    from emcjax.errors import ConfigError
+    from emcjax.merge.rundata import load_run
+
+    root, data, runs = pipeline
+    a, b = load_run(runs["A"]), load_run(runs["B"])
+    resolution._check_pair(a, b)  # the real pair passes
+    other_cell = dataclasses.replace(b, crystal=Crystal((79.1, 79.1, 38.5, 90, 90, 90), "P 43 21 2"))
+    with pytest.raises(ConfigError, match="different cells"):
+        resolution._check_pair(a, other_cell)
+    other_group = dataclasses.replace(b, crystal=Crystal((79.1, 79.1, 37.9, 90, 90, 90), "P 41 21 2"))
+    with pytest.raises(ConfigError, match="different space groups: .* P 43 21 2 vs .* P 41 21 2"):
+        resolution._check_pair(a, other_group)

@@ -123,11 +123,20 @@ def read_frame_weights(path: pathlib.Path, n_frames: int | None = None) -> tuple
     return weights, attrs
 
 
-def data_path_of(config) -> pathlib.Path:
-    """The data set a run read: ``config.data`` or the cached demo data set."""
+def data_path_of(config, run_dir: pathlib.Path | None = None) -> pathlib.Path:
+    """The data set a run read: ``config.data`` or the cached demo data set. A relative path is taken from the
+    current directory, else from the directories above ``run_dir`` (the run was started there)."""
     from emcjax import lowres
 
-    return pathlib.Path(config.data) if config.data is not None else lowres.demo_path(config.demo)
+    if config.data is None:
+        return lowres.demo_path(config.demo)
+    path = pathlib.Path(config.data)
+    if path.is_absolute() or path.exists() or run_dir is None:
+        return path
+    for parent in pathlib.Path(run_dir).resolve().parents:
+        if (parent / path).exists():
+            return parent / path
+    return path
 
 
 def load_run(run_dir, *, need_iteration: bool = True) -> RunData:
@@ -147,7 +156,7 @@ def load_run(run_dir, *, need_iteration: bool = True) -> RunData:
     config = runio.config_from_toml(LowresConfig, run_dir / runio.CONFIG_FILE)
     result = runio.read_run(run_dir)
     iteration = read_iteration_file(last_iteration_file(run_dir)) if need_iteration else {}
-    data_path = data_path_of(config)
+    data_path = data_path_of(config, run_dir)
     if not data_path.exists():
         raise DataError(f"{run_dir}: its data set {data_path} does not exist (config.toml 'data')")
     with SparseDataset(data_path) as ds:
