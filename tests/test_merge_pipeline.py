@@ -17,7 +17,7 @@ import h5py
 import numpy as np
 import pytest
 
-from emcjax import export, lowres, reject, resolution, runio, simulate
+from emcjax import lowres, resolution, runio, simulate
 from emcjax.data import SparseDataset
 from emcjax.merge import halves
 from emcjax.mtz import read_mtz

@@ -3,8 +3,6 @@ loops written here, on small simulated data sets with blank and two-crystal fram
 
 from __future__ import annotations
 
-import dataclasses
-
 import numpy as np
 import pytest
 
