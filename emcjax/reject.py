@@ -64,7 +64,9 @@ def reject(config: RejectConfig, log=print) -> dict:
     criteria = config.criteria
     radius = criteria.cluster_angle * 0.944 / run.sampling_n
     if "kept_frame" in it:
-        rotations, probs = reject_lib.per_frame_pairs(it["kept_frame"], it["kept_rotation"], it["kept_prob"], run.n_frames)
+        rotations, probs = reject_lib.per_frame_pairs(
+            it["kept_frame"], it["kept_rotation"], it["kept_prob"], run.n_frames
+        )
         from emcjax.rotations import sample_600cell
 
         first, second = reject_lib.cluster_masses(
@@ -96,7 +98,10 @@ def reject(config: RejectConfig, log=print) -> dict:
                 f.attrs[key] = value
     counts = reject_lib.reason_counts(flags)
     n_used, n_rejected = int(used.sum()), int(np.sum(used & (flags != 0)))
-    log(f"rejected {n_rejected} of {n_used} frames ({100 * n_rejected / max(n_used, 1):.1f} %); a frame may have several reasons:")
+    log(
+        f"rejected {n_rejected} of {n_used} frames ({100 * n_rejected / max(n_used, 1):.1f} %); "
+        "a frame may have several reasons:"
+    )
     for name, count in counts.items():
         log(f"  {name:<20s} {count:8d}")
     summary = {"n_frames": n_used, "rejected": n_rejected, **counts}

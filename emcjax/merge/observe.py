@@ -21,9 +21,9 @@ from emcjax.detector import Detector
 CHUNK_FRAMES = 2048
 
 
-def _entries_in_chunks(grid, detector: Detector, quaternions: np.ndarray, chunk: int) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
-    """Yields ``(start, frame, pixel)``: frame (global index) and valid-pixel index of every in-peak entry of
-    the frames ``start .. start + chunk`` at their orientation."""
+def _entries_in_chunks(grid, detector: Detector, quaternions: np.ndarray, chunk: int) -> Iterator[tuple]:
+    """Yields ``(start, frame, pixel, entries)``: frame (global index) and valid-pixel index of every in-peak
+    entry of the frames ``start .. start + chunk`` at their orientation, and the entries themselves."""
     for start in range(0, quaternions.shape[0], chunk):
         entries = model_lib.build_entries_by_reflection(grid, detector, quaternions[start : start + chunk])
         yield start, np.asarray(entries.rotation, np.int64) + start, np.asarray(entries.pixel, np.int64), entries

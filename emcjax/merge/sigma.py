@@ -15,9 +15,12 @@ counting-statistics error model,
 (a_s: the background-like floor, b_s: the Poisson-like growth with the intensity) and (a_s, b_s) are fitted
 to d_h = (A_h - B_h)^2 / 4, averaged in groups of similar intensity, by iteratively re-weighted least
 squares (d_h has mean sigma_h^2 and variance 2 sigma_h^4 for Gaussian errors). sigma_h^2 is floored at the
-mean d_h of the shell's weakest reflections (so a reflection the model sets to 0 keeps an error). Shells with fewer than ``min_per_shell``
-reflections borrow the fit over all reflections. Checked against the truth in tests and
-``experiments/merging.py``: (M_h - k I_true,h) / sigma_h has a spread of ~1 in every shell.
+mean d_h of the shell's weakest reflections (so a reflection the model sets to 0 keeps an error). Shells
+with fewer than ``min_per_shell`` reflections borrow the fit over all reflections.
+
+Checked against the truth (tests/test_merge_stats.py, experiments/merging.py): (M_h - k I_true,h) / sigma_h
+has a spread of ~1 where the halves' errors are independent; errors common to both halves (docs/BENCHMARKS.md:
+reflections on symmetry elements) are not seen.
 """
 
 from __future__ import annotations
@@ -39,7 +42,9 @@ def common_scale(reference, other) -> float:
     return float(np.sum(reference)) / total
 
 
-def fit_variance_model(merged, squared_difference, *, group_size: int = 15, iterations: int = 10) -> tuple[float, float]:
+def fit_variance_model(
+    merged, squared_difference, *, group_size: int = 15, iterations: int = 10
+) -> tuple[float, float]:
     """(a, b) >= 0 of Var = a + b max(merged, 0), fitted to ``squared_difference`` (unbiased one-degree-of-
     freedom estimates of Var).
 

@@ -273,7 +273,8 @@ def format_table(stats: MergingStats, *, significance: float = SIGNIFICANCE) -> 
     """The merging table as text: one line per shell, then the overall line; ``*`` marks a significant CC1/2
     (p < ``significance``), as in DIALS. The truth columns (cc_true; sd(z) and mad(z), the spread of
     z = (I - k I_true) / sigma(I)) are left out when no truth is known."""
-    columns = [c for c in _COLUMNS if c[1] not in ("cc_true", "true_z_sd", "true_z_mad") or np.isfinite(stats.cc_true).any()]
+    truth = np.isfinite(stats.cc_true).any()
+    columns = [c for c in _COLUMNS if truth or c[1] not in ("cc_true", "true_z_sd", "true_z_mad")]
     widths = [max(len(h), len(fmt.format(1.0 if "d" not in fmt else 1))) + 1 for h, _, fmt in columns]
     lines = ["".join(h.rjust(w) for (h, _, _), w in zip(columns, widths))]
     for row in stats.rows():
@@ -327,6 +328,7 @@ def plot(stats: MergingStats, path: str | os.PathLike, d_suggested: float | None
     ax2.set_xlabel("1/d (1/Å)")
     ax2.legend(fontsize=8)
     ax2.set_title("Rsplit and completeness")
-    secondary = ax.secondary_xaxis("top", functions=(lambda x: 1 / np.maximum(x, 1e-6), lambda d: 1 / np.maximum(d, 1e-6)))
+    inverse = lambda x: 1 / np.maximum(x, 1e-6)  # noqa: E731
+    secondary = ax.secondary_xaxis("top", functions=(inverse, inverse))
     secondary.set_xlabel("d (Å)")
     return _save(fig, pathlib.Path(path))
