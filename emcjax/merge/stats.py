@@ -306,7 +306,7 @@ def to_csv(stats: MergingStats) -> str:
 
 
 def plot(stats: MergingStats, path: str | os.PathLike, d_suggested: float | None = None) -> pathlib.Path:
-    """CC1/2, CC*, CC_true (when known) and Rsplit against resolution (1/d² axis labelled in Å); PNG."""
+    """CC1/2, CC*, CC_true (when known), Rsplit and completeness against 1/d (top axis: d in Å); PNG."""
     from emcjax.figures import _save, plt
 
     centre = np.sqrt(0.5 * (stats.d_max.astype(np.float64) ** -2 + stats.d_min.astype(np.float64) ** -2))
