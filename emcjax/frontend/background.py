@@ -7,7 +7,8 @@ limits), radial shell s_t and polarization x solid-angle factor pol_t (the EMC's
    ``/frames/background``).
 2. ``iterations`` times: a pixel is an outlier when K_t > k(lambda_t), lambda_t = max(B(s_t) pol_t, 0.01),
    with k(lambda) the smallest k whose Poisson CDF reaches ``quantile`` (0.99999 as in the reference);
-   B is recomputed without the outliers. The outliers are the Bragg-spot candidates.
+   B is recomputed without the outliers and their 8 neighbours (the weak tails of spots; the reference
+   drops only the outliers). The outliers are the Bragg-spot candidates.
 3. Rings: strict local maxima of B over +-2 shells are followed down to their flanking minima; a maximum
    is a ring when it exceeds the linear interpolation between the minima by more than ``ring_excess``
    (5 %, as the reference) *and* its excess photons over the higher flank are significant (> ``ring_sigma``
@@ -26,7 +27,7 @@ import dataclasses
 import functools
 
 import numpy as np
-from scipy import stats
+from scipy import ndimage, stats
 
 from emcjax.detector import Detector, DetectorGeometry, make_detector
 
@@ -91,6 +92,15 @@ def poisson_threshold(lam: np.ndarray, quantile: float = 0.99999) -> np.ndarray:
     return k_grid[idx]
 
 
+def _dilate(outlier: np.ndarray, tables: RadialTables) -> np.ndarray:
+    """Valid pixels that are outliers or 8-neighbours of one (the weak tails of spots)."""
+    g = tables.geometry
+    raw = np.zeros(g.num_pixels, bool)
+    raw[tables.detector.pixel_id[outlier]] = True
+    grown = ndimage.binary_dilation(raw.reshape(g.num_rows, g.num_cols), structure=np.ones((3, 3), bool))
+    return grown.ravel()[tables.detector.pixel_id]
+
+
 def frame_background(counts: np.ndarray, dead: np.ndarray, tables: RadialTables, iterations: int = 5,
                      quantile: float = 0.99999) -> tuple[np.ndarray, np.ndarray]:
     """Radial background and outlier pixels of one frame.
@@ -121,7 +131,7 @@ def frame_background(counts: np.ndarray, dead: np.ndarray, tables: RadialTables,
         if np.array_equal(new, outlier):
             break
         outlier = new
-        keep = ~dead & ~outlier
+        keep = ~dead & ~_dilate(outlier, tables)
     return background, outlier
 
 
