@@ -17,7 +17,6 @@ instead of being discarded (docs/METHOD-NOTES.md).
 from __future__ import annotations
 
 import dataclasses
-import functools
 import pathlib
 import sys
 import time
@@ -107,7 +106,7 @@ def prepare_spots(q: np.ndarray, photons: np.ndarray, tolerance: float, q_min: f
     return np.asarray(merged_q[:max_spots], np.float64).reshape(-1, 3)
 
 
-@functools.partial(jax.jit, static_argnames=())
+@jax.jit
 def match_counts(quaternions: jax.Array, spots: jax.Array, spot_ok: jax.Array, basis: jax.Array,
                  basis_inv: jax.Array, tolerance_sq: jax.Array) -> jax.Array:
     """Spots within tolerance of a reciprocal-lattice point, per frame and rotation.
@@ -122,12 +121,19 @@ def match_counts(quaternions: jax.Array, spots: jax.Array, spot_ok: jax.Array, b
     Returns:
       (F, C) int32 number of matched spots.
     """
-    rot = quaternion_to_matrix(quaternions)                     # (C, 3, 3), crystal = rot^T lab
-    frac = jnp.einsum("ij,ckj->cik", basis_inv, rot)           # B^-1 rot^T
-    h = jnp.einsum("cik,fsk->fcsi", frac, spots)                # (F, C, S, 3) fractional hkl
-    off = jnp.einsum("ij,fcsj->fcsi", basis, h - jnp.round(h))  # distance to the nearest lattice point
-    ok = (jnp.sum(off * off, axis=-1) <= tolerance_sq) & spot_ok[:, None, :]
-    return jnp.sum(ok, axis=-1, dtype=jnp.int32)
+    n_frames, n_spots, _ = spots.shape
+    n_rot = quaternions.shape[0]
+    rot = quaternion_to_matrix(quaternions)                                 # (C, 3, 3), crystal = rot^T lab
+    frac = jnp.einsum("ij,ckj->cik", basis_inv, rot).reshape(n_rot * 3, 3)  # B^-1 rot^T
+    # fractional hkl of every (rotation, spot) as one matrix product: (C*3, 3) @ (3, F*S)
+    h = (frac @ spots.reshape(n_frames * n_spots, 3).T).reshape(n_rot, 3, n_frames * n_spots)
+    d = h - jnp.round(h)
+    g = basis.T @ basis  # metric tensor: |B d|^2 = d^T g d
+    d0, d1, d2 = d[:, 0], d[:, 1], d[:, 2]
+    dist_sq = (g[0, 0] * d0 * d0 + g[1, 1] * d1 * d1 + g[2, 2] * d2 * d2
+               + 2 * (g[0, 1] * d0 * d1 + g[0, 2] * d0 * d2 + g[1, 2] * d1 * d2))
+    ok = (dist_sq <= tolerance_sq) & spot_ok.reshape(1, n_frames * n_spots)
+    return jnp.sum(ok.reshape(n_rot, n_frames, n_spots), axis=-1, dtype=jnp.int32).T
 
 
 class Orienter:

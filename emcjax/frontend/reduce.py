@@ -67,6 +67,8 @@ class ReduceConfig:
     """Relative excess of a background maximum that makes it a ring."""
     ring_sigma: float = 5.0
     """Required significance of a ring's excess photons (Poisson standard deviations)."""
+    ring_photons: float = 100.0
+    """Required excess photons of a ring's peak shell (Bragg photons of sparse frames make smaller bumps)."""
     min_spot_pixels: int = 2
     """Smallest patch of outlier pixels that is a spot."""
     max_spot_pixels: int = 10
@@ -123,7 +125,7 @@ def reduce_frame(image: np.ndarray, tables: RadialTables, config: ReduceConfig, 
     background, outlier = frame_background(k, dead, tables, config.background_iterations, config.quantile)
     spots = find_spots(image, det.pixel_id[outlier], tables, config.min_spot_pixels, config.max_spot_pixels,
                        config.max_spots_per_shell)
-    excluded = ring_shells(background, tables.shell_pol, config.ring_excess, config.ring_sigma)
+    excluded = ring_shells(background, tables.shell_pol, config.ring_excess, config.ring_sigma, config.ring_photons)
     excluded |= spots.ring_shells
     dead[np.isin(det.pixel_id, spots.diffuse_pixels, assume_unique=True)] = True
     live = ~excluded[det.shell]

@@ -137,6 +137,8 @@ def write(config: ImageSimulationConfig) -> pathlib.Path:
     np.save(out / "shadow_mask.npy", shadow)
     if config.format == "cbf":
         (out / "images").mkdir(exist_ok=True)
+        for old in (out / "images").glob("frame_*.cbf"):  # a previous simulation's frames (overwrite)
+            old.unlink()
         header = images_lib.cbf_header_text(g, config.saturation)
         for d, image in enumerate(images):
             images_lib.write_cbf(out / "images" / f"frame_{d:05d}.cbf", image, header)
