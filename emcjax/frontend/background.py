@@ -75,21 +75,34 @@ def radial_tables(geometry: DetectorGeometry, mask: np.ndarray | None) -> Radial
     return RadialTables(detector, q_full, shell_full, shell_pol)
 
 
+_TABLE_MAX = 1e4  # photons: beyond, thresholds are computed exactly (rare pixels)
+
+
 @functools.lru_cache(maxsize=8)
-def _threshold_table(quantile: float, lam_max: float = 1e5, steps_per_e: int = 200) -> tuple[np.ndarray, np.ndarray]:
-    lam = np.exp(np.arange(np.log(LAMBDA_FLOOR), np.log(lam_max), 1.0 / steps_per_e))
+def _threshold_table(quantile: float) -> tuple[np.ndarray, np.ndarray]:
+    # steps of 0.5 % in lam, at most 0.25 photons: adjacent thresholds differ by at most one count
+    lam, x = [LAMBDA_FLOOR], LAMBDA_FLOOR
+    while x < _TABLE_MAX:
+        x += min(0.005 * x, 0.25)
+        lam.append(x)
+    lam = np.asarray(lam)
     return lam, stats.poisson.ppf(quantile, lam).astype(np.int64)
 
 
 def poisson_threshold(lam: np.ndarray, quantile: float = 0.99999) -> np.ndarray:
     """Smallest k with Poisson CDF(k; lam) >= quantile, for lam >= 0.01 (int64, same shape as lam).
 
-    Tabulated on a log grid of lam (0.5 % steps) and read at the grid point at or above lam, so the
-    threshold is never below the exact one and at most one count above it.
+    Tabulated on a grid of lam (steps of 0.5 %, at most 0.25) and read at the grid point at or above lam,
+    so the threshold is never below the exact one and at most one count above it.
     """
+    lam = np.maximum(np.asarray(lam, np.float64), LAMBDA_FLOOR)
     lam_grid, k_grid = _threshold_table(float(quantile))
-    idx = np.minimum(np.searchsorted(lam_grid, np.maximum(lam, LAMBDA_FLOOR)), lam_grid.size - 1)
-    return k_grid[idx]
+    out = k_grid[np.minimum(np.searchsorted(lam_grid, lam), lam_grid.size - 1)]
+    big = lam > _TABLE_MAX
+    if big.any():
+        out = np.where(big, 0, out)
+        out[big] = stats.poisson.ppf(quantile, lam[big]).astype(np.int64)
+    return out
 
 
 def _dilate(outlier: np.ndarray, tables: RadialTables) -> np.ndarray:
