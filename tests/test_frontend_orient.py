@@ -93,6 +93,7 @@ def test_true_orientation_is_among_the_candidates(tmp_path):
     with data_io.SparseDataset(tmp_path / "oriented.h5") as ds:
         frames, truth = ds.read_all(), ds.read_truth()
         assert ds.candidate_sampling_n == 6
+    assert (tmp_path / "oriented.candidates.png").stat().st_size > 1000
     with h5py.File(tmp_path / "oriented.h5") as f:
         n_spots = np.diff(f["spots/offsets"][()])
     crystal = Crystal(cell=CELL, space_group=sim.space_group)

@@ -257,10 +257,28 @@ def run(config: OrientConfig, log=print) -> dict:
     stats = {"frames": len(counts), "with_spots": int(usable.sum()), "kept": int((counts_arr > 0).sum()),
              "median_candidates": float(np.median(counts_arr[counts_arr > 0])) if (counts_arr > 0).any() else 0.0,
              "seconds": seconds, "frames_per_second": len(counts) / max(seconds, 1e-9), "path": str(path)}
+    stats["figure"] = str(plot_candidate_counts(counts_arr, np.asarray(n_spots), config.min_spots,
+                                                pathlib.Path(path).with_suffix(".candidates.png")))
     log(f"wrote {path}: {stats['kept']} of {stats['frames']} frames with candidates ({stats['with_spots']} with >= "
         f"{config.min_spots} spots), median {stats['median_candidates']:.0f} candidates per kept frame, "
         f"{orienter.sampling.n_rot} rotations, {stats['frames_per_second']:.2f} frames/s")
     return stats
+
+
+def plot_candidate_counts(counts: np.ndarray, n_spots: np.ndarray, min_spots: int, path: pathlib.Path) -> pathlib.Path:
+    """PNG: histograms of the spots per frame and of the candidates per frame (frames with >= min_spots)."""
+    from emcjax import figures
+
+    fig, axes = figures.plt.subplots(1, 2, figsize=(10, 3.6))
+    axes[0].hist(n_spots, bins=np.arange(n_spots.max(initial=0) + 2) - 0.5)
+    axes[0].axvline(min_spots - 0.5, color="k", ls="--")
+    axes[0].set(xlabel="spots per frame (used)", ylabel="frames")
+    usable = counts[n_spots >= min_spots]
+    axes[1].hist(usable, bins=40)
+    axes[1].set(xlabel="candidate rotations per frame", ylabel="frames",
+                title=f"median {np.median(usable) if usable.size else 0:.0f}, {np.mean(usable == 0) if usable.size else 0:.1%} empty")
+    fig.tight_layout()
+    return figures._save(fig, path)
 
 
 def _with_candidates(block: SparseFrames, f: h5py.File, a: int, b: int, lists: list[np.ndarray],
