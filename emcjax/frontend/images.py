@@ -187,8 +187,8 @@ class ImageStack:
 
     def frames(self, start: int = 0, stop: int | None = None, check: DetectorGeometry | None = None
                ) -> Iterator[tuple[int, np.ndarray]]:
-        """Yields ``(index, image)`` for frames [start, stop), one at a time (float64 copies are not made:
-        the image keeps its file dtype). With ``check``, every CBF header is checked against it."""
+        """Yields ``(index, image)`` for frames [start, stop), one at a time, in the file's dtype. With
+        ``check``, every CBF header is checked against that geometry (check_header)."""
         import hdf5plugin  # noqa: F401
 
         stop = self.n_frames if stop is None else stop

@@ -23,7 +23,7 @@ import numpy as np
 from emcjax import data as data_io
 from emcjax.errors import DataError
 
-# name -> (group, dtype, trailing shape key, CSR offsets it belongs to or None for per-frame)
+# ragged dataset -> (dtype, the CSR offsets dataset it belongs to)
 _RAGGED = {
     "frames/photon_pixels": (np.int64, "frames/photon_offsets"),
     "frames/photon_counts": (np.int32, "frames/photon_offsets"),
@@ -34,6 +34,7 @@ _RAGGED = {
     "spots/size": (np.int32, "spots/offsets"),
 }
 _OFFSETS = ("frames/photon_offsets", "frames/dead_offsets", "frames/candidate_offsets", "spots/offsets")
+# per-frame dataset -> dtype
 _PER_FRAME = {"frames/frame_id": np.int64, "frames/background": np.float32, "spots/initial_phi": np.float32}
 
 
