@@ -23,8 +23,8 @@ from emcjax.join import BACKGROUND_FLOOR, EntryIndex, build_join, pad_join, pixe
 from emcjax.rotations import RotationSampling
 
 class FrameSource:
-    """Frames from a data set on disk (opened per read, so a closed handle never stops a streamed run), or
-    frames already in memory."""
+    """Frames from a data set on disk, or frames already in memory. A streamed run re-reads its blocks at
+    every E-step: the source reopens the file when the caller's handle was closed after set-up."""
 
     def __init__(self, dataset: SparseDataset, frames: SparseFrames | None):
         self.dataset = dataset
@@ -36,6 +36,8 @@ class FrameSource:
         start = min(start, stop)
         if self.frames is not None:
             return self.frames.frame_slice(start, stop)
+        if self.dataset.closed:
+            self.dataset = SparseDataset(self.dataset.path)
         return self.dataset.read_block(start, stop)
 
     def candidates(self) -> tuple[np.ndarray, np.ndarray] | None:
@@ -173,7 +175,7 @@ def _device_part(plan: Plan, rotations: RotationSet, start: int, n_local: int):
             candidates[i, : c.shape[0]] = c
             mask[i, : c.shape[0]] = True
     raw = plan.background[start : start + n_real]
-    join, _ = build_join(frames, plan.detector, rotations.index, candidates, mask, raw)
+    join, cell_offsets = build_join(frames, plan.detector, rotations.index, candidates, mask, raw)
     n_shells = raw.shape[1]
     masked = np.full((n_local, plan.n_masked), n_shells, np.int32)
     for d, row in enumerate(raw):
@@ -190,7 +192,7 @@ def _device_part(plan: Plan, rotations: RotationSet, start: int, n_local: int):
         dead=rec.dead.astype(np.float32),
         background=(plan.detector.polarization[rec.pixel] * np.maximum(rec.background, BACKGROUND_FLOOR)).astype(np.float32),
     )
-    per_frame = (candidates.astype(np.int32), mask, masked, background, weight)
+    per_frame = (candidates.astype(np.int32), mask, masked, background, weight, cell_offsets.astype(np.int32))
     return per_frame, join, photons
 
 
@@ -218,6 +220,7 @@ def build_block(plan: Plan, block: Block, lengths: tuple[int, int] | None = None
         candidates=stack([p[0][0] for p in parts]),
         candidate_mask=stack([p[0][1] for p in parts]),
         join=parallel.stack_tree(plan.mesh, [pad_join(p[1], lengths[0], n_cells) for p in parts]),
+        cell_offsets=stack([p[0][5] for p in parts]),
         masked_shells=stack([p[0][2] for p in parts]),
         background=stack([p[0][3] for p in parts]),
         weight=stack([p[0][4] for p in parts]),

@@ -195,6 +195,7 @@ def _host_estep(problem: Problem, intensity, phi, state: EMCState, spec: StepSpe
             current, tables = data.rotation_set, rotation_tables(intensity, shared, problem.n_shells)
         kept, n_live, block_stats = kernel(tables, phi, state, shared, data.arrays)
         needed = int(np.max(np.asarray(n_live)))
+        problem.kept_needed = max(problem.kept_needed, needed)
         if spec.kept_budget is not None and needed > spec.kept_budget:
             raise _Overflow(needed)
         for row, values in enumerate(block_stats):
@@ -274,6 +275,7 @@ def _host_iteration(problem: Problem, state: EMCState, spec: StepSpec):
 def _fused_iteration(problem: Problem, state: EMCState, spec: StepSpec):
     state, diag = step_function(problem.mesh, spec)(state, problem.batch)
     needed = int(diag.n_live)
+    problem.kept_needed = max(problem.kept_needed, needed)
     if spec.kept_budget is not None and needed > spec.kept_budget:
         raise _Overflow(needed)
     rotations = problem.rotation_set.rotations
@@ -299,11 +301,18 @@ class EStep(NamedTuple):
 
 
 def _with_budget(problem: Problem, config: EMCConfig, run):
+    """``run(spec)`` with a kept-pair budget that fits: an overflowing run is repeated with a larger bucket
+    (the step is pure), and a budget over 4x what was needed shrinks for the next call."""
+    problem.kept_needed = 0
     while True:
         try:
-            return run(problem.spec(config))
-        except _Overflow as overflow:  # the step is pure: rerun from the same state with a larger budget
+            result = run(problem.spec(config))
+            break
+        except _Overflow as overflow:
             problem.kept_budget = bucket_length(int(overflow.needed * 1.25) + 1)
+    if 4 * problem.kept_needed < problem.kept_budget:
+        problem.kept_budget = bucket_length(max(int(problem.kept_needed * 1.25) + 1, 1024))
+    return result
 
 
 def estep(problem: Problem, state: EMCState, config: EMCConfig) -> EStep:

@@ -71,7 +71,9 @@ class Problem:
       truth: the data set's truth dict, or None.
       plan: what rebuilding a block from its frames needs (streaming).
       stream: whether blocks are rebuilt at every E-step.
-      kept_budget: kept join pairs per device and block the compiled step is sized for (grows on overflow).
+      kept_budget: kept join pairs per device and block the compiled step is sized for (grows on overflow,
+        shrinks when over 4x too large).
+      kept_needed: the most kept join pairs of one device's block in the last call.
     """
 
     detector: Detector
@@ -95,6 +97,7 @@ class Problem:
     plan: Plan
     stream: bool
     kept_budget: int
+    kept_needed: int = 0
 
     @functools.cached_property
     def shared(self) -> Shared:

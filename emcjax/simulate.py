@@ -215,7 +215,7 @@ def simulate(config: SimulationConfig) -> tuple[data_io.SparseFrames, dict]:
     else:  # every pixel drawn by the likelihood: all photons come as (frame, pixel, count), none apart
         ent_frame, ent_pixel, bragg, expected_bg = sampled_photons(
             likelihood, jax.random.key(config.seed), chunks, entries_of, scaled, phi, detector.polarization,
-            frame_level[:, None] * per_pixel[None, :],
+            frame_level, per_pixel,
         )
         n_bg = np.zeros(config.n_frames, np.int64)
     cdf_bg = np.cumsum(per_pixel / per_pixel.sum())
@@ -258,15 +258,16 @@ def simulate(config: SimulationConfig) -> tuple[data_io.SparseFrames, dict]:
 
 
 @jax.jit
-def _draw_counts(likelihood: Likelihood, key: jax.Array, bragg: jax.Array, background: jax.Array, frame: jax.Array):
-    """(counts, expected background photons per frame) of (n, n_pix) pixels of the frames ``frame`` (n,)."""
-    mean_bg = likelihood.background_mean(background, frame[:, None])
+def _draw_counts(likelihood: Likelihood, key: jax.Array, bragg: jax.Array, level: jax.Array, per_pixel: jax.Array,
+                 frame: jax.Array):
+    """(counts, expected background photons per frame) of the (n, n_pix) pixels of the frames ``frame`` (n,)."""
+    mean_bg = likelihood.background_mean(level[:, None] * per_pixel[None, :], frame[:, None])
     return likelihood.sample(key, mean_bg + bragg, frame[:, None]), mean_bg.sum(axis=1)
 
 
 def sampled_photons(
     likelihood: Likelihood, key: jax.Array, chunks: list[tuple[int, int]], entries_of, model: jax.Array,
-    phi: np.ndarray, polarization: np.ndarray, background: np.ndarray,
+    phi: np.ndarray, polarization: np.ndarray, level: np.ndarray, per_pixel: np.ndarray,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Counts of every valid pixel of every frame drawn with ``likelihood.sample`` (dense, in pieces).
 
@@ -278,13 +279,14 @@ def sampled_photons(
       model: (n_asu, n_voxels) float32 true model scaled to photons.
       phi: (n_frames,) scale factors.
       polarization: (n_pix,) pol x solid angle of the valid pixels.
-      background: (n_frames, n_pix) the data set's background photons pol * B of every pixel.
+      level, per_pixel: (n_frames,) and (n_pix,): the data set's background photons pol * B at pixel t of
+        frame d are ``level[d] * per_pixel[t]``.
 
     Returns:
       ``(frame, pixel, count, expected_background)``: the nonzero counts sorted by frame (pixel = valid-pixel
       index) and the expected background photons per frame (after ``likelihood.background_mean``).
     """
-    n_frames, n_pix = background.shape
+    n_frames, n_pix = level.shape[0], per_pixel.shape[0]
     size = max(1, min(n_frames, _SAMPLED_PIXELS // n_pix))  # frames per draw (the last piece is padded)
     out_frame, out_pixel, out_count, expected = [], [], [], []
     for a, b in chunks:
@@ -300,7 +302,7 @@ def sampled_photons(
             f, t = frame[lo:hi], pixel[lo:hi]
             np.add.at(bragg, (f - c, t), phi[f] * polarization[t] * w[lo:hi])
             rows = np.minimum(np.arange(c, c + size), n_frames - 1).astype(np.int32)
-            counts, mean_bg = _draw_counts(likelihood, jax.random.fold_in(key, c), bragg, background[rows], rows)
+            counts, mean_bg = _draw_counts(likelihood, jax.random.fold_in(key, c), bragg, level[rows], per_pixel, rows)
             counts = np.asarray(counts)[: d - c]
             hit_frame, hit_pixel = np.nonzero(counts)
             out_frame.append(hit_frame + c)

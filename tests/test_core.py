@@ -202,11 +202,15 @@ def test_vmap_over_seeds_and_pruning_thresholds(small):
     update = jax.jit(make_update(problem.spec(CONFIG)))
     keys = jax.random.split(jax.random.key(0), 2)
     states = jax.vmap(lambda k: emc.init_state(problem, CONFIG, k))(keys)
-    batched, _ = jax.vmap(update, in_axes=(0, None))(states, batch)
+    batched, diag = jax.vmap(update, in_axes=(0, None))(states, batch)
     for i in range(2):
-        alone, _ = update(jax.tree.map(lambda x: x[i], states), batch)
+        alone, alone_diag = update(jax.tree.map(lambda x: x[i], states), batch)
         np.testing.assert_allclose(np.asarray(batched.intensity[i]), np.asarray(alone.intensity), rtol=1e-5, atol=1e-7)
-    assert not np.allclose(np.asarray(batched.intensity[0]), np.asarray(batched.intensity[1]))
+        np.testing.assert_allclose(
+            np.asarray(diag.first.log_likelihood[i]), np.asarray(alone_diag.first.log_likelihood), rtol=1e-5
+        )
+    assert not np.allclose(np.asarray(states.intensity[0]), np.asarray(states.intensity[1]))  # two starts
+    assert float(diag.first.log_likelihood[0].sum()) != float(diag.first.log_likelihood[1].sum())
 
     state = emc.initial_state(problem, CONFIG, seed=0)
     masses = jnp.asarray([0.5, 0.999], jnp.float32)
