@@ -266,7 +266,7 @@ def _host_iteration(problem: Problem, state: EMCState, spec: StepSpec):
         shared = kept_set.shared(problem.geometry)
         intensity, phi = _mstep_kernel(problem.mesh, spec, "phi")(intensity, phi, state.likelihood, kept, shared)
     new = state._replace(iteration=state.iteration + 1, intensity=intensity, phi=phi[: problem.n_frames])
-    pairs = KeptRotations(*(np.concatenate(parallel.local_pieces(x)) for x in (kept.pair_frame, kept.pair_rotation, kept.pair_prob)))
+    pairs = KeptRotations(*(parallel.host_array(x).ravel() for x in (kept.pair_frame, kept.pair_rotation, kept.pair_prob)))
     pairs = pairs._replace(rotation=kept_set.rotations[np.minimum(pairs.rotation, kept_set.rotations.shape[0] - 1)])
     stats = lambda s: FrameStats(*s)  # noqa: E731
     return new, Diagnostics(first=stats(first), last=stats(last), n_live=0, kept=pairs)
@@ -279,7 +279,7 @@ def _fused_iteration(problem: Problem, state: EMCState, spec: StepSpec):
     if spec.kept_budget is not None and needed > spec.kept_budget:
         raise _Overflow(needed)
     rotations = problem.rotation_set.rotations
-    kept = KeptRotations(*(np.asarray(x) for x in diag.kept))
+    kept = KeptRotations(*(parallel.host_array(x) for x in diag.kept))
     kept = kept._replace(rotation=rotations[kept.rotation])
     last = diag.last._replace(best_rotation=rotations[np.asarray(diag.last.best_rotation)])
     return state, diag._replace(last=last, kept=kept)

@@ -26,7 +26,7 @@ from emcjax.blocks import Block, BlockData, FrameSource, Plan, RotationSet, buil
 from emcjax.core.arrays import BlockArrays, Shared
 from emcjax.core.step import Batch, StepSpec
 from emcjax.crystal import Crystal
-from emcjax.data import SparseDataset, SparseFrames, bucket_length
+from emcjax.data import SparseDataset, SparseFrames, bucket_length, rotation_count
 from emcjax.detector import Detector, DetectorGeometry, make_detector
 from emcjax.errors import ConfigError, DataError
 from emcjax.join import BACKGROUND_FLOOR, pixel_records
@@ -179,6 +179,17 @@ def _stack_blocks(mesh: Mesh, blocks: list[BlockArrays]) -> BlockArrays:
     return stack(*blocks)
 
 
+def common_candidates(offsets: np.ndarray, rotations: np.ndarray) -> np.ndarray | None:
+    """The sorted rotation list when every frame's candidate list holds the same rotations, else None
+    (such data take the all-rotations path on that set, with the exact symmetry reduction when the set is
+    the whole sampling)."""
+    lengths = np.diff(np.asarray(offsets))
+    if lengths.shape[0] == 0 or np.any(lengths != lengths[0]) or lengths[0] == 0:
+        return None
+    rows = np.sort(np.asarray(rotations, np.int64).reshape(lengths.shape[0], lengths[0]), axis=1)
+    return rows[0] if np.all(rows == rows[0]) else None
+
+
 def setup_problem(dataset: SparseDataset, config: EMCConfig, frames: SparseFrames | None = None, *,
                   mesh: Mesh | None = None, frame_weights=None) -> Problem:
     """One-time set-up: detector, grid, rotations, in-peak entries, blocks and their joins.
@@ -217,13 +228,19 @@ def setup_problem(dataset: SparseDataset, config: EMCConfig, frames: SparseFrame
     grid = model_lib.make_grid(crystal, d_min=d_min, d_max=1.0 / max(q_min, 1e-9), vn=config.vn, gw=config.gw)
 
     candidates = source.candidates()
-    if candidates is not None:  # candidate lists: each block evaluates the union of its frames' lists
+    common = None if candidates is None else common_candidates(*candidates)
+    if candidates is not None and common is None:  # each block evaluates the union of its frames' lists
         sampling, _, log_w = _sampling(crystal, int(dataset.candidate_sampling_n), reduce=False)
         offsets, rotation_ids = candidates
         n_slots = max(int(np.diff(offsets).max()), 1)
         candidates = (np.asarray(offsets, np.int64), np.asarray(rotation_ids, np.int64))
-    else:
-        sampling, rotations, log_w_set = _sampling(crystal, config.rotation_n, config.reduce_by_symmetry)
+    else:  # no lists, or one list shared by every frame: the all-rotations path on that set
+        n = config.rotation_n if common is None else int(dataset.candidate_sampling_n)
+        reduce = config.reduce_by_symmetry and (common is None or common.shape[0] == rotation_count(n))
+        sampling, rotations, log_w_set = _sampling(crystal, n, reduce)
+        if common is not None and not reduce:
+            rotations, log_w_set = common, sampling.log_weights[common]
+        candidates = None
         log_w = np.full(sampling.n_rot, -np.inf)
         log_w[rotations] = log_w_set
         n_slots = int(rotations.shape[0])

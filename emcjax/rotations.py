@@ -683,3 +683,30 @@ def grid_symmetry_orbits(
     smallest = np.min(np.stack(images), axis=0)
     representative, orbit = np.unique(smallest, return_inverse=True)
     return representative.astype(np.int64), orbit.astype(np.int64)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Misorientation modulo the crystal's rotation group
+# ----------------------------------------------------------------------------------------------------------
+
+
+def symmetric_misorientation(a, b, rotation_ops_cartesian) -> np.ndarray:
+    """Smallest rotation angle between orientations ``a`` and ``b`` over the crystal's proper rotations.
+
+    A crystal in orientation ``q`` looks the same as one in ``q ⊗ conj(h_g)`` for every proper rotation
+    ``g`` of its Laue group (``crystal_from_lab`` becomes ``R_g @ crystal_from_lab(q)``), so two frames'
+    orientations are related by symmetry iff this angle is ~0.
+
+    Args:
+        a: ``(..., 4)`` unit quaternions.
+        b: ``(..., 4)`` unit quaternions, broadcast against ``a``.
+        rotation_ops_cartesian: ``(n_ops, 3, 3)`` proper rotations acting on crystal-frame vectors
+            (``Crystal.rotation_ops_cartesian``).
+
+    Returns:
+        ``(...)`` float64 angles in radians, in ``[0, π]``.
+    """
+    ops = np.asarray(rotation_ops_cartesian, dtype=np.float64)
+    h_conj = quaternion_conjugate(matrix_to_quaternion(ops))  # (n_ops, 4)
+    b_images = quaternion_multiply(np.asarray(b, np.float64)[..., None, :], h_conj)  # (..., n_ops, 4)
+    return misorientation_angle(np.asarray(a, np.float64)[..., None, :], b_images).min(axis=-1)

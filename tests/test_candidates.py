@@ -95,3 +95,24 @@ def test_blocks_do_not_change_the_result(simulated, tmp_path):
         np.testing.assert_array_equal(_orbits(b), _orbits(b_one))
     # the true rotation is a candidate of every frame, so the orientation is found for most frames
     assert np.mean(b_one == truth["rotation_index"]) > 0.5
+
+
+def test_common_list_takes_the_all_rotations_path(simulated, tmp_path):
+    """One list shared by every frame (here the whole sampling, in a shuffled order per frame) is the
+    all-rotations path: one fused step, the exact symmetry reduction, the same reconstruction."""
+    frames, truth = simulated
+    n_rot = sample_600cell(2).n_rot
+    rng = np.random.default_rng(1)
+    full = dataclasses.replace(
+        frames,
+        candidate_offsets=np.arange(frames.n_frames + 1, dtype=np.int64) * n_rot,
+        candidate_rotations=np.concatenate([rng.permutation(n_rot) for _ in range(frames.n_frames)]).astype(np.int64),
+    )
+    config = emc.EMCConfig(rotation_n=2)
+    with data_io.SparseDataset(_write(tmp_path / "lists.h5", full, truth)) as dataset:
+        listed = emc.setup_problem(dataset, config)
+    with data_io.SparseDataset(_write(tmp_path / "plain.h5", frames, truth)) as dataset:
+        plain = emc.setup_problem(dataset, config)
+    assert listed.batch is not None and listed.rotation_set is not None
+    np.testing.assert_array_equal(listed.rotations, plain.rotations)
+    assert listed.rotations.shape[0] < n_rot  # reduced by the point group

@@ -161,6 +161,14 @@ def estep_block(tables, phi, state: EMCState, shared: Shared, local: BlockArrays
     return kept, n_live, stats
 
 
+def map_blocks(fn, blocks: BlockArrays):
+    """``fn`` over the leading block axis (``lax.map``); one block is passed whole (no per-block slice
+    copies of the join)."""
+    if blocks.frame_start.shape[0] == 1:
+        return jax.tree.map(lambda x: x[None], fn(jax.tree.map(lambda x: x[0], blocks)))
+    return jax.lax.map(fn, blocks)
+
+
 def _global_frames(values: jax.Array, blocks: BlockArrays, n_padded: int, axis) -> jax.Array:
     """(n_blocks, n_local) per-frame values of this device -> (n_padded,) in global order, on every device."""
     index = blocks.frame_start[:, None] + jnp.arange(values.shape[1])[None, :]
@@ -171,7 +179,7 @@ def estep_all(intensity, phi, state: EMCState, batch: Batch, spec: StepSpec):
     """E-step over every block of the device: ``(kept, FrameStats, n_live)``; kept flattened over blocks."""
     shared = batch.shared
     tables = rotation_tables(intensity, shared, spec.n_shells)
-    kept, n_live, stats = jax.lax.map(lambda b: estep_block(tables, phi, state, shared, b, spec), batch.blocks)
+    kept, n_live, stats = map_blocks(lambda b: estep_block(tables, phi, state, shared, b, spec), batch.blocks)
     stats = FrameStats(*(_global_frames(v, batch.blocks, spec.n_padded, spec.axis) for v in stats))
     n_live = jnp.max(n_live) if spec.axis is None else jax.lax.pmax(jnp.max(n_live), spec.axis)
     return flatten_blocks(kept), stats, n_live
@@ -239,5 +247,5 @@ def marginal_log_likelihood(intensity, phi, likelihood, batch: Batch, spec: Step
         used = (local.weight > 0) & jnp.isfinite(resp.log_evidence)
         return jnp.sum(jnp.where(used, local.weight * (jnp.where(used, resp.log_evidence, 0.0) + constant), 0.0))
 
-    return _psum(jnp.sum(jax.lax.map(one, batch.blocks)), spec.axis)
+    return _psum(jnp.sum(map_blocks(one, batch.blocks)), spec.axis)
 
