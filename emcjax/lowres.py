@@ -11,6 +11,7 @@ Outputs in ``--out``: config.toml, metrics.jsonl, iterations/NNN.h5, checkpoints
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -23,12 +24,12 @@ from typing import Any
 
 import numpy as np
 
+from emcjax import checkpoint, cli, rundir, runio
 from emcjax import emc as emc_lib
 from emcjax import figures as figures_lib
-from emcjax import runio
-from emcjax.errors import ConfigError, DataError, EmcjaxError
+from emcjax.errors import ConfigError, DataError
 
-CHECKPOINTS_DIR = "checkpoints"
+CHECKPOINTS_DIR = checkpoint.CHECKPOINTS_DIR
 DEMO_FORMAT = 1  # bump to invalidate cached demo data sets when the simulator's output changes
 
 
@@ -117,11 +118,6 @@ class LowresConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ConfigError(f"{name} must be an integer >= {low}, got {value!r}")
-        if self.resume and self.init_from is not None:
-            raise ConfigError(
-                f"resume and init_from exclude each other (got --resume and --init-from {self.init_from}): "
-                "--resume continues --out from its checkpoint, --init-from starts a new run"
-            )
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -164,65 +160,6 @@ def ensure_demo(demo: DemoConfig, log=print) -> pathlib.Path:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Checkpoints
-
-
-def _checkpoint_manager(run_dir: pathlib.Path, keep: int):
-    import orbax.checkpoint as ocp
-
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
-    return ocp.CheckpointManager((run_dir / CHECKPOINTS_DIR).absolute(), options=options)
-
-
-def _state_dict(state) -> dict:
-    return dict(state._asdict())
-
-
-def _save_checkpoint(manager, state, meta: dict) -> None:
-    import orbax.checkpoint as ocp
-
-    step = int(state.iteration)
-    manager.save(
-        step,
-        args=ocp.args.Composite(state=ocp.args.StandardSave(_state_dict(state)), meta=ocp.args.JsonSave(meta)),
-        force=True,
-    )
-
-
-def _restore_checkpoint(manager, template, run_dir: pathlib.Path):
-    """Restores the latest checkpoint into the shapes, dtypes and shardings of ``template`` (an EMCState)."""
-    import jax
-    import orbax.checkpoint as ocp
-
-    step = manager.latest_step()
-    if step is None:
-        raise ConfigError(
-            f"resume: no checkpoint in {run_dir / CHECKPOINTS_DIR}; start a new run without --resume "
-            "(after removing the directory) or choose another --out"
-        )
-    abstract = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
-        _state_dict(template),
-    )
-    try:
-        restored = manager.restore(
-            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore())
-        )
-    except (ValueError, KeyError) as err:
-        raise DataError(f"resume: cannot restore checkpoint {step} of {run_dir / CHECKPOINTS_DIR}: {err}") from None
-    state = type(template)(**restored["state"])
-    meta = dict(restored["meta"] or {})
-    for name, value in _state_dict(state).items():
-        expected = _state_dict(template)[name]
-        if value.shape != expected.shape:
-            raise DataError(
-                f"resume: checkpoint {step} in {run_dir / CHECKPOINTS_DIR} has {name} of shape {value.shape}, "
-                f"this problem needs {expected.shape}; was the run made with other --data or --emc settings?"
-            )
-    return state, meta
-
-
-# ----------------------------------------------------------------------------------------------------
 # The run
 
 
@@ -255,27 +192,6 @@ def progress_line(record: dict, total: int, eta_s: float) -> str:
     return "  ".join(parts)
 
 
-def _is_nonempty_dir(path: pathlib.Path) -> bool:
-    return path.is_dir() and any(path.iterdir())
-
-
-def _check_out_dir(config: LowresConfig) -> None:
-    out = config.out
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"out: {out} exists and is not a directory; choose another --out")
-    if config.resume:
-        if not (out / CHECKPOINTS_DIR).is_dir():
-            raise ConfigError(
-                f"resume: {out} holds no run to resume ({out / CHECKPOINTS_DIR} does not exist); "
-                "drop --resume to start a new run or name the run directory with --out"
-            )
-    elif _is_nonempty_dir(out):
-        raise ConfigError(
-            f"out: run directory {out} is not empty; add --resume to continue that run, "
-            "or choose another --out (nothing was overwritten)"
-        )
-
-
 def _check_init(init, problem, source: pathlib.Path) -> None:
     model_shape = tuple(problem.grid.model_shape)
     if tuple(init.intensity.shape) != model_shape:
@@ -291,20 +207,68 @@ def _check_init(init, problem, source: pathlib.Path) -> None:
         raise ConfigError(f"init_from: the unique reflections (hkl) in {source} differ from this run's")
 
 
+RESUMABLE_CHANGES = {
+    "iters", "resume", "out", "config", "keep_checkpoints", "figures_every", "iterations_every", "distributed",
+    "data", "init_from", "emc.block_frames", "emc.stream",
+}
+"""Settings a resumed run may change (``data`` only to another path of the same data set, checked by its
+identity; ``init_from`` is not used once a run has a checkpoint)."""
+
+
+def _check_settings(config: LowresConfig) -> None:
+    """Checks of settings that need no data."""
+    if config.emc.d_min is not None and not config.emc.d_min > 0:
+        raise ConfigError(f"emc.d_min must be a resolution > 0 Å, got {config.emc.d_min}")
+
+
+def _recorded_data(run_dir: pathlib.Path, log) -> dict | None:
+    """The identity of the data set a run directory was made with: from its run.json, else (e.g. the
+    ``-init`` directory of ``emcjax.legacy import``) of the data set its config.toml names, if it exists."""
+    recorded = rundir.RunDirectory(run_dir, write=False).provenance().get("data")
+    if recorded:
+        return recorded
+    config_path = run_dir / runio.CONFIG_FILE
+    if config_path.exists():
+        data = runio.parse_toml(config_path).get("data")
+        if isinstance(data, str) and pathlib.Path(data).is_file():
+            return rundir.data_identity(data)
+    return None
+
+
+def _usable_truth(problem, log):
+    """``problem`` without its truth when /truth is not usable (wrong shapes): truth is optional, a warning."""
+    truth = problem.truth
+    if truth is None:
+        return problem
+    hkl, intensity = truth.get("hkl"), truth.get("intensity")
+    if hkl is None and intensity is None:
+        return problem
+    hkl = None if hkl is None else np.asarray(hkl)
+    intensity = None if intensity is None else np.asarray(intensity)
+    if (hkl is None or intensity is None or hkl.ndim != 2 or hkl.shape[1] != 3 or intensity.ndim != 2
+            or intensity.shape[0] != hkl.shape[0] or not np.issubdtype(hkl.dtype, np.integer)):
+        log(f"warning: the data set's /truth is not usable (hkl {None if hkl is None else hkl.shape}, intensity "
+            f"{None if intensity is None else intensity.shape}; expected (n, 3) integers and (n, n_voxels)); "
+            "running without truth (no cc_true)")
+        return dataclasses.replace(problem, truth=None)
+    return problem
+
+
 def run(config: LowresConfig, log=print) -> dict:
     """Runs (or resumes) a low-resolution EMC reconstruction; returns the final iteration's metrics.
 
-    Writes ``config.out``: config.toml, metrics.jsonl, iterations/NNN.h5, checkpoints/ (Orbax),
-    intensities.h5 and figures/.
+    Writes ``config.out``: config.toml, run.json, metrics.jsonl, iterations/NNN.h5, checkpoints/ (Orbax),
+    intensities.h5 and figures/. The run directory's life cycle (lock, resume checks, clean-up of a failed
+    start) is ``emcjax.rundir``'s; nothing is written before every check has passed.
 
     Args:
       config: the resolved run config.
       log: where progress lines go (``print`` by default).
 
     Raises:
-      ConfigError: ``out`` is a non-empty directory without ``resume``, nothing to resume, or
-        ``init_from`` does not fit the data set.
-      DataError: unreadable data set, checkpoint or init run.
+      ConfigError: ``out`` in use, holding another run or other files; nothing to resume; resume settings
+        that differ from the run's; ``init_from`` that does not fit the data set.
+      DataError: unreadable or other data set, checkpoint or init run.
     """
     import jax
     from jax.experimental import multihost_utils
@@ -313,123 +277,122 @@ def run(config: LowresConfig, log=print) -> dict:
     from emcjax.data import SparseDataset
 
     main_process = jax.process_index() == 0
-    _check_out_dir(config)
-    multihost_utils.sync_global_devices("emcjax.lowres: out checked")
+    _check_settings(config)
     out = config.out
-    diffs = runio.config_differences(config, LowresConfig())
-    diffs.pop("config", None)
-    log("emcjax.lowres: " + (", ".join(f"{k}={v[0]!r}" for k, v in diffs.items()) or "all defaults"))
-
-    if config.resume and (out / runio.CONFIG_FILE).exists():
-        try:
-            saved = runio.config_from_toml(LowresConfig, out / runio.CONFIG_FILE)
-        except ConfigError as err:
-            log(f"warning: cannot read the saved config: {err}")
-        else:
-            changed = {
-                k: v
-                for k, v in runio.config_differences(config, saved).items()
-                if k.split(".")[0] in ("data", "emc", "demo", "seed")
-            }
-            if changed:
-                log(
-                    "warning: resuming with settings that differ from the saved config: "
-                    + ", ".join(f"{k}={v[0]!r} (was {v[1]!r})" for k, v in changed.items())
-                )
-
-    init = runio.read_run(config.init_from) if config.init_from is not None else None
-    if config.data is None and main_process:
-        ensure_demo(config.demo, log=log)
-    multihost_utils.sync_global_devices("emcjax.lowres: data ready")
-    data_path = config.data if config.data is not None else demo_path(config.demo)
-    if not pathlib.Path(data_path).exists():
-        raise DataError(f"data: data set {data_path} does not exist")
-
-    start_setup = time.perf_counter()
-    with SparseDataset(data_path) as dataset:
-        problem = emc_lib.setup_problem(dataset, config.emc)
-    log(
-        f"problem: {problem.n_frames} frames, model {tuple(problem.grid.model_shape)} (unique reflections x voxels), "
-        f"set up in {time.perf_counter() - start_setup:.1f} s"
-    )
-
-    state = emc_lib.initial_state(problem, config.emc, config.seed)
-    if main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        runio.save_config(
-            out / runio.CONFIG_FILE,
-            dataclasses.replace(config, config=None, resume=False),
-            header="emcjax.lowres resolved config; reuse with --config",
-        )
-    manager = _checkpoint_manager(out, config.keep_checkpoints)
-    try:
+    with rundir.RunDirectory(out, log=log, write=main_process) as rd, contextlib.ExitStack() as stack:
+        resuming = config.resume and rd.status == "started"
         if config.resume:
-            state, meta = _restore_checkpoint(manager, state, out)
+            saved = rd.saved_config(LowresConfig)
+            if not resuming:
+                log(f"resume: {out} has no checkpoint yet (its start stopped before the first one); starting it over")
+            rundir.check_resume_config(saved, config, RESUMABLE_CHANGES, out)
+            if (saved.data is None) != (config.data is None):
+                raise ConfigError(f"resume: data = {config.data!r} (the run has {saved.data!r}) (nothing was changed)")
+        else:
+            rd.check_new_start()
+        multihost_utils.sync_global_devices("emcjax.lowres: out checked")
+        diffs = runio.config_differences(config, LowresConfig())
+        diffs.pop("config", None)
+        log("emcjax.lowres: " + (", ".join(f"{k}={v[0]!r}" for k, v in diffs.items()) or "all defaults"))
+
+        if config.data is None and main_process:
+            ensure_demo(config.demo, log=log)
+        multihost_utils.sync_global_devices("emcjax.lowres: data ready")
+        data_path = (config.data if config.data is not None else demo_path(config.demo)).absolute()
+        if not data_path.exists():
+            raise DataError(f"data: data set {data_path} does not exist")
+        identity = rundir.data_identity(data_path)
+        if identity["n_frames"] and identity["photons"] == 0:
+            raise DataError(f"data: {data_path} holds no photon in any frame; nothing to reconstruct")
+        if resuming:
+            rundir.check_same_data(rd.provenance().get("data"), identity, f"resume: run {out}", log)
+        init = None
+        if config.init_from is not None and not resuming:
+            init = runio.read_run(config.init_from)
+            rundir.check_same_data(_recorded_data(config.init_from, log), identity,
+                                   f"init_from: run {config.init_from}", log)
+
+        start_setup = time.perf_counter()
+        dataset = stack.enter_context(SparseDataset(data_path))  # streaming re-reads it at every E-step
+        problem = _usable_truth(emc_lib.setup_problem(dataset, config.emc), log)
+        if not config.emc.stream:
+            dataset.close()
+        log(f"problem: {problem.n_frames} frames, model {tuple(problem.grid.model_shape)} (unique reflections x "
+            f"voxels), set up in {time.perf_counter() - start_setup:.1f} s")
+
+        state = emc_lib.initial_state(problem, config.emc, config.seed)
+        if init is not None:
+            _check_init(init, problem, config.init_from)
+            state = state._replace(
+                intensity=parallel.replicate(problem.mesh, np.asarray(init.intensity, state.intensity.dtype)),
+                phi=parallel.replicate(problem.mesh, np.asarray(init.phi, state.phi.dtype)),
+            )
+        if main_process and not resuming:
+            rd.clear_failed_start()  # every check of a new start passed: from here on the directory changes
+        manager = stack.enter_context(contextlib.closing(checkpoint.open_manager(out, config.keep_checkpoints)))
+        if resuming:
+            state, meta = checkpoint.restore_latest(manager, state, out, log=log)
             if meta.get("n_frames") not in (None, problem.n_frames):
-                raise DataError(
-                    f"resume: the checkpoint in {out} was made with {meta['n_frames']} frames, "
-                    f"the data set {data_path} has {problem.n_frames}"
-                )
+                raise DataError(f"resume: the checkpoint in {out} was made with {meta['n_frames']} frames, "
+                                f"the data set {data_path} has {problem.n_frames}")
+        if main_process:
+            saved_data = data_path if config.data is not None else None
+            rd.record_start(
+                rundir.absolute(dataclasses.replace(config, config=None, resume=False, data=saved_data), "init_from"),
+                identity, header="emcjax.lowres resolved config; reuse with --config",
+                resumed_at=int(state.iteration) if resuming else None, devices=[str(d) for d in jax.devices()],
+            )
+        meta = {"n_frames": int(problem.n_frames), "model_shape": [int(n) for n in problem.grid.model_shape],
+                "data": os.fspath(data_path)}
+        if resuming:
             records = runio.truncate_metrics(out, int(state.iteration)) if main_process else []
             log(f"resumed {out} at iteration {int(state.iteration)}")
         else:
             records = []
             if init is not None:
-                _check_init(init, problem, config.init_from)
-                state = state._replace(
-                    intensity=parallel.replicate(problem.mesh, np.asarray(init.intensity, state.intensity.dtype)),
-                    phi=parallel.replicate(problem.mesh, np.asarray(init.phi, state.phi.dtype)),
-                )
                 log(f"initial model and phi from {config.init_from}")
-
-        meta = {
-            "n_frames": int(problem.n_frames),
-            "model_shape": [int(n) for n in problem.grid.model_shape],
-            "data": os.fspath(data_path),
-        }
-        start = int(state.iteration)
-        per_frame = None
-        times: list[float] = []
-        for _ in range(start, config.iters):
-            state, metrics, per_frame = emc_lib.iterate(problem, state, config.emc)
-            iteration = int(state.iteration)
-            record = {"iteration": iteration, **metrics}
-            records.append(record)
-            if main_process:
-                runio.append_metrics(out, record)
-            if main_process and (
-                iteration == config.iters or (config.iterations_every and iteration % config.iterations_every == 0)
-            ):
-                runio.write_iteration(
-                    out, iteration, state.intensity, state.phi,
-                    per_frame["best_rotation"], per_frame["best_probability"], metrics,
-                )
-            _save_checkpoint(manager, state, {**meta, "iteration": iteration})
-            times.append(float(metrics.get("seconds", 0.0)))
-            recent = times[-5:]
-            eta = (config.iters - iteration) * (sum(recent) / len(recent))
-            if main_process:
-                log(progress_line(record, config.iters, eta))
-            if main_process and config.figures_every and iteration % config.figures_every == 0 and iteration < config.iters:
-                _draw(out, records, problem, state)
+            checkpoint.save(manager, state, {**meta, "iteration": 0})  # from here on the run is resumable
+        state, records = _iterate(config, problem, state, manager, meta, records, main_process, log)
         manager.wait_until_finished()
-    finally:
-        manager.close()
 
     final = dict(records[-1]) if records else {"iteration": int(state.iteration)}
     if not main_process:
         return final
     runio.write_intensities(
-        out,
-        np.asarray(state.intensity),
-        problem.grid.asu.hkl,
-        problem.integrated(state.intensity),
-        np.asarray(state.phi),
-        attrs={"iteration": int(state.iteration), "data": os.fspath(data_path)},
+        out, np.asarray(state.intensity), problem.grid.asu.hkl, problem.integrated(state.intensity),
+        np.asarray(state.phi), attrs={"iteration": int(state.iteration), "data": os.fspath(data_path)},
     )
     _draw(out, records, problem, state)
     log(f"done: {out} (iteration {int(state.iteration)})")
     return final
+
+
+def _iterate(config, problem, state, manager, meta, records, main_process, log):
+    """The iterations from ``state.iteration`` to ``config.iters``: metrics, iterations/NNN.h5, a checkpoint
+    each, progress lines and figures; returns the final state and all metrics records."""
+    out = config.out
+    times: list[float] = []
+    for _ in range(int(state.iteration), config.iters):
+        state, metrics, per_frame = emc_lib.iterate(problem, state, config.emc)
+        iteration = int(state.iteration)
+        record = {"iteration": iteration, **metrics}
+        records.append(record)
+        if main_process:
+            runio.append_metrics(out, record)
+        if main_process and (
+            iteration == config.iters or (config.iterations_every and iteration % config.iterations_every == 0)
+        ):
+            runio.write_iteration(out, iteration, state.intensity, state.phi,
+                                  per_frame["best_rotation"], per_frame["best_probability"], metrics)
+        checkpoint.save(manager, state, {**meta, "iteration": iteration})
+        times.append(float(metrics.get("seconds", 0.0)))
+        recent = times[-5:]
+        eta = (config.iters - iteration) * (sum(recent) / len(recent))
+        if main_process:
+            log(progress_line(record, config.iters, eta))
+        if main_process and config.figures_every and iteration % config.figures_every == 0 and iteration < config.iters:
+            _draw(out, records, problem, state)
+    return state, records
 
 
 def _draw(out: pathlib.Path, records: list[dict], problem, state) -> None:
@@ -492,15 +455,17 @@ def parse_args(argv: list[str] | None = None) -> LowresConfig:
 
 
 def main(argv: list[str] | None = None) -> None:
-    try:
-        config = parse_args(argv)
-        from emcjax import parallel
+    """``python -m emcjax.lowres``: errors become one line and exit status 2 (``emcjax.cli``)."""
+    cli.run_cli(_main, argv)
 
-        d = config.distributed
-        parallel.initialize_distributed(d.coordinator_address, d.num_processes, d.process_id)
-        run(config)
-    except EmcjaxError as err:
-        sys.exit(f"error: {err}")
+
+def _main(argv: list[str]) -> None:
+    config = parse_args(argv)
+    from emcjax import parallel
+
+    d = config.distributed
+    parallel.initialize_distributed(d.coordinator_address, d.num_processes, d.process_id)
+    run(config)
 
 
 if __name__ == "__main__":

@@ -51,6 +51,37 @@ RUN_FORMAT_VERSION = 1
 # Atomic writes
 
 
+_UMASK: int | None = None
+
+
+def file_mode() -> int:
+    """The mode a plain ``open()`` would give a new file: 0o666 less the process umask (e.g. 0o644).
+
+    The umask is read once, from /proc/self/status where the kernel shows it, else by setting and
+    restoring it (before other threads exist, at the first call)."""
+    global _UMASK
+    if _UMASK is None:
+        try:
+            with open("/proc/self/status", encoding="ascii") as f:
+                _UMASK = next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+        except (OSError, StopIteration, ValueError, IndexError):
+            _UMASK = os.umask(0o022)
+            os.umask(_UMASK)
+    return 0o666 & ~_UMASK
+
+
+def new_temporary(path: str | os.PathLike) -> pathlib.Path:
+    """Creates an empty temporary file ``.NAME.XXXX.tmp`` next to ``path`` with the mode of a normal new file
+    (``file_mode``: readable by group and others under the usual umask, not mkstemp's 0600)."""
+    path = pathlib.Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        os.fchmod(fd, file_mode())
+    finally:
+        os.close(fd)
+    return pathlib.Path(tmp)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[pathlib.Path]:
     """Yields a temporary path next to ``path``; renames it onto ``path`` if the block succeeds.
@@ -60,9 +91,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[pathlib.Path]:
     """
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp_path = pathlib.Path(tmp)
+    tmp_path = new_temporary(path)
     try:
         yield tmp_path
         os.replace(tmp_path, path)
@@ -266,6 +295,12 @@ def parse_toml(path: str | os.PathLike) -> dict:
             return tomllib.load(f)
     except FileNotFoundError:
         raise ConfigError(f"config file {path} does not exist") from None
+    except IsADirectoryError:
+        raise ConfigError(f"config file {path} is a directory, expected a TOML file") from None
+    except PermissionError:
+        raise ConfigError(f"config file {path} cannot be read (permission denied)") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {path} is not a TOML text file (not UTF-8 text)") from None
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(f"config file {path} is not valid TOML: {err}") from None
 

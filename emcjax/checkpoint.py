@@ -1,0 +1,128 @@
+"""Orbax checkpoints of a run's state in ``RUN/checkpoints/``: save every iteration, restore the newest one
+that reads back, falling back to older ones when the newest is damaged.
+
+A checkpoint holds a state pytree (e.g. ``emcjax.EMCState``: iteration, intensity, phi) and a small JSON
+``meta`` dict (frames, model shape, data set). Orbax writes each step to a temporary directory and renames
+it when complete, so a process killed while writing leaves the previous steps intact; a step that was
+completed and later damaged (truncated or deleted files) is detected on restore, moved to
+``RUN/checkpoints-damaged/`` with a warning, and the next older step is used.
+
+Runners (lowres, and later highres, reject, pipeline) use ``open_manager``, ``save``, ``restore_latest``
+and ``complete_steps``.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import time
+from typing import Any, Callable
+
+from emcjax.errors import DataError
+
+CHECKPOINTS_DIR = "checkpoints"
+DAMAGED_DIR = "checkpoints-damaged"
+
+
+def complete_steps(run_dir: str | os.PathLike) -> list[int]:
+    """Steps of the finished checkpoints in ``run_dir/checkpoints`` (directories named by an integer;
+    Orbax's temporary directories of an interrupted write are not counted), ascending. No JAX needed."""
+    directory = pathlib.Path(run_dir) / CHECKPOINTS_DIR
+    if not directory.is_dir():
+        return []
+    return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit() and p.is_dir())
+
+
+def open_manager(run_dir: str | os.PathLike, keep: int):
+    """An Orbax ``CheckpointManager`` on ``run_dir/checkpoints`` keeping the ``keep`` newest steps (creates
+    the directory). Close it with ``manager.close()`` (waits for a save still being written)."""
+    import orbax.checkpoint as ocp
+
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
+    return ocp.CheckpointManager((pathlib.Path(run_dir) / CHECKPOINTS_DIR).absolute(), options=options)
+
+
+def _as_dict(state: Any) -> dict:
+    return dict(state._asdict())
+
+
+def save(manager, state: Any, meta: dict) -> None:
+    """Saves ``state`` (a NamedTuple of arrays with an ``iteration`` field, the step) and ``meta`` (JSON)."""
+    import orbax.checkpoint as ocp
+
+    manager.save(
+        int(state.iteration),
+        args=ocp.args.Composite(state=ocp.args.StandardSave(_as_dict(state)), meta=ocp.args.JsonSave(meta)),
+        force=True,
+    )
+
+
+def _restore_step(manager, step: int, template: Any, directory: pathlib.Path) -> tuple[Any, dict]:
+    import jax
+    import orbax.checkpoint as ocp
+
+    abstract = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
+        _as_dict(template),
+    )
+    restored = manager.restore(
+        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore())
+    )
+    state = type(template)(**restored["state"])
+    for name, value in _as_dict(state).items():
+        expected = _as_dict(template)[name]
+        if value.shape != expected.shape:
+            raise DataError(
+                f"checkpoint {step} in {directory} has {name} of shape {value.shape}, this problem needs "
+                f"{expected.shape}; was the run made with other --data or --emc settings?"
+            )
+    return state, dict(restored["meta"] or {})
+
+
+def restore_latest(
+    manager, template: Any, run_dir: str | os.PathLike, log: Callable[[str], None] = print
+) -> tuple[Any, dict]:
+    """Restores the newest checkpoint that reads back into the shapes, dtypes and shardings of ``template``.
+
+    A step that cannot be read (truncated, deleted or corrupt files) is reported with a warning, moved to
+    ``run_dir/checkpoints-damaged/STEP-TIME`` and the next older step is tried.
+
+    Returns:
+      (state, meta) of the restored step.
+
+    Raises:
+      DataError: no checkpoint at all, every checkpoint is damaged, or a checkpoint's arrays have other
+        shapes than ``template`` (another data set or model; nothing is moved then).
+    """
+    run_dir = pathlib.Path(run_dir)
+    directory = run_dir / CHECKPOINTS_DIR
+    steps = sorted(manager.all_steps(), reverse=True)
+    if not steps:
+        raise DataError(f"no checkpoint in {directory}")
+    damaged: list[tuple[int, str]] = []
+    for step in steps:
+        try:
+            state, meta = _restore_step(manager, step, template, directory)
+        except DataError:
+            raise
+        except Exception as err:  # Orbax / TensorStore report damage with many exception types
+            reason = " ".join(str(err).split())[:300]
+            log(f"warning: checkpoint {step} in {directory} cannot be read ({type(err).__name__}: {reason}); "
+                "trying the previous one")
+            damaged.append((step, reason))
+            continue
+        for bad, _ in damaged:
+            _set_aside(directory / str(bad), run_dir / DAMAGED_DIR, log)
+        if damaged:
+            manager.reload()
+        return state, meta
+    listed = "; ".join(f"{s}: {r}" for s, r in damaged)
+    raise DataError(f"none of the checkpoints in {directory} can be read ({listed}); start a new run")
+
+
+def _set_aside(step_dir: pathlib.Path, damaged_dir: pathlib.Path, log: Callable[[str], None]) -> None:
+    """Moves a damaged step out of Orbax's directory (so that step can be written again), keeping it."""
+    damaged_dir.mkdir(exist_ok=True)
+    target = damaged_dir / f"{step_dir.name}-{time.strftime('%Y%m%dT%H%M%S')}"
+    os.replace(step_dir, target)
+    log(f"warning: moved the damaged checkpoint {step_dir} to {target}")
