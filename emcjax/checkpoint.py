@@ -22,6 +22,7 @@ from emcjax.errors import DataError
 
 CHECKPOINTS_DIR = "checkpoints"
 DAMAGED_DIR = "checkpoints-damaged"
+ASYNC = True
 
 
 def complete_steps(run_dir: str | os.PathLike) -> list[int]:
@@ -38,7 +39,7 @@ def open_manager(run_dir: str | os.PathLike, keep: int):
     the directory). Close it with ``manager.close()`` (waits for a save still being written)."""
     import orbax.checkpoint as ocp
 
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=ASYNC)
     return ocp.CheckpointManager((pathlib.Path(run_dir) / CHECKPOINTS_DIR).absolute(), options=options)
 
 
@@ -47,14 +48,49 @@ def _as_dict(state: Any) -> dict:
 
 
 def save(manager, state: Any, meta: dict) -> None:
-    """Saves ``state`` (a NamedTuple of arrays with an ``iteration`` field, the step) and ``meta`` (JSON)."""
+    """Saves ``state`` (a NamedTuple of arrays with an ``iteration`` field, the step) and ``meta`` (JSON).
+
+    The write continues in the background; a failure of it (or of the previous one) raises DataError here
+    or in ``finish``."""
     import orbax.checkpoint as ocp
 
-    manager.save(
-        int(state.iteration),
-        args=ocp.args.Composite(state=ocp.args.StandardSave(_as_dict(state)), meta=ocp.args.JsonSave(meta)),
-        force=True,
-    )
+    try:
+        manager.save(
+            int(state.iteration),
+            args=ocp.args.Composite(state=ocp.args.StandardSave(_as_dict(state)), meta=ocp.args.JsonSave(meta)),
+            force=True,
+        )
+    except Exception as err:
+        raise _write_error(err, manager) from None
+
+
+def close(manager) -> None:
+    """Waits for the last write and closes the manager (DataError if a write failed)."""
+    try:
+        manager.close()
+    except Exception as err:
+        raise _write_error(err, manager) from None
+
+
+def finish(manager) -> None:
+    """Waits until the last checkpoint is written (DataError if writing it failed)."""
+    try:
+        manager.wait_until_finished()
+    except Exception as err:
+        raise _write_error(err, manager) from None
+
+
+_FULL = ("os_error_code='28'", "os_error_code='27'", "os_error_code='122'", "No space left", "File too large")
+
+
+def _write_error(err: Exception, manager) -> DataError:
+    reason = " ".join(str(err).split())
+    hint = ""
+    if isinstance(err, OSError) and err.errno is not None:
+        reason = f"{err.filename or ''}: {err.strerror}".lstrip(": ")
+    if any(marker in str(err) for marker in _FULL):
+        hint = " (the disk, quota or file-size limit is full; free space, then resume with --resume)"
+    return DataError(f"checkpoint: writing in {manager.directory} failed: {reason[:400]}{hint}")
 
 
 def _restore_step(manager, step: int, template: Any, directory: pathlib.Path) -> tuple[Any, dict]:

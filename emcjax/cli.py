@@ -10,6 +10,7 @@ reported in one line too, with exit status 1 and a pointer to ``--debug``. ``--d
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import sys
 from collections.abc import Callable
@@ -20,6 +21,8 @@ DEBUG_FLAG = "--debug"
 EXIT_ERROR = 2
 EXIT_BUG = 1
 EXIT_INTERRUPTED = 130
+command_line: list[str] | None = None
+"""The command being run (``python -m emcjax.<command>`` and its arguments), for provenance records."""
 
 
 def os_error_message(err: OSError) -> str:
@@ -32,29 +35,46 @@ def os_error_message(err: OSError) -> str:
     return text
 
 
-def fail(message: str, status: int = EXIT_ERROR) -> None:
-    """Prints ``error: message`` (one line) on stderr and exits with ``status``."""
+def fail(message: str, status: int = EXIT_ERROR, *, hard: bool = False) -> None:
+    """Prints ``error: message`` (one line) on stderr and exits with ``status``; ``hard``: at once, without
+    the interpreter's shutdown (after a failed write, Orbax/TensorStore threads may still run, and tearing
+    them down can crash the process instead of exiting with ``status``)."""
     sys.stderr.write("error: " + " ".join(str(message).split("\n")) + "\n")
     sys.stderr.flush()
+    if hard:
+        sys.stdout.flush()
+        os._exit(status)
     raise SystemExit(status)
 
 
-def run_cli(main: Callable[[list[str]], object], argv: list[str] | None = None) -> None:
-    """Runs ``main(argv)`` (``argv`` without ``--debug``) with emcjax's error handling (module docstring)."""
+def run_cli(main: Callable[[list[str]], object], argv: list[str] | None, module: str) -> None:
+    """Runs ``main(argv)`` (``argv`` without ``--debug``; None: the process's arguments) with emcjax's error
+    handling (module docstring); ``module`` names the command (``emcjax.lowres``) for provenance records."""
+    hard = argv is None  # the process is this command: it may end without the interpreter's shutdown
     argv = list(sys.argv[1:] if argv is None else argv)
+    global command_line
+    command_line = ["python", "-m", module, *argv]
     debug = DEBUG_FLAG in argv or os.environ.get("EMCJAX_DEBUG", "") not in ("", "0")
     argv = [a for a in argv if a != DEBUG_FLAG]
     if debug:
         main(argv)
         return
+    # Orbax logs the failures of its writer threads with tracebacks through absl; emcjax.checkpoint raises
+    # them as one error, so those logs are kept for --debug
+    logging.getLogger("absl").setLevel(logging.CRITICAL)
+    sys.unraisablehook = _unraisable  # h5py's complaints while closing a file whose write failed
     try:
         main(argv)
     except EmcjaxError as err:
-        fail(str(err))
+        fail(str(err), hard=hard)
     except OSError as err:
-        fail(os_error_message(err))
+        fail(os_error_message(err), hard=hard)
     except KeyboardInterrupt:
-        fail("interrupted", EXIT_INTERRUPTED)
+        fail("interrupted", EXIT_INTERRUPTED, hard=hard)
     except Exception as err:  # a bug: still one line, the traceback is one flag away
         fail(f"unexpected {type(err).__name__}: {err} (rerun with {DEBUG_FLAG} for the traceback, and report it)",
-             EXIT_BUG)
+             EXIT_BUG, hard=hard)
+
+
+def _unraisable(unraisable) -> None:
+    """Drops exceptions Python cannot raise (reported with --debug); the error that matters is raised."""

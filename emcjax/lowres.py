@@ -20,7 +20,6 @@ import os
 import pathlib
 import sys
 import time
-from typing import Any
 
 import numpy as np
 
@@ -329,7 +328,8 @@ def run(config: LowresConfig, log=print) -> dict:
             )
         if main_process and not resuming:
             rd.clear_failed_start()  # every check of a new start passed: from here on the directory changes
-        manager = stack.enter_context(contextlib.closing(checkpoint.open_manager(out, config.keep_checkpoints)))
+        manager = checkpoint.open_manager(out, config.keep_checkpoints)
+        stack.callback(checkpoint.close, manager)
         if resuming:
             state, meta = checkpoint.restore_latest(manager, state, out, log=log)
             if meta.get("n_frames") not in (None, problem.n_frames):
@@ -353,7 +353,7 @@ def run(config: LowresConfig, log=print) -> dict:
                 log(f"initial model and phi from {config.init_from}")
             checkpoint.save(manager, state, {**meta, "iteration": 0})  # from here on the run is resumable
         state, records = _iterate(config, problem, state, manager, meta, records, main_process, log)
-        manager.wait_until_finished()
+        checkpoint.finish(manager)
 
     final = dict(records[-1]) if records else {"iteration": int(state.iteration)}
     if not main_process:
@@ -456,7 +456,7 @@ def parse_args(argv: list[str] | None = None) -> LowresConfig:
 
 def main(argv: list[str] | None = None) -> None:
     """``python -m emcjax.lowres``: errors become one line and exit status 2 (``emcjax.cli``)."""
-    cli.run_cli(_main, argv)
+    cli.run_cli(_main, argv, "emcjax.lowres")
 
 
 def _main(argv: list[str]) -> None:

@@ -35,7 +35,7 @@ import sys
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from emcjax import checkpoint, runio
+from emcjax import checkpoint, cli, runio
 from emcjax.errors import ConfigError, DataError
 
 LOCK_FILE = "run.lock"
@@ -102,7 +102,7 @@ class RunLock:
         if previous:
             log(f"warning: took over the stale lock of {self._describe(previous)} (that process is gone)")
         record = {"pid": os.getpid(), "host": socket.gethostname(), "user": _user(), "since": _now(),
-                  "command": sys.argv}
+                  "command": cli.command_line or sys.argv}
         os.ftruncate(fd, 0)
         os.pwrite(fd, (json.dumps(record) + "\n").encode(), 0)
         self._fd = fd
@@ -270,7 +270,7 @@ class RunDirectory:
             record["data"] = dict(data)
         record.setdefault("starts", []).append({
             "time": _now(), "host": socket.gethostname(), "user": _user(), "pid": os.getpid(),
-            "cwd": os.getcwd(), "command": sys.argv, "python": sys.version.split()[0],
+            "cwd": os.getcwd(), "command": cli.command_line or sys.argv, "python": sys.version.split()[0],
             "versions": package_versions(), "devices": devices, "resumed_at_iteration": resumed_at,
             "config": runio.config_to_dict(config),
         })

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import io
 import json
 import math
 import os
@@ -93,7 +94,12 @@ def atomic_path(path: str | os.PathLike) -> Iterator[pathlib.Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp_path = new_temporary(path)
     try:
-        yield tmp_path
+        try:
+            yield tmp_path
+        except OSError as err:  # name the file being written, not its temporary name
+            if err.errno is None:
+                raise
+            raise OSError(err.errno, err.strerror, os.fspath(path)) from None
         os.replace(tmp_path, path)
     finally:
         if tmp_path.exists():
@@ -102,8 +108,28 @@ def atomic_path(path: str | os.PathLike) -> Iterator[pathlib.Path]:
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     """Writes ``text`` (UTF-8) to ``path`` atomically."""
+    write_bytes_atomic(path, text.encode("utf-8"))
+
+
+def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
+    """Writes ``data`` to ``path`` atomically (flushed to disk before the rename)."""
     with atomic_path(path) as tmp:
-        tmp.write_text(text, encoding="utf-8")
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+
+
+@contextlib.contextmanager
+def h5_atomic(path: str | os.PathLike) -> Iterator[h5py.File]:
+    """Yields a new HDF5 file built in memory, written to ``path`` atomically when the block succeeds.
+
+    For run outputs (model-sized): a full disk then fails as one plain OSError naming ``path``, where HDF5
+    writing to disk would fail inside its C library, reporting on stderr while closing."""
+    buffer = io.BytesIO()
+    with h5py.File(buffer, "w") as f:
+        yield f
+    write_bytes_atomic(path, buffer.getvalue())
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -430,16 +456,15 @@ def write_iteration(
     iteration's metrics.
     """
     path = iteration_path(run_dir, iteration)
-    with atomic_path(path) as tmp:
-        with h5py.File(tmp, "w") as f:
-            f.attrs["format"] = RUN_FORMAT
-            f.attrs["format_version"] = RUN_FORMAT_VERSION
-            f.attrs["iteration"] = int(iteration)
-            _write_attrs(f, dict(metrics or {}))
-            f.create_dataset("intensity", data=np.asarray(intensity, np.float32))
-            f.create_dataset("phi", data=np.asarray(phi, np.float32))
-            f.create_dataset("best_rotation", data=np.asarray(best_rotation, np.int64))
-            f.create_dataset("best_probability", data=np.asarray(best_probability, np.float32))
+    with h5_atomic(path) as f:
+        f.attrs["format"] = RUN_FORMAT
+        f.attrs["format_version"] = RUN_FORMAT_VERSION
+        f.attrs["iteration"] = int(iteration)
+        _write_attrs(f, dict(metrics or {}))
+        f.create_dataset("intensity", data=np.asarray(intensity, np.float32))
+        f.create_dataset("phi", data=np.asarray(phi, np.float32))
+        f.create_dataset("best_rotation", data=np.asarray(best_rotation, np.int64))
+        f.create_dataset("best_probability", data=np.asarray(best_probability, np.float32))
     return path
 
 
@@ -478,15 +503,14 @@ def write_intensities(
             f"integrated {integrated.shape}; expected (n_asu, n_voxels), (n_asu, 3), (n_asu,)"
         )
     path = pathlib.Path(run_dir) / INTENSITIES_FILE
-    with atomic_path(path) as tmp:
-        with h5py.File(tmp, "w") as f:
-            f.attrs["format"] = RUN_FORMAT
-            f.attrs["format_version"] = RUN_FORMAT_VERSION
-            _write_attrs(f, dict(attrs or {}))
-            f.create_dataset("intensity", data=intensity)
-            f.create_dataset("hkl", data=hkl)
-            f.create_dataset("integrated", data=integrated)
-            f.create_dataset("phi", data=np.asarray(phi, np.float32))
+    with h5_atomic(path) as f:
+        f.attrs["format"] = RUN_FORMAT
+        f.attrs["format_version"] = RUN_FORMAT_VERSION
+        _write_attrs(f, dict(attrs or {}))
+        f.create_dataset("intensity", data=intensity)
+        f.create_dataset("hkl", data=hkl)
+        f.create_dataset("integrated", data=integrated)
+        f.create_dataset("phi", data=np.asarray(phi, np.float32))
     return path
 
 

@@ -14,6 +14,8 @@ import pytest
 from emcjax import emc, lowres, runio
 from emcjax.errors import ConfigError, DataError
 
+from clitest import cli_error
+
 TINY_DEMO = lowres.DemoConfig(n_frames=60, rotation_n=2, bragg_photons=300.0)
 TINY_EMC = emc.EMCConfig(rotation_n=2)
 
@@ -33,19 +35,6 @@ def demo_cache(tmp_path_factory):
 
 def tiny(out: pathlib.Path, **kw) -> lowres.LowresConfig:
     return lowres.LowresConfig(out=out, demo=TINY_DEMO, emc=TINY_EMC, **kw)
-
-
-def cli_error(argv: list[str], capsys) -> str:
-    """Runs ``python -m emcjax.lowres ARGV`` in this process; asserts exit status 2 and one ``error:`` line on
-    stderr (no traceback); returns that line."""
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as exc:
-        lowres.main(argv)
-    err = capsys.readouterr().err
-    assert exc.value.code == 2, err
-    lines = err.strip().splitlines()
-    assert lines and lines[-1].startswith("error: ") and "Traceback" not in err, err
-    return lines[-1]
 
 
 def run_quiet(config: lowres.LowresConfig) -> tuple[dict, list[str]]:
@@ -138,7 +127,7 @@ def test_config_file_errors_name_the_key(tmp_path, capsys):
     with pytest.raises(ConfigError, match="iters"):
         runio.config_from_toml(lowres.LowresConfig, bad)
     bad.write_text("nope = 1\n")
-    assert "unknown config key 'nope'" in cli_error(["--config", str(bad)], capsys)
+    assert "unknown config key 'nope'" in cli_error(lowres.main, ["--config", str(bad)], capsys)
 
 
 def test_config_file_gives_defaults_and_flags_override(tmp_path):
@@ -199,7 +188,7 @@ def test_refuses_to_overwrite_nonempty_out(tmp_path, capsys):
     out = tmp_path / "taken"
     out.mkdir()
     (out / "notes.txt").write_text("mine")
-    message = cli_error(["--out", str(out), "--iters", "1", "--demo.n-frames", "60", "--demo.rotation-n", "2",
+    message = cli_error(lowres.main, ["--out", str(out), "--iters", "1", "--demo.n-frames", "60", "--demo.rotation-n", "2",
                          "--emc.rotation-n", "2"], capsys)
     assert str(out) in message and "--out" in message
     assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
@@ -273,7 +262,7 @@ def test_bad_input_gives_one_error_and_writes_nothing(tmp_path, problem, capsys)
         if problem == "d_min":
             flags = ["--emc.d-min", "1.0"]  # beyond the data set's 4 Å pixels
     out = tmp_path / "run"
-    message = cli_error(["--data", str(data), "--out", str(out), "--iters", "1", "--emc.rotation-n", "2", *flags],
+    message = cli_error(lowres.main, ["--data", str(data), "--out", str(out), "--iters", "1", "--emc.rotation-n", "2", *flags],
                         capsys)
     assert ("d_min" in message) if problem == "d_min" else ("data.h5" in message)
     assert not out.exists()
