@@ -25,7 +25,6 @@ import numpy as np
 
 from emcjax import checkpoint, cli, rundir, runio
 from emcjax import emc as emc_lib
-from emcjax import figures as figures_lib
 from emcjax.errors import ConfigError, DataError
 
 CHECKPOINTS_DIR = checkpoint.CHECKPOINTS_DIR
@@ -290,10 +289,6 @@ def run(config: LowresConfig, log=print) -> dict:
         else:
             rd.check_new_start()
         multihost_utils.sync_global_devices("emcjax.lowres: out checked")
-        diffs = runio.config_differences(config, LowresConfig())
-        diffs.pop("config", None)
-        log("emcjax.lowres: " + (", ".join(f"{k}={v[0]!r}" for k, v in diffs.items()) or "all defaults"))
-
         if config.data is None and main_process:
             ensure_demo(config.demo, log=log)
         multihost_utils.sync_global_devices("emcjax.lowres: data ready")
@@ -310,6 +305,12 @@ def run(config: LowresConfig, log=print) -> dict:
             init = runio.read_run(config.init_from)
             rundir.check_same_data(_recorded_data(config.init_from, log), identity,
                                    f"init_from: run {config.init_from}", log)
+        if main_process and not resuming:  # the checks of a new start that need no set-up passed:
+            rd.clear_failed_start()  # from here on the directory changes (and a --resume can start it over)
+            _record_start(rd, config, data_path, identity, None)
+        diffs = runio.config_differences(config, LowresConfig())
+        diffs.pop("config", None)
+        log("emcjax.lowres: " + (", ".join(f"{k}={v[0]!r}" for k, v in diffs.items()) or "all defaults"))
 
         start_setup = time.perf_counter()
         dataset = stack.enter_context(SparseDataset(data_path))  # streaming re-reads it at every E-step
@@ -326,8 +327,6 @@ def run(config: LowresConfig, log=print) -> dict:
                 intensity=parallel.replicate(problem.mesh, np.asarray(init.intensity, state.intensity.dtype)),
                 phi=parallel.replicate(problem.mesh, np.asarray(init.phi, state.phi.dtype)),
             )
-        if main_process and not resuming:
-            rd.clear_failed_start()  # every check of a new start passed: from here on the directory changes
         manager = checkpoint.open_manager(out, config.keep_checkpoints)
         stack.callback(checkpoint.close, manager)
         if resuming:
@@ -335,13 +334,8 @@ def run(config: LowresConfig, log=print) -> dict:
             if meta.get("n_frames") not in (None, problem.n_frames):
                 raise DataError(f"resume: the checkpoint in {out} was made with {meta['n_frames']} frames, "
                                 f"the data set {data_path} has {problem.n_frames}")
-        if main_process:
-            saved_data = data_path if config.data is not None else None
-            rd.record_start(
-                rundir.absolute(dataclasses.replace(config, config=None, resume=False, data=saved_data), "init_from"),
-                identity, header="emcjax.lowres resolved config; reuse with --config",
-                resumed_at=int(state.iteration) if resuming else None, devices=[str(d) for d in jax.devices()],
-            )
+            if main_process:  # every check of the resume passed: from here on the directory changes
+                _record_start(rd, config, data_path, identity, int(state.iteration))
         meta = {"n_frames": int(problem.n_frames), "model_shape": [int(n) for n in problem.grid.model_shape],
                 "data": os.fspath(data_path)}
         if resuming:
@@ -354,17 +348,23 @@ def run(config: LowresConfig, log=print) -> dict:
             checkpoint.save(manager, state, {**meta, "iteration": 0})  # from here on the run is resumable
         state, records = _iterate(config, problem, state, manager, meta, records, main_process, log)
         checkpoint.finish(manager)
+        if main_process:  # still under the lock
+            runio.write_intensities(
+                out, np.asarray(state.intensity), problem.grid.asu.hkl, problem.integrated(state.intensity),
+                np.asarray(state.phi), attrs={"iteration": int(state.iteration), "data": os.fspath(data_path)},
+            )
+            _draw(out, records, problem, state)
+            log(f"done: {out} (iteration {int(state.iteration)})")
+    return dict(records[-1]) if records else {"iteration": int(state.iteration)}
 
-    final = dict(records[-1]) if records else {"iteration": int(state.iteration)}
-    if not main_process:
-        return final
-    runio.write_intensities(
-        out, np.asarray(state.intensity), problem.grid.asu.hkl, problem.integrated(state.intensity),
-        np.asarray(state.phi), attrs={"iteration": int(state.iteration), "data": os.fspath(data_path)},
-    )
-    _draw(out, records, problem, state)
-    log(f"done: {out} (iteration {int(state.iteration)})")
-    return final
+
+def _record_start(rd, config: LowresConfig, data_path: pathlib.Path, identity: dict, resumed_at: int | None) -> None:
+    """config.toml (paths absolute, so the run resumes from any directory) and this start in run.json."""
+    import jax
+
+    saved = dataclasses.replace(config, config=None, resume=False, data=data_path if config.data is not None else None)
+    rd.record_start(rundir.absolute(saved, "init_from"), identity, header="emcjax.lowres resolved config; reuse with "
+                    "--config", resumed_at=resumed_at, devices=[str(d) for d in jax.devices()])
 
 
 def _iterate(config, problem, state, manager, meta, records, main_process, log):
@@ -396,6 +396,8 @@ def _iterate(config, problem, state, manager, meta, records, main_process, log):
 
 
 def _draw(out: pathlib.Path, records: list[dict], problem, state) -> None:
+    from emcjax import figures as figures_lib  # matplotlib: imported when the first figure is drawn
+
     truth = getattr(problem, "truth", None)
     true_integrated = None
     if truth is not None and truth.get("intensity") is not None:
