@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import re
 import time
 from typing import Any, Callable
 
@@ -43,12 +44,16 @@ def open_manager(run_dir: str | os.PathLike, keep: int):
     return ocp.CheckpointManager((pathlib.Path(run_dir) / CHECKPOINTS_DIR).absolute(), options=options)
 
 
-def _as_dict(state: Any) -> dict:
-    return dict(state._asdict())
+def _leaves(state: Any) -> dict[str, Any]:
+    """The array leaves of a state pytree by their path (``intensity``, ``hyper_prune_mass``, ...)."""
+    import jax
+
+    flat, _ = jax.tree_util.tree_flatten_with_path(state)
+    return {re.sub(r"\W+", "_", jax.tree_util.keystr(path)).strip("_") or "leaf": leaf for path, leaf in flat}
 
 
 def save(manager, state: Any, meta: dict) -> None:
-    """Saves ``state`` (a NamedTuple of arrays with an ``iteration`` field, the step) and ``meta`` (JSON).
+    """Saves ``state`` (a pytree of arrays with an ``iteration`` field, the step) and ``meta`` (JSON).
 
     The write continues in the background; a failure of it (or of the previous one) raises DataError here
     or in ``finish``."""
@@ -57,7 +62,7 @@ def save(manager, state: Any, meta: dict) -> None:
     try:
         manager.save(
             int(state.iteration),
-            args=ocp.args.Composite(state=ocp.args.StandardSave(_as_dict(state)), meta=ocp.args.JsonSave(meta)),
+            args=ocp.args.Composite(state=ocp.args.StandardSave(_leaves(state)), meta=ocp.args.JsonSave(meta)),
             force=True,
         )
     except Exception as err:
@@ -95,23 +100,26 @@ def _write_error(err: Exception, manager) -> DataError:
 
 def _restore_step(manager, step: int, template: Any, directory: pathlib.Path) -> tuple[Any, dict]:
     import jax
+    import numpy as np
     import orbax.checkpoint as ocp
 
-    abstract = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
-        _as_dict(template),
-    )
+    leaves = _leaves(template)
+    abstract = {
+        name: jax.ShapeDtypeStruct(np.shape(x), x.dtype if hasattr(x, "dtype") else np.result_type(x),
+                                   sharding=getattr(x, "sharding", None))
+        for name, x in leaves.items()
+    }
     restored = manager.restore(
         step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore())
     )
-    state = type(template)(**restored["state"])
-    for name, value in _as_dict(state).items():
-        expected = _as_dict(template)[name]
-        if value.shape != expected.shape:
+    for name, expected in leaves.items():
+        value = restored["state"][name]
+        if np.shape(value) != np.shape(expected):
             raise DataError(
-                f"checkpoint {step} in {directory} has {name} of shape {value.shape}, this problem needs "
-                f"{expected.shape}; was the run made with other --data or --emc settings?"
+                f"checkpoint {step} in {directory} has {name} of shape {np.shape(value)}, this problem needs "
+                f"{np.shape(expected)}; was the run made with other --data or --emc settings?"
             )
+    state = jax.tree.unflatten(jax.tree.structure(template), [restored["state"][name] for name in leaves])
     return state, dict(restored["meta"] or {})
 
 
