@@ -61,7 +61,8 @@ def run_cli(main: Callable[[list[str]], object], argv: list[str] | None, module:
         return
     # Orbax logs the failures of its writer threads with tracebacks through absl; emcjax.checkpoint raises
     # them as one error, so those logs are kept for --debug
-    logging.getLogger("absl").setLevel(logging.CRITICAL)
+    absl, absl_level, hook = logging.getLogger("absl"), logging.getLogger("absl").level, sys.unraisablehook
+    absl.setLevel(logging.CRITICAL)
     sys.unraisablehook = _unraisable  # h5py's complaints while closing a file whose write failed
     try:
         main(argv)
@@ -74,6 +75,9 @@ def run_cli(main: Callable[[list[str]], object], argv: list[str] | None, module:
     except Exception as err:  # a bug: still one line, the traceback is one flag away
         fail(f"unexpected {type(err).__name__}: {err} (rerun with {DEBUG_FLAG} for the traceback, and report it)",
              EXIT_BUG, hard=hard)
+    finally:  # as they were (commands called from Python, e.g. tests)
+        absl.setLevel(absl_level)
+        sys.unraisablehook = hook
 
 
 def _unraisable(unraisable) -> None:
