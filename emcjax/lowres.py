@@ -146,7 +146,7 @@ def _check_settings(config: LowresConfig) -> None:
         raise ConfigError(f"emc.d_min must be a resolution > 0 Å, got {config.emc.d_min}")
 
 
-def _recorded_data(run_dir: pathlib.Path, log) -> dict | None:
+def _recorded_data(run_dir: pathlib.Path) -> dict | None:
     """The identity of the data set a run directory was made with: from its run.json, else (e.g. the
     ``-init`` directory of ``emcjax.legacy import``) of the data set its config.toml names, if it exists."""
     recorded = rundir.RunDirectory(run_dir, write=False).provenance().get("data")
@@ -230,7 +230,7 @@ def run(config: LowresConfig, log=print) -> dict:
         init = None
         if config.init_from is not None and not resuming:
             init = runio.read_run(config.init_from)
-            rundir.check_same_data(_recorded_data(config.init_from, log), identity,
+            rundir.check_same_data(_recorded_data(config.init_from), identity,
                                    f"init_from: run {config.init_from}", log)
         if main_process and not resuming:  # the checks of a new start that need no set-up passed:
             rd.clear_failed_start()  # from here on the directory changes (and a --resume can start it over)
