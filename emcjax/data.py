@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -22,6 +21,7 @@ import h5py
 import numpy as np
 
 from emcjax.errors import DataError
+from emcjax.runio import new_temporary
 
 FORMAT_NAME = "emcjax-sparse"
 FORMAT_VERSION = 1
@@ -198,6 +198,9 @@ class SparseFrames:
         if self.photon_counts.size and self.photon_counts.min() < 1:
             fail("photon_counts", f"count {int(self.photon_counts.min())} received, expected >= 1 "
                                   "(pixels without photons are not listed)")
+        if self.photon_counts.size and int(self.photon_counts.max()) > np.iinfo(np.int32).max:
+            fail("photon_counts", f"count {int(self.photon_counts.max())} received, expected <= "
+                                  f"{np.iinfo(np.int32).max} (2^31 - 1, counts are 32-bit)")
         check_range("photon_pixels", self.photon_pixels, num_pixels, "pixel id")
         check_ascending("photon_pixels", self.photon_pixels, po)
 
@@ -366,7 +369,7 @@ def write_dataset(path: str | os.PathLike, frames: SparseFrames, geometry: Mappi
     """
     path = Path(path)
     if path.exists() and not overwrite:
-        raise DataError(f"{path}: file exists; pass overwrite=True to replace it")
+        raise DataError(f"{path}: file exists; add --overwrite (overwrite=True from Python) to replace it")
     if not path.parent.is_dir():
         raise DataError(f"{path}: directory {path.parent} does not exist")
 
@@ -407,8 +410,7 @@ def write_dataset(path: str | os.PathLike, frames: SparseFrames, geometry: Mappi
             kw = dict(compression=compression, chunks=True)
         group.create_dataset(name, data=data, **kw)
 
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    tmp_name = new_temporary(path)
     try:
         with h5py.File(tmp_name, "w") as f:
             f.attrs["format"] = FORMAT_NAME
@@ -434,7 +436,7 @@ def write_dataset(path: str | os.PathLike, frames: SparseFrames, geometry: Mappi
             if truth is not None:
                 _write_truth(f.create_group("truth"), truth, f"{path}: /truth")
         if path.exists() and not overwrite:  # appeared while writing
-            raise DataError(f"{path}: file exists; pass overwrite=True to replace it")
+            raise DataError(f"{path}: file exists; add --overwrite (overwrite=True from Python) to replace it")
         os.replace(tmp_name, path)
     except BaseException:
         try:
@@ -695,6 +697,11 @@ class SparseDataset:
             rotations = np.asarray(f["frames"]["candidate_rotations"][...], np.int64)
         except Exception as e:
             raise self._err(f"cannot read dataset /frames/candidate_rotations ({type(e).__name__}: {e})") from e
+        n_rotations = rotation_count(self.candidate_sampling_n)
+        if rotations.size and (rotations.min() < 0 or rotations.max() >= n_rotations):
+            bad = int(rotations.min()) if rotations.min() < 0 else int(rotations.max())
+            raise self._err(f"dataset /frames/candidate_rotations holds rotation index {bad}, expected 0 .. "
+                            f"{n_rotations - 1} (candidate_sampling_n = {self.candidate_sampling_n})")
         return np.asarray(self._candidate_offsets, np.int64), rotations
 
     def read_all(self) -> SparseFrames:

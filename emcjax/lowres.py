@@ -6,65 +6,31 @@ Reconstructs the 3D Bragg intensities and the per-frame scale factors phi from s
 ``OUT/config.toml``. ``--resume`` continues ``OUT`` from its latest Orbax checkpoint; ``--init-from RUN``
 starts from another run's final model and phi.
 
-Outputs in ``--out``: config.toml, metrics.jsonl, iterations/NNN.h5, checkpoints/, intensities.h5, figures/.
+Outputs in ``--out``: config.toml, run.json, metrics.jsonl, iterations/NNN.h5, checkpoints/, intensities.h5,
+figures/. The run directory's life cycle (lock, resume checks, provenance, clean-up of a failed start) is
+``emcjax.rundir``'s, checkpoints are ``emcjax.checkpoint``'s, errors go through ``emcjax.cli`` (docs/RUNS.md).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import hashlib
-import json
 import math
 import os
 import pathlib
 import sys
 import time
-from typing import Any, Literal
+from typing import Literal
 
 import numpy as np
 
+from emcjax import checkpoint, cli, rundir, runio
 from emcjax import emc as emc_lib
-from emcjax import figures as figures_lib
-from emcjax import runio
-from emcjax.errors import ConfigError, DataError, EmcjaxError
+from emcjax.demo import DemoConfig, cache_dir, demo_path, ensure_demo  # noqa: F401 (part of this module's API)
+from emcjax.errors import ConfigError, DataError
 from emcjax.merge import halves
 
-CHECKPOINTS_DIR = "checkpoints"
-DEMO_FORMAT = 1  # bump to invalidate cached demo data sets when the simulator's output changes
-
-
-@dataclasses.dataclass(frozen=True)
-class DemoConfig:
-    """The built-in demo data set (used when --data is not given): a simulation with the simulator's
-    defaults (P 43 21 2 lysozyme-like cell, 1 Å, 4 Å) except for these fields."""
-
-    n_frames: int = 1000
-    """Number of frames."""
-    bragg_photons: float = 150.0
-    """Mean number of Bragg photons per frame at phi = 1 (photons)."""
-    background_photons: float = 30.0
-    """Mean number of background photons per frame (photons)."""
-    rotation_n: int = 4
-    """Frame orientations are drawn from the 600-cell sampling with this n (0: continuous, off-grid)."""
-    seed: int = 0
-    """Seed of the simulation (the data set is a deterministic function of these settings)."""
-
-    def __post_init__(self) -> None:
-        if self.n_frames < 1:
-            raise ConfigError(f"demo.n_frames must be >= 1, got {self.n_frames}")
-
-    def simulation(self, out: pathlib.Path | None = None):
-        """The ``emcjax.simulate.SimulationConfig`` of the demo data set."""
-        from emcjax import simulate
-
-        return simulate.SimulationConfig(
-            out=out,
-            n_frames=self.n_frames,
-            bragg_photons=self.bragg_photons,
-            background_photons=self.background_photons,
-            rotation_n=self.rotation_n,
-            seed=self.seed,
-        )
+CHECKPOINTS_DIR = checkpoint.CHECKPOINTS_DIR
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,109 +93,6 @@ class LowresConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ConfigError(f"{name} must be an integer >= {low}, got {value!r}")
-        if self.resume and self.init_from is not None:
-            raise ConfigError(
-                f"resume and init_from exclude each other (got --resume and --init-from {self.init_from}): "
-                "--resume continues --out from its checkpoint, --init-from starts a new run"
-            )
-
-
-# ----------------------------------------------------------------------------------------------------
-# Data
-
-
-def cache_dir() -> pathlib.Path:
-    """Where the demo data set is cached: ``$EMCJAX_CACHE``, else ``$XDG_CACHE_HOME/emcjax``, else
-    ``~/.cache/emcjax``."""
-    if os.environ.get("EMCJAX_CACHE"):
-        return pathlib.Path(os.environ["EMCJAX_CACHE"]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return pathlib.Path(base) / "emcjax"
-
-
-def demo_path(demo: DemoConfig) -> pathlib.Path:
-    """Cache path of the demo data set: ``demo-<hash>.h5``, the hash over the full simulation config."""
-    sim = runio.config_to_dict(demo.simulation())
-    sim.pop("overwrite", None)
-    sim["_format"] = DEMO_FORMAT
-    digest = hashlib.sha256(json.dumps(sim, sort_keys=True).encode()).hexdigest()[:16]
-    return cache_dir() / f"demo-{digest}.h5"
-
-
-def ensure_demo(demo: DemoConfig, log=print) -> pathlib.Path:
-    """Returns the cached demo data set, simulating it first if it is not cached yet (atomically, so
-    concurrent runs never see a partial file)."""
-    from emcjax import simulate
-
-    path = demo_path(demo)
-    if path.exists():
-        log(f"demo data set: {path} (cached)")
-        return path
-    log(f"demo data set: simulating {demo.n_frames} frames -> {path}")
-    start = time.perf_counter()
-    with runio.atomic_path(path) as tmp:
-        simulate.write(dataclasses.replace(demo.simulation(out=tmp), overwrite=True))
-    log(f"demo data set: written in {time.perf_counter() - start:.1f} s")
-    return path
-
-
-# ----------------------------------------------------------------------------------------------------
-# Checkpoints
-
-
-def _checkpoint_manager(run_dir: pathlib.Path, keep: int):
-    import orbax.checkpoint as ocp
-
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
-    return ocp.CheckpointManager((run_dir / CHECKPOINTS_DIR).absolute(), options=options)
-
-
-def _state_dict(state) -> dict:
-    return dict(state._asdict())
-
-
-def _save_checkpoint(manager, state, meta: dict) -> None:
-    import orbax.checkpoint as ocp
-
-    step = int(state.iteration)
-    manager.save(
-        step,
-        args=ocp.args.Composite(state=ocp.args.StandardSave(_state_dict(state)), meta=ocp.args.JsonSave(meta)),
-        force=True,
-    )
-
-
-def _restore_checkpoint(manager, template, run_dir: pathlib.Path):
-    """Restores the latest checkpoint into the shapes, dtypes and shardings of ``template`` (an EMCState)."""
-    import jax
-    import orbax.checkpoint as ocp
-
-    step = manager.latest_step()
-    if step is None:
-        raise ConfigError(
-            f"resume: no checkpoint in {run_dir / CHECKPOINTS_DIR}; start a new run without --resume "
-            "(after removing the directory) or choose another --out"
-        )
-    abstract = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
-        _state_dict(template),
-    )
-    try:
-        restored = manager.restore(
-            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore())
-        )
-    except (ValueError, KeyError) as err:
-        raise DataError(f"resume: cannot restore checkpoint {step} of {run_dir / CHECKPOINTS_DIR}: {err}") from None
-    state = type(template)(**restored["state"])
-    meta = dict(restored["meta"] or {})
-    for name, value in _state_dict(state).items():
-        expected = _state_dict(template)[name]
-        if value.shape != expected.shape:
-            raise DataError(
-                f"resume: checkpoint {step} in {run_dir / CHECKPOINTS_DIR} has {name} of shape {value.shape}, "
-                f"this problem needs {expected.shape}; was the run made with other --data or --emc settings?"
-            )
-    return state, meta
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -265,27 +128,6 @@ def progress_line(record: dict, total: int, eta_s: float) -> str:
     return "  ".join(parts)
 
 
-def _is_nonempty_dir(path: pathlib.Path) -> bool:
-    return path.is_dir() and any(path.iterdir())
-
-
-def _check_out_dir(config: LowresConfig) -> None:
-    out = config.out
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"out: {out} exists and is not a directory; choose another --out")
-    if config.resume:
-        if not (out / CHECKPOINTS_DIR).is_dir():
-            raise ConfigError(
-                f"resume: {out} holds no run to resume ({out / CHECKPOINTS_DIR} does not exist); "
-                "drop --resume to start a new run or name the run directory with --out"
-            )
-    elif _is_nonempty_dir(out):
-        raise ConfigError(
-            f"out: run directory {out} is not empty; add --resume to continue that run, "
-            "or choose another --out (nothing was overwritten)"
-        )
-
-
 def _check_init(init, problem, source: pathlib.Path) -> None:
     model_shape = tuple(problem.grid.model_shape)
     if tuple(init.intensity.shape) != model_shape:
@@ -301,20 +143,68 @@ def _check_init(init, problem, source: pathlib.Path) -> None:
         raise ConfigError(f"init_from: the unique reflections (hkl) in {source} differ from this run's")
 
 
+RESUMABLE_CHANGES = {
+    "iters", "resume", "out", "config", "keep_checkpoints", "figures_every", "iterations_every", "distributed",
+    "data", "init_from", "emc.block_frames", "emc.stream",
+}
+"""Settings a resumed run may change (``data`` only to another path of the same data set, checked by its
+identity; ``init_from`` is not used once a run has a checkpoint)."""
+
+
+def _check_settings(config: LowresConfig) -> None:
+    """Checks of settings that need no data."""
+    if config.emc.d_min is not None and not config.emc.d_min > 0:
+        raise ConfigError(f"emc.d_min must be a resolution > 0 Å, got {config.emc.d_min}")
+
+
+def _recorded_data(run_dir: pathlib.Path) -> dict | None:
+    """The identity of the data set a run directory was made with: from its run.json, else (e.g. the
+    ``-init`` directory of ``emcjax.legacy import``) of the data set its config.toml names, if it exists."""
+    recorded = rundir.RunDirectory(run_dir, write=False).provenance().get("data")
+    if recorded:
+        return recorded
+    config_path = run_dir / runio.CONFIG_FILE
+    if config_path.exists():
+        data = runio.parse_toml(config_path).get("data")
+        if isinstance(data, str) and pathlib.Path(data).is_file():
+            return rundir.data_identity(data)
+    return None
+
+
+def _usable_truth(problem, log):
+    """``problem`` without its truth when /truth is not usable (wrong shapes): truth is optional, a warning."""
+    truth = problem.truth
+    if truth is None:
+        return problem
+    hkl, intensity = truth.get("hkl"), truth.get("intensity")
+    if hkl is None and intensity is None:
+        return problem
+    hkl = None if hkl is None else np.asarray(hkl)
+    intensity = None if intensity is None else np.asarray(intensity)
+    if (hkl is None or intensity is None or hkl.ndim != 2 or hkl.shape[1] != 3 or intensity.ndim != 2
+            or intensity.shape[0] != hkl.shape[0] or not np.issubdtype(hkl.dtype, np.integer)):
+        log(f"warning: the data set's /truth is not usable (hkl {None if hkl is None else hkl.shape}, intensity "
+            f"{None if intensity is None else intensity.shape}; expected (n, 3) integers and (n, n_voxels)); "
+            "running without truth (no cc_true)")
+        return dataclasses.replace(problem, truth=None)
+    return problem
+
+
 def run(config: LowresConfig, log=print) -> dict:
     """Runs (or resumes) a low-resolution EMC reconstruction; returns the final iteration's metrics.
 
-    Writes ``config.out``: config.toml, metrics.jsonl, iterations/NNN.h5, checkpoints/ (Orbax),
-    intensities.h5 and figures/.
+    Writes ``config.out``: config.toml, run.json, metrics.jsonl, iterations/NNN.h5, checkpoints/ (Orbax),
+    intensities.h5 and figures/. The run directory's life cycle (lock, resume checks, clean-up of a failed
+    start) is ``emcjax.rundir``'s; nothing is written before every check has passed.
 
     Args:
       config: the resolved run config.
       log: where progress lines go (``print`` by default).
 
     Raises:
-      ConfigError: ``out`` is a non-empty directory without ``resume``, nothing to resume, or
-        ``init_from`` does not fit the data set.
-      DataError: unreadable data set, checkpoint or init run.
+      ConfigError: ``out`` in use, holding another run or other files; nothing to resume; resume settings
+        that differ from the run's; ``init_from`` that does not fit the data set.
+      DataError: unreadable or other data set, checkpoint or init run.
     """
     import jax
     from jax.experimental import multihost_utils
@@ -323,135 +213,138 @@ def run(config: LowresConfig, log=print) -> dict:
     from emcjax.data import SparseDataset
 
     main_process = jax.process_index() == 0
-    _check_out_dir(config)
-    multihost_utils.sync_global_devices("emcjax.lowres: out checked")
+    _check_settings(config)
     out = config.out
-    diffs = runio.config_differences(config, LowresConfig())
-    diffs.pop("config", None)
-    log("emcjax.lowres: " + (", ".join(f"{k}={v[0]!r}" for k, v in diffs.items()) or "all defaults"))
-
-    if config.resume and (out / runio.CONFIG_FILE).exists():
-        try:
-            saved = runio.config_from_toml(LowresConfig, out / runio.CONFIG_FILE)
-        except ConfigError as err:
-            log(f"warning: cannot read the saved config: {err}")
+    with rundir.RunDirectory(out, log=log, write=main_process) as rd, contextlib.ExitStack() as stack:
+        resuming = config.resume and rd.status == "started"
+        if config.resume:
+            saved = rd.saved_config(LowresConfig)
+            if not resuming:
+                log(f"resume: {out} has no checkpoint yet (its start stopped before the first one); starting it over")
+            rundir.check_resume_config(saved, config, RESUMABLE_CHANGES, out)
+            if (saved.data is None) != (config.data is None):
+                raise ConfigError(f"resume: data = {config.data!r} (the run has {saved.data!r}) (nothing was changed)")
         else:
-            changed = {
-                k: v
-                for k, v in runio.config_differences(config, saved).items()
-                if k.split(".")[0] in ("data", "emc", "demo", "seed")
-            }
-            if changed:
-                log(
-                    "warning: resuming with settings that differ from the saved config: "
-                    + ", ".join(f"{k}={v[0]!r} (was {v[1]!r})" for k, v in changed.items())
-                )
+            rd.check_new_start()
+        multihost_utils.sync_global_devices("emcjax.lowres: out checked")
+        if config.data is None and main_process:
+            ensure_demo(config.demo, log=log)
+        multihost_utils.sync_global_devices("emcjax.lowres: data ready")
+        data_path = (config.data if config.data is not None else demo_path(config.demo)).absolute()
+        if not data_path.exists():
+            raise DataError(f"data: data set {data_path} does not exist")
+        identity = rundir.data_identity(data_path)
+        if identity["n_frames"] and identity["photons"] == 0:
+            raise DataError(f"data: {data_path} holds no photon in any frame; nothing to reconstruct")
+        if resuming:
+            rundir.check_same_data(rd.provenance().get("data"), identity, f"resume: run {out}", log)
+        init = None
+        if config.init_from is not None and not resuming:
+            init = runio.read_run(config.init_from)
+            rundir.check_same_data(_recorded_data(config.init_from), identity,
+                                   f"init_from: run {config.init_from}", log)
+        if main_process and not resuming:  # the checks of a new start that need no set-up passed:
+            rd.clear_failed_start()  # from here on the directory changes (and a --resume can start it over)
+            _record_start(rd, config, data_path, identity, None)
+        diffs = runio.config_differences(config, LowresConfig())
+        diffs.pop("config", None)
+        log("emcjax.lowres: " + (", ".join(f"{k}={v[0]!r}" for k, v in diffs.items()) or "all defaults"))
 
-    init = runio.read_run(config.init_from) if config.init_from is not None else None
-    if config.data is None and main_process:
-        ensure_demo(config.demo, log=log)
-    multihost_utils.sync_global_devices("emcjax.lowres: data ready")
-    data_path = config.data if config.data is not None else demo_path(config.demo)
-    if not pathlib.Path(data_path).exists():
-        raise DataError(f"data: data set {data_path} does not exist")
-
-    start_setup = time.perf_counter()
-    with SparseDataset(data_path) as dataset:
+        start_setup = time.perf_counter()
+        dataset = stack.enter_context(SparseDataset(data_path))  # streaming re-reads it at every E-step
         weights, weight_attrs = halves.run_frame_weights(
             dataset.n_frames, weights_file=config.frame_weights, half=config.half, split=config.split,
             split_seed=config.split_seed,
         )
-        problem = emc_lib.setup_problem(dataset, config.emc, frame_weights=weights)
-    log(
-        f"problem: {problem.n_frames} frames, model {tuple(problem.grid.model_shape)} (unique reflections x voxels), "
-        f"set up in {time.perf_counter() - start_setup:.1f} s"
-    )
+        problem = _usable_truth(emc_lib.setup_problem(dataset, config.emc, frame_weights=weights), log)
+        if not config.emc.stream:
+            dataset.close()
+        log(f"problem: {problem.n_frames} frames, model {tuple(problem.grid.model_shape)} (unique reflections x "
+            f"voxels), set up in {time.perf_counter() - start_setup:.1f} s")
 
-    seed = config.seed if config.half is None else halves.half_seed(config.seed, config.half)
-    state = emc_lib.initial_state(problem, config.emc, seed)
-    if main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        if weights is not None:
+        seed = config.seed if config.half is None else halves.half_seed(config.seed, config.half)
+        state = emc_lib.initial_state(problem, config.emc, seed)
+        if main_process and weights is not None:
             halves.record(out, weights, {**weight_attrs, "init_seed": seed})
             log(f"frame weights: {int(np.sum(weights > 0))} of {weights.shape[0]} frames used ({weight_attrs})")
-        runio.save_config(
-            out / runio.CONFIG_FILE,
-            dataclasses.replace(config, config=None, resume=False),
-            header="emcjax.lowres resolved config; reuse with --config",
-        )
-    manager = _checkpoint_manager(out, config.keep_checkpoints)
-    try:
-        if config.resume:
-            state, meta = _restore_checkpoint(manager, state, out)
+        if init is not None:
+            _check_init(init, problem, config.init_from)
+            state = state._replace(
+                intensity=parallel.replicate(problem.mesh, np.asarray(init.intensity, state.intensity.dtype)),
+                phi=parallel.replicate(problem.mesh, np.asarray(init.phi, state.phi.dtype)),
+            )
+        manager = checkpoint.open_manager(out, config.keep_checkpoints)
+        stack.callback(checkpoint.close, manager)
+        if resuming:
+            state, meta = checkpoint.restore_latest(manager, state, out, log=log)
             if meta.get("n_frames") not in (None, problem.n_frames):
-                raise DataError(
-                    f"resume: the checkpoint in {out} was made with {meta['n_frames']} frames, "
-                    f"the data set {data_path} has {problem.n_frames}"
-                )
+                raise DataError(f"resume: the checkpoint in {out} was made with {meta['n_frames']} frames, "
+                                f"the data set {data_path} has {problem.n_frames}")
+            if main_process:  # every check of the resume passed: from here on the directory changes
+                _record_start(rd, config, data_path, identity, int(state.iteration))
+        meta = {"n_frames": int(problem.n_frames), "model_shape": [int(n) for n in problem.grid.model_shape],
+                "data": os.fspath(data_path)}
+        if resuming:
             records = runio.truncate_metrics(out, int(state.iteration)) if main_process else []
             log(f"resumed {out} at iteration {int(state.iteration)}")
         else:
             records = []
             if init is not None:
-                _check_init(init, problem, config.init_from)
-                state = state._replace(
-                    intensity=parallel.replicate(problem.mesh, np.asarray(init.intensity, state.intensity.dtype)),
-                    phi=parallel.replicate(problem.mesh, np.asarray(init.phi, state.phi.dtype)),
-                )
                 log(f"initial model and phi from {config.init_from}")
+            checkpoint.save(manager, state, {**meta, "iteration": 0})  # from here on the run is resumable
+        state, records = _iterate(config, problem, state, manager, meta, records, main_process, log)
+        checkpoint.finish(manager)
+        if main_process:  # still under the lock
+            runio.write_intensities(
+                out, np.asarray(state.intensity), problem.grid.asu.hkl, problem.integrated(state.intensity),
+                np.asarray(state.phi), attrs={"iteration": int(state.iteration), "data": os.fspath(data_path)},
+            )
+            _draw(out, records, problem, state)
+            log(f"done: {out} (iteration {int(state.iteration)})")
+    return dict(records[-1]) if records else {"iteration": int(state.iteration)}
 
-        meta = {
-            "n_frames": int(problem.n_frames),
-            "model_shape": [int(n) for n in problem.grid.model_shape],
-            "data": os.fspath(data_path),
-        }
-        start = int(state.iteration)
-        per_frame = None
-        times: list[float] = []
-        for _ in range(start, config.iters):
-            state, metrics, per_frame = emc_lib.iterate(problem, state, config.emc)
-            iteration = int(state.iteration)
-            record = {"iteration": iteration, **metrics}
-            records.append(record)
-            if main_process:
-                runio.append_metrics(out, record)
-            if main_process and (
-                iteration == config.iters or (config.iterations_every and iteration % config.iterations_every == 0)
-            ):
-                runio.write_iteration(
-                    out, iteration, state.intensity, state.phi,
-                    per_frame["best_rotation"], per_frame["best_probability"], metrics,
-                    extra={k: v for k, v in per_frame.items() if k.startswith("kept_")},
-                )
-            _save_checkpoint(manager, state, {**meta, "iteration": iteration})
-            times.append(float(metrics.get("seconds", 0.0)))
-            recent = times[-5:]
-            eta = (config.iters - iteration) * (sum(recent) / len(recent))
-            if main_process:
-                log(progress_line(record, config.iters, eta))
-            if main_process and config.figures_every and iteration % config.figures_every == 0 and iteration < config.iters:
-                _draw(out, records, problem, state)
-        manager.wait_until_finished()
-    finally:
-        manager.close()
 
-    final = dict(records[-1]) if records else {"iteration": int(state.iteration)}
-    if not main_process:
-        return final
-    runio.write_intensities(
-        out,
-        np.asarray(state.intensity),
-        problem.grid.asu.hkl,
-        problem.integrated(state.intensity),
-        np.asarray(state.phi),
-        attrs={"iteration": int(state.iteration), "data": os.fspath(data_path)},
-    )
-    _draw(out, records, problem, state)
-    log(f"done: {out} (iteration {int(state.iteration)})")
-    return final
+def _record_start(rd, config: LowresConfig, data_path: pathlib.Path, identity: dict, resumed_at: int | None) -> None:
+    """config.toml (paths absolute, so the run resumes from any directory) and this start in run.json."""
+    import jax
+
+    saved = dataclasses.replace(config, config=None, resume=False, data=data_path if config.data is not None else None)
+    rd.record_start(rundir.absolute(saved, "init_from"), identity, header="emcjax.lowres resolved config; reuse with "
+                    "--config", resumed_at=resumed_at, devices=[str(d) for d in jax.devices()])
+
+
+def _iterate(config, problem, state, manager, meta, records, main_process, log):
+    """The iterations from ``state.iteration`` to ``config.iters``: metrics, iterations/NNN.h5, a checkpoint
+    each, progress lines and figures; returns the final state and all metrics records."""
+    out = config.out
+    times: list[float] = []
+    for _ in range(int(state.iteration), config.iters):
+        state, metrics, per_frame = emc_lib.iterate(problem, state, config.emc)
+        iteration = int(state.iteration)
+        record = {"iteration": iteration, **metrics}
+        records.append(record)
+        if main_process:
+            runio.append_metrics(out, record)
+        if main_process and (
+            iteration == config.iters or (config.iterations_every and iteration % config.iterations_every == 0)
+        ):
+            runio.write_iteration(out, iteration, state.intensity, state.phi,
+                                  per_frame["best_rotation"], per_frame["best_probability"], metrics,
+                                  extra={k: v for k, v in per_frame.items() if k.startswith("kept_")})
+        checkpoint.save(manager, state, {**meta, "iteration": iteration})
+        times.append(float(metrics.get("seconds", 0.0)))
+        recent = times[-5:]
+        eta = (config.iters - iteration) * (sum(recent) / len(recent))
+        if main_process:
+            log(progress_line(record, config.iters, eta))
+        if main_process and config.figures_every and iteration % config.figures_every == 0 and iteration < config.iters:
+            _draw(out, records, problem, state)
+    return state, records
 
 
 def _draw(out: pathlib.Path, records: list[dict], problem, state) -> None:
+    from emcjax import figures as figures_lib  # matplotlib: imported when the first figure is drawn
+
     truth = getattr(problem, "truth", None)
     true_integrated = None
     if truth is not None and truth.get("intensity") is not None:
@@ -511,15 +404,17 @@ def parse_args(argv: list[str] | None = None) -> LowresConfig:
 
 
 def main(argv: list[str] | None = None) -> None:
-    try:
-        config = parse_args(argv)
-        from emcjax import parallel
+    """``python -m emcjax.lowres``: errors become one line and exit status 2 (``emcjax.cli``)."""
+    cli.run_cli(_main, argv, "emcjax.lowres")
 
-        d = config.distributed
-        parallel.initialize_distributed(d.coordinator_address, d.num_processes, d.process_id)
-        run(config)
-    except EmcjaxError as err:
-        sys.exit(f"error: {err}")
+
+def _main(argv: list[str]) -> None:
+    config = parse_args(argv)
+    from emcjax import parallel
+
+    d = config.distributed
+    parallel.initialize_distributed(d.coordinator_address, d.num_processes, d.process_id)
+    run(config)
 
 
 if __name__ == "__main__":

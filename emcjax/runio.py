@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import io
 import json
 import math
 import os
@@ -51,6 +52,37 @@ RUN_FORMAT_VERSION = 1
 # Atomic writes
 
 
+_UMASK: int | None = None
+
+
+def file_mode() -> int:
+    """The mode a plain ``open()`` would give a new file: 0o666 less the process umask (e.g. 0o644).
+
+    The umask is read once, from /proc/self/status where the kernel shows it, else by setting and
+    restoring it (before other threads exist, at the first call)."""
+    global _UMASK
+    if _UMASK is None:
+        try:
+            with open("/proc/self/status", encoding="ascii") as f:
+                _UMASK = next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+        except (OSError, StopIteration, ValueError, IndexError):
+            _UMASK = os.umask(0o022)
+            os.umask(_UMASK)
+    return 0o666 & ~_UMASK
+
+
+def new_temporary(path: str | os.PathLike) -> pathlib.Path:
+    """Creates an empty temporary file ``.NAME.XXXX.tmp`` next to ``path`` with the mode of a normal new file
+    (``file_mode``: readable by group and others under the usual umask, not mkstemp's 0600)."""
+    path = pathlib.Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        os.fchmod(fd, file_mode())
+    finally:
+        os.close(fd)
+    return pathlib.Path(tmp)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[pathlib.Path]:
     """Yields a temporary path next to ``path``; renames it onto ``path`` if the block succeeds.
@@ -60,11 +92,14 @@ def atomic_path(path: str | os.PathLike) -> Iterator[pathlib.Path]:
     """
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp_path = pathlib.Path(tmp)
+    tmp_path = new_temporary(path)
     try:
-        yield tmp_path
+        try:
+            yield tmp_path
+        except OSError as err:  # name the file being written, not its temporary name
+            if err.errno is None:
+                raise
+            raise OSError(err.errno, err.strerror, os.fspath(path)) from None
         os.replace(tmp_path, path)
     finally:
         if tmp_path.exists():
@@ -73,8 +108,28 @@ def atomic_path(path: str | os.PathLike) -> Iterator[pathlib.Path]:
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     """Writes ``text`` (UTF-8) to ``path`` atomically."""
+    write_bytes_atomic(path, text.encode("utf-8"))
+
+
+def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
+    """Writes ``data`` to ``path`` atomically (flushed to disk before the rename)."""
     with atomic_path(path) as tmp:
-        tmp.write_text(text, encoding="utf-8")
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+
+
+@contextlib.contextmanager
+def h5_atomic(path: str | os.PathLike) -> Iterator[h5py.File]:
+    """Yields a new HDF5 file built in memory, written to ``path`` atomically when the block succeeds.
+
+    For run outputs (model-sized): a full disk then fails as one plain OSError naming ``path``, where HDF5
+    writing to disk would fail inside its C library, reporting on stderr while closing."""
+    buffer = io.BytesIO()
+    with h5py.File(buffer, "w") as f:
+        yield f
+    write_bytes_atomic(path, buffer.getvalue())
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -266,6 +321,12 @@ def parse_toml(path: str | os.PathLike) -> dict:
             return tomllib.load(f)
     except FileNotFoundError:
         raise ConfigError(f"config file {path} does not exist") from None
+    except IsADirectoryError:
+        raise ConfigError(f"config file {path} is a directory, expected a TOML file") from None
+    except PermissionError:
+        raise ConfigError(f"config file {path} cannot be read (permission denied)") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {path} is not a TOML text file (not UTF-8 text)") from None
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(f"config file {path} is not valid TOML: {err}") from None
 
@@ -397,18 +458,17 @@ def write_iteration(
     ``iteration`` and the iteration's metrics.
     """
     path = iteration_path(run_dir, iteration)
-    with atomic_path(path) as tmp:
-        with h5py.File(tmp, "w") as f:
-            f.attrs["format"] = RUN_FORMAT
-            f.attrs["format_version"] = RUN_FORMAT_VERSION
-            f.attrs["iteration"] = int(iteration)
-            _write_attrs(f, dict(metrics or {}))
-            f.create_dataset("intensity", data=np.asarray(intensity, np.float32))
-            f.create_dataset("phi", data=np.asarray(phi, np.float32))
-            f.create_dataset("best_rotation", data=np.asarray(best_rotation, np.int64))
-            f.create_dataset("best_probability", data=np.asarray(best_probability, np.float32))
-            for name, values in (extra or {}).items():
-                f.create_dataset(name, data=np.asarray(values))
+    with h5_atomic(path) as f:
+        f.attrs["format"] = RUN_FORMAT
+        f.attrs["format_version"] = RUN_FORMAT_VERSION
+        f.attrs["iteration"] = int(iteration)
+        _write_attrs(f, dict(metrics or {}))
+        f.create_dataset("intensity", data=np.asarray(intensity, np.float32))
+        f.create_dataset("phi", data=np.asarray(phi, np.float32))
+        f.create_dataset("best_rotation", data=np.asarray(best_rotation, np.int64))
+        f.create_dataset("best_probability", data=np.asarray(best_probability, np.float32))
+        for name, values in (extra or {}).items():
+            f.create_dataset(name, data=np.asarray(values))
     return path
 
 
@@ -447,15 +507,14 @@ def write_intensities(
             f"integrated {integrated.shape}; expected (n_asu, n_voxels), (n_asu, 3), (n_asu,)"
         )
     path = pathlib.Path(run_dir) / INTENSITIES_FILE
-    with atomic_path(path) as tmp:
-        with h5py.File(tmp, "w") as f:
-            f.attrs["format"] = RUN_FORMAT
-            f.attrs["format_version"] = RUN_FORMAT_VERSION
-            _write_attrs(f, dict(attrs or {}))
-            f.create_dataset("intensity", data=intensity)
-            f.create_dataset("hkl", data=hkl)
-            f.create_dataset("integrated", data=integrated)
-            f.create_dataset("phi", data=np.asarray(phi, np.float32))
+    with h5_atomic(path) as f:
+        f.attrs["format"] = RUN_FORMAT
+        f.attrs["format_version"] = RUN_FORMAT_VERSION
+        _write_attrs(f, dict(attrs or {}))
+        f.create_dataset("intensity", data=intensity)
+        f.create_dataset("hkl", data=hkl)
+        f.create_dataset("integrated", data=integrated)
+        f.create_dataset("phi", data=np.asarray(phi, np.float32))
     return path
 
 

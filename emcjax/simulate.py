@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import pathlib
-import sys
 import time
 
 import jax
@@ -26,11 +25,12 @@ import jax.numpy as jnp
 import numpy as np
 import tyro
 
+from emcjax import cli
 from emcjax import data as data_io
 from emcjax import model as model_lib
 from emcjax.crystal import Crystal
 from emcjax.detector import DetectorGeometry, make_detector
-from emcjax.errors import ConfigError, EmcjaxError
+from emcjax.errors import ConfigError
 from emcjax.likelihood import Likelihood, LikelihoodConfig
 from emcjax.rotations import sample_600cell, symmetric_misorientation
 
@@ -388,10 +388,26 @@ def sampled_photons(
     return tuple(np.concatenate(x) for x in (out_frame, out_pixel, out_count, expected))
 
 
+def check_reach(geometry: DetectorGeometry) -> None:
+    """Raises ConfigError if the detector's pixels do not reach ``geometry.resolution_max_A`` (the data set
+    would claim a resolution it holds no pixel at)."""
+    every_pixel = dataclasses.replace(geometry, resolution_max_A=1e-6)  # no pixel dropped at high q
+    outermost_A = 1.0 / float(make_detector(every_pixel).q_norm.max())
+    if outermost_A > geometry.resolution_max_A * (1 + 1e-6):
+        raise ConfigError(
+            f"geometry.resolution_max_A = {geometry.resolution_max_A} Å is beyond the detector: its outermost "
+            f"pixel is at {outermost_A:.3f} Å; give geometry.resolution_max_A >= {outermost_A:.3f} (or a larger "
+            "detector, a shorter distance or a shorter wavelength)"
+        )
+
+
 def write(config: SimulationConfig) -> pathlib.Path:
     """Simulates and writes ``config.out``; returns the path."""
     if config.out is None:
         raise ConfigError("out: give the output file, e.g. --out demo.h5")
+    if config.out.exists() and not config.overwrite:  # before the work; write_dataset checks again
+        raise ConfigError(f"out: {config.out} exists; add --overwrite to replace it")
+    check_reach(config.geometry)
     frames, truth = simulate(config)
     data_io.write_dataset(
         config.out,
@@ -405,12 +421,14 @@ def write(config: SimulationConfig) -> pathlib.Path:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """``python -m emcjax.simulate``: errors become one line and exit status 2 (``emcjax.cli``)."""
+    cli.run_cli(_main, argv, "emcjax.simulate")
+
+
+def _main(argv: list[str]) -> None:
     config = tyro.cli(SimulationConfig, args=argv, description=__doc__.split("\n\n")[0])
     start = time.perf_counter()
-    try:
-        path = write(config)
-    except EmcjaxError as err:
-        sys.exit(f"error: {err}")
+    path = write(config)
     with data_io.SparseDataset(path) as ds:
         photons = ds.read_block(0, ds.n_frames).photons_per_frame()
     print(

@@ -22,6 +22,8 @@ def readme_commands() -> list[list[str]]:
 def _run(argv: list[str]) -> None:
     assert argv[:2] == ["python", "-m"], argv
     module = importlib.import_module(argv[2])
+    if hasattr(module, "__path__"):  # a package: python -m runs its __main__
+        module = importlib.import_module(argv[2] + ".__main__")
     try:
         module.main(argv[3:])
     except SystemExit as done:  # --help exits 0; an error exits with its message

@@ -1,0 +1,86 @@
+"""The built-in demo data set of ``python -m emcjax.lowres`` (used without ``--data``): a deterministic
+simulation, made on the first run and cached in ``$EMCJAX_CACHE``, ``$XDG_CACHE_HOME/emcjax`` or
+``~/.cache/emcjax``."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import pathlib
+import time
+
+from emcjax import runio
+from emcjax.errors import ConfigError
+
+DEMO_FORMAT = 1  # bump to invalidate cached demo data sets when the simulator's output changes
+
+
+@dataclasses.dataclass(frozen=True)
+class DemoConfig:
+    """The built-in demo data set (used when --data is not given): a simulation with the simulator's
+    defaults (P 43 21 2 lysozyme-like cell, 1 Å, 4 Å) except for these fields."""
+
+    n_frames: int = 1000
+    """Number of frames."""
+    bragg_photons: float = 150.0
+    """Mean number of Bragg photons per frame at phi = 1 (photons)."""
+    background_photons: float = 30.0
+    """Mean number of background photons per frame (photons)."""
+    rotation_n: int = 4
+    """Frame orientations are drawn from the 600-cell sampling with this n (0: continuous, off-grid)."""
+    seed: int = 0
+    """Seed of the simulation (the data set is a deterministic function of these settings)."""
+
+    def __post_init__(self) -> None:
+        if self.n_frames < 1:
+            raise ConfigError(f"demo.n_frames must be >= 1, got {self.n_frames}")
+
+    def simulation(self, out: pathlib.Path | None = None):
+        """The ``emcjax.simulate.SimulationConfig`` of the demo data set."""
+        from emcjax import simulate
+
+        return simulate.SimulationConfig(
+            out=out,
+            n_frames=self.n_frames,
+            bragg_photons=self.bragg_photons,
+            background_photons=self.background_photons,
+            rotation_n=self.rotation_n,
+            seed=self.seed,
+        )
+
+
+def cache_dir() -> pathlib.Path:
+    """Where the demo data set is cached: ``$EMCJAX_CACHE``, else ``$XDG_CACHE_HOME/emcjax``, else
+    ``~/.cache/emcjax``."""
+    if os.environ.get("EMCJAX_CACHE"):
+        return pathlib.Path(os.environ["EMCJAX_CACHE"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return pathlib.Path(base) / "emcjax"
+
+
+def demo_path(demo: DemoConfig) -> pathlib.Path:
+    """Cache path of the demo data set: ``demo-<hash>.h5``, the hash over the full simulation config."""
+    sim = runio.config_to_dict(demo.simulation())
+    sim.pop("overwrite", None)
+    sim["_format"] = DEMO_FORMAT
+    digest = hashlib.sha256(json.dumps(sim, sort_keys=True).encode()).hexdigest()[:16]
+    return cache_dir() / f"demo-{digest}.h5"
+
+
+def ensure_demo(demo: DemoConfig, log=print) -> pathlib.Path:
+    """Returns the cached demo data set, simulating it first if it is not cached yet (atomically, so
+    concurrent runs never see a partial file)."""
+    from emcjax import simulate
+
+    path = demo_path(demo)
+    if path.exists():
+        log(f"demo data set: {path} (cached)")
+        return path
+    log(f"demo data set: simulating {demo.n_frames} frames -> {path}")
+    start = time.perf_counter()
+    with runio.atomic_path(path) as tmp:
+        simulate.write(dataclasses.replace(demo.simulation(out=tmp), overwrite=True))
+    log(f"demo data set: written in {time.perf_counter() - start:.1f} s")
+    return path
