@@ -41,5 +41,5 @@ def test_readme_commands_run_in_order(tmp_path, monkeypatch, capsys):
     with h5py.File("runs/s/intensities.h5") as streamed, h5py.File("runs/a/iterations/003.h5") as memory:
         a, b = np.asarray(memory["intensity"]), np.asarray(streamed["intensity"])
         np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5 * np.abs(a).max())
-    assert pathlib.Path("imported.h5").is_file() and pathlib.Path("runs/nb/intensities.h5").is_file()
+    assert pathlib.Path("refdir").is_dir() and pathlib.Path("runs/nb/intensities.h5").is_file()
 
