@@ -25,7 +25,7 @@ import numpy as np
 
 from emcjax import emc as emc_lib
 from emcjax import figures as figures_lib
-from emcjax import runio
+from emcjax import runio, scoring
 from emcjax.errors import ConfigError, DataError, EmcjaxError
 
 CHECKPOINTS_DIR = "checkpoints"
@@ -402,7 +402,7 @@ def run(config: LowresConfig, log=print) -> dict:
             ):
                 runio.write_iteration(
                     out, iteration, state.intensity, state.phi,
-                    per_frame["best_rotation"], per_frame["best_probability"], metrics,
+                    per_frame["best_rotation"], per_frame["best_probability"], metrics, kept=per_frame,
                 )
             _save_checkpoint(manager, state, {**meta, "iteration": iteration})
             times.append(float(metrics.get("seconds", 0.0)))
@@ -435,8 +435,11 @@ def run(config: LowresConfig, log=print) -> dict:
 def _draw(out: pathlib.Path, records: list[dict], problem, state) -> None:
     truth = getattr(problem, "truth", None)
     true_integrated = None
-    if truth is not None and truth.get("intensity") is not None:
-        true_integrated = np.asarray(problem.integrated(truth["intensity"]))
+    if truth is not None and truth.get("intensity") is not None and truth.get("hkl") is not None:
+        # the truth's reflections need not be the model's (e.g. a run to a lower resolution than the data)
+        true_integrated = scoring.values_by_hkl(
+            problem.grid.asu.hkl, truth["hkl"], np.asarray(problem.integrated(truth["intensity"]))
+        )
     crystal = getattr(problem.grid, "crystal", None)
     figures_lib.draw_all(
         out,
