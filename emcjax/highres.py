@@ -304,13 +304,13 @@ def setup(config: HighresConfig, source: LowresSource, mesh=None):
     return problem, emc, local
 
 
-def initial_state(problem, source: LowresSource) -> emc_lib.EMCState:
+def initial_state(problem, emc: emc_lib.EMCConfig, source: LowresSource) -> emc_lib.EMCState:
     """The low-res model extended to the new reflections, and the low-res phi."""
     from emcjax import parallel
 
     intensity, _ = extend_model(problem.grid, source.result.hkl, source.result.intensity)
-    return emc_lib.EMCState(
-        iteration=parallel.replicate(problem.mesh, np.int32(0)),
+    state = emc_lib.initial_state(problem, emc, 0)  # the other fields of the state (random model replaced)
+    return state._replace(
         intensity=parallel.replicate(problem.mesh, intensity),
         phi=parallel.replicate(problem.mesh, np.asarray(source.result.phi, np.float32)),
     )
@@ -360,7 +360,7 @@ def run(config: HighresConfig, log=print) -> dict:
     if not source.kept_recorded:
         log(f"warning: {source.run_dir} did not record its kept orientations; using each frame's most likely one")
 
-    state = initial_state(problem, source)
+    state = initial_state(problem, emc, source)
     if main_process:
         out.mkdir(parents=True, exist_ok=True)
         runio.save_config(
