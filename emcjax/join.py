@@ -179,9 +179,10 @@ def build_join(
 
 
 def pad_join(join: JoinArrays, length: int, n_cells: int) -> JoinArrays:
-    """Pads a join to ``length`` pairs that contribute nothing (count 0, not dead, last cell, B = 1)."""
+    """Pads a join to ``length`` pairs that contribute nothing (count 0, not dead, last cell, B = 1, pol = 1:
+    finite terms and gradients)."""
     pad = length - join.cell.shape[0]
     if pad < 0:
         raise ValueError(f"pad_join: join of {join.cell.shape[0]} pairs does not fit length {length}")
-    fill = {"cell": max(n_cells - 1, 0), "entry": 0, "count": 0.0, "dead": 0.0, "background": 1.0, "polarization": 0.0}
+    fill = {"cell": max(n_cells - 1, 0), "entry": 0, "count": 0.0, "dead": 0.0, "background": 1.0, "polarization": 1.0}
     return JoinArrays(**{k: np.concatenate([v, np.full(pad, fill[k], v.dtype)]) for k, v in join._asdict().items()})

@@ -19,9 +19,11 @@ from scipy.special import gammaln, logsumexp
 
 from emcjax import data as data_io
 from emcjax import emc
-from emcjax import estep as estep_lib
-from emcjax import mstep
-from emcjax.mstep import Kept
+from emcjax.core import estep as estep_lib
+from emcjax.core import mstep
+from emcjax.core.arrays import Hyper, Kept
+from emcjax.core.step import frame_constants
+from emcjax.likelihood import Poisson
 from emcjax import model as model_lib
 from emcjax.detector import DetectorGeometry
 from emcjax.rotations import crystal_from_lab
@@ -191,7 +193,7 @@ def prune_reference(logits: np.ndarray, mass: float, pmin: float):
 def test_frames_exercise_edge_cases(setup):
     _, frames, problem, _ = setup
     assert float(np.asarray(problem.local_block().join.dead).sum()) > 0  # dead pixels inside peaks are joined
-    assert np.asarray(problem.shared.masked_shells)[MASKED, 0] < problem.n_shells
+    assert np.asarray(problem.local_block().masked_shells)[MASKED, 0] < problem.n_shells
     assert problem.photons[EMPTY] == 0
     assert problem.photons[BLANK] == 30
 
@@ -200,8 +202,11 @@ def test_log_likelihood_matches_full_poisson(setup):
     _, frames, problem, state = setup
     phi = np.array(state.phi)
     phi[5] = 0.0  # a frame at phi = 0: posterior = prior
-    logl = np.asarray(estep_lib.log_likelihood(state.intensity, jnp.asarray(phi), problem.shared, problem.local_block(), problem.n_shells))
-    got = logl + problem.log_offset[:, None]
+    local, shared = problem.local_block(), problem.shared
+    tables = estep_lib.rotation_tables(state.intensity, shared, problem.n_shells)
+    data = estep_lib.block_log_likelihood(tables, jnp.asarray(phi), Poisson(), shared, local)
+    logl = np.asarray(estep_lib.log_posterior(data, shared, local), np.float64)
+    got = logl + np.asarray(frame_constants(Poisson(), shared, local), np.float64)[:, None]
     K, valid, B = dense_frames(problem, frames)
     W = model_slices(problem, state.intensity)  # (n_rot, n_pix)
     pol = problem.detector.polarization
@@ -234,7 +239,7 @@ def test_responsibilities_pruning(mass, pmin):
     logits[4, :3] = [30.0, 29.0, 10.0]  # sharp
     logits[5] += 1e4  # large offsets
     logits[6] = -np.inf  # no candidate at all
-    resp = estep_lib.responsibilities(jnp.asarray(logits, jnp.float32), k=12, prune_mass=mass, prune_min=pmin)
+    resp = estep_lib.prune(jnp.asarray(logits, jnp.float32), Hyper.of(mass, pmin), k=12)
     ref, ev = prune_reference(logits.astype(np.float32).astype(np.float64), mass, pmin)  # what the kernel sees
     slot, prob = np.asarray(resp.slot), np.asarray(resp.prob, np.float64)
     for d in range(logits.shape[0]):
@@ -256,7 +261,7 @@ def test_responsibilities_pruning(mass, pmin):
 
 def test_responsibilities_top_k_cap():
     logits = jnp.zeros((2, 10), jnp.float32)
-    resp = estep_lib.responsibilities(logits, k=3, prune_mass=0.999, prune_min=0.0)
+    resp = estep_lib.prune(logits, Hyper.of(0.999, 0.0), k=3)
     assert resp.prob.shape == (2, 3)
     np.testing.assert_allclose(np.asarray(resp.prob), 1 / 3, rtol=1e-6)
     np.testing.assert_allclose(np.asarray(resp.max_prob), 0.1, rtol=1e-6)
@@ -294,7 +299,7 @@ def estep_of(setup):
 def test_reference_update_matches_numpy(setup, estep_of):
     _, frames, problem, state = setup
     resp, kept = estep_of
-    new = np.asarray(mstep.reference_update(state.intensity, state.phi, kept, problem.shared, problem.n_shells), np.float64)
+    new = np.asarray(mstep.reference_update(state.intensity, state.phi, Poisson(), kept, problem.shared, problem.n_shells), np.float64)
     K, valid, B = dense_frames(problem, frames)
     phi = np.asarray(state.phi, np.float64)
     pol = problem.detector.polarization
@@ -341,7 +346,7 @@ def test_mlem_update_matches_numpy(setup, estep_of, inner):
     _, frames, problem, state = setup
     resp, kept = estep_of
     new = np.asarray(
-        mstep.mlem_update(state.intensity, state.phi, kept, problem.shared, problem.n_shells, inner), np.float64
+        mstep.mlem_update(state.intensity, state.phi, Poisson(), kept, problem.shared, problem.n_shells, inner), np.float64
     )
     K, valid, B = dense_frames(problem, frames)
     phi = np.asarray(state.phi, np.float64)
@@ -379,7 +384,7 @@ def test_phi_update_matches_numpy(setup, estep_of):
     _, frames, problem, state = setup
     resp, kept = estep_of
     got = np.asarray(
-        mstep.phi_update(state.intensity, state.phi, kept, problem.shared, problem.n_shells), np.float64
+        mstep.phi_update(state.intensity, state.phi, Poisson(), kept, problem.shared, problem.n_shells)[0], np.float64
     )
     K, valid, B = dense_frames(problem, frames)
     W = model_slices(problem, state.intensity)
@@ -459,8 +464,7 @@ def test_iterate_is_deterministic(setup):
 
 def _truth_state(problem: emc.Problem) -> emc.EMCState:
     phi = np.asarray(problem.truth["phi"], np.float64)
-    return emc.EMCState(
-        iteration=jnp.asarray(0, jnp.int32),
+    return emc.initial_state(problem, CONFIG, 0)._replace(
         intensity=jnp.asarray(problem.truth["intensity"], jnp.float32),
         phi=jnp.asarray(phi / phi.mean(), jnp.float32),
     )
@@ -502,8 +506,8 @@ def test_updates_keep_special_reflections_symmetric(setup, estep_of):
     resp, kept = estep_of
     grid = problem.grid
     for new in (
-        mstep.reference_update(state.intensity, state.phi, kept, problem.shared, problem.n_shells),
-        mstep.mlem_update(state.intensity, state.phi, kept, problem.shared, problem.n_shells, 2),
+        mstep.reference_update(state.intensity, state.phi, Poisson(), kept, problem.shared, problem.n_shells),
+        mstep.mlem_update(state.intensity, state.phi, Poisson(), kept, problem.shared, problem.n_shells, 2),
         state.intensity,
     ):
         new = np.asarray(new, np.float64)
