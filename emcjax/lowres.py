@@ -212,13 +212,13 @@ def _restore_checkpoint(manager, template, run_dir: pathlib.Path):
         raise DataError(f"resume: cannot restore checkpoint {step} of {run_dir / CHECKPOINTS_DIR}: {err}") from None
     state = type(template)(**restored["state"])
     meta = dict(restored["meta"] or {})
-    for name, value in _state_dict(state).items():
-        expected = _state_dict(template)[name]
-        if value.shape != expected.shape:
-            raise DataError(
-                f"resume: checkpoint {step} in {run_dir / CHECKPOINTS_DIR} has {name} of shape {value.shape}, "
-                f"this problem needs {expected.shape}; was the run made with other --data or --emc settings?"
-            )
+    for name, field in _state_dict(state).items():  # fields may be pytrees (the likelihood): check every leaf
+        for value, expected in zip(jax.tree.leaves(field), jax.tree.leaves(_state_dict(template)[name])):
+            if value.shape != expected.shape:
+                raise DataError(
+                    f"resume: checkpoint {step} in {run_dir / CHECKPOINTS_DIR} has {name} of shape {value.shape}, "
+                    f"this problem needs {expected.shape}; was the run made with other --data or --emc settings?"
+                )
     return state, meta
 
 

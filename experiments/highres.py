@@ -23,6 +23,7 @@ import json
 import pathlib
 import time
 
+import jax.numpy as jnp
 import numpy as np
 
 from emcjax import emc, highres, lowres, runio, scoring, simulate
@@ -51,6 +52,26 @@ def shells(run_dir: pathlib.Path, truth: dict, crystal: Crystal) -> list[dict]:
                                crystal.reciprocal_basis, SHELLS_A)
 
 
+def full_search_rate(args, data: pathlib.Path, high: highres.HighresConfig, estep_passes: int) -> tuple[float, int]:
+    """(frame, rotation) pairs per second of a full search (no candidate lists, exact symmetry reduction) at the
+    high resolution on the coarser grid ``--full-search-n``, from the high-res model; the second of two
+    iterations is timed (the first compiles)."""
+    import dataclasses
+
+    config = emc.EMCConfig(rotation_n=args.full_search_n, d_min=high.resolution, vn=5, gw=2.0,
+                           update_phi=high.refine_phi, block_frames=args.block_frames)
+    final = runio.read_run(high.out)
+    with SparseDataset(data) as ds:
+        frames = dataclasses.replace(ds.read_all(), candidate_offsets=None, candidate_rotations=None)
+        problem = emc.setup_problem(ds, config, frames)
+    state = emc.initial_state(problem, config, 0)
+    state = state._replace(intensity=jnp.asarray(final.intensity), phi=jnp.asarray(final.phi))
+    n_rot = int(problem.rotations.shape[0])
+    for _ in range(2):
+        state, metrics, _ = emc.iterate(problem, state, config)
+    return args.frames * n_rot * estep_passes / metrics["seconds"], n_rot
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--frames", type=int, default=1000)
@@ -61,6 +82,8 @@ def main() -> None:
     parser.add_argument("--background-photons", type=float, default=40.0)
     parser.add_argument("--lowres-iters", type=int, default=10)
     parser.add_argument("--highres-iters", type=int, default=5)
+    parser.add_argument("--full-search-n", type=int, default=6,
+                        help="600-cell n of the full search timed at 3 Å for the per-pair rate (0: skip)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("runs/exp-highres"))
     args = parser.parse_args()
@@ -108,7 +131,6 @@ def main() -> None:
     seconds = float(np.median([m["seconds"] for m in high_metrics[1:] or high_metrics]))
     estep_passes = 2 if high.refine_phi else 1
     pairs = source["candidates_total"] * estep_passes
-    rate = pairs / seconds
     # the exact reduction keeps ~ n_rot / |H| rotations for every n (H: the point-group operations that map the
     # 600-cell onto itself, the same for all n): its ratio measured on the n = 2 grid
     small = sample_600cell(2)
@@ -117,11 +139,16 @@ def main() -> None:
     reduced = int(round(n_fine * ratio))
     full_pairs = args.frames * reduced * estep_passes
     print(f"\nlocal update: {source['candidates_per_frame_mean']:.1f} fine candidates per frame "
-          f"({source['fine_rotations_used']} of {n_rotations_600cell(source['fine_n'])} fine rotations used), "
-          f"{seconds:.2f} s per iteration, {rate:.3g} (frame, rotation) pairs per second")
+          f"({source['fine_rotations_used']} of {n_fine} fine rotations used), {seconds:.2f} s per iteration "
+          f"({pairs / seconds:.3g} (frame, rotation) pairs per second)")
     print(f"full search over the fine grid: ~{reduced} rotations after the exact symmetry reduction "
-          f"({n_fine} in all) x {args.frames} frames = {full_pairs:.3g} pairs per iteration, "
-          f"~{full_pairs / rate:.3g} s at the same rate ({full_pairs / pairs:.0f}x the local update)")
+          f"({n_fine} in all) x {args.frames} frames = {full_pairs:.3g} pairs per iteration "
+          f"({full_pairs / pairs:.0f}x the local update's pairs)")
+    if args.full_search_n:
+        rate, n_rot = full_search_rate(args, data, high, estep_passes)
+        print(f"measured full search at 3 Å, n = {args.full_search_n} ({n_rot} rotations after reduction): "
+              f"{rate:.3g} pairs per second -> the fine-grid full search would take ~{full_pairs / rate:.3g} s per "
+              f"iteration, {full_pairs / rate / seconds:.0f}x the local update")
     low_seconds = float(np.median([m["seconds"] for m in low_metrics[1:]]))
     print(f"low-res iteration (candidate mode, {args.candidates} per frame, 2 E-steps): {low_seconds:.2f} s")
 

@@ -145,3 +145,18 @@ def test_bad_input_gives_messages(lowres_run, tmp_path):
     os.remove(old / "intensities.h5")
     with pytest.raises(DataError, match="not finished"):
         highres.read_lowres(old)
+
+
+def test_frames_without_confident_coarse_rotations_get_no_candidates(lowres_run):
+    """With a high threshold some frames keep no coarse rotation: they have no fine candidate, and the run
+    still gives a finite model (those frames simply do not contribute)."""
+    root, low = lowres_run
+    config = highres.HighresConfig(from_run=low.out, resolution=6.0, out=root / "strict", iters=1,
+                                   min_probability=0.999)
+    final = highres.run(config, log=lambda s: None)
+    record = json.loads((config.out / "source.json").read_text())
+    source = highres.read_lowres(low.out)
+    confident = np.unique(source.kept_frame[source.kept_prob >= 0.999])
+    assert record["frames_without_candidates"] == 60 - confident.shape[0] > 0
+    assert np.isfinite(final["log_likelihood"])
+    assert np.all(np.isfinite(runio.read_run(config.out).intensity))
