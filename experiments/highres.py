@@ -7,8 +7,8 @@ low-resolution run in candidate mode on that sampling, then a 3 Å high-resoluti
 of both models, the median orientation error before and after, the time per iteration and the per-pair
 rate, and the cost of a full search over the fine grid estimated from that rate.
 
-    python experiments/highres.py [--frames 1000] [--coarse-n 24] [--candidates 20] [--lowres-iters 10]
-        [--highres-iters 5] [--block-frames 100] [--out DIR]
+    python experiments/highres.py [--frames 500] [--bragg-photons 150] [--coarse-n 24] [--candidates 20]
+        [--lowres-iters 6] [--highres-iters 4] [--block-frames 100] [--full-search-n 6] [--out DIR]
 
 The crystal is small (P 43 21 2, 36 x 36 x 30 Å) with broad peaks (vn = 5, gw = 2, profile sigma 0.8 grid
 spacings) so that a grid of n ~ 30 resolves orientations to the peak width at 3 Å on a CPU; the detector
@@ -45,11 +45,11 @@ def simulation(args, out: pathlib.Path) -> simulate.SimulationConfig:
     )
 
 
-def shells(run_dir: pathlib.Path, truth: dict, crystal: Crystal) -> list[dict]:
+def shells(run_dir: pathlib.Path, truth: dict, crystal: Crystal, edges=SHELLS_A) -> list[dict]:
     result = runio.read_run(run_dir)
     true_integrated = np.asarray(truth["intensity"], np.float64).sum(axis=1)
     return scoring.cc_by_shell(result.hkl, result.integrated, truth["hkl"], true_integrated,
-                               crystal.reciprocal_basis, SHELLS_A)
+                               crystal.reciprocal_basis, edges)
 
 
 def full_search_rate(args, data: pathlib.Path, high: highres.HighresConfig, estep_passes: int) -> tuple[float, int]:
@@ -74,14 +74,14 @@ def full_search_rate(args, data: pathlib.Path, high: highres.HighresConfig, este
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--frames", type=int, default=1000)
+    parser.add_argument("--frames", type=int, default=500)
     parser.add_argument("--block-frames", type=int, default=100)
     parser.add_argument("--coarse-n", type=int, default=24)
     parser.add_argument("--candidates", type=int, default=20)
-    parser.add_argument("--bragg-photons", type=float, default=400.0)
+    parser.add_argument("--bragg-photons", type=float, default=150.0)
     parser.add_argument("--background-photons", type=float, default=40.0)
-    parser.add_argument("--lowres-iters", type=int, default=10)
-    parser.add_argument("--highres-iters", type=int, default=5)
+    parser.add_argument("--lowres-iters", type=int, default=6)
+    parser.add_argument("--highres-iters", type=int, default=4)
     parser.add_argument("--full-search-n", type=int, default=6,
                         help="600-cell n of the full search timed at 3 Å for the per-pair rate (0: skip)")
     parser.add_argument("--seed", type=int, default=0)
@@ -123,6 +123,11 @@ def main() -> None:
         lo = low_shells[(s["d_max"], s["d_min"])]
         lo_cc = f"{lo['cc']:.4f}" if lo["n"] >= 3 else "-"
         print(f"{s['d_max']:>5.1f}-{s['d_min']:<5.1f} {s['n']:>5d} {lo_cc:>12} {s['cc']:>13.4f}")
+    low_wide = {(s["d_max"], s["d_min"]): s for s in shells(low.out, truth, crystal, (8.0, 4.0))}
+    for s in shells(high.out, truth, crystal, (8.0, 4.0, 3.0)):
+        lo = low_wide.get((s["d_max"], s["d_min"]))
+        lo_cc = f"{lo['cc']:.4f}" if lo else "-"
+        print(f"{s['d_max']:>5.1f}-{s['d_min']:<5.1f} {s['n']:>5d} {lo_cc:>12} {s['cc']:>13.4f}  (combined)")
     print(f"\ncc_true overall: low-res {low_metrics[-1]['cc_true']:.4f}, high-res {high_metrics[-1]['cc_true']:.4f}")
     print(f"median orientation error: low-res (n = {source['coarse_n']}) {source['lowres_orientation_error_median_deg']:.3f}°, "
           f"high-res (n = {source['fine_n']}) {high_metrics[-1]['orientation_error_median_deg']:.3f}°")
