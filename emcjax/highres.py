@@ -316,17 +316,6 @@ def initial_state(problem, emc: emc_lib.EMCConfig, source: LowresSource) -> emc_
     )
 
 
-def orientation_metrics(problem, best_rotation: np.ndarray) -> dict:
-    """Median and 90th percentile of the per-frame orientation error (degrees) when the data have truth."""
-    truth = problem.truth or {}
-    if truth.get("quaternion") is None:
-        return {}
-    errors = scoring.orientation_errors(
-        problem.sampling.quaternions[best_rotation], truth["quaternion"], problem.grid.crystal.rotation_ops_cartesian
-    )
-    return scoring.orientation_summary(errors)
-
-
 # ----------------------------------------------------------------------------------------------------
 # The run
 
@@ -381,7 +370,7 @@ def run(config: HighresConfig, log=print) -> dict:
         for _ in range(int(state.iteration), config.iters):
             state, metrics, per_frame = emc_lib.iterate(problem, state, emc)
             iteration = int(state.iteration)
-            record = {"iteration": iteration, **metrics, **orientation_metrics(problem, per_frame["best_rotation"])}
+            record = {"iteration": iteration, **metrics, **scoring.orientation_metrics(problem, per_frame["best_rotation"])}
             records.append(record)
             if main_process:
                 runio.append_metrics(out, record)
@@ -396,10 +385,7 @@ def run(config: HighresConfig, log=print) -> dict:
             times.append(float(metrics.get("seconds", 0.0)))
             eta = (config.iters - iteration) * float(np.mean(times[-5:]))
             if main_process:
-                line = lowres.progress_line(record, config.iters, eta)
-                if "orientation_error_median_deg" in record:
-                    line += f"  orient {record['orientation_error_median_deg']:.2f}°"
-                log(line)
+                log(lowres.progress_line(record, config.iters, eta))
             if main_process and config.figures_every and iteration % config.figures_every == 0 and iteration < config.iters:
                 lowres._draw(out, records, problem, state)
         manager.wait_until_finished()

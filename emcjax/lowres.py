@@ -239,7 +239,7 @@ def _fmt_seconds(s: float) -> str:
 
 def progress_line(record: dict, total: int, eta_s: float) -> str:
     """One progress line: iteration/total, log-likelihood, model change, phi mean±std, certainty, seconds,
-    ETA and cc_true when present."""
+    ETA, and cc_true and the median orientation error (degrees) when present."""
     width = len(str(total))
     parts = [
         f"iter {record['iteration']:>{width}d}/{total}",
@@ -252,6 +252,8 @@ def progress_line(record: dict, total: int, eta_s: float) -> str:
     ]
     if record.get("cc_true") is not None:
         parts.append(f"cc_true {record['cc_true']:.4f}")
+    if record.get("orientation_error_median_deg") is not None:
+        parts.append(f"orient {record['orientation_error_median_deg']:.2f}°")
     return "  ".join(parts)
 
 
@@ -393,7 +395,7 @@ def run(config: LowresConfig, log=print) -> dict:
         for _ in range(start, config.iters):
             state, metrics, per_frame = emc_lib.iterate(problem, state, config.emc)
             iteration = int(state.iteration)
-            record = {"iteration": iteration, **metrics}
+            record = {"iteration": iteration, **metrics, **scoring.orientation_metrics(problem, per_frame["best_rotation"])}
             records.append(record)
             if main_process:
                 runio.append_metrics(out, record)

@@ -34,6 +34,17 @@ def orientation_summary(errors_rad: np.ndarray) -> dict[str, float]:
     }
 
 
+def orientation_metrics(problem, best_rotation) -> dict[str, float]:
+    """:func:`orientation_summary` of each frame's most likely rotation (indices into ``problem.sampling``)
+    against the truth's orientations; empty when the data set has no true orientations."""
+    truth = getattr(problem, "truth", None) or {}
+    if truth.get("quaternion") is None:
+        return {}
+    estimated = problem.sampling.quaternions[np.asarray(best_rotation, np.int64)]
+    rotation_ops = problem.grid.crystal.rotation_ops_cartesian
+    return orientation_summary(orientation_errors(estimated, truth["quaternion"], rotation_ops))
+
+
 def values_by_hkl(hkl, ref_hkl, ref_values) -> np.ndarray:
     """``ref_values`` reordered to the rows ``hkl`` (same asymmetric-unit convention); NaN where ``ref_hkl``
     lacks a reflection (e.g. a truth simulated to a lower resolution than the model).

@@ -60,6 +60,8 @@ def test_command_line_outputs_and_record(lowres_run):
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["iteration"] for m in metrics] == [1, 2]
     assert all(np.isfinite(m["log_likelihood"]) and "orientation_error_median_deg" in m for m in metrics)
+    # the low-res run scored its orientations too (angle to the nearest symmetry-equivalent truth)
+    assert all(0 < m["orientation_error_median_deg"] < 180 for m in runio.read_metrics(low.out))
     final, low_final = runio.read_run(out), runio.read_run(low.out)
     assert final.hkl.shape[0] > low_final.hkl.shape[0]  # the model grew to 6 Å
     np.testing.assert_array_equal(final.phi, low_final.phi)  # phi fixed by default

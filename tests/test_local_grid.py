@@ -164,3 +164,24 @@ def test_symmetric_misorientation_is_the_angle_to_the_nearest_equivalent():
     brute = np.min([misorientation_angle(a, quaternion_multiply(truth, gc[None])) for gc in
                     quaternion_conjugate(matrix_to_quaternion(ops))], axis=0)
     np.testing.assert_allclose(symmetric_misorientation(a, truth, ops), brute, atol=1e-12)
+
+
+def test_scoring_values_by_hkl_and_cc_by_shell():
+    from emcjax import scoring
+
+    B = np.diag([0.1, 0.1, 0.2])
+    hkl = np.array([[1, 0, 0], [2, 0, 0], [3, 0, 0], [0, 0, 1], [4, 1, 0], [5, 0, 0], [0, 0, 3], [2, 2, 2]])
+    truth = np.arange(1.0, 9.0)
+    order = np.array([3, 1, 7, 0, 5, 2, 6, 4])
+    np.testing.assert_array_equal(scoring.values_by_hkl(hkl[order], hkl, truth), truth[order])
+    aligned = scoring.values_by_hkl(np.array([[9, 9, 9], [2, 0, 0]]), hkl, truth)
+    assert np.isnan(aligned[0]) and aligned[1] == 2.0
+    # |q| = 0.1 h for (h00): d = 10/h; shells (inf, 4] holds h = 1, 2 (+ (001) d = 5, (003) d = 1.67 no)
+    rng = np.random.default_rng(0)
+    values = truth + rng.normal(scale=0.1, size=8)
+    shells = scoring.cc_by_shell(hkl[order], values[order], hkl, truth, B, (100.0, 4.0, 1.0))
+    d = 1 / np.linalg.norm(hkl @ B.T, axis=1)
+    for s, (hi, lo) in zip(shells, ((100.0, 4.0), (4.0, 1.0))):
+        sel = (d <= hi) & (d > lo)
+        assert s["n"] == sel.sum()
+        assert s["cc"] == pytest.approx(np.corrcoef(values[sel], truth[sel])[0, 1])
