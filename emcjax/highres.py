@@ -108,6 +108,7 @@ class LowresSource:
       kept_frame, kept_rotation, kept_prob: the (frame, coarse rotation, probability) pairs of its last E-step
         (each frame's most likely rotation with probability 1 for runs that did not record them).
       best_rotation: (n_frames,) int64 most likely coarse rotation of each frame.
+      kept_recorded: whether the run recorded its kept pairs (else the most likely rotations stand in).
     """
 
     run_dir: pathlib.Path
@@ -276,7 +277,11 @@ def _truth_quaternions(data_path: pathlib.Path) -> np.ndarray | None:
 
 
 def setup(config: HighresConfig, source: LowresSource, mesh=None):
-    """The high-resolution problem (candidate-list mode on the fine sampling), its EMC settings and set-up record."""
+    """The high-resolution problem (candidate-list mode on the fine sampling), its EMC settings and set-up record.
+
+    The frames are read into memory to carry their fine candidate lists (``setup_problem`` takes candidate
+    lists only from the frames or the data set), so the local update does not stream.
+    """
     from emcjax.crystal import Crystal
     from emcjax.data import SparseDataset
 
