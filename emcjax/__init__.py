@@ -7,6 +7,7 @@ The public surface (the modules stay importable for everything else):
 * the model: :func:`make_grid`;
 * data: :class:`SparseDataset`, :class:`SparseFrames`, :func:`write_dataset`;
 * the EMC: :class:`EMCConfig`, :class:`EMCState`, :func:`setup_problem`, :func:`initial_state`, :func:`iterate`;
+  the pure step: :func:`make_step` (``init``/``update``), :func:`init_state`; likelihoods in ``emcjax.likelihood``;
 * errors: :class:`EmcjaxError` (and its subclasses in ``emcjax.errors``).
 
 Runners: ``python -m emcjax.simulate``, ``python -m emcjax.lowres``, ``python -m emcjax.legacy``.
@@ -21,7 +22,9 @@ from emcjax.detector import make_detector as make_detector
 from emcjax.emc import EMCConfig as EMCConfig
 from emcjax.emc import EMCState as EMCState
 from emcjax.emc import initial_state as initial_state
+from emcjax.emc import init_state as init_state
 from emcjax.emc import iterate as iterate
+from emcjax.emc import make_step as make_step
 from emcjax.emc import setup_problem as setup_problem
 from emcjax.errors import EmcjaxError as EmcjaxError
 from emcjax.model import make_grid as make_grid
@@ -39,8 +42,10 @@ __all__ = [
     "SparseDataset",
     "SparseFrames",
     "crystal_from_lab",
+    "init_state",
     "initial_state",
     "iterate",
+    "make_step",
     "make_detector",
     "make_grid",
     "sample_600cell",

@@ -701,6 +701,11 @@ class SparseDataset:
         """All frames (read_block(0, n_frames))."""
         return self.read_block(0, self.n_frames)
 
+    @property
+    def closed(self) -> bool:
+        """True after :meth:`close`."""
+        return self._file is None
+
     def close(self) -> None:
         if self._file is not None:
             try:

@@ -32,30 +32,30 @@ from emcjax import parallel
 from emcjax.config import EMCConfig
 from emcjax.core.arrays import EMCState, Hyper, Kept
 from emcjax.core.estep import rotation_tables
-from emcjax.core.kept import concatenate
 from emcjax.core.step import Batch, Diagnostics, FrameStats, KeptRotations, StepSpec, estep_block, intensity_mstep
 from emcjax.core.step import make_update, phi_mstep
 from emcjax.data import bucket_length
+from emcjax.errors import ConfigError
 from emcjax.problem import Problem, build_block, correlation_by_hkl, rotation_set, setup_problem
 
 __all__ = ["EMCConfig", "EMCState", "EStep", "Problem", "correlation_by_hkl", "estep", "init_state", "initial_state",
-           "iterate", "setup_problem", "step_function", "update_intensity", "update_phi"]
+           "iterate", "make_step", "setup_problem", "step_function", "update_intensity", "update_phi"]
 
 
-def init_state(problem: Problem, config: EMCConfig, key: jax.Array) -> EMCState:
+def init_state(problem: Problem, config: EMCConfig, key: jax.Array, shared=None) -> EMCState:
     """Random symmetric model (U(0,1) x exp(-r^2/gw^2) per voxel, the reference's start) and phi from counts;
     pure in ``key`` (``jax.vmap`` over keys gives independent starts).
 
     The model is scaled so that a frame at phi = 1 expects the mean number of non-background photons (over
     the prior of the rotations), and phi_d is proportional to the frame's photons above its expected
-    background (mean 1).
+    background (mean 1). ``shared``: the rotation set that scales the model (default ``problem.shared``).
     """
     grid = problem.grid
     spacing = np.linalg.norm(grid.crystal.reciprocal_basis, axis=0).min() / config.vn
     r2 = np.einsum("ij,ij->i", grid.voxel_q(), grid.voxel_q()) / spacing**2
     profile = jnp.asarray(np.exp(-r2 / config.gw**2), jnp.float32)
     intensity = jax.random.uniform(key, grid.model_shape, jnp.float32) * profile[None, :]
-    shared = problem.shared
+    shared = problem.shared if shared is None else shared
     intensity = model_lib.symmetrize(intensity, shared.tables)
     used = problem.frame_weights > 0
     signal = problem.photons - problem.expected_background
@@ -76,7 +76,8 @@ def init_state(problem: Problem, config: EMCConfig, key: jax.Array) -> EMCState:
 
 def initial_state(problem: Problem, config: EMCConfig, seed: int) -> EMCState:
     """:func:`init_state` with ``jax.random.key(seed)``, replicated over the problem's mesh."""
-    state = jax.jit(lambda k: init_state(problem, config, k))(jax.random.key(seed))
+    shared = problem.shared  # built outside the trace (candidate lists: block 0's set, on the device)
+    state = jax.jit(lambda k, s: init_state(problem, config, k, s))(jax.random.key(seed), shared)
     return jax.tree.map(lambda x: parallel.replicate(problem.mesh, np.asarray(x)), state)
 
 
@@ -103,6 +104,26 @@ def step_function(mesh: Mesh, spec: StepSpec):
     diag_specs = Diagnostics(first=P(), last=P(), n_live=P(), kept=P(parallel.AXIS))
     in_specs = (P(), Batch(shared=P(), blocks=P(parallel.AXIS)))
     return jax.jit(jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=(P(), diag_specs), check_vma=False))
+
+
+def make_step(problem: Problem, config: EMCConfig):
+    """``(init, update)`` of the problem's pure step, in the shape of an optax transformation:
+
+    ``state = init(key)`` (pure in the key) and ``state, diagnostics = update(state, problem.batch)`` (one
+    whole iteration, jitted over the problem's mesh; ``jax.vmap`` and ``jax.grad`` go through it). Kept
+    pairs are sized by ``problem.kept_budget`` at this call: ``diagnostics.n_live`` larger than it means
+    pairs were dropped (raise ``problem.kept_budget`` and call again; :func:`iterate` does this itself).
+
+    Raises:
+      ConfigError: the problem streams its blocks or has per-block candidate rotations (host-driven).
+    """
+    if problem.batch is None:
+        raise ConfigError(
+            "make_step needs every block in memory and one rotation set: set stream=False and use data "
+            "without candidate lists (emcjax.iterate runs the other cases block by block)"
+        )
+    shared = problem.shared
+    return (lambda key: init_state(problem, config, key, shared)), step_function(problem.mesh, problem.spec(config))
 
 
 @functools.lru_cache(maxsize=None)
@@ -174,6 +195,7 @@ def _host_estep(problem: Problem, intensity, phi, state: EMCState, spec: StepSpe
             current, tables = data.rotation_set, rotation_tables(intensity, shared, problem.n_shells)
         kept, n_live, block_stats = kernel(tables, phi, state, shared, data.arrays)
         needed = int(np.max(np.asarray(n_live)))
+        problem.kept_needed = max(problem.kept_needed, needed)
         if spec.kept_budget is not None and needed > spec.kept_budget:
             raise _Overflow(needed)
         for row, values in enumerate(block_stats):
@@ -244,7 +266,7 @@ def _host_iteration(problem: Problem, state: EMCState, spec: StepSpec):
         shared = kept_set.shared(problem.geometry)
         intensity, phi = _mstep_kernel(problem.mesh, spec, "phi")(intensity, phi, state.likelihood, kept, shared)
     new = state._replace(iteration=state.iteration + 1, intensity=intensity, phi=phi[: problem.n_frames])
-    pairs = KeptRotations(*(np.concatenate(parallel.local_pieces(x)) for x in (kept.pair_frame, kept.pair_rotation, kept.pair_prob)))
+    pairs = KeptRotations(*(parallel.host_array(x).ravel() for x in (kept.pair_frame, kept.pair_rotation, kept.pair_prob)))
     pairs = pairs._replace(rotation=kept_set.rotations[np.minimum(pairs.rotation, kept_set.rotations.shape[0] - 1)])
     stats = lambda s: FrameStats(*s)  # noqa: E731
     return new, Diagnostics(first=stats(first), last=stats(last), n_live=0, kept=pairs)
@@ -253,10 +275,11 @@ def _host_iteration(problem: Problem, state: EMCState, spec: StepSpec):
 def _fused_iteration(problem: Problem, state: EMCState, spec: StepSpec):
     state, diag = step_function(problem.mesh, spec)(state, problem.batch)
     needed = int(diag.n_live)
+    problem.kept_needed = max(problem.kept_needed, needed)
     if spec.kept_budget is not None and needed > spec.kept_budget:
         raise _Overflow(needed)
     rotations = problem.rotation_set.rotations
-    kept = KeptRotations(*(np.asarray(x) for x in diag.kept))
+    kept = KeptRotations(*(parallel.host_array(x) for x in diag.kept))
     kept = kept._replace(rotation=rotations[kept.rotation])
     last = diag.last._replace(best_rotation=rotations[np.asarray(diag.last.best_rotation)])
     return state, diag._replace(last=last, kept=kept)
@@ -278,11 +301,18 @@ class EStep(NamedTuple):
 
 
 def _with_budget(problem: Problem, config: EMCConfig, run):
+    """``run(spec)`` with a kept-pair budget that fits: an overflowing run is repeated with a larger bucket
+    (the step is pure), and a budget over 4x what was needed shrinks for the next call."""
+    problem.kept_needed = 0
     while True:
         try:
-            return run(problem.spec(config))
-        except _Overflow as overflow:  # the step is pure: rerun from the same state with a larger budget
+            result = run(problem.spec(config))
+            break
+        except _Overflow as overflow:
             problem.kept_budget = bucket_length(int(overflow.needed * 1.25) + 1)
+    if 4 * problem.kept_needed < problem.kept_budget:
+        problem.kept_budget = bucket_length(max(int(problem.kept_needed * 1.25) + 1, 1024))
+    return result
 
 
 def estep(problem: Problem, state: EMCState, config: EMCConfig) -> EStep:

@@ -85,6 +85,13 @@ def replicate(mesh: Mesh, value) -> jax.Array:
     return jax.make_array_from_process_local_data(NamedSharding(mesh, P()), value, value.shape)
 
 
+def host_array(array: jax.Array) -> np.ndarray:
+    """The whole of a (possibly multi-process) global array as numpy, on every process."""
+    if getattr(array, "is_fully_addressable", True):
+        return np.asarray(array)
+    return np.asarray(multihost_utils.process_allgather(array, tiled=True))
+
+
 def local_pieces(array: jax.Array) -> list[np.ndarray]:
     """This process's pieces of a stacked array, leading axis removed, in :func:`local_positions` order."""
     shards = sorted(array.addressable_shards, key=lambda s: s.index[0].start)

@@ -1,6 +1,6 @@
 """Synthetic sparse data sets with known truth: ``python -m emcjax.simulate --out FILE.h5``.
 
-Each frame is a Poisson draw with mean
+Each frame is a draw of the count model ``--likelihood`` (Poisson by default) with mean
 
     lambda_t = pol_t * (B_d(shell_t) + phi_d * W(R_d q_t))
 
@@ -9,7 +9,9 @@ a Wilson-distributed or structure-factor intensity obeying the space group), ``R
 orientation (a grid rotation of the 600-cell sampling, or a uniformly random one), ``phi_d`` a lognormal
 scale with mean 1 and ``B_d`` a smooth radial background. The default mimics the reference experiment
 scaled down (lysozyme-like P 43 21 2 cell, 1 Å, 4 Å, ~150 Bragg + ~30 background photons per frame: far
-too few to index a single frame).
+too few to index a single frame). ``--likelihood negbin --dispersion R`` draws over-dispersed counts
+(variance mu + mu^2 / R, every pixel drawn through the likelihood's sampler); ``--likelihood poisson-bgscale
+--background-scale C`` draws the background C times the one written to the file.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import sys
 import time
 from typing import Literal
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import tyro
@@ -29,10 +32,12 @@ from emcjax import model as model_lib
 from emcjax.crystal import Crystal
 from emcjax.detector import DetectorGeometry, make_detector
 from emcjax.errors import ConfigError, EmcjaxError
+from emcjax.likelihood import Likelihood, LikelihoodConfig
 from emcjax.rotations import nearest_rotations, sample_600cell
 
 
 _CHUNK_FRAMES = 4096  # frames whose in-peak entries are held at once
+_SAMPLED_PIXELS = 1 << 20  # (frame, pixel) means drawn at once when every pixel goes through the sampler
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,6 +80,12 @@ class SimulationConfig:
     """B factor (Å^2) of the Wilson fall-off of the random intensities: mean I ~ exp(-B/(2 d^2))."""
     structure: pathlib.Path | None = None
     """PDB/mmCIF model: intensities |F|^2 from it (gemmi) instead of random Wilson intensities."""
+    likelihood: str = "poisson"
+    """Count model of the pixels: poisson, poisson-bgscale, negbin (emcjax.likelihood)."""
+    dispersion: float = 100.0
+    """negbin: dispersion r > 0 (photons); the counts' variance is mu + mu^2 / r."""
+    background_scale: float = 1.0
+    """poisson-bgscale: true background = this factor x the background written to the file."""
     seed: int = 0
     """Seed of every random draw (the data set is a deterministic function of the config)."""
     overwrite: bool = False
@@ -94,6 +105,11 @@ class SimulationConfig:
             raise ConfigError(f"orientations must be 'grid' or 'uniform', got {self.orientations!r}")
         if self.candidates and self.candidate_sampling_n < 1:
             raise ConfigError("candidates: give the sampling of the candidate lists with --candidate-n N (>= 1)")
+        self.likelihood_config()  # checks the name and parameters
+
+    def likelihood_config(self) -> LikelihoodConfig:
+        """The count model's config (from the flat command-line fields)."""
+        return LikelihoodConfig(name=self.likelihood, dispersion=self.dispersion, background_scale=self.background_scale)
 
     @property
     def continuous(self) -> bool:
@@ -195,18 +211,20 @@ def simulate(config: SimulationConfig) -> tuple[data_io.SparseFrames, dict]:
 
     phi = rng.lognormal(mean=-config.phi_sigma**2 / 2, sigma=config.phi_sigma, size=config.n_frames)
     scaled = jnp.asarray(intensity, jnp.float32)
-    ent_frame, ent_pixel, bragg = [], [], []
-    for a, b in chunks:
-        entries = entries_of(a, b)
-        w = np.asarray(model_lib.tomogram(scaled, entries), np.float64)
-        frame = np.asarray(entries.rotation) + a
-        pixel = np.asarray(entries.pixel)
-        counts = rng.poisson(phi[frame] * detector.polarization[pixel] * w)
-        hit = counts > 0
-        ent_frame.append(frame[hit])
-        ent_pixel.append(pixel[hit])
-        bragg.append(counts[hit])
-    ent_frame, ent_pixel, bragg = (np.concatenate(x) for x in (ent_frame, ent_pixel, bragg))
+    likelihood = config.likelihood_config().build(config.n_frames)
+    if likelihood.poisson_counts:  # Poisson: Bragg photons at the in-peak entries, background photons apart
+        ent_frame, ent_pixel, bragg = [], [], []
+        for a, b in chunks:
+            entries = entries_of(a, b)
+            w = np.asarray(model_lib.tomogram(scaled, entries), np.float64)
+            frame = np.asarray(entries.rotation) + a
+            pixel = np.asarray(entries.pixel)
+            counts = rng.poisson(phi[frame] * detector.polarization[pixel] * w)
+            hit = counts > 0
+            ent_frame.append(frame[hit])
+            ent_pixel.append(pixel[hit])
+            bragg.append(counts[hit])
+        ent_frame, ent_pixel, bragg = (np.concatenate(x) for x in (ent_frame, ent_pixel, bragg))
 
     n_shells = config.geometry.n_shells
     shell_q = (np.arange(n_shells) + 0.5) * detector.shell_width
@@ -215,7 +233,16 @@ def simulate(config: SimulationConfig) -> tuple[data_io.SparseFrames, dict]:
     level = config.background_photons / per_pixel.sum()
     frame_level = level * rng.uniform(0.8, 1.2, size=config.n_frames)
     background = (frame_level[:, None] * profile[None, :]).astype(np.float32)
-    n_bg = rng.poisson(frame_level * per_pixel.sum())
+    if likelihood.poisson_counts:
+        # a per-frame factor on the background (background_mean is linear for the Poisson models)
+        expected_bg = np.asarray(likelihood.background_mean(frame_level * per_pixel.sum(), np.arange(config.n_frames)))
+        n_bg = rng.poisson(expected_bg)
+    else:  # every pixel drawn by the likelihood: all photons come as (frame, pixel, count), none apart
+        ent_frame, ent_pixel, bragg, expected_bg = sampled_photons(
+            likelihood, jax.random.key(config.seed), chunks, entries_of, scaled, phi, detector.polarization,
+            frame_level, per_pixel,
+        )
+        n_bg = np.zeros(config.n_frames, np.int64)
     cdf_bg = np.cumsum(per_pixel / per_pixel.sum())
     cdf_bg /= cdf_bg[-1]
 
@@ -255,9 +282,66 @@ def simulate(config: SimulationConfig) -> tuple[data_io.SparseFrames, dict]:
         "quaternion": quaternion,
         "rotation_index": np.asarray(rotation_index, np.int64),
         "expected_bragg_photons": phi * signal * scale,
-        "expected_background_photons": frame_level * per_pixel.sum(),
+        "expected_background_photons": expected_bg,
     }
+    for name, value in dataclasses.asdict(likelihood).items():  # the count model's true parameters, if any
+        truth[f"likelihood_{name}"] = np.asarray(value)
     return frames, truth
+
+
+@jax.jit
+def _draw_counts(likelihood: Likelihood, key: jax.Array, bragg: jax.Array, level: jax.Array, per_pixel: jax.Array,
+                 frame: jax.Array):
+    """(counts, expected background photons per frame) of the (n, n_pix) pixels of the frames ``frame`` (n,)."""
+    mean_bg = likelihood.background_mean(level[:, None] * per_pixel[None, :], frame[:, None])
+    return likelihood.sample(key, mean_bg + bragg, frame[:, None]), mean_bg.sum(axis=1)
+
+
+def sampled_photons(
+    likelihood: Likelihood, key: jax.Array, chunks: list[tuple[int, int]], entries_of, model: jax.Array,
+    phi: np.ndarray, polarization: np.ndarray, level: np.ndarray, per_pixel: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Counts of every valid pixel of every frame drawn with ``likelihood.sample`` (dense, in pieces).
+
+    Args:
+      likelihood: the count model.
+      key: JAX random key of the draws.
+      chunks: ``(a, b)`` frame ranges whose in-peak entries are built at once.
+      entries_of: ``entries_of(a, b)`` -> in-peak entries of frames a..b-1 (entry rotation = frame - a).
+      model: (n_asu, n_voxels) float32 true model scaled to photons.
+      phi: (n_frames,) scale factors.
+      polarization: (n_pix,) pol x solid angle of the valid pixels.
+      level, per_pixel: (n_frames,) and (n_pix,): the data set's background photons pol * B at pixel t of
+        frame d are ``level[d] * per_pixel[t]``.
+
+    Returns:
+      ``(frame, pixel, count, expected_background)``: the nonzero counts sorted by frame (pixel = valid-pixel
+      index) and the expected background photons per frame (after ``likelihood.background_mean``).
+    """
+    n_frames, n_pix = level.shape[0], per_pixel.shape[0]
+    size = max(1, min(n_frames, _SAMPLED_PIXELS // n_pix))  # frames per draw (the last piece is padded)
+    out_frame, out_pixel, out_count, expected = [], [], [], []
+    for a, b in chunks:
+        entries = entries_of(a, b)
+        w = np.asarray(model_lib.tomogram(model, entries), np.float64)
+        frame = np.asarray(entries.rotation) + a
+        order = np.argsort(frame, kind="stable")
+        frame, pixel, w = frame[order], np.asarray(entries.pixel)[order], w[order]
+        for c in range(a, b, size):
+            d = min(c + size, b)
+            lo, hi = np.searchsorted(frame, [c, d])
+            bragg = np.zeros((size, n_pix))
+            f, t = frame[lo:hi], pixel[lo:hi]
+            np.add.at(bragg, (f - c, t), phi[f] * polarization[t] * w[lo:hi])
+            rows = np.minimum(np.arange(c, c + size), n_frames - 1).astype(np.int32)
+            counts, mean_bg = _draw_counts(likelihood, jax.random.fold_in(key, c), bragg, level[rows], per_pixel, rows)
+            counts = np.asarray(counts)[: d - c]
+            hit_frame, hit_pixel = np.nonzero(counts)
+            out_frame.append(hit_frame + c)
+            out_pixel.append(hit_pixel)
+            out_count.append(counts[hit_frame, hit_pixel])
+            expected.append(np.asarray(mean_bg, np.float64)[: d - c])
+    return tuple(np.concatenate(x) for x in (out_frame, out_pixel, out_count, expected))
 
 
 def write(config: SimulationConfig) -> pathlib.Path:

@@ -19,6 +19,7 @@ import pytest
 from emcjax import data as data_io
 from emcjax import emc
 from emcjax import legacy
+import emcjax.legacy.files
 from emcjax import model as model_lib
 from emcjax import runio
 from emcjax.detector import DetectorGeometry
@@ -62,28 +63,53 @@ def ref_detector(mask):
 
 
 def ref_peaks(r_min, r_max, vn, gw):
-    """[(h, k, l, v, [g...])] non-partial peaks in lexicographic order, S_h in x-major order (§4.2-4.3)."""
-    astar = np.array([1 / CELL[0], 1 / CELL[1], 1 / CELL[2]])  # orthogonal cell
-    dv = astar.min() / vn
-    hmax = [int(math.floor(r_max / a)) for a in astar]
-    half = math.ceil(r_max / dv)
+    """[(h, k, l, v, [g...])] non-partial peaks in lexicographic order, S_h in x-major order (§4.2-4.3).
+
+    Scalar float64 arithmetic in the reference's operation order (low-res-emc/setup.c, restated in issue 8):
+    the tie |g - v| = gw falls as the program's rounding makes it fall, no tolerance.
+    """
+    basis = [[CELL[0], 0.0, 0.0], [0.0, CELL[1], 0.0], [0.0, 0.0, CELL[2]]]  # rows of basis-vec.dat
+    a, b, c = ([basis[i][j] for i in range(3)] for j in range(3))
+
+    def cross(u, w):
+        return [u[1] * w[2] - u[2] * w[1], u[2] * w[0] - u[0] * w[2], u[0] * w[1] - u[1] * w[0]]
+
+    ab = cross(a, b)
+    vol = abs(((0.0 + ab[0] * c[0]) + ab[1] * c[1]) + ab[2] * c[2])
+    cols = [[x / vol for x in cross(b, c)], [x / vol for x in cross(c, a)], [x / vol for x in ab]]
+    rl = [[cols[j][i] for j in range(3)] for i in range(3)]  # rl[i][j]: component i of vector j
+    min_rcell = math.sqrt(min(((0.0 + rl[0][j] ** 2) + rl[1][j] ** 2) + rl[2][j] ** 2 for j in range(3)))
+    rescale = vn / min_rcell
+    rmax2, rmin2, gw2 = r_max * r_max, r_min * r_min, gw * gw
+    half = math.ceil(math.sqrt(rmax2) / min_rcell * vn)
+    hmax = [int(math.floor(math.sqrt(rmax2 / (((0.0 + rl[0][j] ** 2) + rl[1][j] ** 2) + rl[2][j] ** 2)))) + 1
+            for j in range(3)]  # one more than needed (orthogonal cell): the extra reflections are partial
     e = math.ceil(gw) + 1
+
+    def c_round(x):  # C's round: half away from zero
+        r = math.trunc(x)
+        return r + (1 if x - r >= 0.5 else -1 if r - x >= 0.5 else 0)
+
     out = []
     for h in range(-hmax[0], hmax[0] + 1):
         for k in range(-hmax[1], hmax[1] + 1):
             for l in range(-hmax[2], hmax[2] + 1):
-                v = np.array([h, k, l]) * astar / dv
-                t = np.rint(v).astype(int)
-                pts = []
-                for x in range(t[0] - e, t[0] + e + 1):
-                    for y in range(t[1] - e, t[1] + e + 1):
-                        for z in range(t[2] - e, t[2] + e + 1):
-                            g = np.array([x, y, z])
-                            if np.sum((g - v) ** 2) <= gw * gw * (1 + 1e-9) and np.all(np.abs(g) <= half):
-                                pts.append(g)
-                if pts and all(r_min <= np.linalg.norm(g) * dv <= r_max for g in pts):
-                    out.append((h, k, l, v, pts))
-    return out, dv
+                v = [(((0.0 + rl[i][0] * h) + rl[i][1] * k) + rl[i][2] * l) * rescale for i in range(3)]
+                t = [c_round(x) for x in v]
+                pts, partial = [], False
+                for x in range(-e, e + 1):
+                    for y in range(-e, e + 1):
+                        for z in range(-e, e + 1):
+                            g = (t[0] + x, t[1] + y, t[2] + z)
+                            d = [g[i] - v[i] for i in range(3)]
+                            if (d[0] * d[0] + d[1] * d[1]) + d[2] * d[2] <= gw2:
+                                norm = float(g[0] * g[0] + g[1] * g[1] + g[2] * g[2]) / (rescale * rescale)
+                                partial |= norm > rmax2 or norm < rmin2
+                                if max(abs(u) for u in g) <= half:
+                                    pts.append(np.array(g))
+                if pts and not partial:
+                    out.append((h, k, l, np.array(v), pts))
+    return out, min_rcell / vn
 
 
 def analytic_model(h, k, l, g, v):
@@ -138,7 +164,8 @@ def write_reference_dir(root: pathlib.Path, seed: int = 0, n_frames: int = N_FRA
         c = set(rng.choice(n_rot, 6, replace=False).tolist()) | {int(truth["rotation_index"][d])}
         cands.append(np.array(sorted(c), np.int32))
     phi = np.asarray(truth["phi"], np.float32)[order]
-    peaks, dv = ref_peaks(qmin / lam_d, qmax / lam_d, REF["VN"], REF["gw"])
+    scale = 1.0 / REF["wl"] / D  # the reference's 1/(λD)
+    peaks, dv = ref_peaks(qmin * scale, qmax * scale, REF["VN"], REF["gw"])
     model = np.array([analytic_model(h, k, l, g, v) for h, k, l, v, pts in peaks for g in pts])
 
     (root / "make-detector").mkdir(parents=True)
@@ -245,6 +272,7 @@ def test_import_every_array(written):
     values = np.zeros(grid.model_shape)
     seen = np.zeros(grid.model_shape, bool)
     ref_hkl = {(h, k, l) for h, k, l, _, _ in info["peaks"]}
+    ref_points = {(h, k, l, *map(int, g)) for h, k, l, _, pts in info["peaks"] for g in pts}
     for i, hkl in enumerate(grid.hkl.tolist()):
         if tuple(hkl) not in ref_hkl:
             continue
@@ -252,6 +280,8 @@ def test_import_every_array(written):
         for j, o in enumerate(grid.offsets):
             q = (np.asarray(hkl) + o / grid.divisions) @ grid.crystal.reciprocal_basis.T
             gpt = np.rint(q / dv)
+            if (*hkl, *map(int, gpt)) not in ref_points:  # a point at exactly gw that this mate's S_h drops
+                continue
             v = np.asarray(hkl) * np.array([1 / CELL[0], 1 / CELL[1], 1 / CELL[2]]) / dv
             values[a, grid.perm[g, j]] = analytic_model(*hkl, gpt, v)
             seen[a, grid.perm[g, j]] = True
@@ -319,7 +349,7 @@ def test_export_then_import_is_identity(written, tmp_path):
     ("Data/mpi-bg_model.bin", "truncate", "float64"),
     ("aux/prob-orien.bin", "truncate", "int32"),
     ("aux/start_intensity.bin", "truncate", "voxels"),
-    ("aux/c-quaternion2.bin", "truncate", "10(5n^3+n)"),
+    ("aux/c-quaternion2.bin", "truncate", "(q0, q1, q2, q3, w)"),
     ("aux/sym-op.dat", "delete", "no such file"),
     ("aux/start-phi.dat", "truncate_text", "one float per reduced frame"),
     ("reduce-data/reduced-data_id.dat", "delete", "no such file"),
@@ -464,8 +494,8 @@ def test_reference_compatible_update_matches_slow_numpy(written):
     init = runio.read_run(out.with_name("imported-init"))
     with data_io.SparseDataset(out) as ds:
         problem = emc.setup_problem(ds, lc.emc)
-    state = emc.EMCState(iteration=jnp.asarray(0, jnp.int32), intensity=jnp.asarray(init.intensity),
-                         phi=jnp.asarray(init.phi))
+    state = emc.initial_state(problem, lc.emc, seed=0)._replace(intensity=jnp.asarray(init.intensity),
+                                                                 phi=jnp.asarray(init.phi))
     kept = _kept_pairs(problem, state, lc.emc)
     new = np.asarray(_update(problem, state, lc.emc), np.float64)
     assert len(kept) > N_FRAMES
@@ -514,3 +544,83 @@ def test_model_round_trip_on_grids_that_do_not_coincide(c):
     assert np.median(error) < 0.04
     interpolated, _ = legacy._interpolated_model(grid, ref, exported)
     assert np.median(error) < 0.5 * np.median(np.abs(interpolated.sum(axis=1) - model.sum(axis=1)) / model.sum(axis=1))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Quaternion files: n from the row count, the name only a cross-check
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _write_quaternions(path: pathlib.Path, quats: np.ndarray) -> None:
+    path.write_bytes(np.array([quats.shape[0]], "<i4").tobytes() + quats.astype("<f8").tobytes())
+
+
+def test_quaternion_n_comes_from_the_row_count(tmp_path):
+    s = sample_600cell(3)
+    rows = np.column_stack([s.quaternions, np.exp(s.log_weights)])
+    assert rows.shape[0] == 1380
+    _write_quaternions(tmp_path / "quaternion.bin", rows)
+    n, read = legacy.files.read_quaternion_file(tmp_path / "quaternion.bin")
+    assert n == 3 and np.array_equal(read, rows)
+    _write_quaternions(tmp_path / "c-quaternion4.bin", rows)  # the name contradicts the rows
+    with pytest.raises(DataError, match="c-quaternion4.bin: 1380 rows; the name says n = 4"):
+        legacy.files.read_quaternion_file(tmp_path / "c-quaternion4.bin")
+    _write_quaternions(tmp_path / "rotations.bin", rows[:100])  # no 600-cell count: an arbitrary list
+    n, read = legacy.files.read_quaternion_file(tmp_path / "rotations.bin")
+    assert n is None and read.shape == (100, 5)
+
+
+def test_import_with_a_quaternion_file_of_any_name(tmp_path):
+    root = tmp_path / "work"
+    write_reference_dir(root, n_frames=4)
+    (root / "aux/c-quaternion2.bin").rename(root / "aux/quaternion.bin")
+    text = (root / "config.ini").read_text().replace("aux/c-quaternion2.bin", "aux/quaternion.bin")
+    (root / "config.ini").write_text(text)
+    legacy.import_directory(root, tmp_path / "x.h5")
+    with data_io.SparseDataset(tmp_path / "x.h5") as ds:
+        assert ds.candidate_sampling_n == N_ROT
+    # a list that is no 600-cell sampling is read (n = None); emcjax's data sets need a 600-cell one
+    raw = np.fromfile(root / "aux/quaternion.bin", "<f8", offset=4).reshape(-1, 5)
+    _write_quaternions(root / "aux/quaternion.bin", np.concatenate([raw, raw[:1]]))
+    assert legacy.read_legacy(root).quaternion_n is None
+    with pytest.raises(DataError, match="no 600-cell sampling"):
+        legacy.import_directory(root, tmp_path / "y.h5")
+
+
+def test_reference_entry_solver_finds_the_minimum():
+    """The program's per-entry solve (bracket + golden section, 1e-3 relative) against a fine bisection of
+    S'(w) = 0 on random entries; an entry without photons gets -min B (negative), one without a valid
+    observation is skipped."""
+    from emcjax.legacy.refupdate import solve_entries
+
+    rng = np.random.default_rng(3)
+    n, k = 400, 6
+    present = rng.uniform(size=(n, k)) < 0.7
+    present[:, 0] = True
+    P = rng.uniform(0.2, 1.0, size=(n, k))
+    phi = rng.uniform(0.5, 2.0, size=(n, k))
+    pol = rng.uniform(0.8, 1.0, size=(n, k))
+    counts = rng.poisson(rng.uniform(0.1, 3.0, size=(n, 1)), size=(n, k))
+    counts[0] = 0  # no photon at all
+    A = (P * counts).astype(np.float32).astype(np.float64)
+    B = (rng.uniform(0.01, 0.3, size=(n, k)) / phi).astype(np.float32).astype(np.float64)
+    C, D = P * phi * pol, np.log(phi * pol)
+    valid = present.copy()
+    valid[1] = False  # nothing valid: skipped
+    w, skip = solve_entries(A, B, C, D, valid)
+    assert skip[1] and not skip[0] and not skip[2:].any()
+    assert w[0] == np.max(-B[0][valid[0]])
+    rows = np.flatnonzero(~skip & np.any(valid & (A > 1e-10), axis=1))
+    lo = np.max(np.where(valid[rows], -B[rows], -np.inf), axis=1) + 1e-12
+    hi = np.full(rows.shape[0], 1e3)
+
+    def grad(x):
+        return np.sum(np.where(valid[rows], C[rows] - A[rows] / (B[rows] + x[:, None]), 0.0), axis=1)
+
+    for _ in range(200):
+        mid = 0.5 * (lo + hi)
+        up = grad(mid) > 0
+        hi, lo = np.where(up, mid, hi), np.where(up, lo, mid)
+    best = 0.5 * (lo + hi)
+    assert (best < 0).sum() >= 5  # the minimum lies below 0 for some entries (no positivity)
+    np.testing.assert_allclose(w[rows], best, rtol=2e-3, atol=1e-4)

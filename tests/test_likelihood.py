@@ -162,7 +162,7 @@ def test_gradients_finite_at_zero_signal_and_zero_count():
     params = {"r": jnp.asarray(3.0), "scale": jnp.asarray(1.2), "background": jnp.array([0.1, 0.1, 2.0])}
     count = jnp.array([0.0, 1.0, 0.0])
     bragg = jnp.array([0.0, 0.0, 0.0])
-    grads, g_bragg = jax.grad(total, argnums=(0, 2))(params, count, bragg)
+    grads, g_bragg = jax.jit(jax.grad(total, argnums=(0, 2)))(params, count, bragg)
     for leaf in jax.tree_util.tree_leaves((grads, g_bragg)):
         assert np.all(np.isfinite(np.asarray(leaf))), (grads, g_bragg)
     # d zero_term / d bragg at bragg = 0 is -r / (r + b) for NB and -1 for Poisson.
@@ -171,6 +171,9 @@ def test_gradients_finite_at_zero_signal_and_zero_count():
 
 
 # ---------------------------------------------------------------------------------------------- sampling
+N_DRAWS = 60_000  # one shape for every sampling test (one compilation per sampler)
+
+
 def _assert_moments(draws: np.ndarray, mean: float, variance: float):
     n = draws.size
     assert abs(draws.mean() - mean) <= 5 * np.sqrt(variance / n), (draws.mean(), mean)
@@ -178,21 +181,21 @@ def _assert_moments(draws: np.ndarray, mean: float, variance: float):
     assert abs(centred.mean() - variance) <= 5 * centred.std() / np.sqrt(n), (centred.mean(), variance)
 
 
-@pytest.mark.parametrize(("lik", "r"), [(Poisson(), None), (NegativeBinomial(jnp.asarray(2.0)), 2.0), (NegativeBinomial(jnp.asarray(40.0)), 40.0)])
 @pytest.mark.parametrize("mean", [0.05, 5.0])
-def test_sample_moments(lik, r, mean):
-    draws = np.asarray(lik.sample(jax.random.key(3), jnp.full(200_000, mean)))
+def test_sample_moments(mean):
+    """Poisson: variance = mean; negative binomial: mean + mean^2 / r, here with one r per frame."""
+    draws = np.asarray(Poisson().sample(jax.random.key(3), jnp.full(N_DRAWS, mean)))
     assert draws.dtype == np.int32 and draws.min() >= 0
-    _assert_moments(draws, mean, mean if r is None else mean + mean**2 / r)
+    _assert_moments(draws, mean, mean)
 
-
-def test_sample_per_frame_dispersion_and_determinism():
-    lik = NegativeBinomial(jnp.array([1.0, 1e6]))
-    frame = jnp.repeat(jnp.arange(2, dtype=jnp.int32), 100_000)
-    draws = np.asarray(lik.sample(jax.random.key(5), jnp.full(frame.shape, 4.0), frame))
-    _assert_moments(draws[:100_000], 4.0, 4.0 + 16.0)
-    _assert_moments(draws[100_000:], 4.0, 4.0)
-    np.testing.assert_array_equal(draws, np.asarray(lik.sample(jax.random.key(5), jnp.full(frame.shape, 4.0), frame)))
+    half = N_DRAWS // 2
+    lik = NegativeBinomial(jnp.array([2.0, 40.0]))
+    frame = jnp.repeat(jnp.arange(2, dtype=jnp.int32), half)
+    draws = np.asarray(lik.sample(jax.random.key(5), jnp.full(N_DRAWS, mean), frame))
+    assert draws.dtype == np.int32 and draws.min() >= 0
+    _assert_moments(draws[:half], mean, mean + mean**2 / 2.0)
+    _assert_moments(draws[half:], mean, mean + mean**2 / 40.0)
+    np.testing.assert_array_equal(draws, np.asarray(lik.sample(jax.random.key(5), jnp.full(N_DRAWS, mean), frame)))
 
 
 # ---------------------------------------------------------------------------------------------- JAX

@@ -383,3 +383,62 @@ def test_command_line_uniform_orientations_with_candidate_lists(tmp_path):
     np.testing.assert_array_equal(zero_truth["quaternion"], quat)
     with pytest.raises(Exception, match="candidate-n"):
         SimulationConfig(candidates=3, rotation_n=0)
+
+
+# ---------------------------------------------------------------------------------------------- likelihoods
+def test_negative_binomial_counts_are_over_dispersed():
+    """--likelihood negbin: every pixel ~ NB(mean lambda_t, r), checked against the float64 forward model:
+    the counts' mean is lambda and their variance lambda + lambda^2 / r (Poisson would give lambda)."""
+    r = 2.0
+    config = dataclasses.replace(BASE, seed=8, likelihood="negbin", dispersion=r)
+    frames, truth = simulate(config)
+    assert float(truth["likelihood_dispersion"]) == r
+    grid, det, bragg, background = forward_model(config, frames, truth)
+    np.testing.assert_allclose(background.sum(axis=1), truth["expected_background_photons"], rtol=1e-5)
+    counts = observed_counts(frames, det)
+    lam = bragg + background
+    variance = lam + lam**2 / r
+    for name, where in (("in peaks", bragg > 0), ("off peaks", bragg == 0)):
+        k, mu, var = counts[where], lam[where], variance[where]
+        assert abs(k.sum() - mu.sum()) <= 4 * np.sqrt(var.sum()), name
+        # sum (K - mu)^2 estimates sum var; 5 standard errors, the standard error estimated from the draws
+        squares = (k - mu) ** 2
+        spread = np.sqrt(((squares - var) ** 2).sum())
+        assert abs(squares.sum() - var.sum()) <= 5 * spread, (name, squares.sum(), var.sum(), spread)
+    in_peak = bragg > 0
+    k, mu = counts[in_peak], lam[in_peak]
+    assert ((k - mu) ** 2).sum() > 1.5 * mu.sum()  # clearly not Poisson
+
+
+def test_background_scale_multiplies_the_true_background_only():
+    """--likelihood poisson-bgscale: photons drawn with C x the background that the file stores."""
+    config = dataclasses.replace(BASE, seed=9, likelihood="poisson-bgscale", background_scale=1.5)
+    frames, truth = simulate(config)
+    np.testing.assert_allclose(truth["likelihood_scale"], 1.5)
+    grid, det, bragg, background = forward_model(config, frames, truth)  # background from the file
+    np.testing.assert_allclose(truth["expected_background_photons"], 1.5 * background.sum(axis=1), rtol=1e-5)
+    assert np.all(truth["expected_background_photons"] >= 1.5 * 0.8 * config.background_photons - 1e-4)
+    counts = observed_counts(frames, det)
+    off = bragg == 0
+    assert_poisson(counts[off].sum(), 1.5 * background[off].sum(), rel=0.05)
+    assert_poisson(counts[~off].sum(), (bragg + 1.5 * background)[~off].sum())
+
+
+def test_research_doc_simulate_command(tmp_path):
+    """The simulate command of docs/RESEARCH.md runs as written (in-process, output redirected)."""
+    import pathlib
+    import shlex
+
+    from emcjax import simulate as simulate_lib
+
+    text = (pathlib.Path(__file__).resolve().parents[1] / "docs" / "RESEARCH.md").read_text()
+    section = text.split("## How to write a likelihood", 1)[1].split("\n## ", 1)[0]
+    commands = [line for line in section.splitlines() if line.startswith("python -m emcjax.simulate")]
+    assert len(commands) == 1  # the EMC section's commands are run by tests/test_core.py
+    args = shlex.split(commands[0].split("python -m emcjax.simulate", 1)[1])
+    args[args.index("--out") + 1] = str(tmp_path / "nb.h5")
+    simulate_lib.main(args)
+    with data_io.SparseDataset(tmp_path / "nb.h5") as ds:
+        assert ds.n_frames == int(args[args.index("--n-frames") + 1])
+        assert float(ds.read_truth()["likelihood_dispersion"]) == float(args[args.index("--dispersion") + 1])
+        assert ds.read_all().photons_per_frame().mean() > 100

@@ -59,6 +59,7 @@ class BlockArrays(NamedTuple):
       candidates: (n_local, n_slots) int32 rotation (in the rotation set) of each candidate slot.
       candidate_mask: (n_local, n_slots) bool real slots.
       join: the block's join on this device (cells local: ``local_frame * n_slots + slot``).
+      cell_offsets: (n_local * n_slots + 1,) int32 CSR offsets of the join by cell.
       masked_shells: (n_local, n_masked) int32 shells excluded per frame; n_shells marks padding.
       background: (n_local, n_shells) float32 B_d(s) (0 in masked shells), photons per pixel per unit pol.
       weight: (n_local,) float32 frame weight (1 = used, 0 = rejected, another half set, or padding).
@@ -69,6 +70,7 @@ class BlockArrays(NamedTuple):
     candidates: jax.Array
     candidate_mask: jax.Array
     join: JoinArrays
+    cell_offsets: jax.Array
     masked_shells: jax.Array
     background: jax.Array
     weight: jax.Array

@@ -1,8 +1,9 @@
 """The E -> M handoff on the device: responsibilities -> kept pairs, selected and gathered with static budgets.
 
-A kept join pair is a join pair whose (frame, slot) cell kept a non-zero responsibility. Selection is a
-scatter of the kept probabilities onto the block's cells, a gather back onto the join and a stable
-compaction (``jnp.nonzero(..., size=budget)``) to a static number of pairs: no host round trip. The number
+A kept join pair is a join pair whose (frame, slot) cell kept a non-zero responsibility. The join is sorted by
+cell with CSR offsets, so the kept pairs are the concatenated ranges of the kept cells, written into a static
+number of slots (a cumulative sum of the range lengths and a binary search per slot): the work is
+proportional to the kept pairs, not to the join, and there is no host round trip. The number
 of live pairs is returned with the kept pairs so that the caller can detect an overflowing budget (the pairs
 beyond it would be dropped) and rerun with a larger bucket.
 """
@@ -34,18 +35,19 @@ def kept_pairs(resp: Responsibilities, local: BlockArrays, budget: int | None, w
     k = resp.slot.shape[1]
     prob = resp.prob * local.weight[:, None]
     rows = jnp.broadcast_to(jnp.arange(n_local)[:, None], resp.slot.shape)
-    cell_prob = jnp.zeros(n_local * n_slots, prob.dtype).at[(rows * n_slots + resp.slot).ravel()].set(prob.ravel())
-    term_prob = cell_prob[join.cell]
-    live = term_prob > 0
-    n_live = jnp.sum(live, dtype=jnp.int32)
-    length = join.cell.shape[0]
-    if budget is None or budget >= length:
-        index = jnp.arange(length)
-        real = jnp.ones(length, bool)
-    else:
-        (index,) = jnp.nonzero(live, size=budget, fill_value=0)
-        real = jnp.arange(budget) < n_live
-    term = jnp.where(real, term_prob[index], 0.0)
+    # the join ranges of the kept cells (CSR offsets), concatenated: touches only kept pairs, not the join
+    cell = (rows * n_slots + resp.slot).ravel()
+    cell_prob = prob.ravel()
+    first = local.cell_offsets[cell]
+    count = jnp.where(cell_prob > 0, local.cell_offsets[cell + 1] - first, 0)
+    ends = jnp.cumsum(count)
+    n_live = ends[-1].astype(jnp.int32)
+    length = join.cell.shape[0] if budget is None else budget
+    position = jnp.arange(length)
+    owner = jnp.minimum(jnp.searchsorted(ends, position, side="right"), cell.shape[0] - 1)
+    real = position < n_live
+    index = jnp.where(real, first[owner] + position - (ends[owner] - count[owner]), 0)
+    term = jnp.where(real, cell_prob[owner], 0.0)
     pair_rows = rows.ravel()
     kept = Kept(
         entry=join.entry[index],
@@ -62,11 +64,6 @@ def kept_pairs(resp: Responsibilities, local: BlockArrays, budget: int | None, w
         pair_background=local.background[pair_rows] if with_background else jnp.zeros((n_local * k, 0)),
     )
     return kept, n_live
-
-
-def concatenate(parts: list[Kept]) -> Kept:
-    """The kept pairs of several blocks as one set (fields concatenated along their first axis)."""
-    return parts[0] if len(parts) == 1 else Kept(*(jnp.concatenate(f, axis=0) for f in zip(*parts)))
 
 
 def flatten_blocks(kept: Kept) -> Kept:

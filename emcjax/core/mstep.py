@@ -1,9 +1,10 @@
 """Closed-form M-steps of the Poisson likelihoods: intensity updates (per-pixel ML + compress, MLEM) and phi.
 
 They use only the join pairs of *kept* (frame, rotation) pairs (:class:`emcjax.core.arrays.Kept`) of one
-device. With a mesh axis name (``axis``) the in-peak entries are split over the devices: every device solves
-its own slice of entries (sums over all devices' kept pairs arrive by ``psum_scatter``) and back-projects its
-slice onto the voxels, and one ``psum`` of the voxel sums ends the update. ``axis=None`` runs on one device.
+device. With a mesh axis name (``axis``) the in-peak entries are split over the devices: every device gathers
+all devices' kept photons once (``all_gather``), solves the entries of its own slice with no communication
+inside the Newton loop, and back-projects its slice onto the voxels; one ``psum`` of the voxel sums ends
+the update. ``axis=None`` runs on one device.
 Each frame's kept pairs live on one device, so the phi update needs no communication until its single
 final ``psum``. All divisions are guarded with ``where`` on both sides (no epsilon), so reverse-mode
 gradients through the updates are finite.
@@ -121,13 +122,19 @@ def reference_update(intensity, phi, likelihood, kept: Kept, shared: Shared, n_s
     pk = kept.prob * kept.count
     live = (pk > 0) & (phi_k > 0)
     b = jnp.where(live, kept_background(likelihood, kept) / jnp.where(live, phi_k, 1.0), 1.0)
+    # Every device's kept photons, gathered once; each device solves the entries of its slice with no
+    # communication inside the Newton loop (terms of other slices go to the dropped segment ``size``).
+    entry, pk, b, live = (_all_slices(x, axis) for x in (kept.entry, pk, b, live))
+    local = entry - start
+    live &= (local >= 0) & (local < size)
+    segment = jnp.where(live, local, size)
     safe_pk = jnp.where(live, pk, 1.0)
 
     def g_and_slope(w_slice):
-        x = jnp.where(live, pk / (b + _all_slices(w_slice, axis)[kept.entry]), 0.0)
-        g = _sum_to_slice(jax.ops.segment_sum(x, kept.entry, num_segments=n_entries), axis, start, size) - a
-        curvature = jnp.where(live, x * x / safe_pk, 0.0)
-        return g, -_sum_to_slice(jax.ops.segment_sum(curvature, kept.entry, num_segments=n_entries), axis, start, size)
+        x = jnp.where(live, pk / (b + jnp.append(w_slice, 0.0)[segment]), 0.0)
+        g = jax.ops.segment_sum(x, segment, num_segments=size + 1)[:size] - a
+        curvature = jax.ops.segment_sum(jnp.where(live, x * x / safe_pk, 0.0), segment, num_segments=size + 1)
+        return g, -curvature[:size]
 
     def body(_, w):
         g, slope = g_and_slope(w)
