@@ -31,13 +31,13 @@ ENV = dict(os.environ, JAX_PLATFORMS="cpu")
 
 @pytest.fixture(scope="module")
 def lowres_run(tmp_path_factory):
-    """A 2-iteration low-res run at 8 Å on continuous orientations with candidate lists (n = 3)."""
+    """A 1-iteration low-res run at 8 Å on continuous orientations with candidate lists (n = 3)."""
     root = tmp_path_factory.mktemp("highres")
     data = write(SimulationConfig(
-        out=root / "data.h5", n_frames=60, geometry=GEOMETRY, orientations="uniform", candidates=8, candidate_n=3,
+        out=root / "data.h5", n_frames=40, geometry=GEOMETRY, orientations="uniform", candidates=8, candidate_n=3,
         bragg_photons=300.0, seed=1,
     ))
-    config = lowres.LowresConfig(data=data, out=root / "low", iters=2, emc=emc.EMCConfig(d_min=8.0))
+    config = lowres.LowresConfig(data=data, out=root / "low", iters=1, emc=emc.EMCConfig(d_min=8.0))
     lowres.run(config, log=lambda s: None)
     return root, config
 
@@ -54,7 +54,7 @@ def test_command_line_outputs_and_record(lowres_run):
                  "figures/convergence.png", "figures/sections.png", "figures/cc_true.png"):
         assert (out / name).exists(), name
     record = json.loads((out / "source.json").read_text())
-    assert record["lowres_run"] == os.fspath(low.out.absolute()) and record["lowres_iteration"] == 2
+    assert record["lowres_run"] == os.fspath(low.out.absolute()) and record["lowres_iteration"] == 1
     assert record["coarse_n"] == 3 and record["fine_n"] == local_grid.fine_sampling_n(3, 8.0, 6.0) == 4
     assert record["kept_pairs_recorded"] and record["fine_rotations_used"] < record["fine_rotations_total"]
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -71,15 +71,15 @@ def test_command_line_outputs_and_record(lowres_run):
 def test_candidates_are_fine_neighbours_of_the_kept_coarse_rotations(lowres_run):
     _, low = lowres_run
     source = highres.read_lowres(low.out)
-    last = h5py.File(runio.iteration_path(low.out, 2), "r")
+    last = h5py.File(runio.iteration_path(low.out, 1), "r")
     np.testing.assert_array_equal(source.kept_frame, last["kept_frame"][()])
     config = highres.HighresConfig(from_run=low.out, resolution=6.0)
     problem, emc_config, local = highres.setup(config, source)
     assert emc_config.d_min == 6.0 and not emc_config.update_phi and emc_config.vn == low.emc.vn
-    assert problem.sampling.n == 4 and problem.n_frames == 60
+    assert problem.sampling.n == 4 and problem.n_frames == 40
     coarse, fine = sample_600cell(3), sample_600cell(4)
     radius = local_grid.neighbour_radius(3, 4)
-    for d in (0, 17, 59):
+    for d in (0, 17, 39):
         use = (source.kept_frame == d) & (source.kept_prob >= 0.01)
         kept = coarse.quaternions[source.kept_rotation[use]]
         angles = misorientation_angle(fine.quaternions[:, None, :], kept[None, :, :]).min(axis=1)
@@ -109,17 +109,17 @@ def test_extend_model_keeps_old_values_and_starts_new_reflections_from_the_outer
 
 def test_resume_equals_uninterrupted_run(lowres_run):
     root, low = lowres_run
-    config = highres.HighresConfig(from_run=low.out, resolution=6.0, out=root / "full", iters=3, refine_phi=True)
+    config = highres.HighresConfig(from_run=low.out, resolution=6.0, out=root / "full", iters=2, refine_phi=True)
     highres.run(config, log=lambda s: None)
     part = dataclasses.replace(config, out=root / "part", iters=1)
     highres.run(part, log=lambda s: None)
     lines: list[str] = []
-    highres.run(dataclasses.replace(part, iters=3, resume=True), log=lines.append)
+    highres.run(dataclasses.replace(part, iters=2, resume=True), log=lines.append)
     assert any("resumed" in line and "iteration 1" in line for line in lines)
     full, resumed = runio.read_run(config.out), runio.read_run(part.out)
     np.testing.assert_array_equal(resumed.intensity, full.intensity)
     np.testing.assert_array_equal(resumed.phi, full.phi)
-    assert [json.loads(x)["iteration"] for x in (part.out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+    assert [json.loads(x)["iteration"] for x in (part.out / "metrics.jsonl").read_text().splitlines()] == [1, 2]
     assert not np.array_equal(full.phi, runio.read_run(low.out).phi)  # --refine-phi changed phi
 
 
@@ -138,7 +138,7 @@ def test_bad_input_gives_messages(lowres_run, tmp_path):
     # a low-res run that did not record its kept pairs: each frame's most likely rotation is used
     old = tmp_path / "old"
     shutil.copytree(low.out, old)
-    with h5py.File(runio.iteration_path(old, 2), "a") as f:
+    with h5py.File(runio.iteration_path(old, 1), "a") as f:
         for name in ("kept_frame", "kept_rotation", "kept_prob"):
             del f[name]
     source = highres.read_lowres(old)
@@ -159,6 +159,6 @@ def test_frames_without_confident_coarse_rotations_get_no_candidates(lowres_run)
     record = json.loads((config.out / "source.json").read_text())
     source = highres.read_lowres(low.out)
     confident = np.unique(source.kept_frame[source.kept_prob >= 0.999])
-    assert record["frames_without_candidates"] == 60 - confident.shape[0] > 0
+    assert record["frames_without_candidates"] == 40 - confident.shape[0] > 0
     assert np.isfinite(final["log_likelihood"])
     assert np.all(np.isfinite(runio.read_run(config.out).intensity))
