@@ -232,8 +232,11 @@ class LocalSetup:
     record: dict
 
 
-def local_candidates(config: HighresConfig, source: LowresSource, n_frames: int, crystal) -> LocalSetup:
-    """Per-frame fine candidates from the low-res run's kept orientations, and the record of the set-up."""
+def local_candidates(
+    config: HighresConfig, source: LowresSource, n_frames: int, crystal, true_quaternions: np.ndarray | None = None
+) -> LocalSetup:
+    """Per-frame fine candidates from the low-res run's kept orientations, and the record of the set-up (with
+    the low-res run's median orientation error when the true orientations are given)."""
     from emcjax.rotations import sample_600cell
 
     fine_n = config.fine_n or local_grid.fine_sampling_n(source.coarse_n, source.coarse_resolution, config.resolution)
@@ -262,18 +265,12 @@ def local_candidates(config: HighresConfig, source: LowresSource, n_frames: int,
         "fine_rotations_used": int(np.unique(rotations).shape[0]),
         "fine_rotations_total": int(fine.n_rot),
     }
-    truth_q = _truth_quaternions(source.data_path)
-    if truth_q is not None:
-        errors = scoring.orientation_errors(coarse.quaternions[source.best_rotation], truth_q, crystal.rotation_ops_cartesian)
+    if true_quaternions is not None:
+        errors = scoring.orientation_errors(
+            coarse.quaternions[source.best_rotation], true_quaternions, crystal.rotation_ops_cartesian
+        )
         record["lowres_orientation_error_median_deg"] = float(np.degrees(np.median(errors)))
     return LocalSetup(offsets, rotations, record)
-
-
-def _truth_quaternions(data_path: pathlib.Path) -> np.ndarray | None:
-    with h5py.File(data_path, "r") as f:
-        if "truth/quaternion" not in f:
-            return None
-        return f["truth/quaternion"][()]
 
 
 def setup(config: HighresConfig, source: LowresSource, mesh=None):
@@ -302,7 +299,8 @@ def setup(config: HighresConfig, source: LowresSource, mesh=None):
                 f"from: {source.run_dir} has phi for {source.result.phi.shape[0]} frames, "
                 f"{source.data_path} holds {frames.n_frames}"
             )
-        local = local_candidates(config, source, frames.n_frames, crystal)
+        truth = dataset.read_truth() if dataset.has_truth else {}
+        local = local_candidates(config, source, frames.n_frames, crystal, truth.get("quaternion"))
         frames = dataclasses.replace(frames, candidate_offsets=local.offsets, candidate_rotations=local.rotations)
         emc = emc_config(config, source, local.record["fine_n"])
         problem = emc_lib.setup_problem(_WithSampling(dataset, local.record["fine_n"]), emc, frames, mesh=mesh)
