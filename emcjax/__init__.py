@@ -10,7 +10,8 @@ The public surface (the modules stay importable for everything else):
   the pure step: :func:`make_step` (``init``/``update``), :func:`init_state`; likelihoods in ``emcjax.likelihood``;
 * errors: :class:`EmcjaxError` (and its subclasses in ``emcjax.errors``).
 
-Runners: ``python -m emcjax.simulate``, ``python -m emcjax.lowres``, ``python -m emcjax.legacy``.
+Runners: ``python -m emcjax.simulate``, ``python -m emcjax.lowres``, ``python -m emcjax.legacy``; from detector
+images (emcjax.frontend): ``python -m emcjax.simulate_images``, ``python -m emcjax.reduce``, ``python -m emcjax.orient``.
 """
 
 from emcjax.crystal import Crystal as Crystal

@@ -19,7 +19,7 @@ import os
 import pathlib
 import sys
 import time
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -27,6 +27,7 @@ from emcjax import emc as emc_lib
 from emcjax import figures as figures_lib
 from emcjax import runio, scoring
 from emcjax.errors import ConfigError, DataError, EmcjaxError
+from emcjax.merge import halves
 
 CHECKPOINTS_DIR = "checkpoints"
 DEMO_FORMAT = 1  # bump to invalidate cached demo data sets when the simulator's output changes
@@ -96,7 +97,16 @@ class LowresConfig:
     init_from: pathlib.Path | None = None
     """Run directory whose final model and phi (intensities.h5) start this run; same frames and model shape."""
     seed: int = 0
-    """Seed of the random initial model."""
+    """Seed of the random initial model (with --half, each half draws its own seed from it)."""
+    frame_weights: pathlib.Path | None = None
+    """HDF5 file with dataset 'weights' (n_frames,) in [0, 1] (0 = frame left out), e.g. RUN/rejection.h5
+    of python -m emcjax.reject."""
+    half: Literal["a", "b"] | None = None
+    """Reconstruct only this half of the frames (split by --split), from its own random start."""
+    split: Literal["parity", "random"] = "parity"
+    """How --half splits the frames: by frame index parity, or a random permutation seeded by --split-seed."""
+    split_seed: int = 0
+    """Seed of --split random."""
     keep_checkpoints: int = 3
     """Number of most recent checkpoints kept (one is written every iteration)."""
     figures_every: int = 0
@@ -349,15 +359,23 @@ def run(config: LowresConfig, log=print) -> dict:
 
     start_setup = time.perf_counter()
     with SparseDataset(data_path) as dataset:
-        problem = emc_lib.setup_problem(dataset, config.emc)
+        weights, weight_attrs = halves.run_frame_weights(
+            dataset.n_frames, weights_file=config.frame_weights, half=config.half, split=config.split,
+            split_seed=config.split_seed,
+        )
+        problem = emc_lib.setup_problem(dataset, config.emc, frame_weights=weights)
     log(
         f"problem: {problem.n_frames} frames, model {tuple(problem.grid.model_shape)} (unique reflections x voxels), "
         f"set up in {time.perf_counter() - start_setup:.1f} s"
     )
 
-    state = emc_lib.initial_state(problem, config.emc, config.seed)
+    seed = config.seed if config.half is None else halves.half_seed(config.seed, config.half)
+    state = emc_lib.initial_state(problem, config.emc, seed)
     if main_process:
         out.mkdir(parents=True, exist_ok=True)
+        if weights is not None:
+            halves.record(out, weights, {**weight_attrs, "init_seed": seed})
+            log(f"frame weights: {int(np.sum(weights > 0))} of {weights.shape[0]} frames used ({weight_attrs})")
         runio.save_config(
             out / runio.CONFIG_FILE,
             dataclasses.replace(config, config=None, resume=False),
@@ -404,7 +422,8 @@ def run(config: LowresConfig, log=print) -> dict:
             ):
                 runio.write_iteration(
                     out, iteration, state.intensity, state.phi,
-                    per_frame["best_rotation"], per_frame["best_probability"], metrics, kept=per_frame,
+                    per_frame["best_rotation"], per_frame["best_probability"], metrics,
+                    extra={k: v for k, v in per_frame.items() if k.startswith("kept_")},
                 )
             _save_checkpoint(manager, state, {**meta, "iteration": iteration})
             times.append(float(metrics.get("seconds", 0.0)))

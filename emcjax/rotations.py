@@ -203,31 +203,6 @@ def misorientation_angle(a, b) -> np.ndarray:
     return 4.0 * np.arctan2(np.linalg.norm(a - s * b, axis=-1), np.linalg.norm(a + s * b, axis=-1))
 
 
-def symmetric_misorientation(a, b, rotation_ops_cartesian) -> np.ndarray:
-    """Angle from ``a`` to the nearest orientation equivalent to ``b`` under a point group, in radians.
-
-    With a model of point symmetry ``g`` (proper rotations acting on crystal-frame vectors) the orientations
-    ``b`` and ``b ⊗ conj(h_g)`` (``h_g = matrix_to_quaternion(g)``) give identical frames (see
-    :func:`reduce_by_point_group`), so an orientation estimate is scored by
-    ``min_g misorientation_angle(a, b ⊗ conj(h_g))``.
-
-    Args:
-        a: ``(..., 4)`` unit quaternions (e.g. the estimated orientations).
-        b: ``(..., 4)`` unit quaternions (e.g. the true orientations), broadcast against ``a``.
-        rotation_ops_cartesian: ``(n_ops, 3, 3)`` proper rotations (``Crystal.rotation_ops_cartesian``).
-
-    Returns:
-        ``(...)`` float64 angles in radians, in ``[0, π]``.
-    """
-    ops = np.asarray(rotation_ops_cartesian, dtype=np.float64)
-    if ops.ndim != 3 or ops.shape[1:] != (3, 3):
-        raise ConfigError(f"symmetric_misorientation: rotation_ops_cartesian must have shape (n_ops, 3, 3), got {ops.shape}")
-    h_conj = quaternion_conjugate(matrix_to_quaternion(ops))  # (n_ops, 4)
-    b = np.asarray(b, dtype=np.float64)
-    images = quaternion_multiply(b[..., None, :], h_conj)  # (..., n_ops, 4)
-    return np.min(misorientation_angle(np.asarray(a, np.float64)[..., None, :], images), axis=-1)
-
-
 # ----------------------------------------------------------------------------------------------------------
 # Sampling container
 # ----------------------------------------------------------------------------------------------------------
@@ -753,3 +728,30 @@ def grid_symmetry_orbits(
     smallest = np.min(np.stack(images), axis=0)
     representative, orbit = np.unique(smallest, return_inverse=True)
     return representative.astype(np.int64), orbit.astype(np.int64)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Misorientation modulo the crystal's rotation group
+# ----------------------------------------------------------------------------------------------------------
+
+
+def symmetric_misorientation(a, b, rotation_ops_cartesian) -> np.ndarray:
+    """Smallest rotation angle between orientations ``a`` and ``b`` over the crystal's proper rotations.
+
+    A crystal in orientation ``q`` looks the same as one in ``q ⊗ conj(h_g)`` for every proper rotation
+    ``g`` of its Laue group (``crystal_from_lab`` becomes ``R_g @ crystal_from_lab(q)``), so two frames'
+    orientations are related by symmetry iff this angle is ~0.
+
+    Args:
+        a: ``(..., 4)`` unit quaternions.
+        b: ``(..., 4)`` unit quaternions, broadcast against ``a``.
+        rotation_ops_cartesian: ``(n_ops, 3, 3)`` proper rotations acting on crystal-frame vectors
+            (``Crystal.rotation_ops_cartesian``).
+
+    Returns:
+        ``(...)`` float64 angles in radians, in ``[0, π]``.
+    """
+    ops = np.asarray(rotation_ops_cartesian, dtype=np.float64)
+    h_conj = quaternion_conjugate(matrix_to_quaternion(ops))  # (n_ops, 4)
+    b_images = quaternion_multiply(np.asarray(b, np.float64)[..., None, :], h_conj)  # (..., n_ops, 4)
+    return misorientation_angle(np.asarray(a, np.float64)[..., None, :], b_images).min(axis=-1)

@@ -386,16 +386,15 @@ def write_iteration(
     best_rotation: Any,
     best_probability: Any,
     metrics: Mapping[str, Any] | None = None,
-    kept: Mapping[str, Any] | None = None,
+    extra: Mapping[str, Any] | None = None,
 ) -> pathlib.Path:
     """Writes ``run_dir/iterations/NNN.h5`` atomically.
 
     Datasets: ``intensity`` (n_asu, n_voxels) float32 (photons per voxel at phi = 1), ``phi`` (n_frames,)
     float32, ``best_rotation`` (n_frames,) int64 (index of the most likely rotation),
-    ``best_probability`` (n_frames,) float32 (its probability), and with ``kept`` the (frame, rotation)
-    pairs the iteration's last E-step kept: ``kept_frame`` (n_pairs,) int64, ``kept_rotation`` (n_pairs,)
-    int64 (sampling index), ``kept_prob`` (n_pairs,) float32 (what ``emcjax.highres`` starts from).
-    Attributes: ``iteration`` and the iteration's metrics.
+    ``best_probability`` (n_frames,) float32 (its probability), and one dataset per ``extra`` array (e.g.
+    the kept pairs ``kept_frame``, ``kept_rotation``, ``kept_prob`` of the last E-step). Attributes:
+    ``iteration`` and the iteration's metrics.
     """
     path = iteration_path(run_dir, iteration)
     with atomic_path(path) as tmp:
@@ -408,9 +407,8 @@ def write_iteration(
             f.create_dataset("phi", data=np.asarray(phi, np.float32))
             f.create_dataset("best_rotation", data=np.asarray(best_rotation, np.int64))
             f.create_dataset("best_probability", data=np.asarray(best_probability, np.float32))
-            for name, dtype in (("kept_frame", np.int64), ("kept_rotation", np.int64), ("kept_prob", np.float32)):
-                if kept is not None and kept.get(name) is not None:
-                    f.create_dataset(name, data=np.asarray(kept[name], dtype))
+            for name, values in (extra or {}).items():
+                f.create_dataset(name, data=np.asarray(values))
     return path
 
 

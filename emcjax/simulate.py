@@ -33,7 +33,7 @@ from emcjax.crystal import Crystal
 from emcjax.detector import DetectorGeometry, make_detector
 from emcjax.errors import ConfigError, EmcjaxError
 from emcjax.likelihood import Likelihood, LikelihoodConfig
-from emcjax.rotations import nearest_rotations, sample_600cell
+from emcjax.rotations import nearest_rotations, sample_600cell, symmetric_misorientation
 
 
 _CHUNK_FRAMES = 4096  # frames whose in-peak entries are held at once
@@ -88,6 +88,11 @@ class SimulationConfig:
     """poisson-bgscale: true background = this factor x the background written to the file."""
     seed: int = 0
     """Seed of every random draw (the data set is a deterministic function of the config)."""
+    blank_fraction: float = 0.0
+    """Fraction of frames with background only (no crystal hit; truth ``frame_kind`` 1)."""
+    multi_fraction: float = 0.0
+    """Fraction of frames with a second crystal in an orientation unrelated to the first by any rotation of the
+    Laue group (truth ``frame_kind`` 2, ``second_quaternion``, ``second_phi``)."""
     overwrite: bool = False
     """Replace an existing output file."""
 
@@ -105,6 +110,13 @@ class SimulationConfig:
             raise ConfigError(f"orientations must be 'grid' or 'uniform', got {self.orientations!r}")
         if self.candidates and self.candidate_sampling_n < 1:
             raise ConfigError("candidates: give the sampling of the candidate lists with --candidate-n N (>= 1)")
+        for name in ("blank_fraction", "multi_fraction"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ConfigError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        if self.blank_fraction + self.multi_fraction > 1:
+            raise ConfigError(
+                f"blank_fraction + multi_fraction must be <= 1, got {self.blank_fraction} + {self.multi_fraction}"
+            )
         self.likelihood_config()  # checks the name and parameters
 
     def likelihood_config(self) -> LikelihoodConfig:
@@ -167,6 +179,47 @@ def random_quaternions(rng: np.random.Generator, n: int) -> np.ndarray:
     return q * np.where(q[:, :1] < 0, -1.0, 1.0)
 
 
+MIN_SECOND_MISORIENTATION_RAD = np.deg2rad(20.0)
+"""A second crystal is at least this far (modulo the Laue group) from the first one."""
+
+
+def frame_kinds(
+    config: SimulationConfig, crystal: Crystal, sampling, quaternion: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Which frames are blank and which hold a second crystal, from a random stream of their own (the
+    other draws of a data set do not depend on the fractions).
+
+    Returns:
+      ``(kind, second_quaternion, second_phi)``: (n_frames,) int8 0 one crystal / 1 blank / 2 two crystals;
+      (n_frames, 4) orientation of the second crystal (from ``sampling`` when given, else uniform; at least
+      ``MIN_SECOND_MISORIENTATION_RAD`` from every symmetry mate of the first); (n_frames,) its scale (same
+      lognormal law as phi). Both zero for frames of kind 0 and 1.
+    """
+    n = config.n_frames
+    rng = np.random.default_rng([config.seed, 1])
+    n_blank = round(config.blank_fraction * n)
+    n_multi = round(config.multi_fraction * n)
+    order = rng.permutation(n)
+    kind = np.zeros(n, np.int8)
+    kind[order[:n_blank]] = 1
+    kind[order[n_blank : n_blank + n_multi]] = 2
+    multi = np.flatnonzero(kind == 2)
+    second = np.zeros((n, 4))
+    todo = multi
+    for _ in range(1000):
+        if todo.size == 0:
+            break
+        if sampling is not None:
+            second[todo] = sampling.quaternions[rng.choice(sampling.n_rot, size=todo.size, p=sampling.weights)]
+        else:
+            second[todo] = random_quaternions(rng, todo.size)
+        angle = symmetric_misorientation(quaternion[todo], second[todo], crystal.rotation_ops_cartesian)
+        todo = todo[angle < MIN_SECOND_MISORIENTATION_RAD]
+    second_phi = np.zeros(n)
+    second_phi[multi] = rng.lognormal(mean=-config.phi_sigma**2 / 2, sigma=config.phi_sigma, size=multi.size)
+    return kind, second, second_phi
+
+
 def simulate(config: SimulationConfig) -> tuple[data_io.SparseFrames, dict]:
     """Draws the frames and their truth.
 
@@ -176,6 +229,8 @@ def simulate(config: SimulationConfig) -> tuple[data_io.SparseFrames, dict]:
       ``rotation_index`` (n_frames,) its index in the 600-cell sampling, -1 for continuous orientations).
       With ``candidates`` the frames carry candidate lists of the ``candidates`` rotations of the
       ``candidate_sampling_n`` sampling nearest each frame's true orientation, nearest first.
+      ``frame_kind`` (n_frames,) int8 (0 one crystal, 1 blank, 2 two crystals),
+      ``second_quaternion`` (n_frames, 4) and ``second_phi`` (n_frames,) of the second crystal (zero elsewhere).
     """
     rng = np.random.default_rng(config.seed)
     crystal = Crystal(cell=config.cell, space_group=config.space_group)
@@ -186,45 +241,62 @@ def simulate(config: SimulationConfig) -> tuple[data_io.SparseFrames, dict]:
     )
     intensity = true_model(grid, config, rng)
 
-    if not config.continuous:
-        sampling = sample_600cell(config.rotation_n)
+    sampling = None if config.continuous else sample_600cell(config.rotation_n)
+    if sampling is not None:
         rotation_index = rng.choice(sampling.n_rot, size=config.n_frames, p=np.exp(sampling.log_weights))
         quaternion = sampling.quaternions[rotation_index]
     else:
         rotation_index = np.full(config.n_frames, -1)
         quaternion = random_quaternions(rng, config.n_frames)
+    kind, second_quaternion, second_phi = frame_kinds(config, crystal, sampling, quaternion)
+    # One simulated crystal per frame, plus the second crystal of the frames of kind 2.
+    multi = np.flatnonzero(kind == 2)
+    crystal_frame = np.concatenate([np.arange(config.n_frames), multi])
+    crystal_quaternion = np.concatenate([quaternion, second_quaternion[multi]])
+    n_crystals = crystal_frame.shape[0]
 
     # Scale the model so that a frame at phi = 1 holds `bragg_photons` Bragg photons on average.
     # Frames are simulated in chunks so that the in-peak entries of one chunk bound the memory.
     pol = jnp.asarray(detector.polarization, jnp.float32)
     shell = jnp.zeros(detector.n_pix, jnp.int32)  # one segment per frame: the total over all shells
-    chunks = [(a, min(a + _CHUNK_FRAMES, config.n_frames)) for a in range(0, config.n_frames, _CHUNK_FRAMES)]
+    chunks = [(a, min(a + _CHUNK_FRAMES, n_crystals)) for a in range(0, n_crystals, _CHUNK_FRAMES)]
     unit = jnp.asarray(intensity, jnp.float32)
     def entries_of(a: int, b: int) -> model_lib.Entries:
-        return model_lib.build_entries_by_reflection(grid, detector, quaternion[a:b])
+        return model_lib.build_entries_by_reflection(grid, detector, crystal_quaternion[a:b])
 
     signal = np.concatenate(
         [np.asarray(model_lib.expected_signal(unit, entries_of(a, b), pol, shell, 1))[:, 0] for a, b in chunks]
     )
-    scale = config.bragg_photons / max(float(signal.mean()), 1e-30)
+    scale = config.bragg_photons / max(float(signal[: config.n_frames].mean()), 1e-30)
     intensity = intensity * scale
 
     phi = rng.lognormal(mean=-config.phi_sigma**2 / 2, sigma=config.phi_sigma, size=config.n_frames)
+    phi = np.where(kind == 1, 0.0, phi)
+    crystal_phi = np.concatenate([phi, second_phi[multi]])
+    second_rng = np.random.default_rng([config.seed, 2])
     scaled = jnp.asarray(intensity, jnp.float32)
     likelihood = config.likelihood_config().build(config.n_frames)
+    if multi.size and not likelihood.poisson_counts:
+        raise ConfigError(f"multi_fraction > 0 needs a Poisson count model, got likelihood={config.likelihood!r}")
     if likelihood.poisson_counts:  # Poisson: Bragg photons at the in-peak entries, background photons apart
         ent_frame, ent_pixel, bragg = [], [], []
         for a, b in chunks:
             entries = entries_of(a, b)
             w = np.asarray(model_lib.tomogram(scaled, entries), np.float64)
-            frame = np.asarray(entries.rotation) + a
+            crystal_index = np.asarray(entries.rotation) + a
             pixel = np.asarray(entries.pixel)
-            counts = rng.poisson(phi[frame] * detector.polarization[pixel] * w)
+            mean = crystal_phi[crystal_index] * detector.polarization[pixel] * w
+            counts = np.zeros(mean.shape, np.int64)
+            second = crystal_index >= config.n_frames  # own random stream: the other frames do not change
+            counts[~second] = rng.poisson(mean[~second])
+            counts[second] = second_rng.poisson(mean[second])
             hit = counts > 0
-            ent_frame.append(frame[hit])
+            ent_frame.append(crystal_frame[crystal_index[hit]])
             ent_pixel.append(pixel[hit])
             bragg.append(counts[hit])
         ent_frame, ent_pixel, bragg = (np.concatenate(x) for x in (ent_frame, ent_pixel, bragg))
+        by_frame = np.argsort(ent_frame, kind="stable")  # second crystals come after all frames: regroup
+        ent_frame, ent_pixel, bragg = ent_frame[by_frame], ent_pixel[by_frame], bragg[by_frame]
 
     n_shells = config.geometry.n_shells
     shell_q = (np.arange(n_shells) + 0.5) * detector.shell_width
@@ -281,8 +353,13 @@ def simulate(config: SimulationConfig) -> tuple[data_io.SparseFrames, dict]:
         "phi": phi,
         "quaternion": quaternion,
         "rotation_index": np.asarray(rotation_index, np.int64),
-        "expected_bragg_photons": phi * signal * scale,
+        "expected_bragg_photons": np.bincount(
+            crystal_frame, weights=crystal_phi * signal * scale, minlength=config.n_frames
+        ),
         "expected_background_photons": expected_bg,
+        "frame_kind": kind,
+        "second_quaternion": second_quaternion,
+        "second_phi": second_phi,
     }
     for name, value in dataclasses.asdict(likelihood).items():  # the count model's true parameters, if any
         truth[f"likelihood_{name}"] = np.asarray(value)
@@ -373,6 +450,12 @@ def main(argv: list[str] | None = None) -> None:
     print(
         f"wrote {path}: {config.n_frames} frames, {photons.mean():.1f} photons per frame "
         f"(min {photons.min()}, max {photons.max()}) in {time.perf_counter() - start:.1f} s"
+        + (
+            f"; {round(config.blank_fraction * config.n_frames)} blank, "
+            f"{round(config.multi_fraction * config.n_frames)} with two crystals"
+            if config.blank_fraction or config.multi_fraction
+            else ""
+        )
     )
 
 

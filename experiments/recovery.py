@@ -42,7 +42,7 @@ def main() -> None:
             problem = emc.setup_problem(dataset, config)
         print(
             f"set-up {time.perf_counter() - start:.1f} s: {problem.rotations.shape[0]} rotations, "
-            f"{problem.shared.entries.n_entries} in-peak entries, {sum(b.join_length for b in problem.blocks)} join pairs (padded), "
+            f"{problem.shared.entries.n_entries} in-peak entries, {problem.lengths[0] * len(problem.blocks) * problem.mesh.size} join pairs (padded), "
             f"model {problem.grid.model_shape}"
         )
         state = emc.initial_state(problem, config, seed=args.seed)

@@ -99,7 +99,7 @@ def test_default_terms_equal_closed_forms(lik):
     b = lik.background_mean(background, frame)
     full = lik.log_prob(count, b + bragg, frame) - lik.log_prob(count, b, frame)
     np.testing.assert_allclose(np.asarray(full), np.asarray(closed[0] + closed[1]), rtol=1e-9, atol=1e-9)
-    # Poisson: exactly what emcjax.estep computes.
+    # Poisson: exactly what emcjax.core.estep computes.
     if lik.linear_zero_term:
         np.testing.assert_array_equal(np.asarray(closed[1]), -bragg)
     if isinstance(lik, Poisson):

@@ -153,12 +153,14 @@ class Responsibilities(NamedTuple):
       log_evidence: (n_frames,) float32 log sum_r w_r p(K_d | r) at beta = 1, before pruning (nats, up to the
         frame constant).
       max_prob: (n_frames,) float32 probability of the most likely rotation before pruning.
+      best_slot: (n_frames,) int32 slot of the most likely rotation.
     """
 
     slot: jax.Array
     prob: jax.Array
     log_evidence: jax.Array
     max_prob: jax.Array
+    best_slot: jax.Array
 
 
 def _safe_exp_diff(a, b, finite):
@@ -193,7 +195,8 @@ def prune(log_posterior: jax.Array, hyper: Hyper, k: int, log_evidence: jax.Arra
     # max over the row, not top[:, 0]: slicing top_k's output makes XLA:CPU fall back to a full sort (30x slower)
     max_prob = _safe_exp_diff(jnp.max(log_posterior, axis=1), norm, finite)
     log_evidence = norm if log_evidence is None else log_evidence
-    return Responsibilities(slot=slot.astype(jnp.int32), prob=p, log_evidence=log_evidence, max_prob=max_prob)
+    best_slot = jnp.argmax(log_posterior, axis=1).astype(jnp.int32)  # not slot[:, 0]: see max_prob
+    return Responsibilities(slot.astype(jnp.int32), p, log_evidence, max_prob, best_slot)
 
 
 def responsibilities(logl: jax.Array, shared: Shared, local: BlockArrays, hyper: Hyper, k: int) -> Responsibilities:

@@ -127,14 +127,18 @@ def reference_update(intensity, phi, likelihood, kept: Kept, shared: Shared, n_s
     entry, pk, b, live = (_all_slices(x, axis) for x in (kept.entry, pk, b, live))
     local = entry - start
     live &= (local >= 0) & (local < size)
-    segment = jnp.where(live, local, size)
+    # Newton only on the entries that kept photons touch (at most one per term), compactly numbered
+    n_terms = entry.shape[0]
+    touched, compact = jnp.unique(jnp.where(live, local, size), size=n_terms, fill_value=size, return_inverse=True)
+    compact = compact.reshape(-1)
+    a_touched = jnp.append(a, 0.0)[touched]
     safe_pk = jnp.where(live, pk, 1.0)
 
-    def g_and_slope(w_slice):
-        x = jnp.where(live, pk / (b + jnp.append(w_slice, 0.0)[segment]), 0.0)
-        g = jax.ops.segment_sum(x, segment, num_segments=size + 1)[:size] - a
-        curvature = jax.ops.segment_sum(jnp.where(live, x * x / safe_pk, 0.0), segment, num_segments=size + 1)
-        return g, -curvature[:size]
+    def g_and_slope(w):
+        x = jnp.where(live, pk / (b + w[compact]), 0.0)
+        g = jax.ops.segment_sum(x, compact, num_segments=n_terms) - a_touched
+        curvature = jax.ops.segment_sum(jnp.where(live, x * x / safe_pk, 0.0), compact, num_segments=n_terms)
+        return g, -curvature
 
     def body(_, w):
         g, slope = g_and_slope(w)
@@ -142,9 +146,10 @@ def reference_update(intensity, phi, likelihood, kept: Kept, shared: Shared, n_s
         step = jnp.where(descending, -g / jnp.where(descending, slope, -1.0), 0.0)
         return jnp.where(g > 0, w + step, w)
 
-    w0 = jnp.zeros(size, intensity.dtype)
+    w0 = jnp.zeros(n_terms, intensity.dtype)
     g0, _ = g_and_slope(w0)
-    w = jnp.where(g0 > 0, jax.lax.fori_loop(0, newton_steps, body, w0), 0.0)
+    w_touched = jnp.where((g0 > 0) & (touched < size), jax.lax.fori_loop(0, newton_steps, body, w0), 0.0)
+    w = jnp.zeros(size + 1, intensity.dtype).at[touched].set(w_touched)[:size]
     numerator = _back_project(exposure * w, shared, start, size, intensity.shape, axis)
     denominator = _back_project(exposure, shared, start, size, intensity.shape, axis)
     return _safe_divide(numerator, denominator).reshape(intensity.shape)
@@ -178,18 +183,19 @@ def mlem_update(intensity, phi, likelihood, kept: Kept, shared: Shared, n_shells
 
 
 def phi_update(intensity, phi, likelihood, kept: Kept, shared: Shared, n_shells: int, newton_steps: int = 40,
-               axis=None):
+               axis=None, tables=None):
     """Per-frame 1-D Poisson ML of phi >= 0 given the responsibilities (METHOD.md §7.3).
 
     Maximises sum_{kept r} P_dr [sum_t K_dt log(B_dt + phi W_rt) - phi S_dr] by Newton's method from phi = 0
     (the gradient is convex and decreasing in phi); phi = 0 when the gradient at 0 is <= 0 (a blank frame).
     Frames without any kept weight (weight 0: rejected, other half set, padding) keep their phi.
+    ``tables``: the rotation tables of ``intensity`` when the caller has them (the E-step's).
 
     Returns:
       ``(phi, used)``: the new, unnormalised phi of all frames and which frames were updated.
     """
     n_frames = phi.shape[0]
-    tables = rotation_tables(intensity, shared, n_shells)
+    tables = rotation_tables(intensity, shared, n_shells) if tables is None else tables
     signal = frame_signal(tables, kept.pair_rotation, kept.pair_masked)
     w = tables.tomogram[kept.entry]
     expected = jax.ops.segment_sum(kept.pair_prob * signal, kept.pair_frame, num_segments=n_frames)

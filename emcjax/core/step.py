@@ -156,9 +156,17 @@ def estep_block(tables, phi, state: EMCState, shared: Shared, local: BlockArrays
     weight = local.weight
     used = (weight > 0) & jnp.isfinite(resp.log_evidence)
     log_likelihood = jnp.where(used, weight * (jnp.where(used, resp.log_evidence, 0.0) + constant), 0.0)
-    best = local.candidates[jnp.arange(resp.slot.shape[0]), resp.slot[:, 0]]
+    best = local.candidates[jnp.arange(resp.slot.shape[0]), resp.best_slot]
     stats = (log_likelihood, resp.max_prob, best, jnp.sum(resp.prob > 0, axis=1, dtype=jnp.int32))
     return kept, n_live, stats
+
+
+def map_blocks(fn, blocks: BlockArrays):
+    """``fn`` over the leading block axis (``lax.map``); one block is passed whole (no per-block slice
+    copies of the join)."""
+    if blocks.frame_start.shape[0] == 1:
+        return jax.tree.map(lambda x: x[None], fn(jax.tree.map(lambda x: x[0], blocks)))
+    return jax.lax.map(fn, blocks)
 
 
 def _global_frames(values: jax.Array, blocks: BlockArrays, n_padded: int, axis) -> jax.Array:
@@ -168,13 +176,14 @@ def _global_frames(values: jax.Array, blocks: BlockArrays, n_padded: int, axis) 
 
 
 def estep_all(intensity, phi, state: EMCState, batch: Batch, spec: StepSpec):
-    """E-step over every block of the device: ``(kept, FrameStats, n_live)``; kept flattened over blocks."""
+    """E-step over every block of the device: ``(kept, FrameStats, n_live, tables)``; kept flattened over
+    blocks, ``tables`` the rotation tables of ``intensity``."""
     shared = batch.shared
     tables = rotation_tables(intensity, shared, spec.n_shells)
-    kept, n_live, stats = jax.lax.map(lambda b: estep_block(tables, phi, state, shared, b, spec), batch.blocks)
+    kept, n_live, stats = map_blocks(lambda b: estep_block(tables, phi, state, shared, b, spec), batch.blocks)
     stats = FrameStats(*(_global_frames(v, batch.blocks, spec.n_padded, spec.axis) for v in stats))
     n_live = jnp.max(n_live) if spec.axis is None else jax.lax.pmax(jnp.max(n_live), spec.axis)
-    return flatten_blocks(kept), stats, n_live
+    return flatten_blocks(kept), stats, n_live, tables
 
 
 def intensity_mstep(intensity, phi, likelihood, kept: Kept, shared: Shared, spec: StepSpec):
@@ -190,10 +199,11 @@ def intensity_mstep(intensity, phi, likelihood, kept: Kept, shared: Shared, spec
                            max_entries=spec.max_entries, axis=spec.axis)
 
 
-def phi_mstep(intensity, phi, likelihood, kept: Kept, shared: Shared, spec: StepSpec):
+def phi_mstep(intensity, phi, likelihood, kept: Kept, shared: Shared, spec: StepSpec, tables=None):
     """phi update (closed form for Poisson, gradient otherwise), then the mean-1 normalisation."""
     if getattr(likelihood, "poisson_counts", False) and spec.intensity_update != "gradient":
-        phi, used = mstep.phi_update(intensity, phi, likelihood, kept, shared, spec.n_shells, axis=spec.axis)
+        phi, used = mstep.phi_update(intensity, phi, likelihood, kept, shared, spec.n_shells, axis=spec.axis,
+                                     tables=tables)
     else:
         mass = _psum(jax.ops.segment_sum(kept.pair_prob, kept.pair_frame, num_segments=phi.shape[0]), spec.axis)
         used = mass > 0
@@ -209,13 +219,13 @@ def make_update(spec: StepSpec):
 
     def update(state: EMCState, batch: Batch) -> tuple[EMCState, Diagnostics]:
         phi = jnp.pad(state.phi, (0, spec.n_padded - spec.n_frames))
-        kept, first, n_live = estep_all(state.intensity, phi, state, batch, spec)
+        kept, first, n_live, _ = estep_all(state.intensity, phi, state, batch, spec)
         intensity = intensity_mstep(state.intensity, phi, state.likelihood, kept, batch.shared, spec)
         last = first
         if spec.update_phi:
-            kept, last, n_live_2 = estep_all(intensity, phi, state, batch, spec)
+            kept, last, n_live_2, tables = estep_all(intensity, phi, state, batch, spec)
             n_live = jnp.maximum(n_live, n_live_2)
-            intensity, phi = phi_mstep(intensity, phi, state.likelihood, kept, batch.shared, spec)
+            intensity, phi = phi_mstep(intensity, phi, state.likelihood, kept, batch.shared, spec, tables)
         new = state._replace(iteration=state.iteration + 1, intensity=intensity, phi=phi[: spec.n_frames])
         pairs = KeptRotations(kept.pair_frame, kept.pair_rotation, kept.pair_prob)
         return new, Diagnostics(first=first, last=last, n_live=n_live, kept=pairs)
@@ -239,5 +249,5 @@ def marginal_log_likelihood(intensity, phi, likelihood, batch: Batch, spec: Step
         used = (local.weight > 0) & jnp.isfinite(resp.log_evidence)
         return jnp.sum(jnp.where(used, local.weight * (jnp.where(used, resp.log_evidence, 0.0) + constant), 0.0))
 
-    return _psum(jnp.sum(jax.lax.map(one, batch.blocks)), spec.axis)
+    return _psum(jnp.sum(map_blocks(one, batch.blocks)), spec.axis)
 

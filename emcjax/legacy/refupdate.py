@@ -8,7 +8,7 @@ voxels with weights ``P phi omega``; then every voxel becomes the mean of its La
 equal weights over the operators of sym-op.dat). Observation values are float32 where the program stores
 them as float (``A = P K``, ``B = B_d / phi``), sums run in the program's order (observations by frame).
 
-This is a parity tool (docs/LEGACY.md): emcjax's own intensity update (``emcjax.mstep``) is the default for
+This is a parity tool (docs/LEGACY.md): emcjax's own intensity update (``emcjax.core.mstep``) is the default for
 runs; this one reproduces the program's ``finish_intensity.bin`` from its start model and phi.
 """
 

@@ -3,7 +3,7 @@
     log p(K | mu) = K log mu - mu - log K!
 
 With mu = b + s the zero-count term is exactly -s (``linear_zero_term``) and the photon term is
-K log1p(s / b), as in emcjax.estep.
+K log1p(s / b), as in emcjax.core.estep.
 """
 
 from __future__ import annotations

@@ -1,0 +1,155 @@
+"""Which frames to trust after a reconstruction: per-frame tests and the weights that drop the others.
+
+Reasons (bits of the ``flags`` array; a frame may have several):
+
+* ``phi_zero`` (1): the scale phi went to (nearly) 0: phi <= ``phi_min`` times the median phi (no Bragg
+  signal; the reference's phi = 0 rule, relative because the phi update leaves a blank frame a small phi
+  from background photons that fall into peaks by chance).
+* ``undetermined`` (2): the orientation is not clearly determined: the posterior mass within
+  ``cluster_angle`` of the most likely rotation, or of any of its symmetry mates, is below ``min_certainty``.
+* ``two_orientations`` (4): besides that cluster, a second cluster of orientations that no rotation of the
+  Laue group maps onto the first holds at least ``second_probability`` (the reference's "multiple crystals"
+  test, P >= 0.05, here modulo the Laue group of any space group).
+* ``unexplained_photons`` (8): more photons fall outside the peaks the most likely orientation predicts
+  than the background there explains: the robust z-score (median and MAD over the frames) of
+  (observed - expected) / sqrt(expected) exceeds ``max_unexplained_z``. A second crystal puts most of its
+  photons there, so this catches two-crystal frames whose posterior is (as usual with ~10^2 photons) sharp
+  on one of the two crystals, where the posterior test sees nothing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from emcjax.rotations import symmetric_misorientation
+
+REASONS = {"phi_zero": 1, "undetermined": 2, "two_orientations": 4, "unexplained_photons": 8}
+"""Reason name -> bit of the flags array."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RejectionCriteria:
+    """Thresholds of the frame tests."""
+
+    phi_min: float = 0.05
+    """Frames with phi <= this fraction of the median phi (of the frames tested) are rejected (phi_zero)."""
+    min_certainty: float = 0.5
+    """Posterior mass the most likely orientation's cluster must hold (undetermined below)."""
+    second_probability: float = 0.05
+    """Posterior mass of a second, symmetry-unrelated cluster that marks two orientations."""
+    cluster_angle: float = 1.5
+    """Radius of an orientation cluster, in units of the sampling's covering radius 0.944/n rad."""
+    max_unexplained_z: float = 6.0
+    """Robust z-score of the photons outside the predicted peaks above which a frame is rejected."""
+
+
+def per_frame_pairs(kept_frame, kept_rotation, kept_prob, n_frames: int) -> tuple[np.ndarray, np.ndarray]:
+    """Kept (frame, rotation, probability) pairs as padded (n_frames, k) arrays sorted by falling probability
+    (rotation -1 and probability 0 pad)."""
+    frame = np.asarray(kept_frame, np.int64)
+    prob = np.asarray(kept_prob, np.float64)
+    order = np.lexsort((-prob, frame))
+    frame, rotation, prob = frame[order], np.asarray(kept_rotation, np.int64)[order], prob[order]
+    counts = np.bincount(frame, minlength=n_frames)
+    k = max(int(counts.max()) if counts.size else 0, 1)
+    slot = np.arange(frame.shape[0]) - np.repeat(np.cumsum(counts) - counts, counts)
+    rotations = np.full((n_frames, k), -1, np.int64)
+    probs = np.zeros((n_frames, k))
+    rotations[frame, slot] = rotation
+    probs[frame, slot] = prob
+    return rotations, probs
+
+
+def cluster_masses(
+    rotations, probs, quaternions, rotation_ops, radius: float, *, chunk: int = 8192
+) -> tuple[np.ndarray, np.ndarray]:
+    """Posterior mass of the two leading orientation clusters of every frame.
+
+    The first cluster holds the kept rotations within ``radius`` (rad, modulo the Laue group) of the most
+    likely one; the second those within ``radius`` of the most likely rotation outside the first.
+
+    Args:
+      rotations: (n_frames, k) sampling indices, -1 for padding, sorted by falling probability.
+      probs: (n_frames, k) their posterior probabilities.
+      quaternions: (n_rot, 4) the sampling's quaternions.
+      rotation_ops: (n_ops, 3, 3) proper rotations of the Laue group (crystal frame).
+      radius: cluster radius in radians.
+
+    Returns:
+      ``(first, second)``: (n_frames,) masses (second is 0 when every kept rotation is in the first).
+    """
+    rotations = np.asarray(rotations)
+    probs = np.asarray(probs, np.float64)
+    first = np.zeros(rotations.shape[0])
+    second = np.zeros(rotations.shape[0])
+    for a in range(0, rotations.shape[0], chunk):
+        rot, p = rotations[a : a + chunk], probs[a : a + chunk]
+        live = rot >= 0
+        q = np.asarray(quaternions, np.float64)[np.maximum(rot, 0)]  # (c, k, 4)
+        near_first = (symmetric_misorientation(q[:, :1], q, rotation_ops) <= radius) & live
+        rest = live & ~near_first
+        seed = np.argmax(rest, axis=1)  # most likely rotation outside the first cluster (sorted order)
+        q_seed = np.take_along_axis(q, seed[:, None, None], axis=1)
+        near_second = (symmetric_misorientation(q_seed, q, rotation_ops) <= radius) & rest
+        first[a : a + chunk] = np.sum(p * near_first, axis=1)
+        second[a : a + chunk] = np.sum(p * near_second, axis=1)
+    return first, second
+
+
+def robust_z(values, reference) -> np.ndarray:
+    """(values - median) / (1.4826 MAD), median and MAD over ``reference`` (a sub-array of values)."""
+    reference = np.asarray(reference, np.float64)
+    median = float(np.median(reference)) if reference.size else 0.0
+    mad = 1.4826 * float(np.median(np.abs(reference - median))) if reference.size else 1.0
+    return (np.asarray(values, np.float64) - median) / max(mad, 1e-12)
+
+
+def frame_flags(
+    phi,
+    first_mass,
+    second_mass,
+    unexplained,
+    criteria: RejectionCriteria,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Flags (bitmask of REASONS) of every frame and the unexplained-photon z-scores.
+
+    Args:
+      phi: (n,) per-frame scale (NaN: frame not tested).
+      first_mass, second_mass: (n,) masses of the two leading orientation clusters (second NaN: not known).
+      unexplained: ``(observed, expected)`` photons outside the predicted peaks (NaN: frame not tested), or
+        None to skip that test. The z-scores are relative to the frames no other test flags.
+      criteria: thresholds.
+
+    Returns:
+      ``(flags, z)``: (n,) uint8 and (n,) float64 (NaN when the test was skipped).
+    """
+    phi = np.asarray(phi, np.float64)
+    flags = np.zeros(phi.shape[0], np.uint8)
+    with np.errstate(invalid="ignore"):
+        flags[phi <= criteria.phi_min * max(float(np.nanmedian(phi)), 0.0)] |= REASONS["phi_zero"]
+        flags[np.asarray(first_mass) < criteria.min_certainty] |= REASONS["undetermined"]
+    second = np.nan_to_num(np.asarray(second_mass, np.float64), nan=0.0)
+    flags[second >= criteria.second_probability] |= REASONS["two_orientations"]
+    z = np.full(phi.shape[0], np.nan)
+    if unexplained is not None:
+        observed, expected = (np.asarray(x, np.float64) for x in unexplained)
+        excess = (observed - expected) / np.sqrt(np.maximum(expected, 1.0))
+        finite = np.isfinite(excess)  # NaN: frame not tested
+        reference = finite & (flags == 0) if np.any(finite & (flags == 0)) else finite
+        z = robust_z(excess, excess[reference])
+        with np.errstate(invalid="ignore"):
+            flags[z > criteria.max_unexplained_z] |= REASONS["unexplained_photons"]
+    return flags, z
+
+
+def reason_counts(flags) -> dict[str, int]:
+    """Frames flagged for each reason."""
+    flags = np.asarray(flags)
+    return {name: int(np.sum((flags & bit) != 0)) for name, bit in REASONS.items()}
+
+
+def describe(flags) -> list[str]:
+    """Comma-separated reasons of each frame ("" for an accepted one)."""
+    return [",".join(n for n, b in REASONS.items() if f & b) for f in np.asarray(flags).tolist()]

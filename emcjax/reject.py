@@ -1,0 +1,133 @@
+"""Frame rejection: ``python -m emcjax.reject --run DIR``.
+
+Reads a finished run (phi, the most likely orientation and the kept posterior pairs of its last iteration,
+and the data set's photons), flags frames whose phi went to 0, whose orientation is not clearly
+determined, that show two orientations no Laue-group rotation relates, or whose photons the orientation
+does not explain (emcjax.merge.reject), and writes ``DIR/rejection.h5``: ``weights`` (0 = rejected; a
+frame-weights file for ``lowres --frame-weights``), ``flags`` (bitmask), the test statistics and the
+reasons. Prints the counts per reason (and, for simulated data, per true frame kind).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+import sys
+import time
+
+import h5py
+import numpy as np
+
+from emcjax import runio
+from emcjax.errors import EmcjaxError
+from emcjax.merge import observe
+from emcjax.merge import reject as reject_lib
+from emcjax.merge.rundata import RunData, load_run
+
+REJECTION_FILE = "rejection.h5"
+READ_FRAMES = 20000  # frames read from the data set at a time by the photon test
+
+
+@dataclasses.dataclass(frozen=True)
+class RejectConfig:
+    """Frame rejection for a finished run."""
+
+    run: pathlib.Path
+    """Run directory (of python -m emcjax.lowres); rejection.h5 is written into it."""
+    criteria: reject_lib.RejectionCriteria = dataclasses.field(default_factory=reject_lib.RejectionCriteria)
+    """Thresholds of the tests."""
+    photon_test: bool = True
+    """Test the photons outside the predicted peaks (reads the data set's photons)."""
+
+
+def _unexplained(run: RunData, log) -> tuple[np.ndarray, np.ndarray]:
+    from emcjax.data import SparseDataset
+
+    best = run.iteration["best_rotation"]
+    observed, expected = np.zeros(run.n_frames), np.zeros(run.n_frames)
+    with SparseDataset(run.data_path) as ds:
+        for start in range(0, run.n_frames, READ_FRAMES):
+            stop = min(start + READ_FRAMES, run.n_frames)
+            frames = ds.read_block(start, stop)
+            o, e = observe.unexplained_photons(run.grid, run.detector, frames, run.quaternions(best[start:stop]))
+            observed[start:stop], expected[start:stop] = o, e
+            log(f"photon test: {stop}/{run.n_frames} frames")
+    return observed, expected
+
+
+def reject(config: RejectConfig, log=print) -> dict:
+    """Runs the tests and writes ``config.run/rejection.h5``; returns the counts per reason (and totals)."""
+    start = time.perf_counter()
+    run = load_run(config.run)
+    it = run.iteration
+    used = run.weights() > 0
+    criteria = config.criteria
+    radius = criteria.cluster_angle * 0.944 / run.sampling_n
+    if "kept_frame" in it:
+        rotations, probs = reject_lib.per_frame_pairs(
+            it["kept_frame"], it["kept_rotation"], it["kept_prob"], run.n_frames
+        )
+        from emcjax.rotations import sample_600cell
+
+        first, second = reject_lib.cluster_masses(
+            rotations, probs, sample_600cell(run.sampling_n).quaternions, run.crystal.rotation_ops_cartesian, radius
+        )
+    else:
+        log("note: the run's iteration file holds no kept pairs: the orientation tests use the best probability only")
+        first, second = np.asarray(it["best_probability"], np.float64), np.full(run.n_frames, np.nan)
+    unexplained = _unexplained(run, log) if config.photon_test else None
+    if unexplained is not None:  # frames outside this run's set take no part in the robust statistics
+        unexplained = tuple(np.where(used, x, np.nan) for x in unexplained)
+    flags, z = reject_lib.frame_flags(
+        *(np.where(used, x, np.nan) for x in (it["phi"], first, second)), unexplained, criteria
+    )
+    flags[~used] = 0
+    weights = run.weights() * (flags == 0)
+
+    path = config.run / REJECTION_FILE
+    with runio.atomic_path(path) as tmp:
+        with h5py.File(tmp, "w") as f:
+            f.create_dataset("weights", data=weights.astype(np.float32))
+            f.create_dataset("flags", data=flags)
+            f.create_dataset("first_mass", data=first.astype(np.float32))
+            f.create_dataset("second_mass", data=second.astype(np.float32))
+            f.create_dataset("unexplained_z", data=z.astype(np.float32))
+            f.attrs["reasons"] = ", ".join(f"{name}={bit}" for name, bit in reject_lib.REASONS.items())
+            f.attrs["iteration"] = int(it.get("iteration", -1))
+            for key, value in dataclasses.asdict(criteria).items():
+                f.attrs[key] = value
+    counts = reject_lib.reason_counts(flags)
+    n_used, n_rejected = int(used.sum()), int(np.sum(used & (flags != 0)))
+    log(
+        f"rejected {n_rejected} of {n_used} frames ({100 * n_rejected / max(n_used, 1):.1f} %); "
+        "a frame may have several reasons:"
+    )
+    for name, count in counts.items():
+        log(f"  {name:<20s} {count:8d}")
+    summary = {"n_frames": n_used, "rejected": n_rejected, **counts}
+    kind = None if run.truth is None else run.truth.get("frame_kind")
+    if kind is not None:
+        parts = []
+        for label, k in (("one crystal", 0), ("blank", 1), ("two crystals", 2)):
+            sel = used & (np.asarray(kind) == k)
+            if sel.any():
+                frac = float(np.mean(flags[sel] != 0))
+                summary[f"rejected_fraction_{label.replace(' ', '_')}"] = frac
+                parts.append(f"{label}: {int(np.sum(flags[sel] != 0))}/{int(sel.sum())} ({100 * frac:.1f} %)")
+        log("rejected per true frame kind: " + "; ".join(parts))
+    log(f"wrote {path} in {time.perf_counter() - start:.1f} s")
+    return summary
+
+
+def main(argv: list[str] | None = None) -> None:
+    import tyro
+
+    config = tyro.cli(RejectConfig, args=argv, prog="python -m emcjax.reject", description=__doc__.split("\n\n")[0])
+    try:
+        reject(config)
+    except EmcjaxError as err:
+        sys.exit(f"error: {err}")
+
+
+if __name__ == "__main__":
+    main()

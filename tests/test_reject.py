@@ -1,0 +1,125 @@
+"""Frame tests of emcjax.merge.reject and the per-frame predictions of emcjax.merge.observe, against numpy
+loops written here, on small simulated data sets with blank and two-crystal frames."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from emcjax import model as model_lib
+from emcjax.crystal import Crystal
+from emcjax.detector import DetectorGeometry, make_detector
+from emcjax.merge import observe
+from emcjax.merge import reject as reject_lib
+from emcjax.rotations import crystal_from_lab, matrix_to_quaternion, quaternion_conjugate, quaternion_multiply
+from emcjax.simulate import SimulationConfig, simulate
+
+CRYSTAL = Crystal((79.1, 79.1, 37.9, 90.0, 90.0, 90.0), "P 43 21 2")
+GEO = DetectorGeometry(
+    num_rows=64, num_cols=64, pixel_size_m=3.6e-3, beam_center_px=(31.5, 31.5), resolution_max_A=8.0, n_shells=10
+)
+
+
+def _rotate(q, angle, axis=(0.0, 0.0, 1.0)):
+    axis = np.asarray(axis) / np.linalg.norm(axis)
+    r = np.concatenate([[np.cos(angle / 2)], np.sin(angle / 2) * axis])
+    return quaternion_multiply(q, r)
+
+
+def _angle_mod_group(a, b, ops):
+    ca, cb = np.asarray(crystal_from_lab(a)), np.asarray(crystal_from_lab(b))
+    return min(np.arccos(np.clip((np.trace(g @ ca @ cb.T) - 1) / 2, -1, 1)) for g in ops)
+
+
+def test_cluster_masses_group_symmetry_mates_and_split_unrelated_orientations():
+    ops = CRYSTAL.rotation_ops_cartesian
+    rng = np.random.default_rng(0)
+    q0 = rng.normal(size=4)
+    q0 /= np.linalg.norm(q0)
+    mate = quaternion_multiply(q0, quaternion_conjugate(matrix_to_quaternion(ops[3])))  # same crystal, other setting
+    near = _rotate(q0, np.deg2rad(4.0))
+    other = _rotate(q0, np.deg2rad(40.0), axis=(1.0, 0.3, 0.0))
+    table = np.stack([q0, mate, near, other])
+    assert _angle_mod_group(q0, mate, ops) < 1e-6 and _angle_mod_group(q0, other, ops) > np.deg2rad(30)
+    # kept pairs, unsorted, of three frames
+    frame = np.array([0, 0, 0, 0, 1, 1, 2])
+    rotation = np.array([1, 0, 3, 2, 3, 0, 2])
+    prob = np.array([0.3, 0.5, 0.05, 0.15, 0.55, 0.45, 1.0])
+    rotations, probs = reject_lib.per_frame_pairs(frame, rotation, prob, 4)
+    assert rotations.shape == (4, 4) and np.all(rotations[3] == -1) and np.all(np.diff(probs, axis=1) <= 0)
+    first, second = reject_lib.cluster_masses(rotations, probs, table, ops, radius=np.deg2rad(10.0))
+    np.testing.assert_allclose(first, [0.95, 0.55, 1.0, 0.0])
+    np.testing.assert_allclose(second, [0.05, 0.45, 0.0, 0.0])
+
+
+def test_frame_flags_reasons():
+    criteria = reject_lib.RejectionCriteria()
+    phi = np.array([1.0, 0.01, 1.2, 0.9, 1.1, 0.8, np.nan])
+    first = np.array([1.0, 0.2, 0.3, 0.9, 1.0, 1.0, np.nan])
+    second = np.array([0.0, 0.1, 0.0, 0.1, 0.0, 0.0, np.nan])
+    observed = np.array([30.0, 30.0, 30.0, 30.0, 130.0, 31.0, np.nan])
+    expected = np.full(7, 30.0)
+    flags, z = reject_lib.frame_flags(phi, first, second, (observed, expected), criteria)
+    bits = reject_lib.REASONS
+    assert flags.tolist() == [
+        0,
+        bits["phi_zero"] | bits["undetermined"] | bits["two_orientations"],
+        bits["undetermined"],
+        bits["two_orientations"],
+        bits["unexplained_photons"],
+        0,
+        0,
+    ]
+    assert reject_lib.describe(flags)[1] == "phi_zero,undetermined,two_orientations"
+    assert reject_lib.reason_counts(flags) == {"phi_zero": 1, "undetermined": 2, "two_orientations": 2, "unexplained_photons": 1}
+    assert np.isnan(z[-1]) and z[4] > 6
+
+
+@pytest.fixture(scope="module")
+def mixed_frames():
+    config = SimulationConfig(n_frames=60, geometry=GEO, seed=11, blank_fraction=0.1, multi_fraction=0.2)
+    frames, truth = simulate(config)
+    detector = make_detector(GEO)
+    q_min = float(np.linalg.norm(detector.q, axis=1).min())
+    grid = model_lib.make_grid(CRYSTAL, d_min=GEO.resolution_max_A, d_max=1 / q_min, vn=10, gw=2.0)
+    return frames, truth, grid, detector
+
+
+def test_unexplained_photons_match_a_numpy_loop(mixed_frames):
+    frames, truth, grid, detector = mixed_frames
+    quats = truth["quaternion"]
+    observed, expected = observe.unexplained_photons(grid, detector, frames, quats, chunk=16)
+    entries = model_lib.build_entries(grid, detector.q, quats)  # the brute-force entries, not by reflection
+    rot, pix = np.asarray(entries.rotation), np.asarray(entries.pixel)
+    pixel_map = detector.pixel_map()
+    for d in range(frames.n_frames):
+        in_peak = set(pix[rot == d].tolist())
+        a, b = frames.photon_offsets[d], frames.photon_offsets[d + 1]
+        valid = pixel_map[frames.photon_pixels[a:b]]
+        outside = sum(int(c) for t, c in zip(valid, frames.photon_counts[a:b]) if t >= 0 and int(t) not in in_peak)
+        bg = frames.background[d].astype(np.float64)[detector.shell] * detector.polarization
+        mask = np.ones(detector.n_pix, bool)
+        mask[list(in_peak)] = False
+        assert observed[d] == outside
+        assert expected[d] == pytest.approx(bg[mask].sum(), rel=1e-9)
+    kind = truth["frame_kind"]
+    excess = (observed - expected) / np.sqrt(expected)
+    assert excess[kind == 2].min() > 5 > np.abs(excess[kind != 2]).max()
+
+
+def test_observations_count_frames_per_unique_reflection(mixed_frames):
+    frames, truth, grid, detector = mixed_frames
+    quats = truth["quaternion"]
+    used = truth["frame_kind"] != 1
+    counts = observe.observations(grid, detector, quats, used, chunk=16)
+    entries = model_lib.build_entries(grid, detector.q, quats)
+    rot, voxels = np.asarray(entries.rotation), np.asarray(entries.voxels)
+    want = np.zeros(grid.n_asu, int)
+    sentinel = grid.n_asu * grid.n_voxels
+    for d in np.flatnonzero(used):
+        v = voxels[rot == d]
+        refl = {int(x) // grid.n_voxels for x in v.ravel() if x < sentinel}
+        for r in refl:
+            want[r] += 1
+    np.testing.assert_array_equal(counts, want)
+    assert counts.sum() > 0
