@@ -114,13 +114,16 @@ def plot_cc_true(integrated: np.ndarray, true_integrated: np.ndarray, path: str 
 
     Args:
       integrated: (n_asu,) recovered integrated intensities.
-      true_integrated: (n_asu,) true integrated intensities (same rows).
+      true_integrated: (n_asu,) true integrated intensities (same rows; NaN where the truth lacks a
+        reflection: left out).
       path: the PNG to write.
     """
     a = np.asarray(integrated, np.float64)
     b = np.asarray(true_integrated, np.float64)
     if a.shape != b.shape:
         raise ValueError(f"plot_cc_true: shapes differ: integrated {a.shape}, true_integrated {b.shape}")
+    known = np.isfinite(b)
+    a, b = a[known], b[known]
     cc = float(np.corrcoef(a, b)[0, 1]) if a.size > 1 and a.std() > 0 and b.std() > 0 else float("nan")
     fig, ax = plt.subplots(figsize=(4.8, 4.6))
     keep = (a > 0) & (b > 0)

@@ -24,7 +24,7 @@ from typing import Literal
 
 import numpy as np
 
-from emcjax import checkpoint, cli, rundir, runio
+from emcjax import checkpoint, cli, rundir, runio, scoring
 from emcjax import emc as emc_lib
 from emcjax.demo import DemoConfig, cache_dir, demo_path, ensure_demo  # noqa: F401 (part of this module's API)
 from emcjax.errors import ConfigError, DataError
@@ -125,6 +125,8 @@ def progress_line(record: dict, total: int, eta_s: float) -> str:
     ]
     if record.get("cc_true") is not None:
         parts.append(f"cc_true {record['cc_true']:.4f}")
+    if record.get("orientation_error_median_deg") is not None:
+        parts.append(f"orient {record['orientation_error_median_deg']:.2f}°")
     return "  ".join(parts)
 
 
@@ -321,7 +323,7 @@ def _iterate(config, problem, state, manager, meta, records, main_process, log):
     for _ in range(int(state.iteration), config.iters):
         state, metrics, per_frame = emc_lib.iterate(problem, state, config.emc)
         iteration = int(state.iteration)
-        record = {"iteration": iteration, **metrics}
+        record = {"iteration": iteration, **metrics, **scoring.orientation_metrics(problem, per_frame["best_rotation"])}
         records.append(record)
         if main_process:
             runio.append_metrics(out, record)

@@ -40,6 +40,8 @@ __all__ = [
     "quaternion_multiply",
     "quaternion_conjugate",
     "misorientation_angle",
+    "symmetric_misorientation",
+    "nearest_rotations",
     "RotationSampling",
     "sample_600cell",
     "n_rotations_600cell",
@@ -638,6 +640,49 @@ def neighbours(
         rows, cols = rows[ok], cols[ok]
     offsets = np.searchsorted(rows, np.arange(n_q + 1), side="left").astype(np.int64)
     return offsets, cols
+
+
+def nearest_rotations(sampling_or_quaternions: RotationSampling | np.ndarray, query_quaternions, k: int) -> np.ndarray:
+    """The ``k`` sampled rotations nearest (in misorientation angle) to each query rotation.
+
+    Correct over the whole sphere: the k-d tree of the sampled 4-vectors is searched with ``q`` and ``-q``
+    (the chord ``min(|p - q|, |p + q|) = 2 sin(angle / 4)`` is monotone in the angle).
+
+    Args:
+        sampling_or_quaternions: :class:`RotationSampling` or ``(n_rot, 4)`` unit quaternions.
+        query_quaternions: ``(n_query, 4)`` unit quaternions.
+        k: rotations per query, ``1 <= k <= n_rot``.
+
+    Returns:
+        ``(n_query, k)`` int64 sampling indices, nearest first.
+    """
+    q_s = (
+        sampling_or_quaternions.quaternions
+        if isinstance(sampling_or_quaternions, RotationSampling)
+        else np.asarray(sampling_or_quaternions, dtype=np.float64)
+    )
+    q_q = np.atleast_2d(np.asarray(query_quaternions, dtype=np.float64))
+    if q_q.ndim != 2 or q_q.shape[1] != 4:
+        raise ConfigError(f"nearest_rotations: query_quaternions must have shape (n_query, 4), got {q_q.shape}")
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= q_s.shape[0]:
+        raise ConfigError(f"nearest_rotations: k must be an integer in [1, {q_s.shape[0]}], got {k!r}")
+    k = int(k)
+    tree = cKDTree(q_s)
+    dist_p, idx_p = tree.query(q_q, k=k)
+    dist_m, idx_m = tree.query(-q_q, k=k)
+    dist = np.concatenate([np.reshape(dist_p, (-1, k)), np.reshape(dist_m, (-1, k))], axis=1)
+    idx = np.concatenate([np.reshape(idx_p, (-1, k)), np.reshape(idx_m, (-1, k))], axis=1).astype(np.int64)
+    order = np.argsort(dist, axis=1, kind="stable")
+    dist, idx = np.take_along_axis(dist, order, axis=1), np.take_along_axis(idx, order, axis=1)
+    # a sample can be found from both q and -q only if it is 90° or more away; drop the second hit
+    by_index = np.sort(idx, axis=1)
+    if np.any(by_index[:, 1:] == by_index[:, :-1]):
+        out = np.empty((q_q.shape[0], k), np.int64)
+        for i in range(q_q.shape[0]):
+            _, first = np.unique(idx[i], return_index=True)
+            out[i] = idx[i][np.sort(first)][:k]
+        return out
+    return idx[:, :k]
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import pathlib
 import time
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
@@ -32,7 +33,7 @@ from emcjax.crystal import Crystal
 from emcjax.detector import DetectorGeometry, make_detector
 from emcjax.errors import ConfigError
 from emcjax.likelihood import Likelihood, LikelihoodConfig
-from emcjax.rotations import sample_600cell, symmetric_misorientation
+from emcjax.rotations import nearest_rotations, sample_600cell, symmetric_misorientation
 
 
 _CHUNK_FRAMES = 4096  # frames whose in-peak entries are held at once
@@ -59,8 +60,16 @@ class SimulationConfig:
     """Peak support radius in grid spacings."""
     profile_width: float = 0.7
     """Standard deviation of the Gaussian peak profile, in grid spacings."""
+    orientations: Literal["grid", "uniform"] = "grid"
+    """True orientations: 'grid' draws rotations of the 600-cell sampling with --rotation-n (with its prior
+    weights); 'uniform' draws continuous ones, uniform on SO(3) (truth/rotation_index is then -1)."""
     rotation_n: int = 4
-    """Frame orientations are drawn from the 600-cell sampling with this n; 0 draws continuous, off-grid ones."""
+    """600-cell refinement parameter of the 'grid' orientations; 0 is the same as --orientations uniform."""
+    candidates: int = 0
+    """Per-frame candidate lists (what spot-based preselection gives): the K rotations of the
+    --candidate-n sampling nearest the true orientation (0: no candidate lists)."""
+    candidate_n: int = 0
+    """600-cell refinement parameter of the candidate rotations (0: --rotation-n)."""
     bragg_photons: float = 150.0
     """Mean number of Bragg photons per frame (at phi = 1)."""
     background_photons: float = 30.0
@@ -94,9 +103,13 @@ class SimulationConfig:
         for name in ("bragg_photons", "profile_width"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
-        for name in ("background_photons", "phi_sigma", "rotation_n"):
+        for name in ("background_photons", "phi_sigma", "rotation_n", "candidates", "candidate_n"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.orientations not in ("grid", "uniform"):
+            raise ConfigError(f"orientations must be 'grid' or 'uniform', got {self.orientations!r}")
+        if self.candidates and self.candidate_sampling_n < 1:
+            raise ConfigError("candidates: give the sampling of the candidate lists with --candidate-n N (>= 1)")
         for name in ("blank_fraction", "multi_fraction"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ConfigError(f"{name} must be in [0, 1], got {getattr(self, name)}")
@@ -109,6 +122,16 @@ class SimulationConfig:
     def likelihood_config(self) -> LikelihoodConfig:
         """The count model's config (from the flat command-line fields)."""
         return LikelihoodConfig(name=self.likelihood, dispersion=self.dispersion, background_scale=self.background_scale)
+
+    @property
+    def continuous(self) -> bool:
+        """Whether the true orientations are continuous (uniform on SO(3)) rather than grid rotations."""
+        return self.orientations == "uniform" or self.rotation_n == 0
+
+    @property
+    def candidate_sampling_n(self) -> int:
+        """600-cell parameter of the candidate lists (``candidate_n``, else ``rotation_n``)."""
+        return self.candidate_n or self.rotation_n
 
 
 def true_model(grid: model_lib.ReciprocalGrid, config: SimulationConfig, rng: np.random.Generator) -> np.ndarray:
@@ -202,8 +225,11 @@ def simulate(config: SimulationConfig) -> tuple[data_io.SparseFrames, dict]:
 
     Returns:
       ``(frames, truth)``: the sparse frames and a dict of truth arrays (``intensity`` (n_asu, n_voxels),
-      ``hkl`` (n_asu, 3), ``phi`` (n_frames,), ``quaternion`` (n_frames, 4), ``rotation_index`` (n_frames,),
-      -1 when off-grid), ``frame_kind`` (n_frames,) int8 (0 one crystal, 1 blank, 2 two crystals),
+      ``hkl`` (n_asu, 3), ``phi`` (n_frames,), ``quaternion`` (n_frames, 4) true orientation (scalar first),
+      ``rotation_index`` (n_frames,) its index in the 600-cell sampling, -1 for continuous orientations).
+      With ``candidates`` the frames carry candidate lists of the ``candidates`` rotations of the
+      ``candidate_sampling_n`` sampling nearest each frame's true orientation, nearest first.
+      ``frame_kind`` (n_frames,) int8 (0 one crystal, 1 blank, 2 two crystals),
       ``second_quaternion`` (n_frames, 4) and ``second_phi`` (n_frames,) of the second crystal (zero elsewhere).
     """
     rng = np.random.default_rng(config.seed)
@@ -215,7 +241,7 @@ def simulate(config: SimulationConfig) -> tuple[data_io.SparseFrames, dict]:
     )
     intensity = true_model(grid, config, rng)
 
-    sampling = sample_600cell(config.rotation_n) if config.rotation_n > 0 else None
+    sampling = None if config.continuous else sample_600cell(config.rotation_n)
     if sampling is not None:
         rotation_index = rng.choice(sampling.n_rot, size=config.n_frames, p=np.exp(sampling.log_weights))
         quaternion = sampling.quaternions[rotation_index]
@@ -305,6 +331,11 @@ def simulate(config: SimulationConfig) -> tuple[data_io.SparseFrames, dict]:
         pixels.append(uniq)
         counts.append(np.bincount(inverse, weights=cnt).astype(np.int32))
         offsets.append(offsets[-1] + uniq.shape[0])
+    candidate_offsets = candidate_rotations = None
+    if config.candidates:
+        nearest = nearest_rotations(sample_600cell(config.candidate_sampling_n), quaternion, config.candidates)
+        candidate_offsets = np.arange(config.n_frames + 1, dtype=np.int64) * config.candidates
+        candidate_rotations = nearest.ravel()
     frames = data_io.SparseFrames(
         frame_id=np.arange(config.n_frames, dtype=np.int64),
         photon_offsets=np.asarray(offsets, np.int64),
@@ -313,6 +344,8 @@ def simulate(config: SimulationConfig) -> tuple[data_io.SparseFrames, dict]:
         dead_offsets=np.zeros(config.n_frames + 1, np.int64),
         dead_pixels=np.zeros(0, np.int64),
         background=background,
+        candidate_offsets=candidate_offsets,
+        candidate_rotations=candidate_rotations,
     )
     truth = {
         "intensity": intensity.astype(np.float32),
@@ -415,6 +448,7 @@ def write(config: SimulationConfig) -> pathlib.Path:
         geometry=dataclasses.asdict(config.geometry),
         crystal={"cell": np.asarray(config.cell), "space_group": config.space_group, "vn": config.vn, "gw": config.gw},
         truth=truth,
+        candidate_sampling_n=config.candidate_sampling_n if config.candidates else None,
         overwrite=config.overwrite,
     )
     return config.out
