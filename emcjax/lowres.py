@@ -349,8 +349,11 @@ def _draw(out: pathlib.Path, records: list[dict], problem, state) -> None:
 
     truth = getattr(problem, "truth", None)
     true_integrated = None
-    if truth is not None and truth.get("intensity") is not None:
-        true_integrated = np.asarray(problem.integrated(truth["intensity"]))
+    if truth is not None and truth.get("intensity") is not None and truth.get("hkl") is not None:
+        # the truth's reflections need not be the model's (e.g. a run to a lower resolution than the data)
+        true_integrated = scoring.values_by_hkl(
+            problem.grid.asu.hkl, truth["hkl"], np.asarray(problem.integrated(truth["intensity"]))
+        )
     crystal = getattr(problem.grid, "crystal", None)
     figures_lib.draw_all(
         out,
