@@ -19,7 +19,6 @@ import dataclasses
 import json
 import os
 import pathlib
-import sys
 import time
 from typing import Annotated
 
@@ -417,21 +416,7 @@ def run(config: HighresConfig, log=print) -> dict:
 def parse_args(argv: list[str] | None = None) -> HighresConfig:
     """``--config FILE.toml`` (if given) supplies the defaults, flags override; with ``--resume`` and no
     ``--config`` the run's own config.toml does."""
-    import tyro
-
-    argv = list(sys.argv[1:] if argv is None else argv)
-    default = HighresConfig()
-    config_file = lowres._config_argument(argv)
-    if config_file is not None:
-        default = runio.config_from_toml(HighresConfig, config_file)
-    description = __doc__.split("\n\n")[0]
-    prog = "python -m emcjax.highres"
-    config = tyro.cli(HighresConfig, prog=prog, args=argv, default=default, description=description)
-    saved = config.out / runio.CONFIG_FILE
-    if config.resume and config_file is None and saved.exists():
-        default = dataclasses.replace(runio.config_from_toml(HighresConfig, saved), resume=False)
-        config = tyro.cli(HighresConfig, prog=prog, args=argv, default=default, description=description)
-    return config
+    return runio.parse_stage_args(HighresConfig, argv, "python -m emcjax.highres", __doc__.split("\n\n")[0])
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -18,7 +18,6 @@ import dataclasses
 import math
 import os
 import pathlib
-import sys
 import time
 from typing import Literal
 
@@ -369,43 +368,13 @@ def _draw(out: pathlib.Path, records: list[dict], problem, state) -> None:
 # Command line
 
 
-def _config_argument(argv: list[str]) -> pathlib.Path | None:
-    """The value of ``--config FILE`` / ``--config=FILE`` in ``argv`` (the last one wins)."""
-    path = None
-    for i, arg in enumerate(argv):
-        if arg == "--config":
-            if i + 1 >= len(argv):
-                raise ConfigError("--config needs a TOML file, e.g. --config run.toml")
-            path = argv[i + 1]
-        elif arg.startswith("--config="):
-            path = arg.split("=", 1)[1]
-    return pathlib.Path(path) if path is not None else None
-
-
 def parse_args(argv: list[str] | None = None) -> LowresConfig:
     """Parses the command line: ``--config FILE.toml`` (if given) supplies the defaults, flags override.
 
     With ``--resume`` and no ``--config``, the resumed run's ``OUT/config.toml`` supplies the defaults, so
     ``--out DIR --resume --iters 200`` continues a run with its own settings.
     """
-    import tyro
-
-    argv = list(sys.argv[1:] if argv is None else argv)
-    default = LowresConfig()
-    config_file = _config_argument(argv)
-    if config_file is not None:
-        default = runio.config_from_toml(LowresConfig, config_file)
-        if default.config is not None:
-            raise ConfigError(f"{config_file}: key 'config' cannot be set inside a config file")
-    description = __doc__.split("\n\n")[0]
-    prog = "python -m emcjax.lowres"
-    config = tyro.cli(LowresConfig, prog=prog, args=argv, default=default, description=description)
-    saved = config.out / runio.CONFIG_FILE
-    if config.resume and config_file is None and saved.exists():
-        # --resume without --config: the run's own saved config supplies the defaults, flags still override
-        default = dataclasses.replace(runio.config_from_toml(LowresConfig, saved), resume=False)
-        config = tyro.cli(LowresConfig, prog=prog, args=argv, default=default, description=description)
-    return config
+    return runio.parse_stage_args(LowresConfig, argv, "python -m emcjax.lowres", __doc__.split("\n\n")[0])
 
 
 def main(argv: list[str] | None = None) -> None:

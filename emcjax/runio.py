@@ -563,3 +563,39 @@ def read_run(run_dir: str | os.PathLike) -> RunResult:
             )
     except OSError as err:
         raise DataError(f"{path} is not a readable HDF5 file: {err}") from None
+
+
+def config_argument(argv: list[str]) -> pathlib.Path | None:
+    """The value of ``--config FILE`` / ``--config=FILE`` in ``argv`` (the last one wins)."""
+    path = None
+    for i, arg in enumerate(argv):
+        if arg == "--config":
+            if i + 1 >= len(argv):
+                raise ConfigError("--config needs a TOML file, e.g. --config run.toml")
+            path = argv[i + 1]
+        elif arg.startswith("--config="):
+            path = arg.split("=", 1)[1]
+    return pathlib.Path(path) if path is not None else None
+
+
+def parse_stage_args(cls: type, argv: list[str] | None, prog: str, description: str) -> Any:
+    """A stage's command line (a dataclass ``cls`` with ``out``, ``resume`` and ``config`` fields):
+    ``--config FILE.toml`` supplies the defaults, flags override; with ``--resume`` and no ``--config`` the
+    run's own ``OUT/config.toml`` does."""
+    import sys
+
+    import tyro
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    default = cls()
+    config_file = config_argument(argv)
+    if config_file is not None:
+        default = config_from_toml(cls, config_file)
+        if default.config is not None:
+            raise ConfigError(f"{config_file}: key 'config' cannot be set inside a config file")
+    config = tyro.cli(cls, prog=prog, args=argv, default=default, description=description)
+    saved = config.out / CONFIG_FILE
+    if config.resume and config_file is None and saved.exists():
+        default = dataclasses.replace(config_from_toml(cls, saved), resume=False)
+        config = tyro.cli(cls, prog=prog, args=argv, default=default, description=description)
+    return config
