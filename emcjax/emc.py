@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import ctypes
+import dataclasses
 import functools
 import time
 from typing import NamedTuple
@@ -94,8 +95,6 @@ def step_function(mesh: Mesh, spec: StepSpec):
     """``update(state, batch) -> (state, diagnostics)`` of one whole iteration, jitted and lifted over
     ``mesh`` (``spec.axis`` is set to the mesh axis). Pure: ``jax.vmap`` over states (seeds, hyperparameters,
     likelihood parameters) works."""
-    import dataclasses
-
     update = make_update(dataclasses.replace(spec, axis=parallel.AXIS))
 
     def local(state, batch):
@@ -138,8 +137,6 @@ def _block_kernel(mesh: Mesh, spec: StepSpec):
 
 @functools.lru_cache(maxsize=None)
 def _mstep_kernel(mesh: Mesh, spec: StepSpec, which: str):
-    import dataclasses
-
     spec = dataclasses.replace(spec, axis=parallel.AXIS)
 
     def local(intensity, phi, likelihood, kept, shared):

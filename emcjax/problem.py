@@ -275,9 +275,10 @@ def setup_problem(dataset: SparseDataset, config: EMCConfig, frames: SparseFrame
                 data = build_block(plan, block, lengths)[0]
             block.resident = data
     del built
+    geometry_arrays = _geometry(mesh, detector, grid)
     batch = None
     if problem_set is not None and not config.stream:
-        batch = Batch(problem_set.shared(_geometry(mesh, detector, grid)), _stack_blocks(mesh, [b.resident.arrays for b in blocks]))
+        batch = Batch(problem_set.shared(geometry_arrays), _stack_blocks(mesh, [b.resident.arrays for b in blocks]))
         for block in blocks:
             block.resident = None
     counts = np.zeros((2, n_frames))
@@ -291,7 +292,7 @@ def setup_problem(dataset: SparseDataset, config: EMCConfig, frames: SparseFrame
     first_rotations = problem_set.rotations if problem_set is not None else blocks[0].rotations
     return Problem(
         detector=detector, grid=grid, sampling=sampling, rotations=first_rotations, mesh=mesh,
-        geometry=_geometry(mesh, detector, grid), rotation_set=problem_set, blocks=blocks, batch=batch,
+        geometry=geometry_arrays, rotation_set=problem_set, blocks=blocks, batch=batch,
         n_frames=n_frames, n_padded=n_blocks * per_block, n_slots=n_slots, n_shells=int(background.shape[1]),
         lengths=lengths, photons=counts[0], expected_background=counts[1], frame_weights=weights,
         truth=dataset.read_truth() if dataset.has_truth else None, plan=plan, stream=config.stream,
