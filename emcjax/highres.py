@@ -369,28 +369,7 @@ def run(config: HighresConfig, log=print) -> dict:
             records = runio.truncate_metrics(out, int(state.iteration)) if main_process else []
             log(f"resumed {out} at iteration {int(state.iteration)}")
         meta = {"n_frames": int(problem.n_frames), "model_shape": [int(n) for n in problem.grid.model_shape]}
-        times: list[float] = []
-        for _ in range(int(state.iteration), config.iters):
-            state, metrics, per_frame = emc_lib.iterate(problem, state, emc)
-            iteration = int(state.iteration)
-            record = {"iteration": iteration, **metrics, **scoring.orientation_metrics(problem, per_frame["best_rotation"])}
-            records.append(record)
-            if main_process:
-                runio.append_metrics(out, record)
-            if main_process and (
-                iteration == config.iters or (config.iterations_every and iteration % config.iterations_every == 0)
-            ):
-                runio.write_iteration(
-                    out, iteration, state.intensity, state.phi,
-                    per_frame["best_rotation"], per_frame["best_probability"], metrics,
-                )
-            checkpoint.save(manager, state, {**meta, "iteration": iteration})
-            times.append(float(metrics.get("seconds", 0.0)))
-            eta = (config.iters - iteration) * float(np.mean(times[-5:]))
-            if main_process:
-                log(lowres.progress_line(record, config.iters, eta))
-            if main_process and config.figures_every and iteration % config.figures_every == 0 and iteration < config.iters:
-                lowres._draw(out, records, problem, state)
+        state, records = lowres.run_iterations(config, emc, problem, state, manager, meta, records, main_process, log)
         checkpoint.finish(manager)
     finally:
         checkpoint.close(manager)

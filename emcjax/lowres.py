@@ -293,7 +293,7 @@ def run(config: LowresConfig, log=print) -> dict:
             if init is not None:
                 log(f"initial model and phi from {config.init_from}")
             checkpoint.save(manager, state, {**meta, "iteration": 0})  # from here on the run is resumable
-        state, records = _iterate(config, problem, state, manager, meta, records, main_process, log)
+        state, records = run_iterations(config, config.emc, problem, state, manager, meta, records, main_process, log)
         checkpoint.finish(manager)
         if main_process:  # still under the lock
             runio.write_intensities(
@@ -314,13 +314,14 @@ def _record_start(rd, config: LowresConfig, data_path: pathlib.Path, identity: d
                     "--config", resumed_at=resumed_at, devices=[str(d) for d in jax.devices()])
 
 
-def _iterate(config, problem, state, manager, meta, records, main_process, log):
-    """The iterations from ``state.iteration`` to ``config.iters``: metrics, iterations/NNN.h5, a checkpoint
-    each, progress lines and figures; returns the final state and all metrics records."""
+def run_iterations(config, emc_config, problem, state, manager, meta, records, main_process, log):
+    """The iterations from ``state.iteration`` to ``config.iters`` (a stage config with ``out``, ``iters``,
+    ``iterations_every``, ``figures_every``): metrics, iterations/NNN.h5, a checkpoint each, progress lines
+    and figures; returns the final state and all metrics records. Shared by lowres and highres."""
     out = config.out
     times: list[float] = []
     for _ in range(int(state.iteration), config.iters):
-        state, metrics, per_frame = emc_lib.iterate(problem, state, config.emc)
+        state, metrics, per_frame = emc_lib.iterate(problem, state, emc_config)
         iteration = int(state.iteration)
         record = {"iteration": iteration, **metrics, **scoring.orientation_metrics(problem, per_frame["best_rotation"])}
         records.append(record)
