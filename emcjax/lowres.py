@@ -310,8 +310,9 @@ def _record_start(rd, config: LowresConfig, data_path: pathlib.Path, identity: d
     import jax
 
     saved = dataclasses.replace(config, config=None, resume=False, data=data_path if config.data is not None else None)
-    rd.record_start(rundir.absolute(saved, "init_from"), identity, header="emcjax.lowres resolved config; reuse with "
-                    "--config", resumed_at=resumed_at, devices=[str(d) for d in jax.devices()])
+    rd.record_start(rundir.absolute(saved, "init_from", "frame_weights"), identity,
+                    header="emcjax.lowres resolved config; reuse with --config", resumed_at=resumed_at,
+                    devices=[str(d) for d in jax.devices()])
 
 
 def run_iterations(config, emc_config, problem, state, manager, meta, records, main_process, log):

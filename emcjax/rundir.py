@@ -43,6 +43,7 @@ PROVENANCE_FILE = "run.json"
 RUN_ENTRIES = frozenset({
     LOCK_FILE, PROVENANCE_FILE, runio.CONFIG_FILE, runio.METRICS_FILE, runio.INTENSITIES_FILE,
     runio.ITERATIONS_DIR, checkpoint.CHECKPOINTS_DIR, checkpoint.DAMAGED_DIR, "figures",
+    "frame_weights.h5", "rejection.h5",  # the frame weights a run used (--half, --frame-weights); emcjax.reject's
 })
 """Names a runner writes in a run directory (besides ``.NAME.XXXX.tmp`` files of atomic writes)."""
 VERSIONED_PACKAGES = ("emcjax", "jax", "jaxlib", "numpy", "h5py", "orbax-checkpoint", "gemmi", "scipy")
