@@ -183,6 +183,11 @@ def read_merged(directory: pathlib.Path) -> dict:
     return out
 
 
+def run(config: ResolutionConfig, log=print):
+    """The stage as a function (for emcjax.pipeline and scripts): the same as :func:`merge_halves`."""
+    return merge_halves(config, log=log)
+
+
 def main(argv: list[str] | None = None) -> None:
     import tyro
 

@@ -94,7 +94,8 @@ def main() -> None:
     # 2. half sets of the accepted frames, merging statistics
     merged = out / "halves" / "merged"
     if not (merged / "merged.h5").exists():
-        print(sh(["emcjax.halves", "--run", str(full), "--frame-weights", str(rejection), "--out", str(out / "halves")]))
+        print(sh(["emcjax.halves", "--run", str(full), "--frame-weights", str(rejection),
+                  "--out", str(out / "halves")]))
     import csv
 
     rows = list(csv.DictReader((merged / "merging_stats.csv").open()))

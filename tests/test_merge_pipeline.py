@@ -1,6 +1,6 @@
 """The post-processing commands end to end on a small simulated data set with blank and two-crystal frames:
-reject, lowres --frame-weights, halves (lowres --half a and b, then resolution) and export (the README's commands, run through
-their command-line entry points), and their errors."""
+reject, lowres --frame-weights, halves (lowres --half a and b, then resolution) and export (the README's
+commands, run through their command-line entry points), and their errors."""
 
 from __future__ import annotations
 
