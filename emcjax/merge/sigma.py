@@ -18,9 +18,16 @@ squares (d_h has mean sigma_h^2 and variance 2 sigma_h^4 for Gaussian errors). s
 mean d_h of the shell's weakest reflections (so a reflection the model sets to 0 keeps an error). Shells
 with fewer than ``min_per_shell`` reflections borrow the fit over all reflections.
 
-Checked against the truth (tests/test_merge_stats.py, experiments/merging.py): (M_h - k I_true,h) / sigma_h
-has a spread of ~1 where the halves' errors are independent; errors common to both halves (docs/BENCHMARKS.md:
-reflections on symmetry elements) are not seen.
+Reflections on symmetry elements (a stabilizer of order > 1 in the Laue group: hk0, h0l, hhl, h00, ... in
+4/mmm) have fewer distinct symmetry mates, so fewer observations, and scatter more between the halves at
+the same shell and intensity (2.1x in variance in the 4 Å benchmark). With ``classes`` (the stabilizer order,
+:func:`reflection_classes`) each class c gets a variance factor r_c, sigma_h^2 = r_c (a_s + b_s max(M_h, 0)),
+fitted to the same half-set differences (no truth).
+
+Checked against the truth (tests/test_merge_stats.py, experiments/merging.py, experiments/common_error.py):
+(M_h - k I_true,h) / sigma_h has a spread of ~1 where the halves' errors are independent; errors common to
+both halves are not seen (docs/METHOD-NOTES.md: on the simulator's default n = 4 grid of true orientations
+every frame samples a reflection's profile in the same few ways, and the error this leaves is common).
 """
 
 from __future__ import annotations
