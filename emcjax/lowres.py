@@ -222,7 +222,9 @@ def run(config: LowresConfig, log=print) -> dict:
             saved = rd.saved_config(LowresConfig)
             if not resuming:
                 log(f"resume: {out} has no checkpoint yet (its start stopped before the first one); starting it over")
-            rundir.check_resume_config(saved, config, RESUMABLE_CHANGES, out)
+            rundir.check_resume_config(  # frame_weights is recorded absolute
+                rundir.absolute(saved, "frame_weights"), rundir.absolute(config, "frame_weights"), RESUMABLE_CHANGES, out
+            )
             if (saved.data is None) != (config.data is None):
                 raise ConfigError(f"resume: data = {config.data!r} (the run has {saved.data!r}) (nothing was changed)")
         else:

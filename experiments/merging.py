@@ -55,6 +55,7 @@ def main() -> None:
     p.add_argument("--wilson-b", type=float, default=40.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--rotation-n", type=int, default=4, help="600-cell parameter of the true orientations")
+    p.add_argument("--skip-kept", action="store_true", help="no reconstruction from the accepted frames alone")
     p.add_argument("--candidates", type=int, default=0, help="candidate rotations per frame (0: a full search)")
     args = p.parse_args()
     out = args.out
@@ -74,7 +75,7 @@ def main() -> None:
         sh(["emcjax.lowres", *common, "--out", str(full)])
     print(sh(["emcjax.reject", "--run", str(full)]))
     rejection = full / "rejection.h5"
-    if not (kept / "intensities.h5").exists():
+    if not args.skip_kept and not (kept / "intensities.h5").exists():
         sh(["emcjax.lowres", *common, "--out", str(kept), "--frame-weights", str(rejection)])
     import h5py
 
@@ -89,12 +90,12 @@ def main() -> None:
         name: float(np.mean(flags[kind == k] != 0)) for name, k in (("one_crystal", 0), ("blank", 1), ("two_crystals", 2))
     }
     summary["cc_true_before_rejection"] = last_cc_true(full)
-    summary["cc_true_after_rejection"] = last_cc_true(kept)
+    summary["cc_true_after_rejection"] = None if args.skip_kept else last_cc_true(kept)
 
     # 2. half sets of the accepted frames, merging statistics
     merged = out / "halves" / "merged"
     if not (merged / "merged.h5").exists():
-        print(sh(["emcjax.halves", "--run", str(full), "--frame-weights", str(rejection),
+        print(sh(["emcjax.halves", "--run", str(full), "--frame-weights", str(rejection), "--iters", str(args.iters),
                   "--out", str(out / "halves")]))
     import csv
 

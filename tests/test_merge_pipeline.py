@@ -214,3 +214,18 @@ def test_halves_command_takes_the_runs_settings_and_refuses_a_used_out(pipeline,
     assert not (tmp_path / "h" / "a").exists()  # refused before any work
     with pytest.raises(ConfigError, match="runs both halves"):
         halves_cli.run_halves(dataclasses.replace(base, half="a"), tmp_path / "h2", log=lambda *a: None)
+    # --resume on the finished halves (frame weights given relative to the run's directory) leaves them as
+    # they are and merges again
+    before = {h: runio.read_run(runs[h]).intensity for h in "AB"}
+    old = os.getcwd()
+    os.chdir(root)
+    try:
+        relative = dataclasses.replace(config, out=pathlib.Path("runs/halves"), resume=True, n_shells=4,
+                                       frame_weights=pathlib.Path("runs/all/rejection.h5"))
+        summary = halves_cli.run(relative, log=lambda *a: None)
+    finally:
+        os.chdir(old)
+    for h in "AB":
+        np.testing.assert_array_equal(runio.read_run(runs[h]).intensity, before[h])
+        assert runio.read_metrics(runs[h])[-1]["iteration"] == 3
+    assert summary["merged"]["stats"].n_shells == 4 and summary["runs"]["merged"] == pathlib.Path("runs/halves/merged")
