@@ -66,8 +66,18 @@ def signal_geometry(detector, grid, max_angle: float) -> refine_core.SignalGeome
         shape=jnp.asarray([g.num_rows, g.num_cols], jnp.int32),
         pixel_weight=jnp.asarray(weight),
         pixel_shell=jnp.asarray(shell),
-        reach=f32(grid.radius + grid.q_max * max_angle),
+        reach=f32(grid.radius + np.linalg.norm(grid.hkl @ basis.T, axis=1) * max_angle),
     )
+
+
+def reflection_budget(geometry: refine_core.SignalGeometry, samples: int = 256, seed: int = 0) -> int:
+    """A bucketed bound on the reflections within reach per start rotation: 1.25 x the most over random
+    rotations (a start rotation with more makes :func:`refine` raise, and the caller retries larger)."""
+    rng = np.random.default_rng(seed)
+    q = rng.normal(size=(samples, 4))
+    q /= np.linalg.norm(q, axis=1, keepdims=True)
+    count = jax.jit(jax.vmap(lambda x: refine_core.near_reflections(None, None, x, None, geometry, 0)[1]))
+    return bucket_length(int(1.25 * int(np.max(np.asarray(count(jnp.asarray(q, jnp.float32)))))) + 1)
 
 
 def frame_photons(plan: Plan, start: int, stop: int, length: int | None = None) -> refine_core.FramePhotons:
@@ -183,6 +193,7 @@ class Refiner:
             max_angle=max_angle, max_reflections=256,
         )
         self.geometry = signal_geometry(problem.detector, problem.grid, max_angle)
+        self.settings = self.settings._replace(max_reflections=reflection_budget(self.geometry))
         per_call = frames_per_call(problem.n_frames, problem.mesh.size)
         self.photons = [frame_photons(problem.plan, a, b) for a, b in _chunks(problem.n_frames, per_call)]
         self.current = problem

@@ -121,9 +121,9 @@ def test_refined_rotations_move_to_the_truth(simulated):
     _, _, problem, state = simulated
     truth = problem.truth["quaternion"]
     start = _perturbed(truth, 1.2, 1)[:, None, :]
+    geometry = refinement.signal_geometry(problem.detector, problem.grid, math.radians(2.0))
     settings = refine_core.RefineSettings(steps=30, learning_rate=math.radians(0.2), max_angle=math.radians(2.0),
-                                          max_reflections=256)
-    geometry = refinement.signal_geometry(problem.detector, problem.grid, settings.max_angle)
+                                          max_reflections=refinement.reflection_budget(geometry))
     photons = [refinement.frame_photons(problem.plan, 0, N_FRAMES)]
     refined, gain = refinement.refine(problem, state, start, settings, geometry, photons)
     ops = problem.grid.crystal.rotation_ops_cartesian

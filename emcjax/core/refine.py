@@ -72,7 +72,7 @@ class SignalGeometry(NamedTuple):
       shape: (2,) int32 detector rows, columns.
       pixel_weight: (rows * cols,) float32 pol / (Ewald-sphere area of the pixel, 1/Å²), 0 on invalid pixels.
       pixel_shell: (rows * cols,) int32 radial shell of each raw pixel (0 where invalid).
-      reach: () float32 |e_h| (1/Å) within which a reflection is kept: peak radius + q_max x max_angle.
+      reach: (n_refl,) float32 |e_h| (1/Å) within which a reflection is kept: peak radius + |G_h| x max_angle.
     """
 
     centres: jax.Array
@@ -149,6 +149,8 @@ def near_reflections(intensity_flat, tables, q0, frame_background, geo: SignalGe
     inv_wl = jnp.sqrt(jnp.sum(geo.k_beam * geo.k_beam))
     near = jnp.abs(s_norm - inv_wl) <= geo.reach
     count = near.sum(dtype=jnp.int32)
+    if max_reflections == 0:  # only the count
+        return None, count
     (idx,) = jnp.nonzero(near, size=max_reflections, fill_value=0)
     used = jnp.arange(max_reflections) < count
     s, s_norm = s[idx], s_norm[idx]
