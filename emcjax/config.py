@@ -62,7 +62,7 @@ class EMCConfig:
     """Refine each frame's most probable rotations off the grid by gradient ascent of its log-likelihood, and
     use them (with the frame's grid candidates) in the next E- and M-steps (emcjax.refinement)."""
     refine_start: int = 3
-    """Refine from this iteration on (the model must mean something first)."""
+    """Refine once this many iterations are done (the model must mean something first)."""
     refine_every: int = 1
     """Refine at every this many iterations from refine_start; the iterations between reuse the last refined
     candidates (refinement costs about one E-step per start rotation and Adam step)."""
