@@ -35,6 +35,7 @@ SCENARIOS = {
     "heavy_equal": (0.3, 0.3, 150.0, 2000, True),
     "heavy_weak": (0.3, 0.3, 40.0, 2000, False),
     "blank_weak": (0.6, 0.0, 40.0, 2000, False),
+    "many_equal": (0.05, 0.05, 150.0, 20000, True),
 }
 
 
