@@ -63,6 +63,9 @@ class ReduceConfig:
     """Outlier rejection passes of the radial background."""
     quantile: float = 0.99999
     """Poisson CDF level above which a pixel is an outlier."""
+    clip_quantile: float | None = 0.97
+    """Poisson CDF level above which a pixel is left out of the background estimate (truncated-Poisson
+    rate of the rest; keeps weak Bragg spots out of the background); None: the plain mean (the reference)."""
     ring_excess: float = 0.05
     """Relative excess of a background maximum that makes it a ring."""
     ring_sigma: float = 5.0
@@ -95,6 +98,8 @@ class ReduceConfig:
                               f"{self.min_spot_pixels}")
         if not 0.5 < self.quantile < 1:
             raise ConfigError(f"quantile must be in (0.5, 1), got {self.quantile}")
+        if self.clip_quantile is not None and not 0.5 < self.clip_quantile <= self.quantile:
+            raise ConfigError(f"clip_quantile must be in (0.5, quantile = {self.quantile}], got {self.clip_quantile}")
         if self.n_frames < 0:
             raise ConfigError(f"n_frames must be >= 0 (0: all), got {self.n_frames}")
 
@@ -122,7 +127,8 @@ def reduce_frame(image: np.ndarray, tables: RadialTables, config: ReduceConfig, 
     if saturation is not None:
         dead |= k >= saturation
     k = np.where(dead, 0, k)
-    background, outlier = frame_background(k, dead, tables, config.background_iterations, config.quantile)
+    background, outlier = frame_background(k, dead, tables, config.background_iterations, config.quantile,
+                                           config.clip_quantile)
     spots = find_spots(image, det.pixel_id[outlier], tables, config.min_spot_pixels, config.max_spot_pixels,
                        config.max_spots_per_shell)
     excluded = ring_shells(background, tables.shell_pol, config.ring_excess, config.ring_sigma, config.ring_photons)
