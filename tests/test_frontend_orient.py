@@ -115,8 +115,9 @@ def test_true_orientation_is_among_the_candidates(tmp_path):
     reduce_lib.run(reduce_lib.ReduceConfig(
         images=(str(tmp_path / "images.h5"),), out=tmp_path / "reduced.h5", geometry=GEOMETRY, cell=CELL,
         truth=tmp_path / "truth.h5", mask=reduce_lib.MaskConfig(file=tmp_path / "shadow_mask.npy")), log=lambda s: None)
-    orient_lib.main(["--data", str(tmp_path / "reduced.h5"), "--out", str(tmp_path / "oriented.h5"),
-                     "--sampling-n", "6", "--vn", "10", "--keep-empty"])
+    (tmp_path / "orient.toml").write_text("sampling_n = 6\nvn = 10\nkeep_empty = true\n")
+    orient_lib.main(["--config", str(tmp_path / "orient.toml"), "--data", str(tmp_path / "reduced.h5"),
+                     "--out", str(tmp_path / "oriented.h5")])
     with data_io.SparseDataset(tmp_path / "oriented.h5") as ds:
         frames, truth = ds.read_all(), ds.read_truth()
         assert ds.candidate_sampling_n == 6

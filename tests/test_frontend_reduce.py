@@ -16,6 +16,7 @@ import pytest
 from scipy import stats
 
 from emcjax import data as data_io
+from emcjax import runio
 from emcjax.detector import DetectorGeometry, make_detector
 from emcjax.errors import ConfigError
 from emcjax.frontend import background as bg_lib
@@ -247,11 +248,12 @@ def test_header_disagreeing_with_the_geometry_is_refused(rendered, tmp_path):
 
 def test_reduce_cli_resumes_after_interruption(rendered, reduced, tmp_path, monkeypatch):
     out = tmp_path / "resumed.h5"
-    argv = ["--images", str(rendered / "images.h5"), "--out", str(out), "--cell", *map(str, CELL),
-            "--mask.file", str(rendered / "shadow_mask.npy"), "--block-frames", "16",
-            "--truth", str(rendered / "truth.h5")]
-    for name, value in dataclasses.asdict(GEOMETRY).items():
-        argv += [f"--geometry.{name.replace('_', '-')}", *map(str, np.atleast_1d(value))]
+    # the geometry, cell and mask from a TOML file (--config), the rest as flags
+    geometry = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(GEOMETRY).items()}
+    (tmp_path / "run.toml").write_text(runio.to_toml({"cell": list(CELL), "geometry": geometry,
+                                                       "mask": {"file": str(rendered / "shadow_mask.npy")}}))
+    argv = ["--config", str(tmp_path / "run.toml"), "--images", str(rendered / "images.h5"), "--out", str(out),
+            "--block-frames", "16", "--truth", str(rendered / "truth.h5")]
     from emcjax.frontend import writer as writer_lib
 
     calls = {"n": 0}

@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from emcjax import runio
 from emcjax.crystal import Crystal
 from emcjax.data import SparseDataset, SparseFrames, bucket_length
 from emcjax.errors import ConfigError, DataError, EmcjaxError
@@ -76,6 +77,8 @@ class OrientConfig:
     """Continue an interrupted run of the same settings."""
     overwrite: bool = False
     """Replace an existing output file."""
+    config: pathlib.Path | None = None
+    """TOML file whose values become the defaults of all other fields (flags override)."""
 
     def __post_init__(self) -> None:
         for name in ("sampling_n", "vn", "min_spots", "chunk_rotations", "frame_batch", "block_frames"):
@@ -249,7 +252,7 @@ def run(config: OrientConfig, log=print) -> dict:
         q_max = 1.0 / (config.d_min or float(geometry["resolution_max_A"]))
         orienter = Orienter(crystal, config.sampling_n, tolerance, config.chunk_rotations, config.min_spots,
                             config.max_candidates, config.orbits)
-        fingerprint = repr(dataclasses.replace(config, resume=False, overwrite=False))
+        fingerprint = repr(dataclasses.replace(config, resume=False, overwrite=False, config=None))
         writer = SparseWriter(config.out, geometry, ds.crystal, ds.mask, ds.n_shells,
                               candidate_sampling_n=config.sampling_n, spots=True, fingerprint=fingerprint,
                               resume=config.resume, overwrite=config.overwrite)
@@ -330,10 +333,8 @@ def _with_candidates(block: SparseFrames, f: h5py.File, a: int, b: int, lists: l
 
 
 def main(argv: list[str] | None = None) -> None:
-    import tyro
-
-    config = tyro.cli(OrientConfig, args=argv, prog="python -m emcjax.orient", description=__doc__.split("\n\n")[0])
+    """``python -m emcjax.orient [--config run.toml] [flags]``: errors become one line and a non-zero exit."""
     try:
-        run(config)
+        run(runio.parse_stage_args(OrientConfig, argv, "python -m emcjax.orient", __doc__.split("\n\n")[0]))
     except EmcjaxError as err:
         sys.exit(f"error: {err}")

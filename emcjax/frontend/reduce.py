@@ -88,6 +88,8 @@ class ReduceConfig:
     """Continue an interrupted reduction of the same settings (its .OUT.partial file)."""
     overwrite: bool = False
     """Replace an existing output file."""
+    config: pathlib.Path | None = None
+    """TOML file whose values become the defaults of all other fields (flags override)."""
 
     def __post_init__(self) -> None:
         for name in ("background_iterations", "min_spot_pixels", "block_frames", "max_spots_per_shell"):
@@ -195,7 +197,7 @@ def run(config: ReduceConfig, log=print) -> pathlib.Path:
     log(f"static mask: {int(mask.sum())} pixels ({', '.join(f'{k} {v}' for k, v in masked.items())})")
     tables = radial_tables(geometry, mask)
     settings = runio.config_to_dict(config)
-    for key in ("resume", "overwrite", "out"):
+    for key in ("resume", "overwrite", "out", "config"):
         settings.pop(key, None)
     fingerprint = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()
     writer = SparseWriter(config.out, dataclasses.asdict(geometry),
@@ -226,10 +228,9 @@ def run(config: ReduceConfig, log=print) -> pathlib.Path:
 
 
 def main(argv: list[str] | None = None) -> None:
-    import tyro
-
-    config = tyro.cli(ReduceConfig, args=argv, prog="python -m emcjax.reduce", description=__doc__.split("\n\n")[0])
+    """``python -m emcjax.reduce [--config run.toml] [flags]``: errors become one line and a non-zero exit."""
     try:
+        config = runio.parse_stage_args(ReduceConfig, argv, "python -m emcjax.reduce", __doc__.split("\n\n")[0])
         if not config.images:
             raise ConfigError("images: give the detector images, e.g. --images 'run1/*.cbf' or --images run1.h5")
         run(config)
