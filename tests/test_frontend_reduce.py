@@ -284,19 +284,22 @@ def test_reduce_cli_bad_input_exits_with_a_message(tmp_path, capsys):
     assert not (tmp_path / "r.h5").exists()
 
 
-def test_poni_geometry_matches_pyfai_q(tmp_path):
-    pyFAI = pytest.importorskip("pyFAI")
+@pytest.mark.parametrize("rotations", [(0.0, 0.0, 0.0), (0.06, -0.04, 0.3)])
+def test_poni_geometry_matches_pyfai_q(tmp_path, rotations):
+    """A PONI file, flat or rotated (rot1, rot2, rot3 in rad), gives pyFAI's q on every pixel."""
+    pytest.importorskip("pyFAI")
     from pyFAI.detectors import Detector
-
-    det = Detector(pixel1=GEOMETRY.pixel_size_m, pixel2=GEOMETRY.pixel_size_m, max_shape=(128, 128))
     from pyFAI.integrator.azimuthal import AzimuthalIntegrator
 
+    det = Detector(pixel1=GEOMETRY.pixel_size_m, pixel2=GEOMETRY.pixel_size_m, max_shape=(128, 128))
     ai = AzimuthalIntegrator(
         dist=0.3, poni1=(40.2 + 0.5) * GEOMETRY.pixel_size_m, poni2=(70.7 + 0.5) * GEOMETRY.pixel_size_m,
-        detector=det, wavelength=1.3e-10)
+        rot1=rotations[0], rot2=rotations[1], rot3=rotations[2], detector=det, wavelength=1.3e-10)
     ai.save(str(tmp_path / "g.poni"))
     geometry = images_lib.geometry_from_poni(tmp_path / "g.poni", GEOMETRY)
-    assert geometry.beam_center_px == pytest.approx((40.2, 70.7)) and geometry.wavelength_A == pytest.approx(1.3)
+    assert geometry.wavelength_A == pytest.approx(1.3)
+    if not any(rotations):
+        assert geometry.beam_center_px == pytest.approx((40.2, 70.7)) and geometry.distance_m == pytest.approx(0.3)
     full = bg_lib.full_detector(geometry)
     ours = np.empty(geometry.num_pixels)
     ours[full.pixel_id] = full.q_norm

@@ -49,7 +49,8 @@ class ReduceConfig:
     geometry: DetectorGeometry = DetectorGeometry()
     """Detector geometry (num_rows/num_cols follow the images when header='use')."""
     poni: pathlib.Path | None = None
-    """pyFAI PONI file: distance, beam centre, pixel size and wavelength from it (overrides --geometry.*)."""
+    """pyFAI PONI file: distance, beam centre, detector rotations (as a tilted beam), pixel size and wavelength
+    from it (overrides --geometry.*)."""
     header: Literal["use", "check", "ignore"] = "use"
     """Image header values: 'use' them where present (and check every CBF against the first), 'check' them
     against the configured geometry, or 'ignore' them."""
