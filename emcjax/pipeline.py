@@ -35,7 +35,7 @@ from emcjax.frontend.orient import OrientConfig
 from emcjax.frontend.reduce import ReduceConfig
 from emcjax.merge import reject as reject_lib
 from emcjax.merge import stats as stats_lib
-from emcjax.pipeline_state import PipelineState
+from emcjax.pipeline_state import PipelineState, summary_text
 
 SUMMARY_FILE = "summary.txt"
 
@@ -114,11 +114,16 @@ class PipelineConfig:
     keep_all: bool = False
     """Export every reflection (default: only those to the suggested resolution limit)."""
 
-    def __post_init__(self) -> None:
-        if self.halves.split not in ("parity", "random"):
-            raise ConfigError(f"halves.split must be 'parity' or 'random', got {self.halves.split!r}")
-        if isinstance(self.lowres.iters, bool) or not isinstance(self.lowres.iters, int) or self.lowres.iters < 1:
-            raise ConfigError(f"lowres.iters must be an integer >= 1, got {self.lowres.iters!r}")
+
+def check(config: PipelineConfig) -> None:
+    """Raises ConfigError for settings that cannot run (before anything is written)."""
+    if bool(config.images) == (config.data is not None):
+        raise ConfigError("give the detector images (--images 'run1/*.cbf') or a sparse data set (--data FILE.h5), "
+                          "not both")
+    if config.halves.split not in ("parity", "random"):
+        raise ConfigError(f"halves.split must be 'parity' or 'random', got {config.halves.split!r}")
+    if isinstance(config.lowres.iters, bool) or not isinstance(config.lowres.iters, int) or config.lowres.iters < 1:
+        raise ConfigError(f"lowres.iters must be an integer >= 1, got {config.lowres.iters!r}")
 
 
 @dataclasses.dataclass
@@ -362,9 +367,7 @@ def run(config: PipelineConfig, log=print) -> dict:
       ConfigError: neither --images nor --data, or both; another pipeline holds ``out``.
       DataError: a missing or unreadable input; what a stage raises.
     """
-    if bool(config.images) == (config.data is not None):
-        raise ConfigError("give the detector images (--images 'run1/*.cbf') or a sparse data set (--data FILE.h5), "
-                          "not both")
+    check(config)
     out = config.out.absolute()
     out.mkdir(parents=True, exist_ok=True)
     lock = rundir.RunLock(out)
@@ -391,40 +394,6 @@ def run(config: PipelineConfig, log=print) -> dict:
     finally:
         lock.release()
     return state.record
-
-
-def summary_text(state: PipelineState, names: list[str], seconds: float) -> str:
-    """The end-of-run summary: frames, rejection reasons, merging table, resolution, MTZ, time per stage."""
-    s = {name: state.stages[name].get("summary", {}) for name in names}
-    lines = ["", "== summary"]
-    if "reduce" in s:
-        lines.append(f"frames reduced: {s['reduce']['frames']}")
-    if "orient" in s:
-        o = s["orient"]
-        lines.append(f"frames with candidate orientations: {o['kept']} of {o['frames']} "
-                     f"({o['frames'] - o['kept']} dropped: fewer than the spots or matches needed)")
-    r = s["reject"]
-    lines.append(f"frames rejected: {r['rejected']} of {r['n_frames']} (a frame may have several reasons): "
-                 + ", ".join(f"{k} {r[k]}" for k in reject_lib.REASONS))
-    lines.append(f"frames used: {r['n_frames'] - r['rejected']} (half a {s['half_a']['frames_used']}, "
-                 f"half b {s['half_b']['frames_used']})")
-    table = pathlib.Path(state.path.parent / "merged" / "merging_table.txt")
-    if table.exists():
-        lines += ["", table.read_text().rstrip()]
-    res = s["resolution"]
-    if res.get("d_suggested") is not None:
-        lines.append(f"resolution: {res['d_suggested']:.2f} Å by {res['criterion']}")
-    else:
-        lines.append(f"resolution: no shell passes {res['criterion']}")
-    e = s["export"]
-    cut = f", reflections to {e['d_min']:.2f} Å" if e.get("d_min") else ""
-    lines.append(f"MTZ: {e['mtz']} (IMEAN, SIGIMEAN, I_half1, I_half2{cut}); text: {e['hkl']}")
-    if "cc_true_imean" in e:
-        lines.append(f"CC(IMEAN, truth): {e['cc_true_imean']:.4f} over {e['reflections']} reflections")
-    lines.append("wall time per stage (s, of the run that made it): "
-                 + ", ".join(f"{n} {state.stages[n].get('seconds', 0):.1f}" for n in names)
-                 + f"; this command {seconds:.1f}")
-    return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------------------------------

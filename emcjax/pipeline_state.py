@@ -20,6 +20,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from emcjax import runio
+from emcjax.merge.reject import REASONS
 from emcjax.errors import DataError
 
 STATE_FILE = "pipeline.json"
@@ -113,3 +114,37 @@ def _json(value: Any) -> Any:
     if isinstance(value, (str, int, float, bool)) or value is None:
         return value
     return str(value)
+
+
+def summary_text(state: PipelineState, names: list[str], seconds: float) -> str:
+    """The end-of-run summary: frames, rejection reasons, merging table, resolution, MTZ, time per stage."""
+    s = {name: state.stages[name].get("summary", {}) for name in names}
+    lines = ["", "== summary"]
+    if "reduce" in s:
+        lines.append(f"frames reduced: {s['reduce']['frames']}")
+    if "orient" in s:
+        o = s["orient"]
+        lines.append(f"frames with candidate orientations: {o['kept']} of {o['frames']} "
+                     f"({o['frames'] - o['kept']} dropped: fewer than the spots or matches needed)")
+    r = s["reject"]
+    lines.append(f"frames rejected: {r['rejected']} of {r['n_frames']} (a frame may have several reasons): "
+                 + ", ".join(f"{k} {r[k]}" for k in REASONS))
+    lines.append(f"frames used: {r['n_frames'] - r['rejected']} (half a {s['half_a']['frames_used']}, "
+                 f"half b {s['half_b']['frames_used']})")
+    table = pathlib.Path(state.path.parent / "merged" / "merging_table.txt")
+    if table.exists():
+        lines += ["", table.read_text().rstrip()]
+    res = s["resolution"]
+    if res.get("d_suggested") is not None:
+        lines.append(f"resolution: {res['d_suggested']:.2f} Å by {res['criterion']}")
+    else:
+        lines.append(f"resolution: no shell passes {res['criterion']}")
+    e = s["export"]
+    cut = f", reflections to {e['d_min']:.2f} Å" if e.get("d_min") else ""
+    lines.append(f"MTZ: {e['mtz']} (IMEAN, SIGIMEAN, I_half1, I_half2{cut}); text: {e['hkl']}")
+    if "cc_true_imean" in e:
+        lines.append(f"CC(IMEAN, truth): {e['cc_true_imean']:.4f} over {e['reflections']} reflections")
+    lines.append("wall time per stage (s, of the run that made it): "
+                 + ", ".join(f"{n} {state.stages[n].get('seconds', 0):.1f}" for n in names)
+                 + f"; this command {seconds:.1f}")
+    return "\n".join(lines)
