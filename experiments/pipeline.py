@@ -31,7 +31,7 @@ TRUTH_LIMIT = 0.5
 """The truth correlation of a shell below which the data stop: where the suggested limit should be."""
 
 
-def simulation(out: pathlib.Path, frames: int, candidates: int = 12, wilson_b: float = 120.0, bragg: float = 300.0,
+def simulation(out: pathlib.Path, frames: int, candidates: int = 12, wilson_b: float = 800.0, bragg: float = 300.0,
                seed: int = 3) -> simulate.SimulationConfig:
     """The simulated data set: 48 x 48 pixels out to 4.5 Å, continuous orientations, 5 % blank and 5 %
     two-crystal frames, candidate lists on the n = 16 sampling."""
@@ -87,7 +87,7 @@ def main() -> None:
     parser.add_argument("--frames", type=int, default=300)
     parser.add_argument("--iters", type=int, default=5)
     parser.add_argument("--candidates", type=int, default=12)
-    parser.add_argument("--wilson-b", type=float, default=120.0)
+    parser.add_argument("--wilson-b", type=float, default=800.0)
     parser.add_argument("--bragg-photons", type=float, default=300.0)
     parser.add_argument("--shells", type=int, default=6)
     parser.add_argument("--interrupt", action="store_true", help="interrupt half set a once, then run again")
