@@ -188,7 +188,8 @@ def _orient_stage(config: PipelineConfig, data: pathlib.Path, out: pathlib.Path)
 
     def call(resume, log):
         stats = orient_lib.run(dataclasses.replace(stage_config, resume=resume, overwrite=True), log=log)
-        return {k: stats[k] for k in ("frames", "with_spots", "kept", "median_candidates")}
+        return {**{k: stats[k] for k in ("frames", "with_spots", "kept", "median_candidates")},
+                "keep_empty": stage_config.keep_empty}
 
     return Stage("orient", f"{data} -> {path}", [data], _settings(stage_config), [path], call)
 
@@ -265,7 +266,8 @@ def _export_stage(config: PipelineConfig, merged: pathlib.Path, mtz: pathlib.Pat
 
 def mtz_truth_cc(mtz_path: pathlib.Path, data: pathlib.Path) -> dict:
     """``{"cc_true_imean", "reflections"}``: Pearson CC of the MTZ's IMEAN with the true integrated intensities
-    when the data set carries its truth (simulated data), else {}."""
+    (0 for reflections the truth lacks: beyond the simulated pixels) when the data set carries its truth
+    (simulated data), else {}."""
     from emcjax import scoring
     from emcjax.data import SparseDataset
     from emcjax.mtz import read_mtz
@@ -277,8 +279,8 @@ def mtz_truth_cc(mtz_path: pathlib.Path, data: pathlib.Path) -> dict:
     mtz = read_mtz(mtz_path)
     hkl = np.stack([mtz["H"], mtz["K"], mtz["L"]], axis=1).astype(np.int64)
     true_i = scoring.values_by_hkl(hkl, truth["hkl"], np.asarray(truth["intensity"], np.float64).sum(axis=1))
-    ok = np.isfinite(true_i)
-    return {"cc_true_imean": float(np.corrcoef(mtz["IMEAN"][ok], true_i[ok])[0, 1]), "reflections": int(hkl.shape[0])}
+    true_i = np.nan_to_num(true_i, nan=0.0)  # reflections the simulation did not reach hold no intensity
+    return {"cc_true_imean": float(np.corrcoef(mtz["IMEAN"], true_i)[0, 1]), "reflections": int(hkl.shape[0])}
 
 
 # ----------------------------------------------------------------------------------------------------

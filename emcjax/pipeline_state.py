@@ -124,8 +124,8 @@ def summary_text(state: PipelineState, names: list[str], seconds: float) -> str:
         lines.append(f"frames reduced: {s['reduce']['frames']}")
     if "orient" in s:
         o = s["orient"]
-        lines.append(f"frames with candidate orientations: {o['kept']} of {o['frames']} "
-                     f"({o['frames'] - o['kept']} dropped: fewer than the spots or matches needed)")
+        lines.append(f"frames with candidate orientations: {o['kept']} of {o['frames']} ({o['frames'] - o['kept']} "
+                     f"without: too few spots or matches; {'kept, with none to choose' if o.get('keep_empty') else 'dropped'})")
     r = s["reject"]
     lines.append(f"frames rejected: {r['rejected']} of {r['n_frames']} (a frame may have several reasons): "
                  + ", ".join(f"{k} {r[k]}" for k in REASONS))
