@@ -80,3 +80,13 @@ def test_toml_arrays_fill_fixed_length_tuples(tmp_path):
     parsed = pipeline.parse_args(["--config", str(config)])
     assert parsed.reduce.cell == (36.0, 36.0, 30.0, 90.0, 90.0, 90.0)
     assert all(isinstance(x, float) for x in parsed.reduce.cell)
+
+
+def test_help_lists_every_stage_setting(capsys):
+    with pytest.raises(SystemExit) as exc:
+        pipeline.main(["--help"])
+    assert exc.value.code == 0
+    text = capsys.readouterr().out
+    for flag in ("--images", "--data", "--reduce.mask.file", "--orient.sampling-n", "--lowres.iters",
+                 "--lowres.emc.vn", "--reject.criteria.phi-min", "--halves.split", "--resolution.n-shells"):
+        assert flag in text, flag
