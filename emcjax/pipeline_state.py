@@ -71,7 +71,8 @@ class PipelineState:
     def key(self, settings: Mapping[str, Any], inputs: Iterable[str | os.PathLike]) -> str:
         """The key of a stage: its settings (JSON-able) and the checksums of its input files."""
         text = json.dumps({"settings": settings,
-                           "inputs": {os.fspath(p): self.digest(p) for p in inputs}}, sort_keys=True, default=str)
+                           "inputs": {os.fspath(pathlib.Path(p).absolute()): self.digest(p) for p in inputs}},
+                          sort_keys=True, default=str)
         return hashlib.sha256(text.encode()).hexdigest()
 
     # -- stage records ----------------------------------------------------------------------------------
