@@ -1,0 +1,334 @@
+"""Candidate mode by direct photon-peak tests (host side): planning, blocks and one iteration.
+
+The table path (emcjax.problem / blocks / join) builds the in-peak entries of every block's candidate union
+and joins the photons with them on the host. With a few hundred candidates per frame on a fine grid almost
+every candidate belongs to one frame, and those entries cost far more than the photons that use them. This
+path instead keeps, per block, only the frames' photon records and their candidates' quaternions; the
+E-step tests every (record, candidate) pair on the device (emcjax.core.direct) and sums each candidate's
+expected signal from the reflections near the Ewald sphere, never storing entries. The M-steps are those of
+the table path, unchanged: they need per-entry sums, so the in-peak entries of the *kept* rotations only
+(one or two per frame, the union over the data) are built after each E-step, and the kept records, whose
+in-peak test the E-step already made, are numbered into them (:func:`kept_from_direct`). That is the
+table path's own hand-off (emc._reindex_kept) without the per-block entry tables.
+
+:func:`choose_path` decides between the two paths by a cost estimate (docs/ARCHITECTURE.md).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from emcjax import model as model_lib
+from emcjax import parallel
+from emcjax.blocks import FrameSource, RotationSet, frame_arrays, rotation_set
+from emcjax.config import EMCConfig
+from emcjax.core import direct as kernels
+from emcjax.core.arrays import BlockArrays, EMCState, Kept, PhotonArrays
+from emcjax.core.step import Diagnostics, FrameStats, KeptRotations, StepSpec
+from emcjax.data import SparseDataset, SparseFrames, bucket_length
+from emcjax.detector import Detector
+from emcjax.errors import ConfigError
+from emcjax.join import BACKGROUND_FLOOR
+from emcjax.problem import Problem, _frame_counts, _geometry, geometry_setup
+from emcjax.rotations import sample_600cell
+
+SIGNAL_CHUNK = 64  # rotations per call of the expected-signal kernel
+SHARED_ROTATIONS = 4096  # most rotations of block 0 whose entries scale the initial model
+
+
+def choose_path(n_frames: int, n_candidates: int, n_distinct: int, photons_per_frame: float,
+                entries_per_rotation: float) -> str:
+    """``"direct"`` or ``"table"`` for candidate lists, by the work each path adds per iteration and set-up.
+
+    The table path builds ``n_distinct x entries_per_rotation`` in-peak entries once (each ~60 flops of
+    search and a trilinear stencil) and then reads them twice per iteration; the direct path evaluates
+    ``n_candidates x photons_per_frame`` (record, candidate) pairs per E-step (~the same per pair) plus the
+    expected signal of every candidate, ``n_candidates x entries_per_rotation`` (no storage), per E-step.
+    The table path wins when rotations are shared by many frames (``n_candidates / n_distinct`` large: a
+    full search); the direct path when each candidate belongs to about one frame (its memory is O(block)
+    while the table path's entries are O(n_distinct x entries_per_rotation), 64 bytes each).
+
+    Args:
+      n_frames: frames; n_candidates: (frame, candidate) pairs over all frames; n_distinct: distinct
+        candidate rotations over all frames; photons_per_frame: photon and dead-pixel records per frame;
+        entries_per_rotation: in-peak pixels of one rotation.
+    """
+    sharing = n_candidates / max(n_distinct, 1)
+    table = n_distinct * entries_per_rotation * (1.0 + 2.0 / 10.0) + 2.0 * n_candidates * photons_per_frame
+    direct = 2.0 * n_candidates * (photons_per_frame + entries_per_rotation)
+    return "direct" if sharing < 4.0 and direct < 2.0 * table else "table"
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class DirectPlan:
+    """What building a block of the direct path needs (one device)."""
+
+    source: FrameSource
+    detector: Detector
+    grid: model_lib.ReciprocalGrid
+    sampling: object  # quaternions / log_weights indexable by sampling index
+    log_w: np.ndarray  # (n_sampling,) log prior, normalised
+    candidates: tuple[np.ndarray, np.ndarray]  # (offsets, sampling indices)
+    n_slots: int
+    n_masked: int
+    n_records: int  # padded records per frame
+    background: np.ndarray  # (n_frames, n_shells) float64, < 0 masked
+    weights: np.ndarray  # (n_frames,) float32
+    geometry: kernels.Geometry
+    projection: tuple  # model.projection_setup
+
+
+@dataclasses.dataclass(eq=False)
+class DirectBlockData:
+    """A block of the direct path: device arrays, the sampling index of each block rotation, and the host
+    records (for the kept pairs' entries)."""
+
+    start: int
+    n_local: int
+    arrays: kernels.DirectBlock
+    rotations: np.ndarray  # (n_rot,) int64 sampling index (padding repeats the last)
+    records: dict  # numpy: pixel, count, dead, background, valid (n_local, n_records)
+
+
+def _records_per_frame(rec, n_local: int, n_records: int | None):
+    """Pixel records padded per frame: dict of (n_local, n_records) numpy arrays and the longest frame."""
+    order = np.argsort(rec.frame, kind="stable")
+    frame = rec.frame[order]
+    lengths = np.bincount(frame, minlength=n_local)
+    longest = int(lengths.max(initial=0))
+    n_records = bucket_length(max(longest, 1)) if n_records is None else n_records
+    position = np.arange(frame.shape[0]) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+    out = {
+        "pixel": np.zeros((n_local, n_records), np.int32),
+        "count": np.zeros((n_local, n_records), np.float32),
+        "dead": np.zeros((n_local, n_records), np.float32),
+        "background": np.ones((n_local, n_records), np.float32),
+        "valid": np.zeros((n_local, n_records), bool),
+    }
+    keep = position < n_records
+    at = (frame[keep], position[keep])
+    out["pixel"][at] = rec.pixel[order][keep]
+    out["count"][at] = rec.count[order][keep]
+    out["dead"][at] = rec.dead[order][keep]
+    out["background"][at] = np.maximum(rec.background[order][keep], BACKGROUND_FLOOR)
+    out["valid"][at] = True
+    return out, longest
+
+
+def build_direct_block(plan: DirectPlan, start: int, n_local: int) -> tuple[DirectBlockData, int]:
+    """The block of frames [start, start + n_local): (block, most records of one of its frames)."""
+    frames = plan.source.read(start, start + n_local)
+    n_real = frames.n_frames
+    offsets, rotation_ids = plan.candidates
+    lists = [rotation_ids[offsets[start + i] : offsets[start + i + 1]] for i in range(n_real)]
+    rotations = np.unique(np.concatenate(lists)) if lists else np.zeros(1, np.int64)
+    n_rot = bucket_length(rotations.shape[0])
+    candidates = np.zeros((n_local, plan.n_slots), np.int32)
+    mask = np.zeros((n_local, plan.n_slots), bool)
+    for i, c in enumerate(lists):
+        candidates[i, : c.shape[0]] = np.searchsorted(rotations, c)
+        mask[i, : c.shape[0]] = True
+    masked, background, weight, rec, photons = frame_arrays(plan, frames, start, n_local)
+    records, longest = _records_per_frame(rec, n_local, plan.n_records)
+    padded = np.concatenate([rotations, np.full(n_rot - rotations.shape[0], rotations[-1])])
+    prior = np.full(n_rot, -np.inf, np.float32)
+    prior[: rotations.shape[0]] = plan.log_w[rotations]
+    local = BlockArrays(
+        frame_start=jnp.int32(start), candidates=jnp.asarray(candidates), candidate_mask=jnp.asarray(mask),
+        join=None, cell_offsets=None, masked_shells=jnp.asarray(masked), background=jnp.asarray(background),
+        weight=jnp.asarray(weight), photons=PhotonArrays(*(jnp.asarray(x) for x in photons)),
+    )
+    arrays = kernels.DirectBlock(
+        local=local,
+        quaternions=jnp.asarray(plan.sampling.quaternions[padded], jnp.float32),
+        log_prior=jnp.asarray(prior),
+        records=kernels.Records(*(jnp.asarray(records[k]) for k in kernels.Records._fields)),
+    )
+    return DirectBlockData(start, n_local, arrays, padded, records), longest
+
+
+@dataclasses.dataclass(eq=False)
+class DirectProblem(Problem):
+    """A :class:`~emcjax.problem.Problem` whose blocks are direct-path blocks (``direct_blocks``);
+    ``emc.iterate`` runs it through :func:`iteration`."""
+
+    direct_plan: DirectPlan | None = None
+    direct_blocks: list | None = None
+
+    @functools.cached_property
+    def shared(self):
+        """Entries of (at most ``SHARED_ROTATIONS`` of) block 0's rotations: what scales the initial model."""
+        rotations = np.unique(self.direct_blocks[0].rotations)[:SHARED_ROTATIONS]
+        plan = self.direct_plan
+        return rotation_set(self.mesh, self.grid, self.detector, plan.sampling, plan.log_w, rotations,
+                            pad=True).shared(self.geometry)
+
+    def iteration(self, state: EMCState, spec: StepSpec):
+        return iteration(self, state, spec)
+
+    def data_blocks(self):
+        """Yields every block (rebuilt from the frames when streaming)."""
+        for block in self.direct_blocks:
+            if block.arrays is not None:
+                yield block
+            else:
+                yield build_direct_block(self.direct_plan, block.start, block.n_local)[0]
+
+
+def setup_direct(dataset: SparseDataset, config: EMCConfig, frames: SparseFrames | None = None, *, mesh=None,
+                 frame_weights=None, sampling=None) -> DirectProblem:
+    """Set-up of the direct path for frames with candidate lists (one device): geometry, the frames' records
+    and candidate quaternions per block; no in-peak entries.
+
+    ``sampling``: the rotations candidate indices refer to (default: the 600-cell of the data set's
+    ``candidate_sampling_n``); anything whose ``quaternions`` and ``log_weights`` can be indexed by
+    sampling index.
+    """
+    mesh = parallel.make_mesh() if mesh is None else mesh
+    if mesh.size != 1:
+        raise ConfigError(f"the direct candidate path runs on one device; the mesh has {mesh.size}")
+    source, _, detector, grid, weights = geometry_setup(dataset, config, frames, frame_weights)
+    candidates = source.candidates()
+    if candidates is None:
+        raise ConfigError(f"{dataset.path}: the direct path needs candidate lists (/frames/candidate_offsets)")
+    offsets, rotation_ids = (np.asarray(x, np.int64) for x in candidates)
+    if sampling is None:
+        sampling = sample_600cell(int(dataset.candidate_sampling_n))
+    log_w = np.asarray(sampling.log_weights)
+    n_frames = source.n_frames
+    n_slots = max(int(np.diff(offsets).max()), 1)
+    background = source.background()
+    geometry_arrays = _geometry(mesh, detector, grid)
+    geometry = kernels.Geometry(
+        polarization=jnp.asarray(detector.polarization, jnp.float32), shell=jnp.asarray(detector.shell, jnp.int32),
+        tables=grid.tables, q_lab=jnp.asarray(detector.q, jnp.float32),
+    )
+    plan = DirectPlan(source, detector, grid, sampling, log_w, (offsets, rotation_ids), n_slots,
+                      max(int((background < 0).sum(axis=1).max()), 1), None, background, weights, geometry,
+                      model_lib.projection_setup(grid, detector))
+    per_block = n_frames if config.block_frames == 0 else min(config.block_frames, n_frames)
+    n_blocks = math.ceil(n_frames / per_block)
+    longest = max(_longest_frame(plan, b * per_block, per_block) for b in range(n_blocks))
+    plan = dataclasses.replace(plan, n_records=bucket_length(max(longest, 1)))
+    blocks = []
+    for b in range(n_blocks):
+        block = build_direct_block(plan, b * per_block, per_block)[0]
+        if config.stream:
+            block.arrays = None
+        blocks.append(block)
+    counts = np.zeros((2, n_frames))
+    for b in range(n_blocks):
+        start, stop = b * per_block, min((b + 1) * per_block, n_frames)
+        counts[:, start:stop] = _frame_counts(plan, start, stop)
+    return DirectProblem(
+        detector=detector, grid=grid, sampling=sampling, rotations=blocks[0].rotations, mesh=mesh,
+        geometry=geometry_arrays, rotation_set=None, blocks=[], batch=None, n_frames=n_frames,
+        n_padded=n_blocks * per_block, n_slots=n_slots, n_shells=int(background.shape[1]), lengths=(0, 0),
+        photons=counts[0], expected_background=counts[1], frame_weights=weights,
+        truth=dataset.read_truth() if dataset.has_truth else None, plan=None, stream=config.stream,
+        kept_budget=1024, direct_plan=plan, direct_blocks=blocks,
+    )
+
+
+def _longest_frame(plan: DirectPlan, start: int, n_local: int) -> int:
+    frames = plan.source.read(start, start + n_local)
+    return int(max(np.diff(frames.photon_offsets).max(initial=0) + np.diff(frames.dead_offsets).max(initial=0), 0))
+
+
+def block_signal(plan: DirectPlan, intensity, quaternions: jax.Array, n_shells: int) -> jax.Array:
+    """(n_rot, n_shells) exact expected signal of the block's rotations (chunks of ``SIGNAL_CHUNK``)."""
+    proj, shape, n_box = plan.projection
+    n_rot = quaternions.shape[0]
+    pad = -n_rot % SIGNAL_CHUNK
+    quats = jnp.concatenate([quaternions, jnp.tile(quaternions[:1], (pad, 1))])
+    h_max = model_lib._bucket(int(np.max(np.asarray(model_lib.near_sphere_counts(quats, proj)))))
+    parts = [kernels.exact_signal(intensity, quats[i : i + SIGNAL_CHUNK], proj, plan.geometry, shape, h_max, n_box,
+                                  n_shells)[0] for i in range(0, quats.shape[0], SIGNAL_CHUNK)]
+    return jnp.concatenate(parts)[:n_rot]
+
+
+def direct_estep(problem: DirectProblem, intensity, phi, state: EMCState, spec: StepSpec):
+    """E-step over every block: (kept pairs on the mesh, their rotation set, (4, n_padded) stats)."""
+    plan = problem.direct_plan
+    stats = np.zeros((4, problem.n_padded))
+    pairs = []
+    for block in problem.data_blocks():
+        signal = block_signal(plan, intensity, block.arrays.quaternions, problem.n_shells)
+        result = kernels.estep_direct(intensity, phi, state.likelihood, state.hyper, plan.geometry, block.arrays,
+                                      signal, spec.max_kept)
+        values = [np.asarray(v) for v in result.stats]
+        values[2] = block.rotations[values[2]]
+        n = min(block.n_local, problem.n_padded - block.start)
+        stats[:, block.start : block.start + n] = np.stack(values)[:, :n]
+        prob = np.asarray(result.prob)
+        frame, j = np.nonzero(prob > 0)
+        slot = np.asarray(result.slot)[frame, j]
+        cand = np.asarray(block.arrays.local.candidates)[frame, slot]
+        inside = np.asarray(result.inside)[frame, j] & block.records["valid"][frame]
+        pairs.append((block.start + frame, block.rotations[cand], prob[frame, j], inside, block.records, frame,
+                      np.asarray(block.arrays.local.masked_shells)[frame], np.asarray(block.arrays.local.background)[frame]))
+    kept, union_set = kept_from_direct(problem, pairs, not state.likelihood.linear_zero_term)
+    return kept, union_set, stats
+
+
+def kept_from_direct(problem: DirectProblem, pairs: list, with_background: bool) -> tuple[Kept, RotationSet]:
+    """Kept pairs of every block numbered into the in-peak entries of the union of the kept rotations."""
+    plan = problem.direct_plan
+    union = np.unique(np.concatenate([p[1] for p in pairs]))
+    union_set = rotation_set(problem.mesh, problem.grid, problem.detector, plan.sampling, plan.log_w, union, pad=True)
+    n_pix = problem.detector.n_pix
+    key = union_set.index.rotation * n_pix + union_set.index.pixel
+    columns = {f: [] for f in Kept._fields}
+    for frame, rotation, prob, inside, records, local_frame, masked, background in pairs:
+        u = np.searchsorted(union, rotation)
+        pair, record = np.nonzero(inside)
+        row = local_frame[pair]
+        pixel = records["pixel"][row, record].astype(np.int64)
+        columns["entry"].append(np.searchsorted(key, u[pair] * n_pix + pixel).astype(np.int32))
+        columns["prob"].append(prob[pair])
+        columns["count"].append(records["count"][row, record])
+        columns["dead"].append(records["dead"][row, record])
+        columns["background"].append(records["background"][row, record])
+        columns["polarization"].append(problem.detector.polarization[pixel].astype(np.float32))
+        columns["frame"].append(frame[pair].astype(np.int32))
+        columns["pair_frame"].append(frame.astype(np.int32))
+        columns["pair_rotation"].append(u.astype(np.int32))
+        columns["pair_prob"].append(prob)
+        columns["pair_masked"].append(masked)
+        columns["pair_background"].append(background if with_background else np.zeros((prob.shape[0], 0), np.float32))
+    n_terms = bucket_length(max(sum(x.shape[0] for x in columns["entry"]), 1))
+    n_pairs = bucket_length(max(sum(x.shape[0] for x in columns["pair_frame"]), 1))
+    out = []
+    for field in Kept._fields:
+        v = np.concatenate(columns[field])
+        length = n_pairs if field.startswith("pair_") else n_terms
+        fill = {"background": 1.0, "polarization": 1.0, "pair_masked": problem.n_shells}.get(field, 0)
+        v = np.pad(v, [(0, length - v.shape[0])] + [(0, 0)] * (v.ndim - 1), constant_values=fill)
+        out.append(parallel.stack(problem.mesh, [v]))
+    return Kept(*out), union_set
+
+
+def iteration(problem: DirectProblem, state: EMCState, spec: StepSpec):
+    """One iteration (E-step, intensity update[, E-step, phi update]): (state, Diagnostics), like
+    emc's host-driven iteration, with the M-steps of the table path."""
+    from emcjax.emc import _mstep_kernel  # the M-step kernels of the table path, unchanged
+
+    phi = jnp.pad(state.phi, (0, problem.n_padded - problem.n_frames))
+    kept, kept_set, first = direct_estep(problem, state.intensity, phi, state, spec)
+    shared = kept_set.shared(problem.geometry)
+    intensity = _mstep_kernel(problem.mesh, spec, "intensity")(state.intensity, phi, state.likelihood, kept, shared)
+    last = first
+    if spec.update_phi:
+        kept, kept_set, last = direct_estep(problem, intensity, phi, state, spec)
+        shared = kept_set.shared(problem.geometry)
+        intensity, phi = _mstep_kernel(problem.mesh, spec, "phi")(intensity, phi, state.likelihood, kept, shared)
+    new = state._replace(iteration=state.iteration + 1, intensity=intensity, phi=phi[: problem.n_frames])
+    pairs = KeptRotations(*(parallel.host_array(x).ravel() for x in (kept.pair_frame, kept.pair_rotation, kept.pair_prob)))
+    pairs = pairs._replace(rotation=kept_set.rotations[np.minimum(pairs.rotation, kept_set.rotations.shape[0] - 1)])
+    return new, Diagnostics(first=FrameStats(*first), last=FrameStats(*last), n_live=0, kept=pairs)
