@@ -28,6 +28,7 @@ from emcjax import model as model_lib
 from emcjax import parallel
 from emcjax.blocks import FrameSource, RotationSet, frame_arrays, rotation_set
 from emcjax.config import EMCConfig
+from emcjax.core import cut_signal
 from emcjax.core import direct as kernels
 from emcjax.core.arrays import BlockArrays, EMCState, Kept, PhotonArrays
 from emcjax.core.step import Diagnostics, FrameStats, KeptRotations, StepSpec
@@ -36,10 +37,11 @@ from emcjax.detector import Detector
 from emcjax.errors import ConfigError
 from emcjax.join import BACKGROUND_FLOOR
 from emcjax.problem import Problem, _frame_counts, _geometry, geometry_setup
-from emcjax.rotations import sample_600cell
+from emcjax.rotations import crystal_from_lab, misorientation_angle
+from emcjax.sampling_index import SampledRotations
 
 SIGNAL_CHUNK = 64  # rotations per call of the expected-signal kernel
-SHARED_ROTATIONS = 4096  # most rotations of block 0 whose entries scale the initial model
+SHARED_ENTRIES = 1 << 22  # most in-peak entries (estimated) of block 0's rotations that scale the initial model
 
 
 def choose_path(n_frames: int, n_candidates: int, n_distinct: int, photons_per_frame: float,
@@ -73,7 +75,7 @@ class DirectPlan:
     detector: Detector
     grid: model_lib.ReciprocalGrid
     sampling: object  # quaternions / log_weights indexable by sampling index
-    log_w: np.ndarray  # (n_sampling,) log prior, normalised
+    log_w: object  # log prior (normalised), indexable by sampling index
     candidates: tuple[np.ndarray, np.ndarray]  # (offsets, sampling indices)
     n_slots: int
     n_masked: int
@@ -82,6 +84,8 @@ class DirectPlan:
     weights: np.ndarray  # (n_frames,) float32
     geometry: kernels.Geometry
     projection: tuple  # model.projection_setup
+    signal: str = "exact"  # expected signal: "exact" (pixel sums) or "tabulated" (emcjax.core.cut_signal)
+    cut: cut_signal.CutGeometry | None = None
 
 
 @dataclasses.dataclass(eq=False)
@@ -144,13 +148,27 @@ def build_direct_block(plan: DirectPlan, start: int, n_local: int) -> tuple[Dire
         join=None, cell_offsets=None, masked_shells=jnp.asarray(masked), background=jnp.asarray(background),
         weight=jnp.asarray(weight), photons=PhotonArrays(*(jnp.asarray(x) for x in photons)),
     )
+    quaternions = np.asarray(plan.sampling.quaternions[padded], np.float64)
     arrays = kernels.DirectBlock(
         local=local,
-        quaternions=jnp.asarray(plan.sampling.quaternions[padded], jnp.float32),
+        quaternions=jnp.asarray(quaternions, jnp.float32),
         log_prior=jnp.asarray(prior),
         records=kernels.Records(*(jnp.asarray(records[k]) for k in kernels.Records._fields)),
+        frame_reflections=None if plan.signal == "exact" else _frame_reflections(plan, quaternions, candidates, mask),
     )
     return DirectBlockData(start, n_local, arrays, padded, records), longest
+
+
+def _frame_reflections(plan: DirectPlan, quaternions: np.ndarray, candidates: np.ndarray, mask: np.ndarray):
+    """(n_local, h) reflections that can cut the sphere at any candidate of each frame (tabulated signal)."""
+    centre = quaternions[candidates[:, 0]]
+    angle = np.where(mask, misorientation_angle(quaternions[candidates], centre[:, None, :]), 0.0)
+    reach = jnp.asarray(angle.max(axis=1), jnp.float32)
+    centre = jnp.asarray(centre, jnp.float32)
+    proj = plan.projection[0]
+    _, counts = cut_signal.frame_reflection_lists(centre, reach, proj, plan.cut, 32)
+    h = model_lib.bucket_count(int(np.max(np.asarray(counts))))
+    return cut_signal.frame_reflection_lists(centre, reach, proj, plan.cut, h)[0]
 
 
 @dataclasses.dataclass(eq=False)
@@ -163,9 +181,14 @@ class DirectProblem(Problem):
 
     @functools.cached_property
     def shared(self):
-        """Entries of (at most ``SHARED_ROTATIONS`` of) block 0's rotations: what scales the initial model."""
-        rotations = np.unique(self.direct_blocks[0].rotations)[:SHARED_ROTATIONS]
+        """Entries of block 0's rotations, at most ``SHARED_ENTRIES`` of them (the first rotations): what scales
+        the initial model (the table path uses all of block 0's rotations)."""
+        rotations = np.unique(self.direct_blocks[0].rotations)
         plan = self.direct_plan
+        proj = plan.projection[0]
+        near = np.asarray(model_lib.near_sphere_counts(jnp.asarray(plan.sampling.quaternions[rotations[:1]], jnp.float32), proj))
+        pixels_per_peak = plan.projection[2] ** 2 / 2.0  # about the in-peak pixels of one reflection
+        rotations = rotations[: max(1, int(SHARED_ENTRIES / max(near[0] * pixels_per_peak, 1.0)))]
         return rotation_set(self.mesh, self.grid, self.detector, plan.sampling, plan.log_w, rotations,
                             pad=True).shared(self.geometry)
 
@@ -182,14 +205,18 @@ class DirectProblem(Problem):
 
 
 def setup_direct(dataset: SparseDataset, config: EMCConfig, frames: SparseFrames | None = None, *, mesh=None,
-                 frame_weights=None, sampling=None) -> DirectProblem:
+                 frame_weights=None, sampling=None, sampling_n: int | None = None,
+                 signal: str = "exact") -> DirectProblem:
     """Set-up of the direct path for frames with candidate lists (one device): geometry, the frames' records
     and candidate quaternions per block; no in-peak entries.
 
-    ``sampling``: the rotations candidate indices refer to (default: the 600-cell of the data set's
-    ``candidate_sampling_n``); anything whose ``quaternions`` and ``log_weights`` can be indexed by
-    sampling index.
+    ``sampling``: the rotations candidate indices refer to; anything whose ``quaternions`` and ``log_weights``
+    can be indexed by sampling index. Default: the 600-cell sampling of parameter ``sampling_n`` (default the
+    data set's ``candidate_sampling_n``) by index (emcjax.sampling_index: only the rotations used are built). ``signal``: "exact" (the table path's S, summed over every in-peak pixel) or
+    "tabulated" (cut integrals, emcjax.core.cut_signal: for detectors whose peaks span many pixels).
     """
+    if signal not in ("exact", "tabulated"):
+        raise ConfigError(f"signal must be 'exact' or 'tabulated', got {signal!r}")
     mesh = parallel.make_mesh() if mesh is None else mesh
     if mesh.size != 1:
         raise ConfigError(f"the direct candidate path runs on one device; the mesh has {mesh.size}")
@@ -199,8 +226,11 @@ def setup_direct(dataset: SparseDataset, config: EMCConfig, frames: SparseFrames
         raise ConfigError(f"{dataset.path}: the direct path needs candidate lists (/frames/candidate_offsets)")
     offsets, rotation_ids = (np.asarray(x, np.int64) for x in candidates)
     if sampling is None:
-        sampling = sample_600cell(int(dataset.candidate_sampling_n))
-    log_w = np.asarray(sampling.log_weights)
+        sampling = SampledRotations(int(dataset.candidate_sampling_n if sampling_n is None else sampling_n))
+    if int(rotation_ids.max(initial=0)) >= sampling.n_rot:
+        raise ConfigError(f"{dataset.path}: candidate rotation {int(rotation_ids.max())} is outside the sampling "
+                          f"of {sampling.n_rot} rotations")
+    log_w = sampling.log_weights
     n_frames = source.n_frames
     n_slots = max(int(np.diff(offsets).max()), 1)
     background = source.background()
@@ -211,7 +241,8 @@ def setup_direct(dataset: SparseDataset, config: EMCConfig, frames: SparseFrames
     )
     plan = DirectPlan(source, detector, grid, sampling, log_w, (offsets, rotation_ids), n_slots,
                       max(int((background < 0).sum(axis=1).max()), 1), None, background, weights, geometry,
-                      model_lib.projection_setup(grid, detector))
+                      model_lib.projection_setup(grid, detector), signal,
+                      cut_signal.cut_geometry(grid, detector) if signal == "tabulated" else None)
     per_block = n_frames if config.block_frames == 0 else min(config.block_frames, n_frames)
     n_blocks = math.ceil(n_frames / per_block)
     longest = max(_longest_frame(plan, b * per_block, per_block) for b in range(n_blocks))
@@ -241,15 +272,29 @@ def _longest_frame(plan: DirectPlan, start: int, n_local: int) -> int:
     return int(max(np.diff(frames.photon_offsets).max(initial=0) + np.diff(frames.dead_offsets).max(initial=0), 0))
 
 
-def block_signal(plan: DirectPlan, intensity, quaternions: jax.Array, n_shells: int) -> jax.Array:
-    """(n_rot, n_shells) exact expected signal of the block's rotations (chunks of ``SIGNAL_CHUNK``)."""
+def signal_table(plan: DirectPlan, intensity):
+    """What :func:`block_signal` needs of the model once per E-step: the cut table (tabulated), else None."""
+    if plan.signal == "exact":
+        return None
+    return cut_signal.cut_table(intensity, plan.cut, plan.grid.tables)
+
+
+def block_signal(plan: DirectPlan, intensity, quaternions: jax.Array, n_shells: int, table=None) -> jax.Array:
+    """(n_rot, n_shells) expected signal of the block's rotations at phi = 1, in chunks of ``SIGNAL_CHUNK``:
+    exact, or from the cut ``table`` of :func:`signal_table`."""
     proj, shape, n_box = plan.projection
     n_rot = quaternions.shape[0]
     pad = -n_rot % SIGNAL_CHUNK
     quats = jnp.concatenate([quaternions, jnp.tile(quaternions[:1], (pad, 1))])
-    h_max = model_lib._bucket(int(np.max(np.asarray(model_lib.near_sphere_counts(quats, proj)))))
-    parts = [kernels.exact_signal(intensity, quats[i : i + SIGNAL_CHUNK], proj, plan.geometry, shape, h_max, n_box,
-                                  n_shells)[0] for i in range(0, quats.shape[0], SIGNAL_CHUNK)]
+    h_max = model_lib.bucket_count(int(np.max(np.asarray(model_lib.near_sphere_counts(quats, proj)))))
+    parts = []
+    for i in range(0, quats.shape[0], SIGNAL_CHUNK):
+        chunk = quats[i : i + SIGNAL_CHUNK]
+        if plan.signal == "exact":
+            parts.append(kernels.exact_signal(intensity, chunk, proj, plan.geometry, shape, h_max, n_box, n_shells)[0])
+        else:
+            parts.append(cut_signal.tabulated_signal(table, chunk, proj, plan.cut, plan.geometry.shell, shape, h_max,
+                                                     n_shells)[0])
     return jnp.concatenate(parts)[:n_rot]
 
 
@@ -258,8 +303,16 @@ def direct_estep(problem: DirectProblem, intensity, phi, state: EMCState, spec: 
     plan = problem.direct_plan
     stats = np.zeros((4, problem.n_padded))
     pairs = []
+    table = signal_table(plan, intensity)
     for block in problem.data_blocks():
-        signal = block_signal(plan, intensity, block.arrays.quaternions, problem.n_shells)
+        if plan.signal == "exact":
+            signal = block_signal(plan, intensity, block.arrays.quaternions, problem.n_shells)
+            signal = kernels.candidate_signal(signal, block.arrays.local)
+        else:
+            local = block.arrays.local
+            rot = crystal_from_lab(block.arrays.quaternions)[local.candidates]
+            signal = cut_signal.frame_signal(table, rot, block.arrays.frame_reflections, local.masked_shells,
+                                             plan.projection[0], plan.cut, plan.geometry.shell, plan.projection[1])
         result = kernels.estep_direct(intensity, phi, state.likelihood, state.hyper, plan.geometry, block.arrays,
                                       signal, spec.max_kept)
         values = [np.asarray(v) for v in result.stats]

@@ -562,6 +562,16 @@ def _reflection_pixels(quaternions, proj: _ProjectionTables, tables: GridTables,
     return jnp.where(keep, pixel, -1), count
 
 
+def near_sphere(rot: jax.Array, proj: _ProjectionTables) -> jax.Array:
+    """(n_refl,) bool reflections whose peak can touch the Ewald sphere at crystal_from_lab ``rot`` (3, 3)."""
+    return _near_sphere(rot, proj)
+
+
+def bucket_count(n: int) -> int:
+    """``n`` rounded up to a multiple of 32 (few distinct compiled shapes)."""
+    return _bucket(n)
+
+
 def near_sphere_counts(quaternions: jax.Array, proj: _ProjectionTables) -> jax.Array:
     """(n_rot,) int32 reflections whose peak can touch the Ewald sphere at each rotation (the ``h_max`` that
     :func:`reflection_pixels` needs is their maximum)."""

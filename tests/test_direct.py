@@ -59,7 +59,8 @@ def test_log_likelihoods_equal_the_table_path(listed):
         local = table.local_block(b)
         expected = np.asarray(block_log_likelihood(
             rotation_tables(state.intensity, shared, table.n_shells), phi, state.likelihood, shared, local))
-        signal = direct.block_signal(fast.direct_plan, state.intensity, blk.arrays.quaternions, fast.n_shells)
+        signal = kernels.candidate_signal(
+            direct.block_signal(fast.direct_plan, state.intensity, blk.arrays.quaternions, fast.n_shells), blk.arrays.local)
         got = kernels.estep_direct(state.intensity, phi, state.likelihood, state.hyper, fast.direct_plan.geometry,
                                    blk.arrays, signal, 8)
         # same candidate slots: both number a frame's candidates by their position in the sorted block union
@@ -87,3 +88,50 @@ def test_same_model_after_three_iterations(listed):
     np.testing.assert_allclose(p_d, p_t, rtol=1e-3, atol=1e-4)
     assert np.mean(b_d == b_t) > 0.95
     assert np.mean(b_d == truth["rotation_index"]) > 0.5
+
+
+def test_sampled_rotations_by_index_equal_the_sampling():
+    from emcjax.errors import ConfigError
+    from emcjax.sampling_index import SampledRotations
+
+    for n in (1, 2, 4):
+        whole = sample_600cell(n)
+        lazy = SampledRotations(n)
+        index = np.random.default_rng(n).permutation(whole.n_rot)[: min(whole.n_rot, 500)]
+        np.testing.assert_allclose(lazy.quaternions[index], whole.quaternions[index], atol=1e-15)
+        np.testing.assert_allclose(lazy.log_weights[index], whole.log_weights[index], atol=1e-12)
+    with pytest.raises(ConfigError, match="out of range"):
+        lazy.quaternions[[whole.n_rot]]
+
+
+def test_tabulated_signal_close_to_the_pixel_sum():
+    """Where peaks span many pixels, the cut-integral S is within a few per cent of the exact pixel sum, and
+    follows its variation between rotations."""
+    import jax.numpy as jnp
+
+    from emcjax import model as model_lib
+    from emcjax.core import cut_signal
+    from emcjax.crystal import Crystal
+    from emcjax.detector import make_detector
+    from emcjax.simulate import random_quaternions, true_model
+
+    geometry = DetectorGeometry(num_rows=160, num_cols=160, pixel_size_m=172e-6, distance_m=0.06,
+                                beam_center_px=(79.5, 79.5), beamstop_radius_px=4.0, resolution_max_A=5.0, n_shells=10)
+    detector = make_detector(geometry)
+    crystal = Crystal(cell=(30.0, 30.0, 30.0, 90.0, 90.0, 90.0), space_group="P 1")
+    q_min = float(np.linalg.norm(detector.q, axis=1).min())
+    grid = model_lib.make_grid(crystal, d_min=5.0, d_max=1 / q_min, vn=5, gw=2.0)
+    rng = np.random.default_rng(0)
+    intensity = jnp.asarray(true_model(grid, SimulationConfig(geometry=geometry, vn=5), rng), jnp.float32)
+    quats = jnp.asarray(random_quaternions(rng, 16), jnp.float32)
+    proj, shape, n_box = model_lib.projection_setup(grid, detector)
+    geo = kernels.Geometry(jnp.asarray(detector.polarization, jnp.float32), jnp.asarray(detector.shell, jnp.int32),
+                           grid.tables, jnp.asarray(detector.q, jnp.float32))
+    h_max = model_lib.bucket_count(int(np.max(np.asarray(model_lib.near_sphere_counts(quats, proj)))))
+    exact = np.asarray(kernels.exact_signal(intensity, quats, proj, geo, shape, h_max, n_box, 10)[0]).sum(axis=1)
+    cut = cut_signal.cut_geometry(grid, detector)
+    table = cut_signal.cut_table(intensity, cut, grid.tables)
+    approx = np.asarray(cut_signal.tabulated_signal(table, quats, proj, cut, geo.shell, shape, h_max, 10)[0]).sum(axis=1)
+    relative = approx / exact - 1
+    assert np.abs(relative).max() < 0.05, relative
+    assert np.corrcoef(approx, exact)[0, 1] > 0.98

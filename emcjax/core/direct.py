@@ -58,12 +58,15 @@ class DirectBlock(NamedTuple):
       quaternions: (n_rot, 4) float32 the block's distinct candidate rotations.
       log_prior: (n_rot,) float32 their log prior (normalised over the sampling; -inf on padding).
       records: the frames' photon and dead-pixel records.
+      frame_reflections: (n_local, h) int32 reflections that can cut the Ewald sphere at any of the frame's
+        candidates (the tabulated signal, emcjax.core.cut_signal), or None.
     """
 
     local: BlockArrays
     quaternions: jax.Array
     log_prior: jax.Array
     records: Records
+    frame_reflections: jax.Array | None = None
 
 
 def _in_peak(rot: jax.Array, q_lab: jax.Array, tables: model_lib.GridTables):
@@ -129,10 +132,13 @@ def exact_signal(intensity, quaternions, proj, geometry: Geometry, shape, h_max:
     return signal.reshape(-1, n_shells), counts
 
 
-def signal_tables(signal: jax.Array) -> RotationTables:
-    """Rotation tables (no tomogram) of a (n_rot, n_shells) expected signal, for ``estep.frame_signal``."""
+@jax.jit
+def candidate_signal(signal: jax.Array, local: BlockArrays) -> jax.Array:
+    """(n_local, n_slots) S_dr over each frame's valid shells from the (n_rot, n_shells) signal of the block's
+    rotations (``estep.frame_signal``)."""
     padded = jnp.concatenate([signal, jnp.zeros((signal.shape[0], 1), signal.dtype)], axis=1)
-    return RotationTables(tomogram=None, signal=padded, total=signal.sum(axis=1))
+    tables = RotationTables(tomogram=None, signal=padded, total=signal.sum(axis=1))
+    return frame_signal(tables, local.candidates, local.masked_shells[:, None, :])
 
 
 class DirectEStep(NamedTuple):
@@ -155,14 +161,15 @@ class DirectEStep(NamedTuple):
 @functools.partial(jax.jit, static_argnames=("k",))
 def estep_direct(intensity, phi, state_likelihood, hyper: Hyper, geometry: Geometry, block: DirectBlock,
                  signal: jax.Array, k: int) -> DirectEStep:
-    """E-step of one block by direct photon-peak tests; ``signal`` (n_rot, n_shells) the expected signal of
-    the block's rotations at phi = 1 (:func:`exact_signal` or an approximation)."""
+    """E-step of one block by direct photon-peak tests; ``signal`` (n_local, n_slots) the expected signal S_dr
+    at phi = 1 of every candidate over the frame's valid shells (:func:`candidate_signal` of
+    :func:`exact_signal`, or emcjax.core.cut_signal.frame_signal)."""
     local = block.local
     phi_local = local_phi(phi, local)
     photon = photon_terms(intensity, phi_local, state_likelihood, geometry, block)
     if not state_likelihood.linear_zero_term:
         raise NotImplementedError("the direct path needs a likelihood whose zero-count term is linear (Poisson)")
-    zero = -phi_local[:, None] * frame_signal(signal_tables(signal), local.candidates, local.masked_shells[:, None, :])
+    zero = -phi_local[:, None] * signal
     logl = photon + zero
     shared = Shared(entries=None, polarization=geometry.polarization, shell=geometry.shell, log_prior=block.log_prior,
                     tables=geometry.tables)
