@@ -23,7 +23,7 @@ from emcjax.simulate import SimulationConfig, simulate
 GEOMETRY = DetectorGeometry(
     num_rows=96, num_cols=96, pixel_size_m=1.8e-3, beam_center_px=(47.5, 47.5), resolution_max_A=6.0, n_shells=20
 )
-SIM = SimulationConfig(n_frames=60, geometry=GEOMETRY, rotation_n=3, bragg_photons=200.0, seed=7)
+SIM = SimulationConfig(n_frames=40, geometry=GEOMETRY, rotation_n=3, bragg_photons=200.0, seed=7)
 
 
 @pytest.fixture(scope="module")
@@ -45,12 +45,20 @@ def listed(tmp_path_factory):
     return path, truth
 
 
-def test_log_likelihoods_equal_the_table_path(listed):
+@pytest.fixture(scope="module")
+def problems(listed):
+    """The table path and the direct path (through setup_problem's candidate_path) on the same data."""
     path, _ = listed
-    config = emc.EMCConfig(block_frames=20)
     with data_io.SparseDataset(path) as dataset:
-        table = emc.setup_problem(dataset, config)
-        fast = direct.setup_direct(dataset, config)
+        table = emc.setup_problem(dataset, emc.EMCConfig(block_frames=20))
+        fast = emc.setup_problem(dataset, emc.EMCConfig(block_frames=20, candidate_path="direct"))
+    assert isinstance(fast, direct.DirectProblem) and not isinstance(table, direct.DirectProblem)
+    return table, fast
+
+
+def test_log_likelihoods_equal_the_table_path(problems):
+    table, fast = problems
+    config = emc.EMCConfig(block_frames=20)
     state = emc.initial_state(table, config, seed=1)
     phi = np.pad(np.asarray(state.phi), (0, table.n_padded - table.n_frames))
     for b, (block, blk) in enumerate(zip(table.blocks, fast.direct_blocks)):
@@ -70,24 +78,32 @@ def test_log_likelihoods_equal_the_table_path(listed):
         assert np.ptp(expected[mask]) > 10  # the candidates are told apart
 
 
-def test_same_model_after_three_iterations(listed):
-    path, truth = listed
+def test_same_model_after_three_iterations(listed, problems):
+    _, truth = listed
     config = emc.EMCConfig(block_frames=20)
     results = []
-    with data_io.SparseDataset(path) as dataset:
-        for problem in (emc.setup_problem(dataset, config), direct.setup_direct(dataset, config)):
-            state = emc.initial_state(problem, config, seed=0)
-            logl = []
-            for _ in range(3):
-                state, metrics, per_frame = emc.iterate(problem, state, config)
-                logl.append(metrics["log_likelihood"])
-            results.append((np.asarray(state.intensity), np.asarray(state.phi), per_frame["best_rotation"], logl))
+    for problem in problems:
+        state = emc.initial_state(problem, config, seed=0)
+        logl = []
+        for _ in range(3):
+            state, metrics, per_frame = emc.iterate(problem, state, config)
+            logl.append(metrics["log_likelihood"])
+        results.append((np.asarray(state.intensity), np.asarray(state.phi), per_frame["best_rotation"], logl))
     (i_t, p_t, b_t, l_t), (i_d, p_d, b_d, l_d) = results
     np.testing.assert_allclose(l_d, l_t, rtol=1e-5)
     np.testing.assert_allclose(i_d, i_t, rtol=1e-3, atol=1e-4 * i_t.max())
     np.testing.assert_allclose(p_d, p_t, rtol=1e-3, atol=1e-4)
     assert np.mean(b_d == b_t) > 0.95
     assert np.mean(b_d == truth["rotation_index"]) > 0.5
+
+
+def test_cost_estimate():
+    """Shared rotations (a full search) take the table path; one frame per candidate with many-pixel peaks
+    and the tabulated signal, or entries that do not fit, the direct path."""
+    assert direct.choose_path(2000 * 3240, 3240, 180, 800, 1000, "exact") == "table"
+    assert direct.choose_path(80000 * 200, 80000 * 200, 180, 25000, 1200, "tabulated") == "direct"
+    assert direct.choose_path(80000 * 200, 80000 * 200, 180, 25000, 1200, "exact") == "direct"  # 2.6e13 bytes
+    assert direct.choose_path(40 * 200, 40 * 200, 180, 800, 250, "exact") == "table"
 
 
 def test_sampled_rotations_by_index_equal_the_sampling():
@@ -133,5 +149,5 @@ def test_tabulated_signal_close_to_the_pixel_sum():
     table = cut_signal.cut_table(intensity, cut, grid.tables)
     approx = np.asarray(cut_signal.tabulated_signal(table, quats, proj, cut, geo.shell, shape, h_max, 10)[0]).sum(axis=1)
     relative = approx / exact - 1
-    assert np.abs(relative).max() < 0.05, relative
-    assert np.corrcoef(approx, exact)[0, 1] > 0.98
+    assert np.abs(relative).max() < 0.03, relative  # measured: 0.015
+    assert np.corrcoef(approx, exact)[0, 1] > 0.995  # measured: 0.9995 (spread of S between rotations 14 %)
