@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import time
 
 import jax
 import jax.numpy as jnp
@@ -214,6 +215,7 @@ class DirectProblem(Problem):
 
     direct_plan: DirectPlan | None = None
     direct_blocks: list | None = None
+    seconds: dict = dataclasses.field(default_factory=dict)
 
     @functools.cached_property
     def shared(self):
@@ -336,10 +338,12 @@ def block_signal(plan: DirectPlan, intensity, quaternions: jax.Array, n_shells: 
 
 
 def direct_estep(problem: DirectProblem, intensity, phi, state: EMCState, spec: StepSpec):
-    """E-step over every block: (kept pairs on the mesh, their rotation set, (4, n_padded) stats)."""
+    """E-step over every block: (kept pairs on the mesh, their rotation set, (4, n_padded) stats). Seconds
+    per phase accumulate in ``problem.seconds`` (signal, photons and posterior, kept entries)."""
     plan = problem.direct_plan
     stats = np.zeros((4, problem.n_padded))
     pairs = []
+    clock = time.perf_counter()
     table = signal_table(plan, intensity)
     for block in problem.data_blocks():
         if plan.signal == "exact":
@@ -350,8 +354,10 @@ def direct_estep(problem: DirectProblem, intensity, phi, state: EMCState, spec: 
             rot = crystal_from_lab(block.arrays.quaternions)[local.candidates]
             signal = cut_signal.frame_signal(table, rot, block.arrays.frame_reflections, local.masked_shells,
                                              plan.projection[0], plan.cut, plan.geometry.shell, plan.projection[1])
+        clock = _lap(problem, "signal", clock, signal)
         result = kernels.estep_direct(intensity, phi, state.likelihood, state.hyper, plan.geometry, block.arrays,
                                       signal, spec.max_kept)
+        clock = _lap(problem, "photons and posterior", clock, result)
         values = [np.asarray(v) for v in result.stats]
         values[2] = block.rotations[values[2]]
         n = min(block.n_local, problem.n_padded - block.start)
@@ -364,7 +370,15 @@ def direct_estep(problem: DirectProblem, intensity, phi, state: EMCState, spec: 
         pairs.append((block.start + frame, block.rotations[cand], prob[frame, j], inside, block.records, frame,
                       np.asarray(block.arrays.local.masked_shells)[frame], np.asarray(block.arrays.local.background)[frame]))
     kept, union_set = kept_from_direct(problem, pairs, not state.likelihood.linear_zero_term)
+    _lap(problem, "kept rotations' entries", clock, kept)
     return kept, union_set, stats
+
+
+def _lap(problem: DirectProblem, phase: str, clock: float, result) -> float:
+    jax.block_until_ready(result)
+    now = time.perf_counter()
+    problem.seconds[phase] = problem.seconds.get(phase, 0.0) + now - clock
+    return now
 
 
 def kept_from_direct(problem: DirectProblem, pairs: list, with_background: bool) -> tuple[Kept, RotationSet]:
@@ -412,12 +426,16 @@ def iteration(problem: DirectProblem, state: EMCState, spec: StepSpec):
     phi = jnp.pad(state.phi, (0, problem.n_padded - problem.n_frames))
     kept, kept_set, first = direct_estep(problem, state.intensity, phi, state, spec)
     shared = kept_set.shared(problem.geometry)
+    clock = time.perf_counter()
     intensity = _mstep_kernel(problem.mesh, spec, "intensity")(state.intensity, phi, state.likelihood, kept, shared)
+    _lap(problem, "M-steps", clock, intensity)
     last = first
     if spec.update_phi:
         kept, kept_set, last = direct_estep(problem, intensity, phi, state, spec)
         shared = kept_set.shared(problem.geometry)
+        clock = time.perf_counter()
         intensity, phi = _mstep_kernel(problem.mesh, spec, "phi")(intensity, phi, state.likelihood, kept, shared)
+        _lap(problem, "M-steps", clock, phi)
     new = state._replace(iteration=state.iteration + 1, intensity=intensity, phi=phi[: problem.n_frames])
     pairs = KeptRotations(*(parallel.host_array(x).ravel() for x in (kept.pair_frame, kept.pair_rotation, kept.pair_prob)))
     pairs = pairs._replace(rotation=kept_set.rotations[np.minimum(pairs.rotation, kept_set.rotations.shape[0] - 1)])

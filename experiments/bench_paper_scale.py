@@ -31,6 +31,7 @@ from emcjax import direct, emc, simulate
 from emcjax.core import cut_signal
 from emcjax.detector import DetectorGeometry
 from emcjax.rotations import crystal_from_lab, neighbours, sample_600cell
+from emcjax.sampling_index import SampledRotations
 
 # Pilatus 6M: 2463 x 2527 pixels of 172 µm; at 0.45 m and λ = 1 Å the 4 Å circle holds ~1.4 M pixels.
 PAPER = DetectorGeometry(num_rows=2463, num_cols=2527, pixel_size_m=172e-6, distance_m=0.45,
@@ -59,6 +60,28 @@ def signal_error(problem: direct.DirectProblem, intensity, n_rotations: int) -> 
             "exact_seconds_per_rotation": exact_s / quats.shape[0]}
 
 
+def simulate_candidates(path: pathlib.Path, n_frames: int, angle: float, grid_n: int) -> None:
+    """Simulates ``n_frames`` at the paper's geometry with the grid rotations within ``angle`` of each truth as
+    candidates, written to ``path``."""
+    start = time.perf_counter()
+    sampling = sample_600cell(grid_n)
+    print(f"600-cell n={grid_n}: {sampling.n_rot} rotations in {time.perf_counter() - start:.1f} s")
+    start = time.perf_counter()
+    config = simulate.SimulationConfig(n_frames=n_frames, geometry=PAPER, rotation_n=0, seed=3)
+    frames, truth = simulate.simulate(config)
+    offsets, rotations = neighbours(sampling, truth["quaternion"], angle)
+    counts = np.diff(offsets)
+    print(f"simulated {frames.n_frames} frames in {time.perf_counter() - start:.0f} s; candidates per frame: "
+          f"mean {counts.mean():.0f}, min {counts.min()}, max {counts.max()}; "
+          f"photons per frame {np.diff(frames.photon_offsets).mean():.0f}")
+    frames = dataclasses.replace(frames, candidate_offsets=offsets, candidate_rotations=rotations)
+    data_io.write_dataset(
+        path, frames, geometry=dataclasses.asdict(PAPER),
+        crystal={"cell": np.asarray(config.cell), "space_group": config.space_group}, truth=truth,
+        candidate_sampling_n=grid_n,
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--frames", type=int, nargs="+", default=[250, 500])
@@ -69,29 +92,17 @@ def main() -> None:
     parser.add_argument("--signal", choices=("tabulated", "exact"), default="tabulated")
     parser.add_argument("--error-rotations", type=int, default=64)
     parser.add_argument("--profile", type=pathlib.Path, default=None)
+    parser.add_argument("--data", type=pathlib.Path, default=None,
+                        help="keep the simulated data set here (read it when present: same --frames max, --angle, --grid-n)")
     args = parser.parse_args()
     print(f"devices: {jax.devices()}; load average {os.getloadavg()}")
 
-    start = time.perf_counter()
-    sampling = sample_600cell(args.grid_n)
-    print(f"600-cell n={args.grid_n}: {sampling.n_rot} rotations in {time.perf_counter() - start:.1f} s")
-    start = time.perf_counter()
-    config = simulate.SimulationConfig(n_frames=max(args.frames), geometry=PAPER, rotation_n=0, seed=3)
-    frames, truth = simulate.simulate(config)
-    offsets, rotations = neighbours(sampling, truth["quaternion"], args.angle)
-    counts = np.diff(offsets)
-    print(f"simulated {frames.n_frames} frames in {time.perf_counter() - start:.0f} s; candidates per frame: "
-          f"mean {counts.mean():.0f}, min {counts.min()}, max {counts.max()}; "
-          f"photons per frame {np.diff(frames.photon_offsets).mean():.0f}")
-    frames = dataclasses.replace(frames, candidate_offsets=offsets, candidate_rotations=rotations)
     emc_config = emc.EMCConfig(block_frames=args.block_frames, max_kept=32)
     with tempfile.TemporaryDirectory() as tmp:
-        path = pathlib.Path(tmp) / "paper.h5"
-        data_io.write_dataset(
-            path, frames, geometry=dataclasses.asdict(PAPER),
-            crystal={"cell": np.asarray(config.cell), "space_group": config.space_group}, truth=truth,
-            candidate_sampling_n=args.grid_n,
-        )
+        path = args.data if args.data is not None else pathlib.Path(tmp) / "paper.h5"
+        if not path.exists():
+            simulate_candidates(path, max(args.frames), args.angle, args.grid_n)
+        sampling = SampledRotations(args.grid_n)
         with data_io.SparseDataset(path) as dataset:
             for n in args.frames:
                 subset = dataset.read_block(0, n)
@@ -104,6 +115,7 @@ def main() -> None:
                       f"{problem.grid.n_refl} reflections, {problem.direct_plan.n_records} records per frame (padded)")
                 state = emc.initial_state(problem, emc_config, seed=0)
                 for i in range(args.iters):
+                    problem.seconds.clear()
                     if args.profile is not None and i == args.iters - 1:
                         jax.profiler.start_trace(str(args.profile))
                     state, metrics, _ = emc.iterate(problem, state, emc_config)
@@ -112,7 +124,8 @@ def main() -> None:
                     seconds = metrics["seconds"]
                     print(f"[{n} frames] iteration {int(state.iteration)}: {seconds:.1f} s "
                           f"({seconds * per_1000:.1f} s per 1000 frames), certainty {metrics['certainty']:.3f}, "
-                          f"cc_true {metrics['cc_true']:.4f}, load average {os.getloadavg()[0]:.1f}")
+                          f"cc_true {metrics['cc_true']:.4f}, load average {os.getloadavg()[0]:.1f}; seconds by phase: "
+                          + ", ".join(f"{k} {v:.1f}" for k, v in problem.seconds.items()))
             if args.error_rotations:
                 err = signal_error(problem, state.intensity, args.error_rotations)
                 print(f"tabulated S vs the exact pixel sum on {err['rotations']} candidate rotations (model after "
