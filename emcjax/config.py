@@ -62,7 +62,7 @@ class EMCConfig:
     """Frames with candidate lists: "table" builds the in-peak entries of every block's candidates and joins
     the photons with them; "direct" tests every (photon, candidate) pair on the device and builds entries of
     the kept rotations only (emcjax.direct, one device); "auto" picks by the cost estimate of
-    emcjax.direct.choose_path (docs/ARCHITECTURE.md)."""
+    emcjax.candidate_path.choose_path (docs/ARCHITECTURE.md)."""
     candidate_signal: Literal["exact", "tabulated"] = "exact"
     """Direct path: the expected signal S summed exactly over in-peak pixels, or from tabulated per-reflection
     cut integrals (emcjax.core.cut_signal; for detectors whose peaks span many pixels)."""

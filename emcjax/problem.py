@@ -234,9 +234,9 @@ def setup_problem(dataset: SparseDataset, config: EMCConfig, frames: SparseFrame
     """
     mesh = parallel.make_mesh() if mesh is None else mesh
     if config.candidate_path != "table":  # candidate lists by direct photon-peak tests (emcjax.direct)
-        from emcjax import direct
+        from emcjax import candidate_path, direct
 
-        if direct.use_direct(dataset, config, frames, mesh):
+        if candidate_path.use_direct(dataset, config, frames, mesh):
             return direct.setup_direct(dataset, config, frames, mesh=mesh, frame_weights=frame_weights)
     source, crystal, detector, grid, weights = geometry_setup(dataset, config, frames, frame_weights)
     n_frames = source.n_frames

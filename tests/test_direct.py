@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from emcjax import data as data_io
-from emcjax import direct, emc
+from emcjax import candidate_path, direct, emc
 from emcjax.core.estep import block_log_likelihood, rotation_tables
 from emcjax.core import direct as kernels
 from emcjax.detector import DetectorGeometry
@@ -100,10 +100,10 @@ def test_same_model_after_three_iterations(listed, problems):
 def test_cost_estimate():
     """Shared rotations (a full search) take the table path; one frame per candidate with many-pixel peaks
     and the tabulated signal, or entries that do not fit, the direct path."""
-    assert direct.choose_path(2000 * 3240, 3240, 180, 800, 1000, "exact") == "table"
-    assert direct.choose_path(80000 * 200, 80000 * 200, 180, 25000, 1200, "tabulated") == "direct"
-    assert direct.choose_path(80000 * 200, 80000 * 200, 180, 25000, 1200, "exact") == "direct"  # 2.6e13 bytes
-    assert direct.choose_path(40 * 200, 40 * 200, 180, 800, 250, "exact") == "table"
+    assert candidate_path.choose_path(2000 * 3240, 3240, 180, 800, 1000, "exact") == "table"
+    assert candidate_path.choose_path(80000 * 200, 80000 * 200, 180, 25000, 1200, "tabulated") == "direct"
+    assert candidate_path.choose_path(80000 * 200, 80000 * 200, 180, 25000, 1200, "exact") == "direct"  # 2.6e13 bytes
+    assert candidate_path.choose_path(40 * 200, 40 * 200, 180, 800, 250, "exact") == "table"
 
 
 def test_sampled_rotations_by_index_equal_the_sampling():
