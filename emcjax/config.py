@@ -58,6 +58,14 @@ class EMCConfig:
     stream: bool = False
     """Re-read and re-join each block from disk at every E-step (the next block is prepared while the devices
     work on the current one) instead of keeping every block's join in memory."""
+    candidate_path: Literal["table", "direct", "auto"] = "table"
+    """Frames with candidate lists: "table" builds the in-peak entries of every block's candidates and joins
+    the photons with them; "direct" tests every (photon, candidate) pair on the device and builds entries of
+    the kept rotations only (emcjax.direct, one device); "auto" picks by the cost estimate of
+    emcjax.candidate_path.choose_path (docs/ARCHITECTURE.md)."""
+    candidate_signal: Literal["exact", "tabulated"] = "exact"
+    """Direct path: the expected signal S summed exactly over in-peak pixels, or from tabulated per-reflection
+    cut integrals (emcjax.core.cut_signal; for detectors whose peaks span many pixels)."""
     refine_orientations: bool = False
     """Refine each frame's most probable rotations off the grid by gradient ascent of its log-likelihood, and
     use them (with the frame's grid candidates) in the next E- and M-steps (emcjax.refinement)."""
@@ -104,6 +112,10 @@ class EMCConfig:
             raise ConfigError(
                 f"intensity_update must be 'auto', 'reference', 'mlem' or 'gradient', got {self.intensity_update!r}"
             )
+        if self.candidate_path not in ("table", "direct", "auto"):
+            raise ConfigError(f"candidate_path must be 'table', 'direct' or 'auto', got {self.candidate_path!r}")
+        if self.candidate_signal not in ("exact", "tabulated"):
+            raise ConfigError(f"candidate_signal must be 'exact' or 'tabulated', got {self.candidate_signal!r}")
         if self.responsibilities not in ("pruned", "soft"):
             raise ConfigError(f"responsibilities must be 'pruned' or 'soft', got {self.responsibilities!r}")
         if self.intensity_rule in ("reference", "mlem") and not self.likelihood_model(1).poisson_counts:

@@ -346,6 +346,8 @@ def iterate(problem: Problem, state: EMCState, config: EMCConfig) -> tuple[EMCSt
     """
     start = time.perf_counter()
     run = _fused_iteration if problem.batch is not None else _host_iteration
+    if getattr(problem, "iteration", None) is not None:  # a problem that runs its own iteration (emcjax.direct)
+        run = lambda p, s, spec: p.iteration(s, spec)  # noqa: E731
     new, diag = _with_budget(problem, config, lambda spec: run(problem, state, spec))
     n = problem.n_frames
     used = problem.frame_weights > 0
