@@ -59,20 +59,23 @@ def test_annealing_schedule_is_a_geometric_ramp():
 
 
 def test_annealed_iterations_use_the_schedule_without_recompiling(dataset):
-    config = emc.EMCConfig(rotation_n=2, anneal_from=0.02, anneal_iterations=3)
+    # soft responsibilities: no kept-pair budget, so the step's static description never changes
+    config = emc.EMCConfig(rotation_n=2, anneal_from=0.02, anneal_iterations=3, responsibilities="soft")
     problem = emc.setup_problem(dataset, config)
     state = emc.initial_state(problem, config, seed=0)
-    plain = emc.iterate(problem, state, emc.EMCConfig(rotation_n=2))[1]
+    plain = emc.iterate(problem, state, dataclasses.replace(config, anneal_iterations=0))[1]
     kernel = emc.step_function(problem.mesh, problem.spec(config))
+    specs = emc.step_function.cache_info().currsize
     seen = []
     for _ in range(4):
         state, metrics, _ = emc.iterate(problem, state, config)
         seen.append(metrics)
     assert [m["inverse_temperature"] for m in seen] == pytest.approx([0.02, 0.02 ** (2 / 3), 0.02 ** (1 / 3), 1.0])
     assert float(state.hyper.inverse_temperature) == 1.0
-    assert kernel._cache_size() == 1  # beta is a traced value of the state: one compiled step for every beta
-    # a flatter posterior at beta = 0.02: less certain, more rotations kept than plain EM from the same start
-    assert seen[0]["certainty"] < plain["certainty"] and seen[0]["kept_mean"] > plain["kept_mean"]
+    # beta is a traced value of the state: one compiled step for every beta
+    assert kernel._cache_size() == 1 and emc.step_function.cache_info().currsize == specs
+    # a flatter posterior at beta = 0.02: less certain than plain EM from the same start
+    assert seen[0]["certainty"] < plain["certainty"] - 0.05
     # the reported log-likelihood is the untempered one: identical to plain EM's from the same state
     assert seen[0]["log_likelihood"] == pytest.approx(plain["log_likelihood"], rel=1e-6)
 
