@@ -23,7 +23,7 @@ def main(argv=None) -> None:
     p.add_argument("--tol", type=float, default=2e-3, help="stop when the relative model change is below this")
     args = p.parse_args(argv)
     if args.quick:
-        sizes = dict(d_min=8.0, photons=[10.0, 150.0], photon_scan_frames=80, frame_scan_photons=10.0,
+        sizes = dict(d_min=8.0, photons=[150.0], photon_scan_frames=80, frame_scan_photons=150.0,
                      frames=[80, 160], iters=2)
     else:
         sizes = dict(d_min=8.0, photons=[5.0, 10.0, 20.0, 50.0, 150.0], photon_scan_frames=1000,
