@@ -108,7 +108,7 @@ def save(out: pathlib.Path, name: str, table: str, record: dict, figure) -> None
     """``OUT/NAME.md`` (the table), ``OUT/NAME.json`` (every number, the sizes and the machine), ``OUT/NAME.png``."""
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{name}.md").write_text(table)
-    (out / f"{name}.json").write_text(json.dumps({**record, "machine": machine()}, indent=1, default=float))
+    (out / f"{name}.json").write_text(json.dumps({**record, "machine": machine()}, default=float))
     figure.savefig(out / f"{name}.png", dpi=110, bbox_inches="tight")
     print(table)
     print(f"wrote {out / name}.md, .json, .png")
