@@ -67,10 +67,28 @@ class EMCConfig:
     stream: bool = False
     """Re-read and re-join each block from disk at every E-step (the next block is prepared while the devices
     work on the current one) instead of keeping every block's join in memory."""
+    refine_orientations: bool = False
+    """Refine each frame's most probable rotations off the grid by gradient ascent of its log-likelihood, and
+    use them (with the frame's grid candidates) in the next E- and M-steps (emcjax.refinement)."""
+    refine_start: int = 3
+    """Refine once this many iterations are done (the model must mean something first)."""
+    refine_every: int = 1
+    """Refine at every this many iterations from refine_start; the iterations between reuse the last refined
+    candidates (refinement costs about one E-step per start rotation and Adam step)."""
+    refine_top_k: int = 2
+    """Rotations refined per frame: its k most probable of the last E-step."""
+    refine_steps: int = 30
+    """Adam steps of each refinement."""
+    refine_max_angle_deg: float = 2.0
+    """Largest rotation of a refinement away from its start (degrees)."""
+    refine_learning_rate_deg: float = 0.2
+    """Adam step size of the refinement (degrees, cosine-decayed over the steps)."""
 
     def __post_init__(self):
         positive = {"rotation_n": self.rotation_n, "inner_iterations": self.inner_iterations,
-                    "max_kept": self.max_kept, "gradient_steps": self.gradient_steps}
+                    "max_kept": self.max_kept, "gradient_steps": self.gradient_steps,
+                    "refine_top_k": self.refine_top_k, "refine_steps": self.refine_steps,
+                    "refine_every": self.refine_every}
         for name, value in positive.items():
             if value < 1:
                 raise ConfigError(f"{name} must be >= 1, got {value}")
@@ -86,6 +104,13 @@ class EMCConfig:
             raise ConfigError(f"anneal_iterations must be >= 0 (0: no annealing), got {self.anneal_iterations}")
         if not self.gradient_learning_rate > 0:
             raise ConfigError(f"gradient_learning_rate must be > 0, got {self.gradient_learning_rate}")
+        if self.refine_start < 0:
+            raise ConfigError(f"refine_start must be >= 0, got {self.refine_start}")
+        if not (self.refine_max_angle_deg > 0 and self.refine_learning_rate_deg > 0):
+            raise ConfigError(
+                f"refine_max_angle_deg and refine_learning_rate_deg must be > 0, got {self.refine_max_angle_deg} "
+                f"and {self.refine_learning_rate_deg}"
+            )
         if self.block_frames < 0:
             raise ConfigError(f"block_frames must be >= 0 (0: one block), got {self.block_frames}")
         if self.intensity_update not in ("auto", "mlem", "reference", "gradient"):

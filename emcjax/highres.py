@@ -65,6 +65,9 @@ class HighresConfig:
     """Refine phi by alternating E-steps (False: phi stays the low-resolution run's, as in the reference)."""
     max_kept: int = 32
     """At most this many fine rotations are kept per frame and E-step (top-k)."""
+    refine_orientations: bool = False
+    """Refine each frame's most probable fine rotations off the grid from iteration 2 on (emcjax.refinement;
+    the other refine_* settings are the low-res run's)."""
     block_frames: int = 0
     """Frames per block of the E-step (0: all frames in one block)."""
     keep_checkpoints: int = 3
@@ -183,6 +186,7 @@ def emc_config(config: HighresConfig, source: LowresSource, fine_n: int) -> emc_
     return dataclasses.replace(
         source.config.emc, d_min=config.resolution, rotation_n=fine_n, update_phi=config.refine_phi,
         max_kept=config.max_kept, block_frames=config.block_frames, stream=False,
+        refine_orientations=config.refine_orientations, refine_start=1,
     )
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import math
 import os
 import pathlib
@@ -320,10 +321,19 @@ def run_iterations(config, emc_config, problem, state, manager, meta, records, m
     and figures; returns the final state and all metrics records. Shared by lowres and highres."""
     out = config.out
     times: list[float] = []
+    iterate = functools.partial(emc_lib.iterate, problem, config=emc_config)
+    if emc_config.refine_orientations:
+        from emcjax.refinement import Refiner
+
+        iterate = Refiner(problem, emc_config).iterate
+        log(f"orientation refinement: from iteration {emc_config.refine_start + 1}, the {emc_config.refine_top_k} "
+            f"most probable rotations of each frame, {emc_config.refine_steps} steps, up to "
+            f"{emc_config.refine_max_angle_deg}°")
     for _ in range(int(state.iteration), config.iters):
-        state, metrics, per_frame = emc_lib.iterate(problem, state, emc_config)
+        state, metrics, per_frame = iterate(state)
         iteration = int(state.iteration)
-        record = {"iteration": iteration, **metrics, **scoring.orientation_metrics(problem, per_frame["best_rotation"])}
+        record = {"iteration": iteration, **metrics,
+                  **scoring.orientation_metrics(problem, per_frame["best_rotation"], per_frame.get("best_quaternion"))}
         records.append(record)
         if main_process:
             runio.append_metrics(out, record)
@@ -332,7 +342,7 @@ def run_iterations(config, emc_config, problem, state, manager, meta, records, m
         ):
             runio.write_iteration(out, iteration, state.intensity, state.phi,
                                   per_frame["best_rotation"], per_frame["best_probability"], metrics,
-                                  extra={k: v for k, v in per_frame.items() if k.startswith("kept_")})
+                                  extra={k: v for k, v in per_frame.items() if k.startswith("kept_") or k == "best_quaternion"})
         checkpoint.save(manager, state, {**meta, "iteration": iteration})
         times.append(float(metrics.get("seconds", 0.0)))
         recent = times[-5:]

@@ -34,13 +34,15 @@ def orientation_summary(errors_rad: np.ndarray) -> dict[str, float]:
     }
 
 
-def orientation_metrics(problem, best_rotation) -> dict[str, float]:
-    """:func:`orientation_summary` of each frame's most likely rotation (indices into ``problem.sampling``)
-    against the truth's orientations; empty when the data set has no true orientations."""
+def orientation_metrics(problem, best_rotation, best_quaternion=None) -> dict[str, float]:
+    """:func:`orientation_summary` of each frame's most likely rotation (indices into ``problem.sampling``,
+    or its quaternions ``best_quaternion`` (n_frames, 4) when given, e.g. refined off the grid) against the
+    truth's orientations; empty when the data set has no true orientations."""
     truth = getattr(problem, "truth", None) or {}
     if truth.get("quaternion") is None:
         return {}
-    estimated = problem.sampling.quaternions[np.asarray(best_rotation, np.int64)]
+    estimated = best_quaternion if best_quaternion is not None else problem.sampling.quaternions[
+        np.asarray(best_rotation, np.int64)]
     rotation_ops = problem.grid.crystal.rotation_ops_cartesian
     return orientation_summary(orientation_errors(estimated, truth["quaternion"], rotation_ops))
 

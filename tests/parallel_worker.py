@@ -1,6 +1,6 @@
 """Runs a few EMC iterations in a fresh process (for the multi-device and multi-process tests).
 
-    python tests/parallel_worker.py DATA OUT --iters N [--devices D] [--block-frames B] [--stream]
+    python tests/parallel_worker.py DATA OUT --iters N [--devices D] [--block-frames B] [--stream] [--route-slack S]
         [--coordinator HOST:PORT --num-processes P --process-id I]
 
 Sets XLA_FLAGS before JAX is imported, runs, and (process 0) saves intensity, phi and best_rotation to OUT.
@@ -19,6 +19,7 @@ def main() -> None:
     parser.add_argument("--block-frames", type=int, default=0)
     parser.add_argument("--stream", action="store_true")
     parser.add_argument("--rotation-n", type=int, default=2)
+    parser.add_argument("--route-slack", type=float, help="emcjax.core.mstep.ROUTE_SLACK (0: always gather)")
     parser.add_argument("--coordinator")
     parser.add_argument("--num-processes", type=int)
     parser.add_argument("--process-id", type=int)
@@ -28,7 +29,11 @@ def main() -> None:
     import numpy as np
 
     from emcjax import emc, parallel
+    from emcjax.core import mstep
     from emcjax.data import SparseDataset
+
+    if args.route_slack is not None:
+        mstep.ROUTE_SLACK = args.route_slack
 
     parallel.initialize_distributed(args.coordinator, args.num_processes, args.process_id)
     config = emc.EMCConfig(rotation_n=args.rotation_n, block_frames=args.block_frames, stream=args.stream)

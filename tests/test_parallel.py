@@ -56,6 +56,12 @@ def test_eight_devices_match_one(data, single, tmp_path):
     _assert_same(single, eight, rtol=1e-4)  # float32 sums in another order
 
 
+def test_eight_devices_gathered_fallback_matches_one(data, single, tmp_path):
+    """Buckets too small for the routed intensity update: the terms are gathered whole instead (lax.cond)."""
+    gathered = _run(data, tmp_path / "gathered.npz", "--devices", "8", "--route-slack", "0")
+    _assert_same(single, gathered, rtol=1e-4)
+
+
 def test_streamed_blocks_match_in_memory(data, single, tmp_path):
     streamed = _run(data, tmp_path / "stream.npz", "--block-frames", "50", "--stream")
     assert int(streamed["n_blocks"]) >= 4

@@ -1,10 +1,11 @@
 """Closed-form M-steps of the Poisson likelihoods: intensity updates (per-pixel ML + compress, MLEM) and phi.
 
 They use only the join pairs of *kept* (frame, rotation) pairs (:class:`emcjax.core.arrays.Kept`) of one
-device. With a mesh axis name (``axis``) the in-peak entries are split over the devices: every device gathers
-all devices' kept photons once (``all_gather``), solves the entries of its own slice with no communication
-inside the Newton loop, and back-projects its slice onto the voxels; one ``psum`` of the voxel sums ends
-the update. ``axis=None`` runs on one device.
+device. With a mesh axis name (``axis``) the in-peak entries are split over the devices (entry e on device
+e % n_devices): every kept join pair is sent to the device that owns its entry (one ``all_to_all`` with a
+static per-destination budget), each device solves the entries it owns with no communication inside the
+Newton loop and back-projects them onto the voxels; one ``psum`` of the voxel sums ends the update.
+``axis=None`` runs on one device.
 Each frame's kept pairs live on one device, so the phi update needs no communication until its single
 final ``psum``. All divisions are guarded with ``where`` on both sides (no epsilon), so reverse-mode
 gradients through the updates are finite.
@@ -30,6 +31,7 @@ import jax.numpy as jnp
 from emcjax import model as model_lib
 from emcjax.core.arrays import Kept, Shared
 from emcjax.core.estep import frame_signal, rotation_tables
+from emcjax.data import bucket_length
 from emcjax.errors import ConfigError
 
 
@@ -46,23 +48,26 @@ def _psum(x, axis):
     return x if axis is None else jax.lax.psum(x, axis)
 
 
-def _slice_of_device(n: int, axis) -> tuple[jax.Array | int, int]:
-    """(start, size) of this device's slice of n items (n divisible by the axis size)."""
+def _n_devices(axis) -> int:
+    return 1 if axis is None else jax.lax.axis_size(axis)
+
+
+def _owned(values: jax.Array, axis) -> jax.Array:
+    """This device's rows of a per-entry array: entry e belongs to device e % n_devices (strided, so that every
+    device owns a spread of rotations and the work stays balanced); its local index is e // n_devices."""
     if axis is None:
-        return 0, n
-    size = n // jax.lax.axis_size(axis)
-    return jax.lax.axis_index(axis) * size, size
+        return values
+    n = jax.lax.axis_size(axis)
+    rows = values.reshape(-1, n, *values.shape[1:])
+    return jax.lax.dynamic_index_in_dim(rows, jax.lax.axis_index(axis), axis=1, keepdims=False)
 
 
-def _sum_to_slice(values: jax.Array, axis, start, size) -> jax.Array:
-    """Sum over devices of per-entry values, this device's slice only."""
+def _sum_to_owned(values: jax.Array, axis) -> jax.Array:
+    """Sum over devices of per-entry values, this device's entries only."""
     if axis is None:
-        return jax.lax.dynamic_slice_in_dim(values, start, size)
-    return jax.lax.psum_scatter(values, axis, tiled=True)
-
-
-def _all_slices(values: jax.Array, axis) -> jax.Array:
-    return values if axis is None else jax.lax.all_gather(values, axis, tiled=True)
+        return values
+    n = jax.lax.axis_size(axis)
+    return jax.lax.psum_scatter(values.reshape(-1, n).T, axis, scatter_dimension=0, tiled=False)
 
 
 def _safe_divide(numerator, denominator):
@@ -76,59 +81,79 @@ def kept_background(likelihood, kept: Kept) -> jax.Array:
     return likelihood.background_mean(pol * kept.background, kept.frame) / pol
 
 
-def entry_exposure(phi, kept: Kept, shared: Shared, n_shells: int, axis, start, size) -> jax.Array:
-    """(size,) c_rt of this device's entries: sum over kept pairs (d, r) of P_dr phi_d over frames whose shell
-    at t is valid, minus kept dead pixels: the scaled exposure each in-peak entry received."""
-    ent = shared.entries
-    n_rot = ent.n_rot
+def rotation_exposure(phi, kept: Kept, shared: Shared, n_shells: int, axis) -> jax.Array:
+    """(size,) sum over kept pairs (d, r) of P_dr phi_d over the frames whose shell at the pixel is valid, for
+    this device's entries (r, t), dead pixels not subtracted."""
+    n_rot = shared.entries.n_rot
     pw = kept.pair_prob * phi[kept.pair_frame]
-    per_rot = _psum(jax.ops.segment_sum(pw, kept.pair_rotation, num_segments=n_rot), axis)
+    per_rot = jax.ops.segment_sum(pw, kept.pair_rotation, num_segments=n_rot)
     seg = kept.pair_rotation[:, None] * (n_shells + 1) + kept.pair_masked
     per_rot_shell = jax.ops.segment_sum(
         jnp.broadcast_to(pw[:, None], seg.shape).ravel(), seg.ravel(), num_segments=n_rot * (n_shells + 1)
     )
-    per_rot_shell = _psum(per_rot_shell, axis).reshape(n_rot, n_shells + 1)
-    rotation = jax.lax.dynamic_slice_in_dim(ent.rotation, start, size)
-    pixel = jax.lax.dynamic_slice_in_dim(ent.pixel, start, size)
-    exposure = per_rot[rotation] - per_rot_shell[rotation, shared.shell[pixel]]
-    dead = jax.ops.segment_sum(kept.prob * phi[kept.frame] * kept.dead, kept.entry, num_segments=ent.rotation.shape[0])
-    return exposure - _sum_to_slice(dead, axis, start, size)
+    sums = _psum(jnp.concatenate([per_rot[:, None], per_rot_shell.reshape(n_rot, n_shells + 1)], axis=1), axis)
+    per_rot, per_rot_shell = sums[:, 0], sums[:, 1:]
+    rotation = _owned(shared.entries.rotation, axis)
+    pixel = _owned(shared.entries.pixel, axis)
+    return per_rot[rotation] - per_rot_shell[rotation, shared.shell[pixel]]
 
 
-def _back_project(values, shared: Shared, start, size, shape, axis) -> jax.Array:
-    """Sum over devices of this device's entry values through the trilinear weights, stabilizer-summed:
-    (n_asu * n_voxels,)."""
-    voxels = jax.lax.dynamic_slice_in_dim(shared.entries.voxels, start, size)
-    weights = jax.lax.dynamic_slice_in_dim(shared.entries.weights, start, size)
-    flat = jax.ops.segment_sum((values[:, None] * weights).ravel(), voxels.ravel(), num_segments=shape[0] * shape[1] + 1)
-    flat = _psum(flat, axis)
-    return model_lib.stabilizer_sum(flat[:-1].reshape(shape), shared.tables).reshape(-1)
+def entry_exposure(phi, kept: Kept, shared: Shared, n_shells: int, axis) -> jax.Array:
+    """(size,) c_rt of this device's entries: sum over kept pairs (d, r) of P_dr phi_d over frames whose shell
+    at t is valid, minus kept dead pixels: the scaled exposure each in-peak entry received."""
+    dead = jax.ops.segment_sum(kept.prob * phi[kept.frame] * kept.dead, kept.entry,
+                               num_segments=shared.entries.rotation.shape[0])
+    return rotation_exposure(phi, kept, shared, n_shells, axis) - _sum_to_owned(dead, axis)
 
 
-def reference_update(intensity, phi, likelihood, kept: Kept, shared: Shared, n_shells: int, newton_steps: int = 30,
-                     axis=None):
-    """The reference's per-pixel ML + compress (METHOD.md §7.1), with w_rt >= 0.
+def _back_project(values, shared: Shared, shape, axis) -> jax.Array:
+    """Sum over devices of this device's entry values (k, size) through the trilinear weights,
+    stabilizer-summed: (k, n_asu * n_voxels)."""
+    voxels = _owned(shared.entries.voxels, axis)
+    weights = _owned(shared.entries.weights, axis)
+    n_flat = shape[0] * shape[1] + 1
 
-    For each in-peak entry e = (r, t): w_e solves sum_{kept d} P_dr phi_d pol_t = sum P_dr K_dt / (B_dt/phi_d + w),
-    found by Newton's method from w = 0 (monotone for this convex decreasing function); w = 0 when the
-    right side at 0 is already smaller. Then I_v = sum_e c_e w_ev w_e / sum_e c_e w_ev with c_e = sum P_dr phi_d;
-    voxels no kept pair observes are set to 0 (as the reference does).
+    def one(v):
+        return jax.ops.segment_sum((v[:, None] * weights).ravel(), voxels.ravel(), num_segments=n_flat)
+
+    flat = _psum(jax.vmap(one)(values), axis)
+    per_asu = flat[:, :-1].reshape(-1, *shape)
+    return jax.vmap(lambda f: model_lib.stabilizer_sum(f, shared.tables).reshape(-1))(per_asu)
+
+
+ROUTE_SLACK = 1.5  # per-destination buffer of the routed terms, in units of a device's fair share
+
+
+def _route(entry: jax.Array, columns: jax.Array, live: jax.Array, axis, budget: int):
+    """Every live term to the device that owns its entry (one ``all_to_all``), in buckets of ``budget`` terms
+    per (source, destination) pair: ``(entry, columns)`` of the terms this device owns, from every device,
+    (n_devices * budget,) int32 (-1 in an empty slot) and (n_devices * budget, k). Terms past a full
+    bucket are dropped (the caller checks).
+
+    ``columns``: (n, k) float values of each term.
     """
-    n_entries = shared.entries.rotation.shape[0]
-    start, size = _slice_of_device(n_entries, axis)
-    exposure = entry_exposure(phi, kept, shared, n_shells, axis, start, size)
-    a = exposure * shared.polarization[jax.lax.dynamic_slice_in_dim(shared.entries.pixel, start, size)]
-    phi_k = phi[kept.frame]
-    pk = kept.prob * kept.count
-    live = (pk > 0) & (phi_k > 0)
-    b = jnp.where(live, kept_background(likelihood, kept) / jnp.where(live, phi_k, 1.0), 1.0)
-    # Every device's kept photons, gathered once; each device solves the entries of its slice with no
-    # communication inside the Newton loop (terms of other slices go to the dropped segment ``size``).
-    entry, pk, b, live = (_all_slices(x, axis) for x in (kept.entry, pk, b, live))
-    local = entry - start
-    live &= (local >= 0) & (local < size)
-    # Newton only on the entries that kept photons touch (at most one per term), compactly numbered
-    n_terms = entry.shape[0]
+    n = jax.lax.axis_size(axis)
+    length = entry.shape[0]
+    dest = jnp.where(live, entry % n, n)
+    order = jnp.argsort(dest, stable=True)
+    sorted_dest = dest[order]
+    counts = jnp.zeros(n + 1, jnp.int32).at[dest].add(1)
+    rank = jnp.arange(length, dtype=jnp.int32) - (jnp.cumsum(counts) - counts)[sorted_dest]
+    slot = jnp.where((sorted_dest < n) & (rank < budget), sorted_dest * budget + rank, n * budget)
+    # the entry travels bit for bit in a column of the values' float type (one all_to_all for everything)
+    as_int = jnp.int32 if columns.dtype.itemsize == 4 else jnp.int64
+    entry_bits = jax.lax.bitcast_convert_type(jnp.where(live, entry, -1).astype(as_int), columns.dtype)
+    packed = jnp.concatenate([entry_bits[:, None], columns], axis=1)
+    empty = jnp.zeros((n * budget + 1, packed.shape[1]), columns.dtype)
+    empty = empty.at[:, 0].set(jax.lax.bitcast_convert_type(jnp.asarray(-1, as_int), columns.dtype))
+    received = jax.lax.all_to_all(empty.at[slot].set(packed[order])[:-1], axis, 0, 0, tiled=True)
+    return jax.lax.bitcast_convert_type(received[:, 0], as_int).astype(jnp.int32), received[:, 1:]
+
+
+def _newton_entries(local, pk, b, live, a, size: int, newton_steps: int, dtype):
+    """(size,) w >= 0 of each entry given its terms (module docstring of :func:`reference_update`): Newton from
+    w = 0 on the entries the terms touch, compactly numbered."""
+    n_terms = local.shape[0]
     touched, compact = jnp.unique(jnp.where(live, local, size), size=n_terms, fill_value=size, return_inverse=True)
     compact = compact.reshape(-1)
     a_touched = jnp.append(a, 0.0)[touched]
@@ -146,12 +171,65 @@ def reference_update(intensity, phi, likelihood, kept: Kept, shared: Shared, n_s
         step = jnp.where(descending, -g / jnp.where(descending, slope, -1.0), 0.0)
         return jnp.where(g > 0, w + step, w)
 
-    w0 = jnp.zeros(n_terms, intensity.dtype)
+    w0 = jnp.zeros(n_terms, dtype)
     g0, _ = g_and_slope(w0)
     w_touched = jnp.where((g0 > 0) & (touched < size), jax.lax.fori_loop(0, newton_steps, body, w0), 0.0)
-    w = jnp.zeros(size + 1, intensity.dtype).at[touched].set(w_touched)[:size]
-    numerator = _back_project(exposure * w, shared, start, size, intensity.shape, axis)
-    denominator = _back_project(exposure, shared, start, size, intensity.shape, axis)
+    return jnp.zeros(size + 1, dtype).at[touched].set(w_touched)[:size]
+
+
+def reference_update(intensity, phi, likelihood, kept: Kept, shared: Shared, n_shells: int, newton_steps: int = 30,
+                     axis=None):
+    """The reference's per-pixel ML + compress (METHOD.md §7.1), with w_rt >= 0.
+
+    For each in-peak entry e = (r, t): w_e solves sum_{kept d} P_dr phi_d pol_t = sum P_dr K_dt / (B_dt/phi_d + w),
+    found by Newton's method from w = 0 (monotone for this convex decreasing function); w = 0 when the
+    right side at 0 is already smaller. Then I_v = sum_e c_e w_ev w_e / sum_e c_e w_ev with c_e = sum P_dr phi_d;
+    voxels no kept pair observes are set to 0 (as the reference does).
+
+    On a mesh every kept join pair (photon or dead pixel) is sent to the device that owns its entry
+    (``all_to_all`` with a static per-destination budget of ``ROUTE_SLACK`` x a fair share), so each device
+    solves and back-projects only its own entries; when a bucket would overflow (kept pairs concentrated on
+    few entries) the terms are gathered whole instead (``lax.cond``, same result).
+    """
+    n_entries = shared.entries.rotation.shape[0]
+    n = _n_devices(axis)
+    size = n_entries // n
+    phi_k = phi[kept.frame]
+    pk = kept.prob * kept.count
+    photon = (pk > 0) & (phi_k > 0)
+    b = jnp.where(photon, kept_background(likelihood, kept) / jnp.where(photon, phi_k, 1.0), 1.0)
+    columns = jnp.stack([jnp.where(photon, pk, 0.0), b, kept.prob * phi_k * kept.dead], axis=1)
+    live = photon | (columns[:, 2] > 0)
+    exposure_no_dead = rotation_exposure(phi, kept, shared, n_shells, axis)
+    pol_owned = shared.polarization[_owned(shared.entries.pixel, axis)]
+
+    def solve(entry, cols):  # entry: global entry of each term this device owns, -1 for none
+        local = jnp.where((entry >= 0) & (entry < n_entries), entry // n, size)
+        pk_t, b_t, dead_t = cols[:, 0], cols[:, 1], cols[:, 2]
+        dead = jax.ops.segment_sum(dead_t, local, num_segments=size + 1)[:size]
+        exposure = exposure_no_dead - dead
+        w = _newton_entries(local, pk_t, b_t, (local < size) & (pk_t > 0), exposure * pol_owned, size,
+                            newton_steps, intensity.dtype)
+        return jnp.stack([exposure * w, exposure])
+
+    if axis is None:
+        sums = solve(jnp.where(live, kept.entry, -1), columns)
+    else:
+        length = kept.entry.shape[0]
+        budget = min(length, bucket_length(int(ROUTE_SLACK * length / n) + 1))
+        counts = jnp.zeros(n + 1, jnp.int32).at[jnp.where(live, kept.entry % n, n)].add(1)
+        fits = jax.lax.pmax(jnp.max(counts[:n]), axis) <= budget
+
+        def routed():
+            return solve(*_route(kept.entry, columns, live, axis, budget))
+
+        def gathered():
+            entry = jax.lax.all_gather(jnp.where(live, kept.entry, -1), axis, tiled=True)
+            mine = (entry >= 0) & (entry % n == jax.lax.axis_index(axis))
+            return solve(jnp.where(mine, entry, -1), jax.lax.all_gather(columns, axis, tiled=True))
+
+        sums = jax.lax.cond(fits, routed, gathered)
+    numerator, denominator = _back_project(sums, shared, intensity.shape, axis)
     return _safe_divide(numerator, denominator).reshape(intensity.shape)
 
 
@@ -162,10 +240,9 @@ def mlem_update(intensity, phi, likelihood, kept: Kept, shared: Shared, n_shells
     Voxels with no exposure keep their value (0 would be absorbing under multiplicative updates).
     """
     ent = shared.entries
-    start, size = _slice_of_device(ent.rotation.shape[0], axis)
-    exposure = entry_exposure(phi, kept, shared, n_shells, axis, start, size)
-    pol = shared.polarization[jax.lax.dynamic_slice_in_dim(ent.pixel, start, size)]
-    denominator = _back_project(exposure * pol, shared, start, size, intensity.shape, axis)
+    exposure = entry_exposure(phi, kept, shared, n_shells, axis)
+    pol = shared.polarization[_owned(ent.pixel, axis)]
+    denominator = _back_project((exposure * pol)[None], shared, intensity.shape, axis)[0]
     phi_k = phi[kept.frame]
     pk = kept.prob * kept.count * phi_k
     background = kept_background(likelihood, kept)
