@@ -16,7 +16,9 @@ from emcjax.errors import ConfigError, DataError
 
 from clitest import cli_error
 
-TINY_DEMO = lowres.DemoConfig(n_frames=60, rotation_n=2, bragg_photons=300.0)
+# grid orientations searched in full, no refinement, all iterations: the runner's behaviour, fast
+TINY_DEMO = lowres.DemoConfig(n_frames=60, rotation_n=2, bragg_photons=300.0, candidates=0, refine=False,
+                              stop_model_change=0.0)
 TINY_EMC = emc.EMCConfig(rotation_n=2)
 
 
