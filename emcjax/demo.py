@@ -42,9 +42,9 @@ class DemoConfig:
     refine: bool = True
     """Turn on --emc.refine-orientations for the demo run (continuous orientations need it; refine-start
     and the other refinement settings come from --emc.*)."""
-    stop_model_change: float = 2e-3
-    """The demo run stops before --iters once an iteration's relative model change falls below this
-    (0: run all --iters iterations)."""
+    stop_model_change: float = 0.05
+    """The demo run stops before --iters once an iteration after the first refined one changes the model by
+    less than this (relative L2; 0: run all --iters iterations)."""
     seed: int = 0
     """Seed of the simulation (the data set is a deterministic function of these settings)."""
 

@@ -328,7 +328,8 @@ def run_iterations(config, emc_config, problem, state, manager, meta, records, m
     and figures; returns the final state and all metrics records. Shared by lowres and highres.
 
     ``stop_model_change`` > 0 stops the run early, after the first iteration whose relative model change
-    (``model_change``) is below it (a convergence stop; --iters is then a maximum)."""
+    (``model_change``) is below it (a convergence stop; --iters is then a maximum), with orientation
+    refinement not before the first refined iteration."""
     out = config.out
     times: list[float] = []
     iterate = functools.partial(emc_lib.iterate, problem, config=emc_config)
@@ -339,10 +340,12 @@ def run_iterations(config, emc_config, problem, state, manager, meta, records, m
         log(f"orientation refinement: from iteration {emc_config.refine_start + 1}, the {emc_config.refine_top_k} "
             f"most probable rotations of each frame, {emc_config.refine_steps} steps, up to "
             f"{emc_config.refine_max_angle_deg}°")
+    refined_from = emc_config.refine_start + 1 if emc_config.refine_orientations else 0
     for _ in range(int(state.iteration), config.iters):
         state, metrics, per_frame = iterate(state)
         iteration = int(state.iteration)
-        converged = bool(stop_model_change) and float(metrics.get("model_change", np.inf)) < stop_model_change
+        converged = (bool(stop_model_change) and float(metrics.get("model_change", np.inf)) < stop_model_change
+                     and iteration > refined_from)  # a grid-only plateau is not convergence of a refined run
         record = {"iteration": iteration, **metrics,
                   **scoring.orientation_metrics(problem, per_frame["best_rotation"], per_frame.get("best_quaternion"))}
         records.append(record)
