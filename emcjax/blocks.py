@@ -176,6 +176,17 @@ def _device_part(plan: Plan, rotations: RotationSet, start: int, n_local: int):
             mask[i, : c.shape[0]] = True
     raw = plan.background[start : start + n_real]
     join, cell_offsets = build_join(frames, plan.detector, rotations.index, candidates, mask, raw)
+    masked, background, weight, _, photons = frame_arrays(plan, frames, start, n_local)
+    per_frame = (candidates.astype(np.int32), mask, masked, background, weight, cell_offsets.astype(np.int32))
+    return per_frame, join, photons
+
+
+def frame_arrays(plan, frames: SparseFrames, start: int, n_local: int):
+    """Per-frame arrays of the frames [start, start + frames.n_frames) padded to ``n_local`` frames:
+    (masked shells, background per shell, weight, pixel records, photon arrays). ``plan`` needs
+    ``background``, ``weights``, ``detector`` and ``n_masked`` (a :class:`Plan` or the direct path's plan)."""
+    n_real = frames.n_frames
+    raw = plan.background[start : start + n_real]
     n_shells = raw.shape[1]
     masked = np.full((n_local, plan.n_masked), n_shells, np.int32)
     for d, row in enumerate(raw):
@@ -192,8 +203,7 @@ def _device_part(plan: Plan, rotations: RotationSet, start: int, n_local: int):
         dead=rec.dead.astype(np.float32),
         background=(plan.detector.polarization[rec.pixel] * np.maximum(rec.background, BACKGROUND_FLOOR)).astype(np.float32),
     )
-    per_frame = (candidates.astype(np.int32), mask, masked, background, weight, cell_offsets.astype(np.int32))
-    return per_frame, join, photons
+    return masked, background, weight, rec, photons
 
 
 def _pad_photons(photons: PhotonArrays, length: int, n_local: int) -> PhotonArrays:

@@ -31,6 +31,9 @@ class EMCConfig:
     """negbin: dispersion r > 0 (photons; variance mu + mu^2/r)."""
     background_scale: float = 1.0
     """poisson-bgscale: initial factor > 0 on every frame's background."""
+    refine_background: bool = False
+    """poisson-bgscale: refine every frame's background scale in the M-step (per-frame Newton on the expected
+    log-likelihood, emcjax.core.background)."""
     intensity_update: Literal["auto", "reference", "mlem", "gradient"] = "auto"
     """Intensity M-step: the reference's per-pixel ML + compress (see docs/METHOD-NOTES.md), multiplicative
     EM on voxels (both closed-form Poisson), or optax steps on the expected log-likelihood (any likelihood;
@@ -52,12 +55,26 @@ class EMCConfig:
     max_kept: int = 32
     """At most this many rotations are kept per frame (top-k)."""
     inverse_temperature: float = 1.0
-    """beta of the E-step posterior w_r p(K|r)^beta (1: plain EM; < 1: deterministic annealing)."""
+    """beta of the E-step posterior w_r p(K|r)^beta (1: plain EM; < 1: deterministic annealing); with
+    anneal_iterations > 0 the value the annealing schedule ends at."""
+    anneal_from: float = 1.0
+    """Deterministic annealing: beta of the first iteration, raised geometrically to inverse_temperature over
+    anneal_iterations iterations (see inverse_temperature_at)."""
+    anneal_iterations: int = 0
+    """Iterations of the annealing ramp (0: no annealing, beta = inverse_temperature throughout)."""
     block_frames: int = 0
     """Frames per block of the E-step (0: all frames in one block); memory grows with the block, not the data."""
     stream: bool = False
     """Re-read and re-join each block from disk at every E-step (the next block is prepared while the devices
     work on the current one) instead of keeping every block's join in memory."""
+    candidate_path: Literal["table", "direct", "auto"] = "table"
+    """Frames with candidate lists: "table" builds the in-peak entries of every block's candidates and joins
+    the photons with them; "direct" tests every (photon, candidate) pair on the device and builds entries of
+    the kept rotations only (emcjax.direct, one device); "auto" picks by the cost estimate of
+    emcjax.candidate_path.choose_path (docs/ARCHITECTURE.md)."""
+    candidate_signal: Literal["exact", "tabulated"] = "exact"
+    """Direct path: the expected signal S summed exactly over in-peak pixels, or from tabulated per-reflection
+    cut integrals (emcjax.core.cut_signal; for detectors whose peaks span many pixels)."""
     refine_orientations: bool = False
     """Refine each frame's most probable rotations off the grid by gradient ascent of its log-likelihood, and
     use them (with the frame's grid candidates) in the next E- and M-steps (emcjax.refinement)."""
@@ -89,6 +106,10 @@ class EMCConfig:
             raise ConfigError(f"prune_min must be in [0, 1), got {self.prune_min}")
         if not 0 < self.inverse_temperature <= 1:
             raise ConfigError(f"inverse_temperature must be in (0, 1], got {self.inverse_temperature}")
+        if not 0 < self.anneal_from <= 1:
+            raise ConfigError(f"anneal_from must be in (0, 1], got {self.anneal_from}")
+        if self.anneal_iterations < 0:
+            raise ConfigError(f"anneal_iterations must be >= 0 (0: no annealing), got {self.anneal_iterations}")
         if not self.gradient_learning_rate > 0:
             raise ConfigError(f"gradient_learning_rate must be > 0, got {self.gradient_learning_rate}")
         if self.refine_start < 0:
@@ -104,13 +125,34 @@ class EMCConfig:
             raise ConfigError(
                 f"intensity_update must be 'auto', 'reference', 'mlem' or 'gradient', got {self.intensity_update!r}"
             )
+        if self.candidate_path not in ("table", "direct", "auto"):
+            raise ConfigError(f"candidate_path must be 'table', 'direct' or 'auto', got {self.candidate_path!r}")
+        if self.candidate_signal not in ("exact", "tabulated"):
+            raise ConfigError(f"candidate_signal must be 'exact' or 'tabulated', got {self.candidate_signal!r}")
         if self.responsibilities not in ("pruned", "soft"):
             raise ConfigError(f"responsibilities must be 'pruned' or 'soft', got {self.responsibilities!r}")
+        if self.refine_background and not hasattr(self.likelihood_model(1), "scale"):
+            raise ConfigError(
+                f"refine_background needs a likelihood with a per-frame background scale (poisson-bgscale), "
+                f"got likelihood={self.likelihood!r}"
+            )
         if self.intensity_rule in ("reference", "mlem") and not self.likelihood_model(1).poisson_counts:
             raise ConfigError(
                 f"likelihood={self.likelihood!r} has no closed-form M-step: set intensity_update='gradient' "
                 f"(--emc.intensity-update gradient); 'reference' and 'mlem' are Poisson updates"
             )
+
+    def inverse_temperature_at(self, iteration: int) -> float:
+        """beta of the E-steps of the iteration that follows ``iteration`` done ones (0-based).
+
+        Geometric ramp: beta_i = anneal_from x (inverse_temperature / anneal_from)^(i / anneal_iterations) for
+        i < anneal_iterations, then inverse_temperature (Dragonfly's ``beta_schedule`` multiplies beta by a
+        fixed factor every few iterations: the same ramp in steps).
+        """
+        if iteration >= self.anneal_iterations:
+            return float(self.inverse_temperature)
+        ratio = self.inverse_temperature / self.anneal_from
+        return float(self.anneal_from * ratio ** (iteration / self.anneal_iterations))
 
     @property
     def intensity_rule(self) -> str:

@@ -34,7 +34,7 @@ from emcjax.config import EMCConfig
 from emcjax.core.arrays import EMCState, Hyper, Kept
 from emcjax.core.estep import rotation_tables
 from emcjax.core.step import Batch, Diagnostics, FrameStats, KeptRotations, StepSpec, estep_block, intensity_mstep
-from emcjax.core.step import make_update, phi_mstep
+from emcjax.core.step import background_mstep, make_update, phi_mstep
 from emcjax.data import bucket_length
 from emcjax.errors import ConfigError
 from emcjax.problem import Problem, build_block, correlation_by_hkl, rotation_set, setup_problem
@@ -144,6 +144,17 @@ def _mstep_kernel(mesh: Mesh, spec: StepSpec, which: str):
         return rule(intensity, phi, likelihood, _squeeze(kept), shared, spec)
 
     specs = (P(), P(), P(), P(parallel.AXIS), P())
+    return jax.jit(jax.shard_map(local, mesh=mesh, in_specs=specs, out_specs=P(), check_vma=False))
+
+
+@functools.lru_cache(maxsize=None)
+def _background_kernel(mesh: Mesh, spec: StepSpec):
+    spec = dataclasses.replace(spec, axis=parallel.AXIS)
+
+    def local(intensity, phi, likelihood, kept, shared, totals):
+        return background_mstep(intensity, phi, likelihood, _squeeze(kept), shared, totals, spec)
+
+    specs = (P(), P(), P(), P(parallel.AXIS), P(), P())
     return jax.jit(jax.shard_map(local, mesh=mesh, in_specs=specs, out_specs=P(), check_vma=False))
 
 
@@ -262,7 +273,13 @@ def _host_iteration(problem: Problem, state: EMCState, spec: StepSpec):
         kept, kept_set, last = _host_estep(problem, intensity, phi, state, spec)
         shared = kept_set.shared(problem.geometry)
         intensity, phi = _mstep_kernel(problem.mesh, spec, "phi")(intensity, phi, state.likelihood, kept, shared)
-    new = state._replace(iteration=state.iteration + 1, intensity=intensity, phi=phi[: problem.n_frames])
+    likelihood = state.likelihood
+    if spec.refine_background:
+        totals = tuple(parallel.replicate(problem.mesh, np.pad(x, (0, n_pad)).astype(np.float32))
+                       for x in (problem.photons, problem.expected_background))
+        likelihood = _background_kernel(problem.mesh, spec)(intensity, phi, likelihood, kept, shared, totals)
+    new = state._replace(iteration=state.iteration + 1, intensity=intensity, phi=phi[: problem.n_frames],
+                         likelihood=likelihood)
     pairs = KeptRotations(*(parallel.host_array(x).ravel() for x in (kept.pair_frame, kept.pair_rotation, kept.pair_prob)))
     pairs = pairs._replace(rotation=kept_set.rotations[np.minimum(pairs.rotation, kept_set.rotations.shape[0] - 1)])
     stats = lambda s: FrameStats(*s)  # noqa: E731
@@ -340,12 +357,19 @@ def iterate(problem: Problem, state: EMCState, config: EMCConfig) -> tuple[EMCSt
       ``(state, metrics, per_frame)``: the new state; python floats ``log_likelihood`` (of the first E-step,
       nats, weighted by the frame weights), ``model_change`` (relative L2), ``phi_mean``, ``phi_std``,
       ``phi_zero_fraction``, ``certainty`` (mean most-likely probability), ``kept_mean`` (rotations kept per
-      frame), ``cc_true`` (when the data have truth), ``seconds``; and per-frame numpy arrays
+      frame), ``inverse_temperature`` (beta of this iteration's E-steps, ``config.inverse_temperature_at``),
+      ``background_scale_mean`` (likelihoods with a per-frame background scale), ``cc_true`` (when the data have truth), ``seconds``; and per-frame numpy arrays
       ``best_rotation`` (index into the sampling) and ``best_probability``, plus the kept (frame, rotation)
       pairs of the last E-step: ``kept_frame``, ``kept_rotation`` (sampling index), ``kept_prob``.
     """
     start = time.perf_counter()
+    beta = config.inverse_temperature_at(int(state.iteration))
+    if beta != float(state.hyper.inverse_temperature):  # the annealing schedule: a traced value, no recompilation
+        state = state._replace(hyper=state.hyper._replace(
+            inverse_temperature=parallel.replicate(problem.mesh, np.float32(beta))))
     run = _fused_iteration if problem.batch is not None else _host_iteration
+    if getattr(problem, "iteration", None) is not None:  # a problem that runs its own iteration (emcjax.direct)
+        run = lambda p, s, spec: p.iteration(s, spec)  # noqa: E731
     new, diag = _with_budget(problem, config, lambda spec: run(problem, state, spec))
     n = problem.n_frames
     used = problem.frame_weights > 0
@@ -362,7 +386,11 @@ def iterate(problem: Problem, state: EMCState, config: EMCConfig) -> tuple[EMCSt
         "phi_zero_fraction": float(np.mean(phi_np <= 1e-10)),
         "certainty": float(np.mean(max_prob[used])),
         "kept_mean": float(np.mean(np.asarray(diag.last.n_kept)[:n][used])),
+        "inverse_temperature": beta,
     }
+    scale = getattr(new.likelihood, "scale", None)
+    if scale is not None:  # poisson-bgscale: the per-frame background scales (refined or not)
+        metrics["background_scale_mean"] = float(np.mean(np.broadcast_to(np.asarray(scale, np.float64), (n,))[used]))
     cc = problem.cc_true(new.intensity)
     if cc is not None:
         metrics["cc_true"] = cc

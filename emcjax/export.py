@@ -64,6 +64,11 @@ def export(config: ExportConfig, log=print) -> tuple[pathlib.Path, pathlib.Path]
     return mtz_path, hkl_path
 
 
+def run(config: ExportConfig, log=print):
+    """The stage as a function (for emcjax.pipeline and scripts): the same as :func:`export`."""
+    return export(config, log=log)
+
+
 def main(argv: list[str] | None = None) -> None:
     import tyro
 

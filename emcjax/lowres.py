@@ -224,7 +224,9 @@ def run(config: LowresConfig, log=print) -> dict:
             saved = rd.saved_config(LowresConfig)
             if not resuming:
                 log(f"resume: {out} has no checkpoint yet (its start stopped before the first one); starting it over")
-            rundir.check_resume_config(saved, config, RESUMABLE_CHANGES, out)
+            rundir.check_resume_config(  # frame_weights is recorded absolute
+                rundir.absolute(saved, "frame_weights"), rundir.absolute(config, "frame_weights"), RESUMABLE_CHANGES, out
+            )
             if (saved.data is None) != (config.data is None):
                 raise ConfigError(f"resume: data = {config.data!r} (the run has {saved.data!r}) (nothing was changed)")
         else:
@@ -317,8 +319,9 @@ def _record_start(rd, config: LowresConfig, data_path: pathlib.Path, identity: d
     import jax
 
     saved = dataclasses.replace(config, config=None, resume=False, data=data_path if config.data is not None else None)
-    rd.record_start(rundir.absolute(saved, "init_from"), identity, header="emcjax.lowres resolved config; reuse with "
-                    "--config", resumed_at=resumed_at, devices=[str(d) for d in jax.devices()])
+    rd.record_start(rundir.absolute(saved, "init_from", "frame_weights"), identity,
+                    header="emcjax.lowres resolved config; reuse with --config", resumed_at=resumed_at,
+                    devices=[str(d) for d in jax.devices()])
 
 
 def run_iterations(config, emc_config, problem, state, manager, meta, records, main_process, log,

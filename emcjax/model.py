@@ -562,9 +562,59 @@ def _reflection_pixels(quaternions, proj: _ProjectionTables, tables: GridTables,
     return jnp.where(keep, pixel, -1), count
 
 
+def near_sphere(rot: jax.Array, proj: _ProjectionTables) -> jax.Array:
+    """(n_refl,) bool reflections whose peak can touch the Ewald sphere at crystal_from_lab ``rot`` (3, 3)."""
+    return _near_sphere(rot, proj)
+
+
+def bucket_count(n: int) -> int:
+    """``n`` rounded up to a multiple of 32 (few distinct compiled shapes)."""
+    return _bucket(n)
+
+
+def near_sphere_counts(quaternions: jax.Array, proj: _ProjectionTables) -> jax.Array:
+    """(n_rot,) int32 reflections whose peak can touch the Ewald sphere at each rotation (the ``h_max`` that
+    :func:`reflection_pixels` needs is their maximum)."""
+    return _count_candidates(quaternions, proj)
+
+
+def reflection_pixels(quaternions: jax.Array, proj: _ProjectionTables, tables: GridTables, shape, h_max: int,
+                      n_box: int):
+    """In-peak pixels of a chunk of rotations (valid-pixel index or -1, (n_rot, h_max * n_box²)) and the
+    reflections near the sphere per rotation (complete where <= h_max); see :func:`build_entries_by_reflection`."""
+    return _reflection_pixels(quaternions, proj, tables, shape, h_max, n_box)
+
+
 def _bucket(n: int) -> int:
     """Rounds a candidate count up to a multiple of 32 (few distinct compiled shapes)."""
     return max(32, -(-n // 32) * 32)
+
+
+def projection_setup(grid: ReciprocalGrid, detector) -> tuple[_ProjectionTables, tuple[int, int], int]:
+    """Device tables of the reflection-driven pixel search: ``(proj, (num_rows, num_cols), n_box)``, n_box the
+    side of the pixel box tested around each reflection's projection (:func:`_projection_bounds`)."""
+    geo = detector.geometry
+    shape = (geo.num_rows, geo.num_cols)
+    shell_tol, cos_min, half_width = _projection_bounds(grid, detector)
+    n_box = int(math.floor(2 * half_width)) + 1
+    b = geo.beam_vector_px
+    inv_wl = 1.0 / geo.wavelength_A
+    centres = grid.hkl @ grid.crystal.reciprocal_basis.T
+    f32 = functools.partial(jnp.asarray, dtype=jnp.float32)
+    proj = _ProjectionTables(
+        centres=f32(centres),
+        centres_sq=f32(np.einsum("ij,ij->i", centres, centres)),
+        k_beam=f32(b / np.linalg.norm(b) / geo.wavelength_A),
+        shell_lo=f32((inv_wl - shell_tol) ** 2 - inv_wl**2 - 1e-5 * inv_wl**2),
+        shell_hi=f32((inv_wl + shell_tol) ** 2 - inv_wl**2 + 1e-5 * inv_wl**2),
+        cos_min=f32(cos_min),
+        beam_px=f32(b),
+        centre_px=f32(geo.beam_center_px),
+        half_width=f32(half_width),
+        pixel_map=jnp.asarray(detector.pixel_map()),
+        q_lab=f32(detector.q),
+    )
+    return proj, shape, n_box
 
 
 def build_entries_by_reflection(
@@ -593,27 +643,7 @@ def build_entries_by_reflection(
     Returns:
       The entries, sorted by rotation then pixel.
     """
-    geo = detector.geometry
-    shape = (geo.num_rows, geo.num_cols)
-    shell_tol, cos_min, half_width = _projection_bounds(grid, detector)
-    n_box = int(math.floor(2 * half_width)) + 1
-    b = geo.beam_vector_px
-    inv_wl = 1.0 / geo.wavelength_A
-    centres = grid.hkl @ grid.crystal.reciprocal_basis.T
-    f32 = functools.partial(jnp.asarray, dtype=jnp.float32)
-    proj = _ProjectionTables(
-        centres=f32(centres),
-        centres_sq=f32(np.einsum("ij,ij->i", centres, centres)),
-        k_beam=f32(b / np.linalg.norm(b) / geo.wavelength_A),
-        shell_lo=f32((inv_wl - shell_tol) ** 2 - inv_wl**2 - 1e-5 * inv_wl**2),
-        shell_hi=f32((inv_wl + shell_tol) ** 2 - inv_wl**2 + 1e-5 * inv_wl**2),
-        cos_min=f32(cos_min),
-        beam_px=f32(b),
-        centre_px=f32(geo.beam_center_px),
-        half_width=f32(half_width),
-        pixel_map=jnp.asarray(detector.pixel_map()),
-        q_lab=f32(detector.q),
-    )
+    proj, shape, n_box = projection_setup(grid, detector)
     tables = grid.tables
     quats = jnp.asarray(quaternions, jnp.float32)
     n_rot = int(quaternions.shape[0])

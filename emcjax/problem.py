@@ -116,7 +116,7 @@ class Problem:
             inner_iterations=config.inner_iterations, update_phi=config.update_phi,
             kept_budget=None if config.responsibilities == "soft" else self.kept_budget,
             gradient_steps=config.gradient_steps, gradient_learning_rate=config.gradient_learning_rate,
-            max_entries=bucket_length(max_entries), axis=axis,
+            max_entries=bucket_length(max_entries), refine_background=config.refine_background, axis=axis,
         )
 
     def integrated(self, intensity) -> np.ndarray:
@@ -190,22 +190,10 @@ def common_candidates(offsets: np.ndarray, rotations: np.ndarray) -> np.ndarray 
     return rows[0] if np.all(rows == rows[0]) else None
 
 
-def setup_problem(dataset: SparseDataset, config: EMCConfig, frames: SparseFrames | None = None, *,
-                  mesh: Mesh | None = None, frame_weights=None) -> Problem:
-    """One-time set-up: detector, grid, rotations, in-peak entries, blocks and their joins.
-
-    Args:
-      dataset: the data set (geometry, crystal, truth and, unless ``frames`` is given, the frames).
-      config: algorithm settings (``block_frames``, ``stream``).
-      frames: frames to use instead of those of ``dataset``.
-      mesh: devices to use (default: every device of every process).
-      frame_weights: (n_frames,) weights in [0, 1] (0: rejected, or not in this half set); default all 1.
-
-    Raises:
-      ConfigError: settings that contradict the data (e.g. ``d_min`` beyond the detector), bad weights.
-      DataError: no frame.
-    """
-    mesh = parallel.make_mesh() if mesh is None else mesh
+def geometry_setup(dataset: SparseDataset, config: EMCConfig, frames: SparseFrames | None = None,
+                   frame_weights=None) -> tuple[FrameSource, Crystal, Detector, model_lib.ReciprocalGrid, np.ndarray]:
+    """The frame source, crystal, detector (to ``d_min``), model grid and checked frame weights of a run
+    (see :func:`setup_problem` for the arguments and errors)."""
     source = FrameSource(dataset, frames)
     geometry = DetectorGeometry(**dataset.geometry)
     crystal = Crystal(cell=tuple(dataset.crystal["cell"]), space_group=str(dataset.crystal["space_group"]))
@@ -226,7 +214,32 @@ def setup_problem(dataset: SparseDataset, config: EMCConfig, frames: SparseFrame
         )
     q_min = float(np.linalg.norm(detector.q, axis=1).min())
     grid = model_lib.make_grid(crystal, d_min=d_min, d_max=1.0 / max(q_min, 1e-9), vn=config.vn, gw=config.gw)
+    return source, crystal, detector, grid, weights
 
+
+def setup_problem(dataset: SparseDataset, config: EMCConfig, frames: SparseFrames | None = None, *,
+                  mesh: Mesh | None = None, frame_weights=None) -> Problem:
+    """One-time set-up: detector, grid, rotations, in-peak entries, blocks and their joins.
+
+    Args:
+      dataset: the data set (geometry, crystal, truth and, unless ``frames`` is given, the frames).
+      config: algorithm settings (``block_frames``, ``stream``).
+      frames: frames to use instead of those of ``dataset``.
+      mesh: devices to use (default: every device of every process).
+      frame_weights: (n_frames,) weights in [0, 1] (0: rejected, or not in this half set); default all 1.
+
+    Raises:
+      ConfigError: settings that contradict the data (e.g. ``d_min`` beyond the detector), bad weights.
+      DataError: no frame.
+    """
+    mesh = parallel.make_mesh() if mesh is None else mesh
+    if config.candidate_path != "table":  # candidate lists by direct photon-peak tests (emcjax.direct)
+        from emcjax import candidate_path, direct
+
+        if candidate_path.use_direct(dataset, config, frames, mesh):
+            return direct.setup_direct(dataset, config, frames, mesh=mesh, frame_weights=frame_weights)
+    source, crystal, detector, grid, weights = geometry_setup(dataset, config, frames, frame_weights)
+    n_frames = source.n_frames
     candidates = source.candidates()
     common = None if candidates is None else common_candidates(*candidates)
     if candidates is not None and common is None:  # each block evaluates the union of its frames' lists

@@ -119,6 +119,11 @@ def reject(config: RejectConfig, log=print) -> dict:
     return summary
 
 
+def run(config: RejectConfig, log=print):
+    """The stage as a function (for emcjax.pipeline and scripts): the same as :func:`reject`."""
+    return reject(config, log=log)
+
+
 def main(argv: list[str] | None = None) -> None:
     import tyro
 

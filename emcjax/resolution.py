@@ -105,7 +105,8 @@ def merge_halves(config: ResolutionConfig, log=print) -> dict:
     possible_q = q
     edges = stats_lib.equal_volume_edges(float(possible_q.min()), float(possible_q.max()), config.n_shells)
     shell = np.where(both, stats_lib.shell_of(q, edges), -1)
-    sigma, params = sigma_lib.half_set_sigma(i_a[both], i_b[both], shell[both])
+    classes = sigma_lib.reflection_classes(sigma_lib.stabilizer_order(crystal.laue_ops, hkl[both]))
+    sigma, params = sigma_lib.half_set_sigma(i_a[both], i_b[both], shell[both], classes=classes)
     sigma_all = np.full(q.shape, np.nan)
     sigma_all[both] = sigma
     i_true = _true_integrated(a)
@@ -130,7 +131,10 @@ def merge_halves(config: ResolutionConfig, log=print) -> dict:
             f.attrs["scale_b"] = scale_b
             f.attrs["d_suggested"] = np.nan if d_suggested is None else d_suggested
             f.attrs["criterion"] = criterion
-            f.attrs["sigma_model"] = "per-shell a + b*max(I, 0) fitted to (I_a - I_b)^2 / 4 (emcjax.merge.sigma)"
+            f.attrs["sigma_model"] = (
+                "r_class * (a_shell + b_shell * max(I, 0)) fitted to (I_a - I_b)^2 / 4, classes by stabilizer order "
+                "(emcjax.merge.sigma)"
+            )
             for name, value in (
                 ("hkl", hkl[both].astype(np.int32)),
                 ("intensity", merged[both]),
@@ -177,6 +181,11 @@ def read_merged(directory: pathlib.Path) -> dict:
     except OSError as err:
         raise DataError(f"{path} is not a readable HDF5 file: {err}") from None
     return out
+
+
+def run(config: ResolutionConfig, log=print):
+    """The stage as a function (for emcjax.pipeline and scripts): the same as :func:`merge_halves`."""
+    return merge_halves(config, log=log)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -93,6 +93,9 @@ class SimulationConfig:
     multi_fraction: float = 0.0
     """Fraction of frames with a second crystal in an orientation unrelated to the first by any rotation of the
     Laue group (truth ``frame_kind`` 2, ``second_quaternion``, ``second_phi``)."""
+    multi_equal: bool = False
+    """Give the second crystal the scale phi of the first (two crystals of equal strength) instead of an
+    independent draw of the same law."""
     overwrite: bool = False
     """Replace an existing output file."""
 
@@ -272,6 +275,8 @@ def simulate(config: SimulationConfig) -> tuple[data_io.SparseFrames, dict]:
 
     phi = rng.lognormal(mean=-config.phi_sigma**2 / 2, sigma=config.phi_sigma, size=config.n_frames)
     phi = np.where(kind == 1, 0.0, phi)
+    if config.multi_equal:
+        second_phi = np.where(kind == 2, phi, 0.0)
     crystal_phi = np.concatenate([phi, second_phi[multi]])
     second_rng = np.random.default_rng([config.seed, 2])
     scaled = jnp.asarray(intensity, jnp.float32)

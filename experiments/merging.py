@@ -1,6 +1,7 @@
 """Frame rejection, half sets, merging statistics, sigma(I) and the MTZ on simulated data with known truth.
 
     python experiments/merging.py --out /tmp/merging --n-frames 2000 --iters 30
+    python experiments/merging.py --out /tmp/merging8 --n-frames 2000 --iters 8 --rotation-n 8 --candidates 20
 
 Runs the documented commands one after the other (each printed):
 
@@ -8,7 +9,7 @@ Runs the documented commands one after the other (each printed):
    the signal falls with resolution);
 2. ``emcjax.lowres`` on all frames, ``emcjax.reject`` on that run, ``emcjax.lowres --frame-weights`` again:
    rejection per true frame kind, cc_true before and after;
-3. ``emcjax.lowres --half a|b --frame-weights``, ``emcjax.resolution``: the merging table with CC* against
+3. ``emcjax.halves --run --frame-weights`` (lowres --half a and b, then resolution): the merging table with CC* against
    the true correlation and the spread of (I - k I_true) / sigma(I) per shell;
 4. ``emcjax.export``: the MTZ read back, its correlation with the truth against the full run's.
 
@@ -53,6 +54,9 @@ def main() -> None:
     p.add_argument("--iters", type=int, default=30)
     p.add_argument("--wilson-b", type=float, default=40.0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--rotation-n", type=int, default=4, help="600-cell parameter of the true orientations")
+    p.add_argument("--skip-kept", action="store_true", help="no reconstruction from the accepted frames alone")
+    p.add_argument("--candidates", type=int, default=0, help="candidate rotations per frame (0: a full search)")
     args = p.parse_args()
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
@@ -61,7 +65,8 @@ def main() -> None:
     summary["args"]["out"] = str(out)
     if not data.exists():
         sh(["emcjax.simulate", "--out", str(data), "--n-frames", str(args.n_frames), "--blank-fraction", "0.05",
-            "--multi-fraction", "0.05", "--wilson-b", str(args.wilson_b), "--seed", str(args.seed)])
+            "--multi-fraction", "0.05", "--wilson-b", str(args.wilson_b), "--seed", str(args.seed),
+            "--rotation-n", str(args.rotation_n), "--candidates", str(args.candidates)])
     common = ["--data", str(data), "--iters", str(args.iters), "--keep-checkpoints", "1", "--iterations-every", "0"]
 
     # 1. all frames, rejection, again with the weights
@@ -70,7 +75,7 @@ def main() -> None:
         sh(["emcjax.lowres", *common, "--out", str(full)])
     print(sh(["emcjax.reject", "--run", str(full)]))
     rejection = full / "rejection.h5"
-    if not (kept / "intensities.h5").exists():
+    if not args.skip_kept and not (kept / "intensities.h5").exists():
         sh(["emcjax.lowres", *common, "--out", str(kept), "--frame-weights", str(rejection)])
     import h5py
 
@@ -85,15 +90,13 @@ def main() -> None:
         name: float(np.mean(flags[kind == k] != 0)) for name, k in (("one_crystal", 0), ("blank", 1), ("two_crystals", 2))
     }
     summary["cc_true_before_rejection"] = last_cc_true(full)
-    summary["cc_true_after_rejection"] = last_cc_true(kept)
+    summary["cc_true_after_rejection"] = None if args.skip_kept else last_cc_true(kept)
 
     # 2. half sets of the accepted frames, merging statistics
-    halves = {h: out / f"half_{h}" for h in "ab"}
-    for h, run in halves.items():
-        if not (run / "intensities.h5").exists():
-            sh(["emcjax.lowres", *common, "--out", str(run), "--half", h, "--frame-weights", str(rejection)])
-    merged = out / "merged"
-    print(sh(["emcjax.resolution", "--half-a", str(halves["a"]), "--half-b", str(halves["b"]), "--out", str(merged)]))
+    merged = out / "halves" / "merged"
+    if not (merged / "merged.h5").exists():
+        print(sh(["emcjax.halves", "--run", str(full), "--frame-weights", str(rejection), "--iters", str(args.iters),
+                  "--out", str(out / "halves")]))
     import csv
 
     rows = list(csv.DictReader((merged / "merging_stats.csv").open()))

@@ -19,6 +19,8 @@ import time
 
 import numpy as np
 
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # this checkout's emcjax
+
 from emcjax.detector import DetectorGeometry
 from emcjax.frontend import images as images_lib
 

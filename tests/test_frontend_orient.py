@@ -16,10 +16,11 @@ from emcjax import emc, lowres
 from emcjax.crystal import Crystal, reflections
 from emcjax.detector import DetectorGeometry
 from emcjax.frontend import orient as orient_lib
+from emcjax.frontend.grid_orbits import grid_orbits
 from emcjax.frontend import reduce as reduce_lib
 from emcjax.frontend import simulate_images as si
-from emcjax.rotations import (crystal_from_lab, matrix_to_quaternion, misorientation_angle, quaternion_conjugate,
-                              quaternion_multiply, sample_600cell)
+from emcjax.rotations import (crystal_from_lab, grid_symmetry_orbits, matrix_to_quaternion, misorientation_angle,
+                              quaternion_conjugate, quaternion_multiply, sample_600cell)
 from emcjax.simulate import SimulationConfig
 
 GEOMETRY = DetectorGeometry(num_rows=128, num_cols=128, pixel_size_m=1.8e-3, beam_center_px=(63.3, 64.6),
@@ -64,11 +65,37 @@ def test_match_counts_equal_a_numpy_reference_on_a_monoclinic_cell():
     assert np.all(expected[[0, 1, 2], [5, 77, 300]] >= 4)
     # float32 vs float64 may flip a match lying exactly at the tolerance: allow a handful
     assert np.sum(got != expected) <= 3, np.argwhere(got != expected)
-    orienter = orient_lib.Orienter(crystal, 2, tolerance, chunk_rotations=100)  # several chunks + padding
-    lists = orienter.candidates([s for s in spots])
+    full = orient_lib.Orienter(crystal, 2, tolerance, chunk_rotations=100, orbits=False)  # chunks + padding
+    lists = full.candidates([s for s in spots])
     for f, r in enumerate((5, 77, 300)):
         assert r in lists[f]
         np.testing.assert_array_equal(lists[f], np.flatnonzero(got[f] >= 3))
+    # scoring one rotation per orbit of the grid-preserving 2-fold gives the same lists
+    reduced = orient_lib.Orienter(crystal, 2, tolerance, chunk_rotations=100)
+    assert reduced.n_scored == sampling.n_rot // 2
+    for a, b in zip(lists, reduced.candidates([s for s in spots])):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_grid_orbits_equal_the_kd_tree_orbits_and_preserve_match_counts():
+    crystal = Crystal(cell=(40.0, 40.0, 30.0, 90.0, 90.0, 90.0), space_group="P 43 21 2")
+    sampling = sample_600cell(6)
+    orbits = grid_orbits(sampling, crystal.rotation_ops_cartesian)
+    representative, orbit = grid_symmetry_orbits(sampling, crystal.rotation_ops_cartesian)
+    np.testing.assert_array_equal(orbits.representative, representative)
+    assert orbits.images.shape == (4, sampling.n_rot)  # the identity and the three 2-folds of 222
+    np.testing.assert_array_equal(orbit[orbits.images], np.broadcast_to(orbit, orbits.images.shape))
+    # mates match the same spots: counts of every rotation equal those of its images (float32 flips aside)
+    rng = np.random.default_rng(2)
+    basis = crystal.reciprocal_basis
+    hkl = reflections(crystal, d_min=4.0)
+    lab = (crystal_from_lab(sampling.quaternions[123]).T @ (basis @ hkl[rng.choice(hkl.shape[0], 8)].T)).T
+    counts = np.asarray(orient_lib.match_counts(
+        jnp.asarray(sampling.quaternions, jnp.float32), jnp.asarray(lab[None], jnp.float32), jnp.ones((1, 8), bool),
+        jnp.asarray(basis, jnp.float32), jnp.asarray(np.linalg.inv(basis), jnp.float32),
+        jnp.float32(orient_lib.default_tolerance(crystal, 10, 2.0) ** 2)))[0]
+    assert counts[orbits.images[:, 123]].tolist() == [8] * 4
+    assert np.mean(counts[orbits.images] == counts[None]) > 0.999
 
 
 def _mate_angle(candidates: np.ndarray, truth_q: np.ndarray, sampling, crystal: Crystal) -> float:
@@ -88,8 +115,9 @@ def test_true_orientation_is_among_the_candidates(tmp_path):
     reduce_lib.run(reduce_lib.ReduceConfig(
         images=(str(tmp_path / "images.h5"),), out=tmp_path / "reduced.h5", geometry=GEOMETRY, cell=CELL,
         truth=tmp_path / "truth.h5", mask=reduce_lib.MaskConfig(file=tmp_path / "shadow_mask.npy")), log=lambda s: None)
-    orient_lib.main(["--data", str(tmp_path / "reduced.h5"), "--out", str(tmp_path / "oriented.h5"),
-                     "--sampling-n", "6", "--vn", "10", "--keep-empty"])
+    (tmp_path / "orient.toml").write_text("sampling_n = 6\nvn = 10\nkeep_empty = true\n")
+    orient_lib.main(["--config", str(tmp_path / "orient.toml"), "--data", str(tmp_path / "reduced.h5"),
+                     "--out", str(tmp_path / "oriented.h5")])
     with data_io.SparseDataset(tmp_path / "oriented.h5") as ds:
         frames, truth = ds.read_all(), ds.read_truth()
         assert ds.candidate_sampling_n == 6

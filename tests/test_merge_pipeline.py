@@ -1,10 +1,11 @@
 """The post-processing commands end to end on a small simulated data set with blank and two-crystal frames:
-reject, lowres --frame-weights, lowres --half a|b, resolution and export (the README's commands, run through
-their command-line entry points), and their errors."""
+reject, lowres --frame-weights, halves (lowres --half a and b, then resolution) and export (the README's
+commands, run through their command-line entry points), and their errors."""
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import importlib
 import os
 import pathlib
@@ -32,7 +33,7 @@ SMALL = {
         "--geometry.beam-center-px", "31.5", "31.5", "--geometry.resolution-max-A", "8", "--geometry.n-shells", "10",
     ],
     "emcjax.lowres": ["--iters", "3", "--emc.rotation-n", "3", "--keep-checkpoints", "1"],
-    "emcjax.resolution": ["--n-shells", "4"],
+    "emcjax.halves": ["--n-shells", "4"],  # the halves take runs/all's settings (its config.toml)
 }
 
 
@@ -55,15 +56,15 @@ def pipeline(tmp_path_factory):
     try:
         commands = readme_commands()
         assert [c[2] for c in commands] == [
-            "emcjax.simulate", "emcjax.lowres", "emcjax.reject", "emcjax.lowres", "emcjax.lowres", "emcjax.lowres",
-            "emcjax.resolution", "emcjax.export",
+            "emcjax.simulate", "emcjax.lowres", "emcjax.reject", "emcjax.lowres", "emcjax.halves", "emcjax.export",
         ]
         for argv in commands:
             assert argv[:2] == ["python", "-m"]
             importlib.import_module(argv[2]).main(argv[3:] + SMALL.get(argv[2], []))
     finally:
         os.chdir(old)
-    runs = {name: root / "runs" / name for name in ("all", "kept", "A", "B", "merged")}
+    runs = {name: root / "runs" / name for name in ("all", "kept")}
+    runs.update(A=root / "runs/halves/a", B=root / "runs/halves/b", merged=root / "runs/halves/merged")
     return root, root / "bad.h5", runs
 
 
@@ -167,14 +168,15 @@ def test_mismatched_halves_and_missing_results_give_one_clear_error(pipeline, tm
     for args in (("emcjax.reject", "--run", str(empty)), ("emcjax.resolution", "--half-a", str(empty), "--half-b", str(runs["B"]))):
         done = _cli(*args)
         assert done.returncode != 0 and "Traceback" not in done.stderr and "has not finished" in done.stderr
+    done = _cli("emcjax.halves", "--run", str(tmp_path / "nothing"), "--out", str(tmp_path / "h"))
+    assert done.returncode == 2 and done.stderr.count("error:") == 1 and "Traceback" not in done.stderr
+    assert "neither a run directory" in done.stderr and not (tmp_path / "h").exists()
     done = _cli("emcjax.export", "--run", str(runs["A"]))
     assert done.returncode != 0 and "no merged.h5" in done.stderr and "Traceback" not in done.stderr
     assert not (tmp_path / "m").exists()
 
 
 def test_half_sets_of_other_cells_or_space_groups_are_refused(pipeline):
-    import dataclasses
-
     from emcjax.crystal import Crystal
     from emcjax.errors import ConfigError
     from emcjax.merge.rundata import load_run
@@ -188,3 +190,42 @@ def test_half_sets_of_other_cells_or_space_groups_are_refused(pipeline):
     other_group = dataclasses.replace(b, crystal=Crystal((79.1, 79.1, 37.9, 90, 90, 90), "P 41 21 2"))
     with pytest.raises(ConfigError, match="different space groups: .* P 43 21 2 vs .* P 41 21 2"):
         resolution._check_pair(a, other_group)
+
+
+def test_halves_command_takes_the_runs_settings_and_refuses_a_used_out(pipeline, tmp_path):
+    from emcjax import halves as halves_cli
+    from emcjax.errors import ConfigError
+
+    root, data, runs = pipeline
+    config = halves_cli.HalvesConfig(run=runs["all"], out=tmp_path / "h", frame_weights=runs["all"] / "rejection.h5")
+    base = halves_cli.base_config(config)
+    saved = runio.config_from_toml(lowres.LowresConfig, runs["all"] / "config.toml")
+    assert base.iters == saved.iters == 3 and base.emc == saved.emc and base.data == saved.data
+    assert base.frame_weights == runs["all"] / "rejection.h5" and base.half is None
+    # both halves ran with these settings: their recorded configs differ only in out and half
+    for h, name in (("a", "A"), ("b", "B")):
+        half = runio.config_from_toml(lowres.LowresConfig, runs[name] / "config.toml")
+        assert half == dataclasses.replace(base, out=half.out, half=h) and half.out.name == h
+    assert halves_cli.base_config(dataclasses.replace(config, iters=7, split="random")).split == "random"
+    (tmp_path / "h" / "b").mkdir(parents=True)
+    (tmp_path / "h" / "b" / "notes.txt").write_text("mine")
+    with pytest.raises(ConfigError, match="already holds files"):
+        halves_cli.run_halves(base, tmp_path / "h", log=lambda *a: None)
+    assert not (tmp_path / "h" / "a").exists()  # refused before any work
+    with pytest.raises(ConfigError, match="runs both halves"):
+        halves_cli.run_halves(dataclasses.replace(base, half="a"), tmp_path / "h2", log=lambda *a: None)
+    # --resume on the finished halves (frame weights given relative to the run's directory) leaves them as
+    # they are and merges again
+    before = {h: runio.read_run(runs[h]).intensity for h in "AB"}
+    old = os.getcwd()
+    os.chdir(root)
+    try:
+        relative = dataclasses.replace(config, out=pathlib.Path("runs/halves"), resume=True, n_shells=4,
+                                       frame_weights=pathlib.Path("runs/all/rejection.h5"))
+        summary = halves_cli.run(relative, log=lambda *a: None)
+    finally:
+        os.chdir(old)
+    for h in "AB":
+        np.testing.assert_array_equal(runio.read_run(runs[h]).intensity, before[h])
+        assert runio.read_metrics(runs[h])[-1]["iteration"] == 3
+    assert summary["merged"]["stats"].n_shells == 4 and summary["runs"]["merged"] == pathlib.Path("runs/halves/merged")

@@ -69,6 +69,40 @@ def test_cc_star_tracks_true_correlation_and_sigma_is_calibrated():
     assert stats.overall.n_unique[0] == q.size
 
 
+def test_stabilizer_order_matches_gemmi_and_small_classes_merge():
+    import gemmi
+
+    crystal = Crystal((79.1, 79.1, 37.9, 90, 90, 90), "P 43 21 2")
+    hkl = reflections(crystal, d_min=6.0)
+    laue = gemmi.find_spacegroup_by_name("P 4/m m m").operations()
+    expected = [laue.epsilon_factor_without_centering([int(x) for x in h]) for h in hkl]
+    order = sigma_lib.stabilizer_order(crystal.laue_ops, hkl)
+    np.testing.assert_array_equal(order, expected)
+    assert set(order.tolist()) == {1, 2, 4, 8}
+    classes = sigma_lib.reflection_classes([1] * 30 + [2] * 25 + [4] * 3 + [8] * 1, min_count=20)
+    np.testing.assert_array_equal(classes, [0] * 30 + [1] * 29)  # 4 and 8 join 2
+    np.testing.assert_array_equal(sigma_lib.reflection_classes([1, 2, 2, 2], min_count=2), [0, 0, 0, 0])
+
+
+def test_class_variance_factor_calibrates_reflections_on_symmetry_elements():
+    """Reflections of one class (e.g. on symmetry elements, fewer distinct observations) scatter 2.5x more in
+    variance: one shell model for all mis-states both classes, a factor per class calibrates each."""
+    q, truth, _, _, sd = synthetic_halves(seed=4)
+    rng = np.random.default_rng(5)
+    special = rng.uniform(size=q.size) < 0.3
+    sd = sd * np.where(special, np.sqrt(2.5), 1.0)
+    i_a, i_b = (truth + sd * rng.normal(size=q.size) for _ in range(2))
+    shell = stats_lib.shell_of(q, stats_lib.equal_volume_edges(q.min(), q.max(), 8))
+    z_spread = lambda sigma, sel: np.std(((i_a + i_b) / 2 - truth)[sel] / sigma[sel])  # noqa: E731
+    pooled, _ = sigma_lib.half_set_sigma(i_a, i_b, shell)
+    assert z_spread(pooled, special) > 1.05 and z_spread(pooled, ~special) < 0.8
+    by_class, params = sigma_lib.half_set_sigma(i_a, i_b, shell, classes=special.astype(int))
+    assert params.shape == (8, 2)
+    for sel in (special, ~special):
+        assert 0.9 < z_spread(by_class, sel) < 1.1
+        assert all(0.8 < z_spread(by_class, sel & (shell == s)) < 1.2 for s in range(8))
+
+
 def test_sigma_from_a_single_difference_would_not_do():
     """The shell model matters: sigma = |A - B| / 2 per reflection gives heavy-tailed standardized errors."""
     q, truth, i_a, i_b, _ = synthetic_halves(seed=2)

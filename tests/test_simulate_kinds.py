@@ -90,6 +90,13 @@ def test_second_crystals_leave_the_other_frames_unchanged():
             np.testing.assert_array_equal(c0, c1)
 
 
+def test_equal_crystals_share_the_first_crystals_scale():
+    _, truth = simulate(dataclasses.replace(BASE, multi_fraction=0.2, multi_equal=True))
+    multi = truth["frame_kind"] == 2
+    np.testing.assert_array_equal(truth["second_phi"][multi], truth["phi"][multi])
+    assert np.all(truth["second_phi"][~multi] == 0) and np.std(truth["phi"][multi]) > 0.1
+
+
 def test_fractions_are_checked():
     with pytest.raises(ConfigError, match="blank_fraction"):
         dataclasses.replace(BASE, blank_fraction=1.5)

@@ -7,6 +7,7 @@ one iteration, written for the frames of one device with every sum over frames e
 
     E-step (all blocks) -> kept pairs on the device -> intensity M-step
     [-> E-step -> phi M-step -> mean-1 normalisation]          (``update_phi``)
+    [-> per-frame background scale of the likelihood]          (``refine_background``)
 
 ``batch`` is a :class:`Batch`: the replicated rotation set and the frames' blocks stacked on a leading
 block axis. The state (:class:`emcjax.core.arrays.EMCState`) carries the model, phi, the likelihood (its
@@ -22,6 +23,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from emcjax.core import background as background_lib
 from emcjax.core import mstep
 from emcjax.core.arrays import BlockArrays, EMCState, Hyper, Kept, Shared
 from emcjax.core.estep import block_log_likelihood, responsibilities, rotation_tables
@@ -45,6 +47,8 @@ class StepSpec:
       kept_budget: kept join pairs per device and block (None: every join pair).
       gradient_steps, gradient_learning_rate: the optax M-step (log-space Adam steps and step size).
       max_entries: most in-peak entries of one rotation (exact zero terms of the gradient M-step).
+      refine_background: update the likelihood's per-frame background scale (``scale``) after the other
+        M-steps (emcjax.core.background).
       axis: mesh axis name of the frames (None: one device).
     """
 
@@ -59,6 +63,7 @@ class StepSpec:
     gradient_steps: int = 20
     gradient_learning_rate: float = 0.05
     max_entries: int = 1
+    refine_background: bool = False
     axis: str | None = None
 
 
@@ -214,6 +219,20 @@ def phi_mstep(intensity, phi, likelihood, kept: Kept, shared: Shared, spec: Step
     return mstep.normalise_phi(intensity, phi, used)
 
 
+def background_mstep(intensity, phi, likelihood, kept: Kept, shared: Shared, totals, spec: StepSpec):
+    """The likelihood with its per-frame background scale refined on the kept pairs; ``totals``: (photons,
+    background) per frame, (n_padded,) each (:func:`frame_totals`)."""
+    scale = jnp.broadcast_to(jnp.asarray(likelihood.scale, phi.dtype), (spec.n_frames,))
+    scale = background_lib.scale_update(intensity, phi, scale, kept, shared, *totals, axis=spec.axis)
+    return dataclasses.replace(likelihood, scale=scale)
+
+
+def frame_totals(batch: Batch, spec: StepSpec):
+    """(photons, background at scale 1) of every frame, (n_padded,) each, on every device."""
+    totals = map_blocks(lambda b: background_lib.frame_totals(batch.shared, b), batch.blocks)
+    return tuple(_global_frames(v, batch.blocks, spec.n_padded, spec.axis) for v in totals)
+
+
 def make_update(spec: StepSpec):
     """The update of one iteration for problems described by ``spec``: ``update(state, batch)``."""
 
@@ -226,7 +245,12 @@ def make_update(spec: StepSpec):
             kept, last, n_live_2, tables = estep_all(intensity, phi, state, batch, spec)
             n_live = jnp.maximum(n_live, n_live_2)
             intensity, phi = phi_mstep(intensity, phi, state.likelihood, kept, batch.shared, spec, tables)
-        new = state._replace(iteration=state.iteration + 1, intensity=intensity, phi=phi[: spec.n_frames])
+        likelihood = state.likelihood
+        if spec.refine_background:
+            likelihood = background_mstep(intensity, phi, likelihood, kept, batch.shared, frame_totals(batch, spec),
+                                          spec)
+        new = state._replace(iteration=state.iteration + 1, intensity=intensity, phi=phi[: spec.n_frames],
+                             likelihood=likelihood)
         pairs = KeptRotations(kept.pair_frame, kept.pair_rotation, kept.pair_prob)
         return new, Diagnostics(first=first, last=last, n_live=n_live, kept=pairs)
 

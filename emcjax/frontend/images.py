@@ -239,11 +239,17 @@ def geometry_with_header(geometry: DetectorGeometry, header: ImageHeader, shape:
 
 
 def geometry_from_poni(path: str | pathlib.Path, base: DetectorGeometry) -> DetectorGeometry:
-    """Detector geometry from a pyFAI PONI file (distance, PONI, pixel size, wavelength).
+    """Detector geometry from a pyFAI PONI file (distance, PONI, rotations, pixel size, wavelength).
 
-    pyFAI's PONI is in metres from the detector corner (pixel i has its centre at (i + 0.5) * pixel), so
-    beam_center_px = poni / pixel - 0.5. Only a detector perpendicular to the beam (rot1 = rot2 = rot3 = 0)
-    maps onto emcjax's flat-detector model; other rotations are refused.
+    emcjax's frame is the detector's own: x along rows, y along columns, z = x × y, the detector plane at
+    z = -distance; a rotated detector (pyFAI rot1, rot2, rot3) is the same plane hit by a tilted beam. From
+    pyFAI's lab positions of three pixel centres (``calc_pos_zyx``; pixel i has its centre at
+    (i + 0.5) x pixel from the corner): the detector axes e_row, e_col, m = e_row × e_col in the lab; the
+    beam (lab z) in the detector frame, beam_direction = (e_row·z, e_col·z, m·z); distance_m = -m·P_00 (the
+    plane's distance from the sample, pyFAI's dist); beam_center_px = where the beam line meets the plane,
+    in pixels from pixel (0, 0). Per-pixel q then equals pyFAI's (tests/test_frontend_reduce.py). The
+    polarization factor stays emcjax's (polarization along the column axis), an approximation of the order
+    of the tilt.
     """
     import pyFAI
 
@@ -251,13 +257,22 @@ def geometry_from_poni(path: str | pathlib.Path, base: DetectorGeometry) -> Dete
         geo = pyFAI.load(str(path))
     except Exception as err:
         raise ConfigError(f"{path}: not a readable PONI file ({type(err).__name__}: {err})") from err
-    if max(abs(geo.rot1), abs(geo.rot2), abs(geo.rot3)) > 1e-9:
-        raise ConfigError(f"{path}: rot1, rot2, rot3 = {geo.rot1}, {geo.rot2}, {geo.rot3}; expected 0 (emcjax models "
-                          "a detector perpendicular to z; tilt the beam with beam_direction instead)")
     if not math.isclose(geo.pixel1, geo.pixel2, rel_tol=1e-6):
         raise ConfigError(f"{path}: pixel1 = {geo.pixel1}, pixel2 = {geo.pixel2}; expected square pixels")
-    values = dict(distance_m=geo.dist, pixel_size_m=geo.pixel1,
-                  beam_center_px=(geo.poni1 / geo.pixel1 - 0.5, geo.poni2 / geo.pixel2 - 0.5))
+    z, y, x = geo.calc_pos_zyx(d1=np.array([0.0, 1.0, 0.0]), d2=np.array([0.0, 0.0, 1.0]))
+    pos = np.stack([x, y, z], axis=1)  # lab (x, y, z = beam) in m of pixels (0, 0), (1, 0), (0, 1)
+    e_row = (pos[1] - pos[0]) / np.linalg.norm(pos[1] - pos[0])
+    e_col = (pos[2] - pos[0]) / np.linalg.norm(pos[2] - pos[0])
+    normal = np.cross(e_row, e_col)
+    beam = np.array([e_row[2], e_col[2], normal[2]])  # lab z in the detector frame
+    distance = -float(normal @ pos[0])
+    if not (beam[2] < -1e-6 and distance > 0):
+        raise ConfigError(f"{path}: rot1, rot2, rot3 = {geo.rot1}, {geo.rot2}, {geo.rot3} turn the detector away "
+                          "from the sample or parallel to the beam; expected a detector facing the beam")
+    hit = np.array([0.0, 0.0, 1.0]) * (-distance / beam[2])  # where the beam line meets the plane (lab)
+    values = dict(distance_m=distance, pixel_size_m=geo.pixel1, beam_direction=tuple(float(v) for v in beam),
+                  beam_center_px=(float((hit - pos[0]) @ e_row / geo.pixel1),
+                                  float((hit - pos[0]) @ e_col / geo.pixel2)))
     if geo.wavelength:
         values["wavelength_A"] = geo.wavelength * 1e10
     if geo.detector is not None and geo.detector.max_shape is not None:

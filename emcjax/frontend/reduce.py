@@ -49,7 +49,8 @@ class ReduceConfig:
     geometry: DetectorGeometry = DetectorGeometry()
     """Detector geometry (num_rows/num_cols follow the images when header='use')."""
     poni: pathlib.Path | None = None
-    """pyFAI PONI file: distance, beam centre, pixel size and wavelength from it (overrides --geometry.*)."""
+    """pyFAI PONI file: distance, beam centre, detector rotations (as a tilted beam), pixel size and wavelength
+    from it (overrides --geometry.*)."""
     header: Literal["use", "check", "ignore"] = "use"
     """Image header values: 'use' them where present (and check every CBF against the first), 'check' them
     against the configured geometry, or 'ignore' them."""
@@ -63,6 +64,9 @@ class ReduceConfig:
     """Outlier rejection passes of the radial background."""
     quantile: float = 0.99999
     """Poisson CDF level above which a pixel is an outlier."""
+    clip_quantile: float | None = 0.97
+    """Poisson CDF level above which a pixel is left out of the background estimate (truncated-Poisson
+    rate of the rest; keeps weak Bragg spots out of the background); None: the plain mean (the reference)."""
     ring_excess: float = 0.05
     """Relative excess of a background maximum that makes it a ring."""
     ring_sigma: float = 5.0
@@ -85,6 +89,8 @@ class ReduceConfig:
     """Continue an interrupted reduction of the same settings (its .OUT.partial file)."""
     overwrite: bool = False
     """Replace an existing output file."""
+    config: pathlib.Path | None = None
+    """TOML file whose values become the defaults of all other fields (flags override)."""
 
     def __post_init__(self) -> None:
         for name in ("background_iterations", "min_spot_pixels", "block_frames", "max_spots_per_shell"):
@@ -95,6 +101,8 @@ class ReduceConfig:
                               f"{self.min_spot_pixels}")
         if not 0.5 < self.quantile < 1:
             raise ConfigError(f"quantile must be in (0.5, 1), got {self.quantile}")
+        if self.clip_quantile is not None and not 0.5 < self.clip_quantile <= self.quantile:
+            raise ConfigError(f"clip_quantile must be in (0.5, quantile = {self.quantile}], got {self.clip_quantile}")
         if self.n_frames < 0:
             raise ConfigError(f"n_frames must be >= 0 (0: all), got {self.n_frames}")
 
@@ -122,7 +130,8 @@ def reduce_frame(image: np.ndarray, tables: RadialTables, config: ReduceConfig, 
     if saturation is not None:
         dead |= k >= saturation
     k = np.where(dead, 0, k)
-    background, outlier = frame_background(k, dead, tables, config.background_iterations, config.quantile)
+    background, outlier = frame_background(k, dead, tables, config.background_iterations, config.quantile,
+                                           config.clip_quantile)
     spots = find_spots(image, det.pixel_id[outlier], tables, config.min_spot_pixels, config.max_spot_pixels,
                        config.max_spots_per_shell)
     excluded = ring_shells(background, tables.shell_pol, config.ring_excess, config.ring_sigma, config.ring_photons)
@@ -189,7 +198,7 @@ def run(config: ReduceConfig, log=print) -> pathlib.Path:
     log(f"static mask: {int(mask.sum())} pixels ({', '.join(f'{k} {v}' for k, v in masked.items())})")
     tables = radial_tables(geometry, mask)
     settings = runio.config_to_dict(config)
-    for key in ("resume", "overwrite", "out"):
+    for key in ("resume", "overwrite", "out", "config"):
         settings.pop(key, None)
     fingerprint = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()
     writer = SparseWriter(config.out, dataclasses.asdict(geometry),
@@ -220,10 +229,9 @@ def run(config: ReduceConfig, log=print) -> pathlib.Path:
 
 
 def main(argv: list[str] | None = None) -> None:
-    import tyro
-
-    config = tyro.cli(ReduceConfig, args=argv, prog="python -m emcjax.reduce", description=__doc__.split("\n\n")[0])
+    """``python -m emcjax.reduce [--config run.toml] [flags]``: errors become one line and a non-zero exit."""
     try:
+        config = runio.parse_stage_args(ReduceConfig, argv, "python -m emcjax.reduce", __doc__.split("\n\n")[0])
         if not config.images:
             raise ConfigError("images: give the detector images, e.g. --images 'run1/*.cbf' or --images run1.h5")
         run(config)

@@ -35,6 +35,7 @@ _RAGGED = {
 }
 _OFFSETS = ("frames/photon_offsets", "frames/dead_offsets", "frames/candidate_offsets", "spots/offsets")
 # per-frame dataset -> dtype
+_PHI_BLOCK = 65536  # frames of /spots/initial_phi normalised at once
 _PER_FRAME = {"frames/frame_id": np.int64, "frames/background": np.float32, "spots/initial_phi": np.float32}
 
 
@@ -170,11 +171,18 @@ class SparseWriter:
         """Normalises ``/spots/initial_phi`` to mean 1 (frames without spots get 1), copies ``/truth`` from
         ``truth_from`` when given, and renames the partial file onto the target."""
         f = self._file
-        if "spots/initial_phi" in self._per_frame and normalise_phi and f["spots/initial_phi"].shape[0]:
-            phi = f["spots/initial_phi"][()].astype(np.float64)
-            good = phi > 0
-            phi = np.where(good, phi / phi[good].mean(), 1.0) if good.any() else np.ones_like(phi)
-            f["spots/initial_phi"][...] = phi.astype(np.float32)
+        if "spots/initial_phi" in self._per_frame and normalise_phi:
+            # in blocks of frames, so that memory does not grow with the frame count
+            phi_ds = f["spots/initial_phi"]
+            blocks = [slice(a, min(a + _PHI_BLOCK, phi_ds.shape[0])) for a in range(0, phi_ds.shape[0], _PHI_BLOCK)]
+            total = count = 0.0
+            for block in blocks:
+                phi = phi_ds[block].astype(np.float64)
+                total, count = total + phi[phi > 0].sum(), count + np.count_nonzero(phi > 0)
+            mean = total / count if count else 1.0
+            for block in blocks:
+                phi = phi_ds[block].astype(np.float64)
+                phi_ds[block] = np.where(phi > 0, phi / mean, 1.0).astype(np.float32)
         if truth_from is not None:
             with h5py.File(truth_from, "r") as src:
                 if "truth" not in src:

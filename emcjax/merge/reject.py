@@ -11,7 +11,8 @@ Reasons (bits of the ``flags`` array; a frame may have several):
   Laue group maps onto the first holds at least ``second_probability`` (the reference's "multiple crystals"
   test, P >= 0.05, here modulo the Laue group of any space group).
 * ``unexplained_photons`` (8): more photons fall outside the peaks the most likely orientation predicts
-  than the background there explains: the robust z-score (median and MAD over the frames) of
+  than the background there explains: the robust z-score (median and MAD over the frames no test flags,
+  iterated until the flagged set is stable) of
   (observed - expected) / sqrt(expected) exceeds ``max_unexplained_z``. A second crystal puts most of its
   photons there, so this catches two-crystal frames whose posterior is (as usual with ~10^2 photons) sharp
   on one of the two crystals, where the posterior test sees nothing.
@@ -25,6 +26,8 @@ import numpy as np
 
 from emcjax.rotations import symmetric_misorientation
 
+MAX_CLIPPING_PASSES = 20
+"""Passes of the unexplained-photon test, each with the reference frames of the last pass less those it flagged."""
 REASONS = {"phi_zero": 1, "undetermined": 2, "two_orientations": 4, "unexplained_photons": 8}
 """Reason name -> bit of the flags array."""
 
@@ -138,9 +141,17 @@ def frame_flags(
         excess = (observed - expected) / np.sqrt(np.maximum(expected, 1.0))
         finite = np.isfinite(excess)  # NaN: frame not tested
         reference = finite & (flags == 0) if np.any(finite & (flags == 0)) else finite
-        z = robust_z(excess, excess[reference])
-        with np.errstate(invalid="ignore"):
-            flags[z > criteria.max_unexplained_z] |= REASONS["unexplained_photons"]
+        # iterated clipping: the frames this test flags leave the reference (many two-crystal frames inflate
+        # the MAD of a first pass: 53 % of them were caught at 30 % two-crystal frames, 100 % after clipping)
+        for _ in range(MAX_CLIPPING_PASSES):
+            z = robust_z(excess, excess[reference])
+            with np.errstate(invalid="ignore"):
+                outlier = z > criteria.max_unexplained_z
+            clipped = reference & ~outlier
+            if np.array_equal(clipped, reference) or not clipped.any():
+                break
+            reference = clipped
+        flags[outlier] |= REASONS["unexplained_photons"]
     return flags, z
 
 

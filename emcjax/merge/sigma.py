@@ -18,9 +18,16 @@ squares (d_h has mean sigma_h^2 and variance 2 sigma_h^4 for Gaussian errors). s
 mean d_h of the shell's weakest reflections (so a reflection the model sets to 0 keeps an error). Shells
 with fewer than ``min_per_shell`` reflections borrow the fit over all reflections.
 
-Checked against the truth (tests/test_merge_stats.py, experiments/merging.py): (M_h - k I_true,h) / sigma_h
-has a spread of ~1 where the halves' errors are independent; errors common to both halves (docs/BENCHMARKS.md:
-reflections on symmetry elements) are not seen.
+Reflections on symmetry elements (a stabilizer of order > 1 in the Laue group: hk0, h0l, hhl, h00, ... in
+4/mmm) have fewer distinct symmetry mates, so fewer observations, and scatter more between the halves at
+the same shell and intensity (2.1x in variance in the 4 Å benchmark). With ``classes`` (the stabilizer order,
+:func:`reflection_classes`) each class c gets a variance factor r_c, sigma_h^2 = r_c (a_s + b_s max(M_h, 0)),
+fitted to the same half-set differences (no truth).
+
+Checked against the truth (tests/test_merge_stats.py, experiments/merging.py, experiments/common_error.py):
+(M_h - k I_true,h) / sigma_h has a spread of ~1 where the halves' errors are independent; errors common to
+both halves are not seen (docs/METHOD-NOTES.md: on the simulator's default n = 4 grid of true orientations
+every frame samples a reflection's profile in the same few ways, and the error this leaves is common).
 """
 
 from __future__ import annotations
@@ -76,36 +83,85 @@ def fit_variance_model(
     return a, b
 
 
-def half_set_sigma(i_a, i_b, shell, *, min_per_shell: int = MIN_PER_SHELL) -> tuple[np.ndarray, np.ndarray]:
+def stabilizer_order(laue_ops, hkl) -> np.ndarray:
+    """(n,) int number of Laue-group operations ((n_ops, 3, 3) integer matrices acting on hkl) that map each
+    reflection onto itself: 1 for a general reflection, > 1 for one on a symmetry element (hk0, h0l, hhl, h00,
+    ... in 4/mmm)."""
+    hkl = np.asarray(hkl, np.int64)
+    images = np.einsum("gij,nj->ngi", np.asarray(laue_ops, np.int64), hkl)
+    return np.all(images == hkl[:, None, :], axis=2).sum(axis=1)
+
+
+def reflection_classes(order, min_count: int = MIN_PER_SHELL) -> np.ndarray:
+    """(n,) int class 0, 1, ... of each reflection by its stabilizer order (ascending), a class with fewer
+    than ``min_count`` reflections merged into the next lower order's (the lowest into the next higher)."""
+    order = np.asarray(order, np.int64)
+    values, index, counts = np.unique(order, return_inverse=True, return_counts=True)
+    parent = np.arange(values.size)
+    for i in range(values.size - 1, 0, -1):  # from the highest order down: a small class joins the next lower
+        if counts[i] < min_count:
+            parent[parent == i] = i - 1
+            counts[i - 1] += counts[i]
+    if values.size > 1 and counts[0] < min_count and np.any(parent != 0):  # a small lowest class joins upwards
+        parent[parent == 0] = parent[parent != 0].min()
+    return np.unique(parent, return_inverse=True)[1][index].reshape(order.shape)
+
+
+def _shell_model(merged, d2, shell, n_shells: int, min_per_shell: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per-shell (a_s, b_s) fitted to ``d2`` and the variance a_s + b_s max(merged, 0) of every reflection,
+    floored at the mean d2 of its shell's weakest reflections."""
+    overall = fit_variance_model(merged, d2)
+    params = np.empty((n_shells, 2))
+    floor = np.zeros(n_shells)
+    for s in range(n_shells):
+        mask = shell == s
+        params[s] = fit_variance_model(merged[mask], d2[mask]) if mask.sum() >= min_per_shell else overall
+        if mask.any():  # a reflection the model puts at 0 keeps the error of the weakest group of its shell
+            weakest = np.argsort(merged[mask])[: max(min_per_shell // 2, 1)]
+            floor[s] = np.mean(d2[mask][weakest])
+    inside = shell >= 0
+    a = np.where(inside, params[np.maximum(shell, 0), 0] if n_shells else overall[0], overall[0])
+    b = np.where(inside, params[np.maximum(shell, 0), 1] if n_shells else overall[1], overall[1])
+    variance = a + b * np.maximum(merged, 0.0)
+    if n_shells:
+        variance = np.maximum(variance, np.where(inside, floor[np.maximum(shell, 0)], 0.0))
+    return params, variance
+
+
+def half_set_sigma(
+    i_a, i_b, shell, *, classes=None, min_per_shell: int = MIN_PER_SHELL, iterations: int = 5
+) -> tuple[np.ndarray, np.ndarray]:
     """sigma of the merged intensity (i_a + i_b) / 2 of every reflection, from the half-set error model.
 
     Args:
       i_a, i_b: (n,) half-set intensities on a common scale.
       shell: (n,) int shell index of each reflection (-1: no shell, uses the overall model).
+      classes: (n,) int reflection class (e.g. :func:`reflection_classes` of the stabilizer order), or None
+        for one class. Each class c gets a variance factor r_c (r = 1 for the class of most reflections):
+        Var = r_c (a_s + b_s max(I, 0)), fitted by alternating the shell model on d / r_c and
+        r_c = mean(d) / mean(model) over the class (d = (i_a - i_b)^2 / 4).
       min_per_shell: shells with fewer reflections use the model fitted to all.
 
     Returns:
-      ``(sigma, params)``: (n,) float64 sigma(I); (n_shells, 2) the fitted (a_s, b_s) per shell.
+      ``(sigma, params)``: (n,) float64 sigma(I); (n_shells, 2) the fitted (a_s, b_s) per shell (of the class
+      of most reflections).
     """
     i_a = np.asarray(i_a, np.float64)
     i_b = np.asarray(i_b, np.float64)
     shell = np.asarray(shell)
     merged = 0.5 * (i_a + i_b)
     d2 = 0.25 * (i_a - i_b) ** 2
-    overall = fit_variance_model(merged, d2)
     n_shells = int(shell.max()) + 1 if shell.size else 0
-    params = np.empty((n_shells, 2))
-    for s in range(n_shells):
-        mask = shell == s
-        params[s] = fit_variance_model(merged[mask], d2[mask]) if mask.sum() >= min_per_shell else overall
-    a = np.where(shell >= 0, params[np.maximum(shell, 0), 0] if n_shells else overall[0], overall[0])
-    b = np.where(shell >= 0, params[np.maximum(shell, 0), 1] if n_shells else overall[1], overall[1])
-    # floor: a reflection the model puts at 0 keeps the error of the weakest group of its shell
-    floor = np.zeros(n_shells)
-    for s in range(n_shells):
-        mask = shell == s
-        if mask.any():
-            weakest = np.argsort(merged[mask])[: max(min_per_shell // 2, 1)]
-            floor[s] = np.mean(d2[mask][weakest])
-    variance = np.maximum(a + b * np.maximum(merged, 0.0), floor[np.maximum(shell, 0)] if n_shells else 0.0)
-    return np.sqrt(np.maximum(variance, 1e-30)), params
+    cls = np.zeros(merged.shape, np.int64) if classes is None else np.asarray(classes, np.int64)
+    n_classes = int(cls.max()) + 1 if cls.size else 1
+    ratio = np.ones(n_classes)
+    largest = int(np.argmax(np.bincount(cls, minlength=n_classes)))
+    for _ in range(iterations if n_classes > 1 else 0):
+        _, variance = _shell_model(merged, d2 / ratio[cls], shell, n_shells, min_per_shell)
+        for c in range(n_classes):
+            mask = cls == c
+            if mask.any():
+                ratio[c] *= np.sum(d2[mask] / ratio[c]) / max(np.sum(variance[mask]), 1e-300)
+        ratio /= ratio[largest]
+    params, variance = _shell_model(merged, d2 / ratio[cls], shell, n_shells, min_per_shell)
+    return np.sqrt(np.maximum(variance * ratio[cls], 1e-30)), params

@@ -1,0 +1,384 @@
+"""Candidate mode by direct photon-peak tests (host side): planning, blocks and one iteration.
+
+The table path (emcjax.problem / blocks / join) builds the in-peak entries of every block's candidate union
+and joins the photons with them on the host. With a few hundred candidates per frame on a fine grid almost
+every candidate belongs to one frame, and those entries cost far more than the photons that use them. This
+path instead keeps, per block, only the frames' photon records and their candidates' quaternions; the
+E-step tests every (record, candidate) pair on the device (emcjax.core.direct) and sums each candidate's
+expected signal from the reflections near the Ewald sphere, never storing entries. The M-steps are those of
+the table path, unchanged: they need per-entry sums, so the in-peak entries of the *kept* rotations only
+(one or two per frame, the union over the data) are built after each E-step, and the kept records, whose
+in-peak test the E-step already made, are numbered into them (:func:`kept_from_direct`). That is the
+table path's own hand-off (emc._reindex_kept) without the per-block entry tables.
+
+:func:`emcjax.candidate_path.choose_path` decides between the two paths by a cost estimate
+(docs/ARCHITECTURE.md).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from emcjax import model as model_lib
+from emcjax import parallel
+from emcjax.blocks import FrameSource, RotationSet, frame_arrays, rotation_set
+from emcjax.config import EMCConfig
+from emcjax.core import cut_signal
+from emcjax.core import direct as kernels
+from emcjax.core.arrays import BlockArrays, EMCState, Kept, PhotonArrays
+from emcjax.core.step import Diagnostics, FrameStats, KeptRotations, StepSpec
+from emcjax.data import SparseDataset, SparseFrames, bucket_length
+from emcjax.detector import Detector
+from emcjax.errors import ConfigError
+from emcjax.join import BACKGROUND_FLOOR
+from emcjax.problem import Problem, _frame_counts, _geometry, geometry_setup
+from emcjax.rotations import crystal_from_lab, misorientation_angle
+from emcjax.sampling_index import SampledRotations
+
+SIGNAL_CHUNK = 64  # rotations per call of the expected-signal kernel
+SHARED_ENTRIES = 1 << 22  # most in-peak entries (estimated) of block 0's rotations that scale the initial model
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class DirectPlan:
+    """What building a block of the direct path needs (one device)."""
+
+    source: FrameSource
+    detector: Detector
+    grid: model_lib.ReciprocalGrid
+    sampling: object  # quaternions / log_weights indexable by sampling index
+    log_w: object  # log prior (normalised), indexable by sampling index
+    candidates: tuple[np.ndarray, np.ndarray]  # (offsets, sampling indices)
+    n_slots: int
+    n_masked: int
+    n_records: int  # padded records per frame
+    background: np.ndarray  # (n_frames, n_shells) float64, < 0 masked
+    weights: np.ndarray  # (n_frames,) float32
+    geometry: kernels.Geometry
+    projection: tuple  # model.projection_setup
+    signal: str = "exact"  # expected signal: "exact" (pixel sums) or "tabulated" (emcjax.core.cut_signal)
+    cut: cut_signal.CutGeometry | None = None
+
+
+@dataclasses.dataclass(eq=False)
+class DirectBlockData:
+    """A block of the direct path: device arrays, the sampling index of each block rotation, and the host
+    records (for the kept pairs' entries)."""
+
+    start: int
+    n_local: int
+    arrays: kernels.DirectBlock
+    rotations: np.ndarray  # (n_rot,) int64 sampling index (padding repeats the last)
+    records: dict  # numpy: pixel, count, dead, background, valid (n_local, n_records)
+
+
+def _records_per_frame(rec, n_local: int, n_records: int | None):
+    """Pixel records padded per frame: dict of (n_local, n_records) numpy arrays and the longest frame."""
+    order = np.argsort(rec.frame, kind="stable")
+    frame = rec.frame[order]
+    lengths = np.bincount(frame, minlength=n_local)
+    longest = int(lengths.max(initial=0))
+    n_records = bucket_length(max(longest, 1)) if n_records is None else n_records
+    position = np.arange(frame.shape[0]) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+    out = {
+        "pixel": np.zeros((n_local, n_records), np.int32),
+        "count": np.zeros((n_local, n_records), np.float32),
+        "dead": np.zeros((n_local, n_records), np.float32),
+        "background": np.ones((n_local, n_records), np.float32),
+        "valid": np.zeros((n_local, n_records), bool),
+    }
+    keep = position < n_records
+    at = (frame[keep], position[keep])
+    out["pixel"][at] = rec.pixel[order][keep]
+    out["count"][at] = rec.count[order][keep]
+    out["dead"][at] = rec.dead[order][keep]
+    out["background"][at] = np.maximum(rec.background[order][keep], BACKGROUND_FLOOR)
+    out["valid"][at] = True
+    return out, longest
+
+
+def build_direct_block(plan: DirectPlan, start: int, n_local: int) -> tuple[DirectBlockData, int]:
+    """The block of frames [start, start + n_local): (block, most records of one of its frames)."""
+    frames = plan.source.read(start, start + n_local)
+    n_real = frames.n_frames
+    offsets, rotation_ids = plan.candidates
+    lists = [rotation_ids[offsets[start + i] : offsets[start + i + 1]] for i in range(n_real)]
+    rotations = np.unique(np.concatenate(lists)) if lists else np.zeros(1, np.int64)
+    n_rot = bucket_length(rotations.shape[0])
+    candidates = np.zeros((n_local, plan.n_slots), np.int32)
+    mask = np.zeros((n_local, plan.n_slots), bool)
+    for i, c in enumerate(lists):
+        candidates[i, : c.shape[0]] = np.searchsorted(rotations, c)
+        mask[i, : c.shape[0]] = True
+    masked, background, weight, rec, photons = frame_arrays(plan, frames, start, n_local)
+    records, longest = _records_per_frame(rec, n_local, plan.n_records)
+    padded = np.concatenate([rotations, np.full(n_rot - rotations.shape[0], rotations[-1])])
+    prior = np.full(n_rot, -np.inf, np.float32)
+    prior[: rotations.shape[0]] = plan.log_w[rotations]
+    local = BlockArrays(
+        frame_start=jnp.int32(start), candidates=jnp.asarray(candidates), candidate_mask=jnp.asarray(mask),
+        join=None, cell_offsets=None, masked_shells=jnp.asarray(masked), background=jnp.asarray(background),
+        weight=jnp.asarray(weight), photons=PhotonArrays(*(jnp.asarray(x) for x in photons)),
+    )
+    quaternions = np.asarray(plan.sampling.quaternions[padded], np.float64)
+    arrays = kernels.DirectBlock(
+        local=local,
+        quaternions=jnp.asarray(quaternions, jnp.float32),
+        log_prior=jnp.asarray(prior),
+        records=kernels.Records(*(jnp.asarray(records[k]) for k in kernels.Records._fields)),
+        frame_reflections=None if plan.signal == "exact" else _frame_reflections(plan, quaternions, candidates, mask),
+    )
+    return DirectBlockData(start, n_local, arrays, padded, records), longest
+
+
+def _frame_reflections(plan: DirectPlan, quaternions: np.ndarray, candidates: np.ndarray, mask: np.ndarray):
+    """(n_local, h) reflections that can cut the sphere at any candidate of each frame (tabulated signal)."""
+    centre = quaternions[candidates[:, 0]]
+    angle = np.where(mask, misorientation_angle(quaternions[candidates], centre[:, None, :]), 0.0)
+    reach = jnp.asarray(angle.max(axis=1), jnp.float32)
+    centre = jnp.asarray(centre, jnp.float32)
+    proj = plan.projection[0]
+    _, counts = cut_signal.frame_reflection_lists(centre, reach, proj, plan.cut, 32)
+    h = model_lib.bucket_count(int(np.max(np.asarray(counts))))
+    return cut_signal.frame_reflection_lists(centre, reach, proj, plan.cut, h)[0]
+
+
+@dataclasses.dataclass(eq=False)
+class DirectProblem(Problem):
+    """A :class:`~emcjax.problem.Problem` whose blocks are direct-path blocks (``direct_blocks``);
+    ``emc.iterate`` runs it through :func:`iteration`."""
+
+    direct_plan: DirectPlan | None = None
+    direct_blocks: list | None = None
+    seconds: dict = dataclasses.field(default_factory=dict)
+
+    @functools.cached_property
+    def shared(self):
+        """Entries of block 0's rotations, at most ``SHARED_ENTRIES`` of them (the first rotations): what scales
+        the initial model (the table path uses all of block 0's rotations)."""
+        rotations = np.unique(self.direct_blocks[0].rotations)
+        plan = self.direct_plan
+        proj = plan.projection[0]
+        near = np.asarray(model_lib.near_sphere_counts(jnp.asarray(plan.sampling.quaternions[rotations[:1]], jnp.float32), proj))
+        pixels_per_peak = plan.projection[2] ** 2 / 2.0  # about the in-peak pixels of one reflection
+        rotations = rotations[: max(1, int(SHARED_ENTRIES / max(near[0] * pixels_per_peak, 1.0)))]
+        return rotation_set(self.mesh, self.grid, self.detector, plan.sampling, plan.log_w, rotations,
+                            pad=True).shared(self.geometry)
+
+    def iteration(self, state: EMCState, spec: StepSpec):
+        return iteration(self, state, spec)
+
+    def data_blocks(self):
+        """Yields every block (rebuilt from the frames when streaming)."""
+        for block in self.direct_blocks:
+            if block.arrays is not None:
+                yield block
+            else:
+                yield build_direct_block(self.direct_plan, block.start, block.n_local)[0]
+
+
+def setup_direct(dataset: SparseDataset, config: EMCConfig, frames: SparseFrames | None = None, *, mesh=None,
+                 frame_weights=None, sampling=None, sampling_n: int | None = None,
+                 signal: str | None = None) -> DirectProblem:
+    """Set-up of the direct path for frames with candidate lists (one device): geometry, the frames' records
+    and candidate quaternions per block; no in-peak entries.
+
+    ``sampling``: the rotations candidate indices refer to; anything whose ``quaternions`` and ``log_weights``
+    can be indexed by sampling index. Default: the 600-cell sampling of parameter ``sampling_n`` (default the
+    data set's ``candidate_sampling_n``) by index (emcjax.sampling_index: only the rotations used are built). ``signal``: "exact" (the table path's S, summed over every in-peak pixel) or
+    "tabulated" (cut integrals, emcjax.core.cut_signal: for detectors whose peaks span many pixels).
+    """
+    signal = config.candidate_signal if signal is None else signal
+    if signal not in ("exact", "tabulated"):
+        raise ConfigError(f"signal must be 'exact' or 'tabulated', got {signal!r}")
+    mesh = parallel.make_mesh() if mesh is None else mesh
+    if mesh.size != 1:
+        raise ConfigError(f"the direct candidate path runs on one device; the mesh has {mesh.size}")
+    source, _, detector, grid, weights = geometry_setup(dataset, config, frames, frame_weights)
+    candidates = source.candidates()
+    if candidates is None:
+        raise ConfigError(f"{dataset.path}: the direct path needs candidate lists (/frames/candidate_offsets)")
+    offsets, rotation_ids = (np.asarray(x, np.int64) for x in candidates)
+    if sampling is None:
+        sampling = SampledRotations(int(dataset.candidate_sampling_n if sampling_n is None else sampling_n))
+    if int(rotation_ids.max(initial=0)) >= sampling.n_rot:
+        raise ConfigError(f"{dataset.path}: candidate rotation {int(rotation_ids.max())} is outside the sampling "
+                          f"of {sampling.n_rot} rotations")
+    log_w = sampling.log_weights
+    n_frames = source.n_frames
+    n_slots = max(int(np.diff(offsets).max()), 1)
+    background = source.background()
+    geometry_arrays = _geometry(mesh, detector, grid)
+    geometry = kernels.Geometry(
+        polarization=jnp.asarray(detector.polarization, jnp.float32), shell=jnp.asarray(detector.shell, jnp.int32),
+        tables=grid.tables, q_lab=jnp.asarray(detector.q, jnp.float32),
+    )
+    plan = DirectPlan(source, detector, grid, sampling, log_w, (offsets, rotation_ids), n_slots,
+                      max(int((background < 0).sum(axis=1).max()), 1), None, background, weights, geometry,
+                      model_lib.projection_setup(grid, detector), signal,
+                      cut_signal.cut_geometry(grid, detector) if signal == "tabulated" else None)
+    per_block = n_frames if config.block_frames == 0 else min(config.block_frames, n_frames)
+    n_blocks = math.ceil(n_frames / per_block)
+    longest = max(_longest_frame(plan, b * per_block, per_block) for b in range(n_blocks))
+    plan = dataclasses.replace(plan, n_records=bucket_length(max(longest, 1)))
+    blocks = []
+    for b in range(n_blocks):
+        block = build_direct_block(plan, b * per_block, per_block)[0]
+        if config.stream:
+            block.arrays = None
+        blocks.append(block)
+    counts = np.zeros((2, n_frames))
+    for b in range(n_blocks):
+        start, stop = b * per_block, min((b + 1) * per_block, n_frames)
+        counts[:, start:stop] = _frame_counts(plan, start, stop)
+    return DirectProblem(
+        detector=detector, grid=grid, sampling=sampling, rotations=blocks[0].rotations, mesh=mesh,
+        geometry=geometry_arrays, rotation_set=None, blocks=[], batch=None, n_frames=n_frames,
+        n_padded=n_blocks * per_block, n_slots=n_slots, n_shells=int(background.shape[1]), lengths=(0, 0),
+        photons=counts[0], expected_background=counts[1], frame_weights=weights,
+        truth=dataset.read_truth() if dataset.has_truth else None, plan=None, stream=config.stream,
+        kept_budget=1024, direct_plan=plan, direct_blocks=blocks,
+    )
+
+
+def _longest_frame(plan: DirectPlan, start: int, n_local: int) -> int:
+    frames = plan.source.read(start, start + n_local)
+    return int(max(np.diff(frames.photon_offsets).max(initial=0) + np.diff(frames.dead_offsets).max(initial=0), 0))
+
+
+def signal_table(plan: DirectPlan, intensity):
+    """What :func:`block_signal` needs of the model once per E-step: the cut table (tabulated), else None."""
+    if plan.signal == "exact":
+        return None
+    return cut_signal.cut_table(intensity, plan.cut, plan.grid.tables)
+
+
+def block_signal(plan: DirectPlan, intensity, quaternions: jax.Array, n_shells: int, table=None) -> jax.Array:
+    """(n_rot, n_shells) expected signal of the block's rotations at phi = 1, in chunks of ``SIGNAL_CHUNK``:
+    exact, or from the cut ``table`` of :func:`signal_table`."""
+    proj, shape, n_box = plan.projection
+    n_rot = quaternions.shape[0]
+    pad = -n_rot % SIGNAL_CHUNK
+    quats = jnp.concatenate([quaternions, jnp.tile(quaternions[:1], (pad, 1))])
+    h_max = model_lib.bucket_count(int(np.max(np.asarray(model_lib.near_sphere_counts(quats, proj)))))
+    parts = []
+    for i in range(0, quats.shape[0], SIGNAL_CHUNK):
+        chunk = quats[i : i + SIGNAL_CHUNK]
+        if plan.signal == "exact":
+            parts.append(kernels.exact_signal(intensity, chunk, proj, plan.geometry, shape, h_max, n_box, n_shells)[0])
+        else:
+            parts.append(cut_signal.tabulated_signal(table, chunk, proj, plan.cut, plan.geometry.shell, shape, h_max,
+                                                     n_shells)[0])
+    return jnp.concatenate(parts)[:n_rot]
+
+
+def direct_estep(problem: DirectProblem, intensity, phi, state: EMCState, spec: StepSpec):
+    """E-step over every block: (kept pairs on the mesh, their rotation set, (4, n_padded) stats). Seconds
+    per phase accumulate in ``problem.seconds`` (signal, photons and posterior, kept entries)."""
+    plan = problem.direct_plan
+    stats = np.zeros((4, problem.n_padded))
+    pairs = []
+    clock = time.perf_counter()
+    table = signal_table(plan, intensity)
+    for block in problem.data_blocks():
+        if plan.signal == "exact":
+            signal = block_signal(plan, intensity, block.arrays.quaternions, problem.n_shells)
+            signal = kernels.candidate_signal(signal, block.arrays.local)
+        else:
+            local = block.arrays.local
+            rot = crystal_from_lab(block.arrays.quaternions)[local.candidates]
+            signal = cut_signal.frame_signal(table, rot, block.arrays.frame_reflections, local.masked_shells,
+                                             plan.projection[0], plan.cut, plan.geometry.shell, plan.projection[1])
+        clock = _lap(problem, "signal", clock, signal)
+        result = kernels.estep_direct(intensity, phi, state.likelihood, state.hyper, plan.geometry, block.arrays,
+                                      signal, spec.max_kept)
+        clock = _lap(problem, "photons and posterior", clock, result)
+        values = [np.asarray(v) for v in result.stats]
+        values[2] = block.rotations[values[2]]
+        n = min(block.n_local, problem.n_padded - block.start)
+        stats[:, block.start : block.start + n] = np.stack(values)[:, :n]
+        prob = np.asarray(result.prob)
+        frame, j = np.nonzero(prob > 0)
+        slot = np.asarray(result.slot)[frame, j]
+        cand = np.asarray(block.arrays.local.candidates)[frame, slot]
+        inside = np.asarray(result.inside)[frame, j] & block.records["valid"][frame]
+        pairs.append((block.start + frame, block.rotations[cand], prob[frame, j], inside, block.records, frame,
+                      np.asarray(block.arrays.local.masked_shells)[frame], np.asarray(block.arrays.local.background)[frame]))
+    kept, union_set = kept_from_direct(problem, pairs, not state.likelihood.linear_zero_term)
+    _lap(problem, "kept rotations' entries", clock, kept)
+    return kept, union_set, stats
+
+
+def _lap(problem: DirectProblem, phase: str, clock: float, result) -> float:
+    jax.block_until_ready(result)
+    now = time.perf_counter()
+    problem.seconds[phase] = problem.seconds.get(phase, 0.0) + now - clock
+    return now
+
+
+def kept_from_direct(problem: DirectProblem, pairs: list, with_background: bool) -> tuple[Kept, RotationSet]:
+    """Kept pairs of every block numbered into the in-peak entries of the union of the kept rotations."""
+    plan = problem.direct_plan
+    union = np.unique(np.concatenate([p[1] for p in pairs]))
+    union_set = rotation_set(problem.mesh, problem.grid, problem.detector, plan.sampling, plan.log_w, union, pad=True)
+    n_pix = problem.detector.n_pix
+    key = union_set.index.rotation * n_pix + union_set.index.pixel
+    columns = {f: [] for f in Kept._fields}
+    for frame, rotation, prob, inside, records, local_frame, masked, background in pairs:
+        u = np.searchsorted(union, rotation)
+        pair, record = np.nonzero(inside)
+        row = local_frame[pair]
+        pixel = records["pixel"][row, record].astype(np.int64)
+        columns["entry"].append(np.searchsorted(key, u[pair] * n_pix + pixel).astype(np.int32))
+        columns["prob"].append(prob[pair])
+        columns["count"].append(records["count"][row, record])
+        columns["dead"].append(records["dead"][row, record])
+        columns["background"].append(records["background"][row, record])
+        columns["polarization"].append(problem.detector.polarization[pixel].astype(np.float32))
+        columns["frame"].append(frame[pair].astype(np.int32))
+        columns["pair_frame"].append(frame.astype(np.int32))
+        columns["pair_rotation"].append(u.astype(np.int32))
+        columns["pair_prob"].append(prob)
+        columns["pair_masked"].append(masked)
+        columns["pair_background"].append(background if with_background else np.zeros((prob.shape[0], 0), np.float32))
+    n_terms = bucket_length(max(sum(x.shape[0] for x in columns["entry"]), 1))
+    n_pairs = bucket_length(max(sum(x.shape[0] for x in columns["pair_frame"]), 1))
+    out = []
+    for field in Kept._fields:
+        v = np.concatenate(columns[field])
+        length = n_pairs if field.startswith("pair_") else n_terms
+        fill = {"background": 1.0, "polarization": 1.0, "pair_masked": problem.n_shells}.get(field, 0)
+        v = np.pad(v, [(0, length - v.shape[0])] + [(0, 0)] * (v.ndim - 1), constant_values=fill)
+        out.append(parallel.stack(problem.mesh, [v]))
+    return Kept(*out), union_set
+
+
+def iteration(problem: DirectProblem, state: EMCState, spec: StepSpec):
+    """One iteration (E-step, intensity update[, E-step, phi update]): (state, Diagnostics), like
+    emc's host-driven iteration, with the M-steps of the table path."""
+    from emcjax.emc import _mstep_kernel  # the M-step kernels of the table path, unchanged
+
+    phi = jnp.pad(state.phi, (0, problem.n_padded - problem.n_frames))
+    kept, kept_set, first = direct_estep(problem, state.intensity, phi, state, spec)
+    shared = kept_set.shared(problem.geometry)
+    clock = time.perf_counter()
+    intensity = _mstep_kernel(problem.mesh, spec, "intensity")(state.intensity, phi, state.likelihood, kept, shared)
+    _lap(problem, "M-steps", clock, intensity)
+    last = first
+    if spec.update_phi:
+        kept, kept_set, last = direct_estep(problem, intensity, phi, state, spec)
+        shared = kept_set.shared(problem.geometry)
+        clock = time.perf_counter()
+        intensity, phi = _mstep_kernel(problem.mesh, spec, "phi")(intensity, phi, state.likelihood, kept, shared)
+        _lap(problem, "M-steps", clock, phi)
+    new = state._replace(iteration=state.iteration + 1, intensity=intensity, phi=phi[: problem.n_frames])
+    pairs = KeptRotations(*(parallel.host_array(x).ravel() for x in (kept.pair_frame, kept.pair_rotation, kept.pair_prob)))
+    pairs = pairs._replace(rotation=kept_set.rotations[np.minimum(pairs.rotation, kept_set.rotations.shape[0] - 1)])
+    return new, Diagnostics(first=FrameStats(*first), last=FrameStats(*last), n_live=0, kept=pairs)

@@ -1,0 +1,426 @@
+"""From detector images (or a sparse data set) to an MTZ in one command: ``python -m emcjax.pipeline --config run.toml``.
+
+Runs, in order, each stage through its Python entry point (not as a subprocess):
+
+1. ``reduce`` (``emcjax.reduce``, only with ``--images``): detector images -> ``OUT/reduced.h5``;
+2. ``orient`` (``emcjax.orient``, when the data set has spots but no candidate orientations) -> ``OUT/oriented.h5``;
+3. ``lowres`` (``emcjax.lowres``): all frames -> ``OUT/lowres/``;
+4. ``reject`` (``emcjax.reject``): flags frames -> ``OUT/lowres/rejection.h5``;
+5. ``half_a``, ``half_b`` (``emcjax.lowres --half a|b --frame-weights``): the kept frames split in two, each
+   from its own random start -> ``OUT/half_a/``, ``OUT/half_b/``;
+6. ``resolution`` (``emcjax.resolution``): merging table, suggested limit, sigma(I) -> ``OUT/merged/``;
+7. ``export`` (``emcjax.export``): ``OUT/merged.mtz`` (cut at the suggested limit unless ``--export.keep-all``).
+
+A stage whose outputs are complete and unchanged for the same inputs and settings is skipped (checksums in
+``OUT/pipeline.json``, emcjax.pipeline_state); an interrupted stage is resumed (reduce and orient from their
+partial files, the EMC runs from their checkpoints); a stage whose inputs or settings changed is run again,
+and every stage after it. At the end: frames used and rejected by reason, the merging table, the suggested
+resolution with its criterion, the MTZ and the wall time per stage (also in ``OUT/summary.txt``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+import shutil
+import time
+
+import h5py
+import numpy as np
+
+from emcjax import cli, rundir, runio
+from emcjax import emc as emc_lib
+from emcjax.errors import ConfigError, DataError
+from emcjax.frontend.orient import OrientConfig
+from emcjax.frontend.reduce import ReduceConfig
+from emcjax.merge import reject as reject_lib
+from emcjax.merge import stats as stats_lib
+from emcjax.pipeline_state import PipelineState, summary_text
+
+SUMMARY_FILE = "summary.txt"
+
+
+@dataclasses.dataclass(frozen=True)
+class LowresStage:
+    """Settings of the EMC runs (all frames, then each half set)."""
+
+    iters: int = 30
+    """EMC iterations of each run."""
+    seed: int = 0
+    """Seed of the random initial model (each half draws its own from it)."""
+    keep_checkpoints: int = 2
+    """Most recent checkpoints kept per run."""
+    emc: emc_lib.EMCConfig = dataclasses.field(default_factory=emc_lib.EMCConfig)
+    """EMC algorithm settings (python -m emcjax.lowres --help)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RejectStage:
+    """Frame rejection after the all-frames run."""
+
+    criteria: reject_lib.RejectionCriteria = dataclasses.field(default_factory=reject_lib.RejectionCriteria)
+    """Thresholds of the tests."""
+    photon_test: bool = True
+    """Test the photons outside the predicted peaks."""
+
+
+@dataclasses.dataclass(frozen=True)
+class HalvesStage:
+    """The two half sets."""
+
+    split: str = "parity"
+    """'parity' (frame index) or 'random' (seeded by --halves.split-seed)."""
+    split_seed: int = 0
+    """Seed of the random split."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ResolutionStage:
+    """Merging statistics."""
+
+    n_shells: int = 10
+    """Resolution shells (equal reciprocal-space volumes)."""
+    cc_half_limit: float = stats_lib.CC_HALF_LIMIT
+    """CC1/2 a shell must reach for the suggested limit."""
+    significance: float = stats_lib.SIGNIFICANCE
+    """One-sided p-value below which CC1/2 counts as significant."""
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineConfig:
+    """Images (or a sparse data set) to merged intensities in an MTZ."""
+
+    images: tuple[str, ...] = ()
+    """Detector images: CBF files, quoted glob patterns or HDF5 stacks (reduced first). Or give --data."""
+    data: pathlib.Path | None = None
+    """A sparse data set (docs/FORMATS.md) instead of images: reduce is skipped (orient too, when it carries
+    candidate orientations or no spots)."""
+    out: pathlib.Path = pathlib.Path("runs/pipeline")
+    """Directory of every stage's output, pipeline.json (the stages done) and summary.txt."""
+    config: pathlib.Path | None = None
+    """TOML file whose values become the defaults of all other fields (flags override)."""
+    reduce: ReduceConfig = dataclasses.field(default_factory=ReduceConfig)
+    """Data reduction (its images, out, resume and overwrite are the pipeline's)."""
+    orient: OrientConfig = dataclasses.field(default_factory=OrientConfig)
+    """Candidate orientations (its data, out, resume and overwrite are the pipeline's)."""
+    lowres: LowresStage = dataclasses.field(default_factory=LowresStage)
+    """The EMC runs."""
+    reject: RejectStage = dataclasses.field(default_factory=RejectStage)
+    """Frame rejection."""
+    halves: HalvesStage = dataclasses.field(default_factory=HalvesStage)
+    """Half sets."""
+    resolution: ResolutionStage = dataclasses.field(default_factory=ResolutionStage)
+    """Merging statistics and the suggested resolution limit."""
+    keep_all: bool = False
+    """Export every reflection (default: only those to the suggested resolution limit)."""
+
+
+def check(config: PipelineConfig) -> None:
+    """Raises ConfigError for settings that cannot run (before anything is written)."""
+    if bool(config.images) == (config.data is not None):
+        raise ConfigError("give the detector images (--images 'run1/*.cbf') or a sparse data set (--data FILE.h5), "
+                          "not both")
+    if config.halves.split not in ("parity", "random"):
+        raise ConfigError(f"halves.split must be 'parity' or 'random', got {config.halves.split!r}")
+    if isinstance(config.lowres.iters, bool) or not isinstance(config.lowres.iters, int) or config.lowres.iters < 1:
+        raise ConfigError(f"lowres.iters must be an integer >= 1, got {config.lowres.iters!r}")
+
+
+@dataclasses.dataclass
+class Stage:
+    """One step: its name, the files it reads, its settings, its products and the call that makes them."""
+
+    name: str
+    what: str
+    inputs: list[pathlib.Path]
+    settings: dict
+    products: list[pathlib.Path]
+    call: object  # (resume: bool, log) -> summary dict
+    run_dir: pathlib.Path | None = None  # an EMC run directory (resumed from its checkpoints)
+
+
+def _settings(config) -> dict:
+    values = runio.config_to_dict(config)
+    for key in ("resume", "overwrite", "config"):
+        values.pop(key, None)
+    return values
+
+
+def _has_group(path: pathlib.Path, name: str) -> bool:
+    with h5py.File(path, "r") as f:
+        return name in f
+
+
+# ----------------------------------------------------------------------------------------------------
+# The stages
+
+
+def _reduce_stage(config: PipelineConfig, out: pathlib.Path) -> Stage:
+    from emcjax.frontend import reduce as reduce_lib
+
+    path = out / "reduced.h5"
+    stage_config = dataclasses.replace(config.reduce, images=tuple(config.images), out=path)
+
+    def call(resume, log):
+        reduce_lib.run(dataclasses.replace(stage_config, resume=resume, overwrite=True), log=log)
+        with h5py.File(path, "r") as f:
+            return {"frames": int(f["frames/photon_offsets"].shape[0] - 1)}
+
+    inputs = [pathlib.Path(p) for p in _image_files(config.images)]
+    for extra in (config.reduce.mask.file, config.reduce.poni, config.reduce.truth):
+        if extra is not None:
+            inputs.append(pathlib.Path(extra))
+    return Stage("reduce", f"images -> {path}", inputs, _settings(stage_config), [path], call)
+
+
+def _image_files(patterns) -> list[str]:
+    from emcjax.frontend.images import ImageStack
+
+    files = ImageStack(tuple(patterns), ReduceConfig().h5_path).files
+    return [str(f) for f in files]
+
+
+def _orient_stage(config: PipelineConfig, data: pathlib.Path, out: pathlib.Path) -> Stage:
+    from emcjax.frontend import orient as orient_lib
+
+    path = out / "oriented.h5"
+    stage_config = dataclasses.replace(config.orient, data=data, out=path)
+
+    def call(resume, log):
+        stats = orient_lib.run(dataclasses.replace(stage_config, resume=resume, overwrite=True), log=log)
+        return {**{k: stats[k] for k in ("frames", "with_spots", "kept", "median_candidates")},
+                "keep_empty": stage_config.keep_empty}
+
+    return Stage("orient", f"{data} -> {path}", [data], _settings(stage_config), [path], call)
+
+
+def _lowres_config(config: PipelineConfig, data: pathlib.Path, run_dir: pathlib.Path, **extra):
+    from emcjax.lowres import LowresConfig
+
+    s = config.lowres
+    return LowresConfig(data=data.absolute(), out=run_dir.absolute(), iters=s.iters, seed=s.seed, emc=s.emc,
+                        keep_checkpoints=s.keep_checkpoints, **extra)
+
+
+def _emc_stage(name: str, what: str, config, inputs: list[pathlib.Path], with_weights: bool = False) -> Stage:
+    from emcjax import lowres
+
+    products = [config.out / "intensities.h5", runio.iteration_path(config.out, config.iters)]
+    if with_weights:
+        products.append(config.out / "frame_weights.h5")
+
+    def call(resume, log):
+        final = lowres.run(dataclasses.replace(config, resume=resume), log=log)
+        summary = {k: final[k] for k in ("iteration", "log_likelihood", "cc_true") if k in final}
+        if with_weights:
+            with h5py.File(config.out / "frame_weights.h5", "r") as f:
+                summary["frames_used"] = int(np.sum(f["weights"][()] > 0))
+        return summary
+
+    return Stage(name, what, inputs, _settings(config), products, call, run_dir=config.out)
+
+
+def _reject_stage(config: PipelineConfig, run_dir: pathlib.Path, inputs: list[pathlib.Path]) -> Stage:
+    from emcjax import reject
+
+    stage_config = reject.RejectConfig(run=run_dir.absolute(), criteria=config.reject.criteria,
+                                       photon_test=config.reject.photon_test)
+    path = run_dir / reject.REJECTION_FILE
+    return Stage("reject", f"{run_dir} -> {path}", inputs, _settings(stage_config), [path],
+                 lambda resume, log: reject.reject(stage_config, log=log))
+
+
+def _resolution_stage(config: PipelineConfig, half_a: pathlib.Path, half_b: pathlib.Path, out: pathlib.Path,
+                      inputs: list[pathlib.Path]) -> Stage:
+    from emcjax import resolution
+
+    s = config.resolution
+    stage_config = resolution.ResolutionConfig(half_a=half_a.absolute(), half_b=half_b.absolute(), out=out.absolute(),
+                                               n_shells=s.n_shells, cc_half_limit=s.cc_half_limit,
+                                               significance=s.significance)
+
+    def call(resume, log):
+        result = resolution.merge_halves(stage_config, log=log)
+        return {"d_suggested": result["d_suggested"], "criterion": result["criterion"]}
+
+    return Stage("resolution", f"{half_a} + {half_b} -> {out}", inputs, _settings(stage_config),
+                 [out / resolution.MERGED_FILE, out / "merging_table.txt"], call)
+
+
+def _export_stage(config: PipelineConfig, merged: pathlib.Path, mtz: pathlib.Path, data: pathlib.Path,
+                  state: PipelineState) -> Stage:
+    from emcjax import export
+
+    d_min = None
+    if not config.keep_all:
+        d_min = (state.stages.get("resolution", {}).get("summary") or {}).get("d_suggested")
+    stage_config = export.ExportConfig(run=merged.absolute(), mtz=mtz.absolute(), d_min=d_min)
+
+    def call(resume, log):
+        mtz_path, hkl_path = export.export(stage_config, log=log)
+        return {"mtz": str(mtz_path), "hkl": str(hkl_path), "d_min": d_min, **mtz_truth_cc(mtz_path, data)}
+
+    return Stage("export", f"{merged} -> {mtz}", [merged / "merged.h5"], _settings(stage_config),
+                 [mtz, mtz.with_suffix(".hkl")], call)
+
+
+def mtz_truth_cc(mtz_path: pathlib.Path, data: pathlib.Path) -> dict:
+    """``{"cc_true_imean", "reflections"}``: Pearson CC of the MTZ's IMEAN with the true integrated intensities
+    (0 for reflections the truth lacks: beyond the simulated pixels) when the data set carries its truth
+    (simulated data), else {}."""
+    from emcjax import scoring
+    from emcjax.data import SparseDataset
+    from emcjax.mtz import read_mtz
+
+    with SparseDataset(data) as ds:
+        truth = ds.read_truth() if ds.has_truth else {}
+    if "hkl" not in truth or "intensity" not in truth:
+        return {}
+    mtz = read_mtz(mtz_path)
+    hkl = np.stack([mtz["H"], mtz["K"], mtz["L"]], axis=1).astype(np.int64)
+    true_i = scoring.values_by_hkl(hkl, truth["hkl"], np.asarray(truth["intensity"], np.float64).sum(axis=1))
+    true_i = np.nan_to_num(true_i, nan=0.0)  # reflections the simulation did not reach hold no intensity
+    return {"cc_true_imean": float(np.corrcoef(mtz["IMEAN"], true_i)[0, 1]), "reflections": int(hkl.shape[0])}
+
+
+# ----------------------------------------------------------------------------------------------------
+# The run
+
+
+def stages(config: PipelineConfig, out: pathlib.Path):
+    """The stages in order, each built (by the generator) once those before it are done: a stage's settings
+    may depend on their results (orient runs only on data with spots, export cuts at the suggested limit)."""
+    state = yield
+    data = config.data
+    if config.images:
+        stage = _reduce_stage(config, out)
+        state = yield stage
+        data = stage.products[0]
+    data = pathlib.Path(data).absolute()
+    if not data.is_file():
+        raise DataError(f"data: data set {data} does not exist")
+    if _has_group(data, "spots") and not _has_candidates(data):
+        stage = _orient_stage(config, data, out)
+        state = yield stage
+        data = stage.products[0]
+    lowres_dir = out / "lowres"
+    stage = _emc_stage("lowres", f"all frames of {data.name} -> {lowres_dir}", _lowres_config(config, data, lowres_dir),
+                       [data])
+    state = yield stage
+    stage = _reject_stage(config, lowres_dir, [data, *stage.products])
+    state = yield stage
+    rejection = stage.products[0]
+    halves = []
+    for half in "ab":
+        run_dir = out / f"half_{half}"
+        stage = _emc_stage(
+            f"half_{half}", f"half {half} of the kept frames -> {run_dir}",
+            _lowres_config(config, data, run_dir, half=half, frame_weights=rejection.absolute(),
+                           split=config.halves.split, split_seed=config.halves.split_seed),
+            [data, rejection], with_weights=True)
+        state = yield stage
+        halves.append(stage)
+    merged = out / "merged"
+    state = yield _resolution_stage(config, halves[0].run_dir, halves[1].run_dir, merged,
+                                    [p for h in halves for p in h.products])
+    state = yield _export_stage(config, merged, out / "merged.mtz", data, state)
+
+
+def _has_candidates(path: pathlib.Path) -> bool:
+    from emcjax.data import SparseDataset
+
+    with SparseDataset(path) as ds:
+        return bool(ds.has_candidates)
+
+
+def _prepare_run_dir(stage: Stage, fresh: bool, log) -> bool:
+    """Whether an EMC stage resumes; a fresh start (new key) or a directory that holds no resumable run
+    starts over (the directory is the pipeline's own)."""
+    status = rundir.status(stage.run_dir)
+    if not fresh and status == "started":
+        return True
+    if status in ("started", "foreign"):
+        log(f"  removing {stage.run_dir} (made with other inputs or settings)")
+        shutil.rmtree(stage.run_dir)
+    return False
+
+
+def _run_stage(stage: Stage, state: PipelineState, number: str, log) -> None:
+    key = state.key(stage.settings, stage.inputs)
+    if state.is_done(stage.name, key):
+        log(f"[{number}] {stage.name}: done earlier, outputs unchanged; skipped ({stage.what})")
+        return
+    fresh = not state.was_started(stage.name, key)
+    if stage.run_dir is not None:
+        resume = _prepare_run_dir(stage, fresh, log)
+    else:
+        resume = not fresh
+    log(f"[{number}] {stage.name}: {'resuming' if resume else 'running'} ({stage.what})")
+    state.start(stage.name, key)
+    start = time.perf_counter()
+    summary = stage.call(resume, lambda line: log("  " + str(line).replace("\n", "\n  ")))
+    state.finish(stage.name, stage.products, time.perf_counter() - start, summary or {})
+
+
+def run(config: PipelineConfig, log=print) -> dict:
+    """Runs every stage not done yet (module docstring); returns the pipeline record (``OUT/pipeline.json``).
+
+    Raises:
+      ConfigError: neither --images nor --data, or both; another pipeline holds ``out``.
+      DataError: a missing or unreadable input; what a stage raises.
+    """
+    check(config)
+    out = config.out.absolute()
+    out.mkdir(parents=True, exist_ok=True)
+    lock = rundir.RunLock(out)
+    lock.acquire(log)
+    try:
+        state = PipelineState(out)
+        runio.save_config(out / runio.CONFIG_FILE, dataclasses.replace(config, config=None),
+                          header="emcjax.pipeline resolved config; reuse with --config")
+        start = time.perf_counter()
+        plan = stages(config, out)
+        next(plan)
+        done = []
+        stage = plan.send(state)
+        while True:
+            _run_stage(stage, state, str(len(done) + 1), log)
+            done.append(stage.name)
+            try:
+                stage = plan.send(state)
+            except StopIteration:
+                break
+        text = summary_text(state, done, time.perf_counter() - start)
+        runio.write_text_atomic(out / SUMMARY_FILE, text + "\n")
+        log(text)
+    finally:
+        lock.release()
+    return state.record
+
+
+# ----------------------------------------------------------------------------------------------------
+# Command line
+
+
+def parse_args(argv: list[str] | None = None) -> PipelineConfig:
+    """``--config FILE.toml`` (if given) supplies the defaults, flags override."""
+    import sys
+
+    import tyro
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    default = PipelineConfig()
+    config_file = runio.config_argument(argv)
+    if config_file is not None:
+        default = runio.config_from_toml(PipelineConfig, config_file)
+    return tyro.cli(PipelineConfig, prog="python -m emcjax.pipeline", args=argv, default=default,
+                    description=__doc__.split("\n\n")[0])
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m emcjax.pipeline``: errors become one line and exit status 2 (``emcjax.cli``)."""
+    cli.run_cli(lambda args: run(parse_args(args)), argv, "emcjax.pipeline")
+
+
+if __name__ == "__main__":
+    main()
