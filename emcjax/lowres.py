@@ -26,6 +26,7 @@ import numpy as np
 
 from emcjax import checkpoint, cli, rundir, runio, scoring
 from emcjax import emc as emc_lib
+from emcjax import demo as demo_lib
 from emcjax.demo import DemoConfig, cache_dir, demo_path, ensure_demo  # noqa: F401 (part of this module's API)
 from emcjax.errors import ConfigError, DataError
 from emcjax.merge import halves
@@ -235,6 +236,10 @@ def run(config: LowresConfig, log=print) -> dict:
             ensure_demo(config.demo, log=log)
         multihost_utils.sync_global_devices("emcjax.lowres: data ready")
         data_path = (config.data if config.data is not None else demo_path(config.demo)).absolute()
+        emc_config, stop_model_change = config.emc, 0.0
+        if config.data is None:
+            emc_config, stop_model_change = demo_lib.run_settings(config.demo, config.emc)
+            log(demo_lib.describe(config.demo, emc_config))
         if not data_path.exists():
             raise DataError(f"data: data set {data_path} does not exist")
         identity = rundir.data_identity(data_path)
@@ -260,14 +265,14 @@ def run(config: LowresConfig, log=print) -> dict:
             dataset.n_frames, weights_file=config.frame_weights, half=config.half, split=config.split,
             split_seed=config.split_seed,
         )
-        problem = _usable_truth(emc_lib.setup_problem(dataset, config.emc, frame_weights=weights), log)
-        if not config.emc.stream:
+        problem = _usable_truth(emc_lib.setup_problem(dataset, emc_config, frame_weights=weights), log)
+        if not emc_config.stream:
             dataset.close()
         log(f"problem: {problem.n_frames} frames, model {tuple(problem.grid.model_shape)} (unique reflections x "
             f"voxels), set up in {time.perf_counter() - start_setup:.1f} s")
 
         seed = config.seed if config.half is None else halves.half_seed(config.seed, config.half)
-        state = emc_lib.initial_state(problem, config.emc, seed)
+        state = emc_lib.initial_state(problem, emc_config, seed)
         if main_process and weights is not None:
             halves.record(out, weights, {**weight_attrs, "init_seed": seed})
             log(f"frame weights: {int(np.sum(weights > 0))} of {weights.shape[0]} frames used ({weight_attrs})")
@@ -296,7 +301,8 @@ def run(config: LowresConfig, log=print) -> dict:
             if init is not None:
                 log(f"initial model and phi from {config.init_from}")
             checkpoint.save(manager, state, {**meta, "iteration": 0})  # from here on the run is resumable
-        state, records = run_iterations(config, config.emc, problem, state, manager, meta, records, main_process, log)
+        state, records = run_iterations(config, emc_config, problem, state, manager, meta, records, main_process, log,
+                                        stop_model_change=stop_model_change)
         checkpoint.finish(manager)
         if main_process:  # still under the lock
             runio.write_intensities(
@@ -318,10 +324,15 @@ def _record_start(rd, config: LowresConfig, data_path: pathlib.Path, identity: d
                     devices=[str(d) for d in jax.devices()])
 
 
-def run_iterations(config, emc_config, problem, state, manager, meta, records, main_process, log):
+def run_iterations(config, emc_config, problem, state, manager, meta, records, main_process, log,
+                   stop_model_change: float = 0.0):
     """The iterations from ``state.iteration`` to ``config.iters`` (a stage config with ``out``, ``iters``,
     ``iterations_every``, ``figures_every``): metrics, iterations/NNN.h5, a checkpoint each, progress lines
-    and figures; returns the final state and all metrics records. Shared by lowres and highres."""
+    and figures; returns the final state and all metrics records. Shared by lowres and highres.
+
+    ``stop_model_change`` > 0 stops the run early, after the first iteration whose relative model change
+    (``model_change``) is below it (a convergence stop; --iters is then a maximum), with orientation
+    refinement not before the first refined iteration."""
     out = config.out
     times: list[float] = []
     iterate = functools.partial(emc_lib.iterate, problem, config=emc_config)
@@ -332,16 +343,19 @@ def run_iterations(config, emc_config, problem, state, manager, meta, records, m
         log(f"orientation refinement: from iteration {emc_config.refine_start + 1}, the {emc_config.refine_top_k} "
             f"most probable rotations of each frame, {emc_config.refine_steps} steps, up to "
             f"{emc_config.refine_max_angle_deg}°")
+    refined_from = emc_config.refine_start + 1 if emc_config.refine_orientations else 0
     for _ in range(int(state.iteration), config.iters):
         state, metrics, per_frame = iterate(state)
         iteration = int(state.iteration)
+        converged = (bool(stop_model_change) and float(metrics.get("model_change", np.inf)) < stop_model_change
+                     and iteration > refined_from)  # a grid-only plateau is not convergence of a refined run
         record = {"iteration": iteration, **metrics,
                   **scoring.orientation_metrics(problem, per_frame["best_rotation"], per_frame.get("best_quaternion"))}
         records.append(record)
         if main_process:
             runio.append_metrics(out, record)
         if main_process and (
-            iteration == config.iters or (config.iterations_every and iteration % config.iterations_every == 0)
+            iteration == config.iters or converged or (config.iterations_every and iteration % config.iterations_every == 0)
         ):
             runio.write_iteration(out, iteration, state.intensity, state.phi,
                                   per_frame["best_rotation"], per_frame["best_probability"], metrics,
@@ -354,6 +368,10 @@ def run_iterations(config, emc_config, problem, state, manager, meta, records, m
             log(progress_line(record, config.iters, eta))
         if main_process and config.figures_every and iteration % config.figures_every == 0 and iteration < config.iters:
             _draw(out, records, problem, state)
+        if converged:
+            log(f"converged: relative model change {metrics['model_change']:.2e} < {stop_model_change:g} at "
+                f"iteration {iteration} (of at most {config.iters}); stopping")
+            break
     return state, records
 
 

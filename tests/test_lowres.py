@@ -16,7 +16,9 @@ from emcjax.errors import ConfigError, DataError
 
 from clitest import cli_error
 
-TINY_DEMO = lowres.DemoConfig(n_frames=60, rotation_n=2, bragg_photons=300.0)
+# grid orientations searched in full, no refinement, all iterations: the runner's behaviour, fast
+TINY_DEMO = lowres.DemoConfig(n_frames=60, rotation_n=2, bragg_photons=300.0, candidates=0, refine=False,
+                              stop_model_change=0.0)
 TINY_EMC = emc.EMCConfig(rotation_n=2)
 
 
@@ -266,3 +268,15 @@ def test_bad_input_gives_one_error_and_writes_nothing(tmp_path, problem, capsys)
                         capsys)
     assert ("d_min" in message) if problem == "d_min" else ("data.h5" in message)
     assert not out.exists()
+
+
+def test_convergence_stop_ends_the_run_early(tmp_path):
+    """demo.stop_model_change: the run stops after the first iteration whose model change is below it,
+    writes that iteration's outputs and says so (here every change is below the tolerance)."""
+    config = lowres.LowresConfig(out=tmp_path / "stop", iters=5, emc=TINY_EMC,
+                                 demo=dataclasses.replace(TINY_DEMO, stop_model_change=1e9))
+    final, lines = run_quiet(config)
+    assert final["iteration"] == 1 and [r["iteration"] for r in runio.read_metrics(config.out)] == [1]
+    assert (config.out / "iterations" / "001.h5").is_file() and (config.out / "intensities.h5").is_file()
+    assert any(line.startswith("converged:") and "iteration 1 (of at most 5)" in line for line in lines)
+    assert any(line.startswith("demo: 60 frames") and "no orientation refinement" in line for line in lines)
