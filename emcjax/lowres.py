@@ -111,9 +111,9 @@ def _fmt_seconds(s: float) -> str:
     return f"{s // 3600}h{(s % 3600) // 60:02d}m"
 
 
-def progress_line(record: dict, total: int, eta_s: float) -> str:
+def progress_line(record: dict, total: int, eta_s: float, at_most: bool = False) -> str:
     """One progress line: iteration/total, log-likelihood, model change, phi mean±std, certainty, seconds,
-    ETA and cc_true when present."""
+    ETA (``at_most``: a bound, the run may stop earlier on convergence) and cc_true when present."""
     width = len(str(total))
     parts = [
         f"iter {record['iteration']:>{width}d}/{total}",
@@ -122,7 +122,7 @@ def progress_line(record: dict, total: int, eta_s: float) -> str:
         f"phi {record.get('phi_mean', float('nan')):.3f}±{record.get('phi_std', float('nan')):.3f}",
         f"certainty {record.get('certainty', float('nan')):.3f}",
         f"{record.get('seconds', float('nan')):.2f}s",
-        f"ETA {_fmt_seconds(eta_s)}",
+        f"ETA {'<= ' if at_most else ''}{_fmt_seconds(eta_s)}",
     ]
     if record.get("cc_true") is not None:
         parts.append(f"cc_true {record['cc_true']:.4f}")
@@ -365,7 +365,7 @@ def run_iterations(config, emc_config, problem, state, manager, meta, records, m
         recent = times[-5:]
         eta = (config.iters - iteration) * (sum(recent) / len(recent))
         if main_process:
-            log(progress_line(record, config.iters, eta))
+            log(progress_line(record, config.iters, eta, at_most=bool(stop_model_change)))
         if main_process and config.figures_every and iteration % config.figures_every == 0 and iteration < config.iters:
             _draw(out, records, problem, state)
         if converged:
