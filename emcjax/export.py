@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import dataclasses
 import pathlib
-import sys
 
 import numpy as np
 
+from emcjax import cli
 from emcjax.crystal import Crystal
-from emcjax.errors import ConfigError, EmcjaxError
+from emcjax.errors import ConfigError
 from emcjax.mtz import write_hkl_text, write_mtz
 from emcjax.resolution import read_merged
 
@@ -70,13 +70,15 @@ def run(config: ExportConfig, log=print):
 
 
 def main(argv: list[str] | None = None) -> None:
+    """``python -m emcjax.export``: errors become one line and exit status 2 (``emcjax.cli``)."""
+    cli.run_cli(_main, argv, "emcjax.export")
+
+
+def _main(argv: list[str]) -> None:
     import tyro
 
-    try:
-        config = tyro.cli(ExportConfig, args=argv, prog="python -m emcjax.export", description=__doc__.split("\n\n")[0])
-        export(config)
-    except EmcjaxError as err:
-        sys.exit(f"error: {err}")
+    config = tyro.cli(ExportConfig, args=argv, prog="python -m emcjax.export", description=__doc__.split("\n\n")[0])
+    export(config)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ from emcjax.merge import stats as stats_lib
 
 
 @dataclasses.dataclass(frozen=True)
-class HalvesConfig:
+class HalvesConfig(stats_lib.MergingOptions):
     """Half-set reconstructions a and b with one run's settings, then their merging statistics."""
 
     run: pathlib.Path
@@ -45,16 +45,9 @@ class HalvesConfig:
     """Seed of --split random; default: the run's."""
     resume: bool = False
     """Continue halves that stopped (lowres --resume for each; a finished half is left as it is)."""
-    n_shells: int = 10
-    """Number of resolution shells of the merging table (equal reciprocal-space volumes)."""
-    cc_half_limit: float = stats_lib.CC_HALF_LIMIT
-    """CC1/2 a shell must reach for the suggested resolution limit."""
-    significance: float = stats_lib.SIGNIFICANCE
-    """One-sided p-value below which CC1/2 counts as significant."""
 
     def __post_init__(self) -> None:
-        if self.n_shells < 1:
-            raise ConfigError(f"n_shells must be >= 1, got {self.n_shells}")
+        super().__post_init__()
         if self.iters is not None and self.iters < 1:
             raise ConfigError(f"iters must be >= 1, got {self.iters}")
 
@@ -83,13 +76,11 @@ def run_halves(
     out: pathlib.Path,
     *,
     resume: bool = False,
-    n_shells: int = 10,
-    cc_half_limit: float = stats_lib.CC_HALF_LIMIT,
-    significance: float = stats_lib.SIGNIFICANCE,
+    merging: stats_lib.MergingOptions = stats_lib.MergingOptions(),
     log=print,
 ) -> dict:
     """Runs half a and half b with ``base``'s settings into ``out/a`` and ``out/b``, then the merging
-    statistics into ``out/merged``.
+    statistics into ``out/merged`` with the settings ``merging``.
 
     Returns:
       ``{"half_a": final metrics of half a, "half_b": ..., "merged": resolution.merge_halves's summary,
@@ -116,10 +107,7 @@ def run_halves(
     merged = out / "merged"
     log(f"merging: python -m emcjax.resolution --half-a {dirs['a']} --half-b {dirs['b']} --out {merged}")
     summary = resolution.merge_halves(
-        resolution.ResolutionConfig(
-            half_a=dirs["a"], half_b=dirs["b"], out=merged, n_shells=n_shells, cc_half_limit=cc_half_limit,
-            significance=significance,
-        ),
+        resolution.ResolutionConfig(half_a=dirs["a"], half_b=dirs["b"], out=merged, **_merging_fields(merging)),
         log=log,
     )
     return {"half_a": metrics["a"], "half_b": metrics["b"], "merged": summary, "runs": {**dirs, "merged": merged}}
@@ -127,10 +115,13 @@ def run_halves(
 
 def run(config: HalvesConfig, log=print) -> dict:
     """``python -m emcjax.halves``: :func:`run_halves` with the settings of ``config.run``."""
-    return run_halves(
-        base_config(config), config.out, resume=config.resume, n_shells=config.n_shells,
-        cc_half_limit=config.cc_half_limit, significance=config.significance, log=log,
-    )
+    merging = stats_lib.MergingOptions(**_merging_fields(config))
+    return run_halves(base_config(config), config.out, resume=config.resume, merging=merging, log=log)
+
+
+def _merging_fields(options: stats_lib.MergingOptions) -> dict:
+    """The MergingOptions fields of ``options`` (a MergingOptions or a subclass) by name."""
+    return {f.name: getattr(options, f.name) for f in dataclasses.fields(stats_lib.MergingOptions)}
 
 
 def main(argv: list[str] | None = None) -> None:

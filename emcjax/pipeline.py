@@ -75,15 +75,8 @@ class HalvesStage:
 
 
 @dataclasses.dataclass(frozen=True)
-class ResolutionStage:
+class ResolutionStage(stats_lib.MergingOptions):
     """Merging statistics."""
-
-    n_shells: int = 10
-    """Resolution shells (equal reciprocal-space volumes)."""
-    cc_half_limit: float = stats_lib.CC_HALF_LIMIT
-    """CC1/2 a shell must reach for the suggested limit."""
-    significance: float = stats_lib.SIGNIFICANCE
-    """One-sided p-value below which CC1/2 counts as significant."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -236,8 +229,7 @@ def _resolution_stage(config: PipelineConfig, half_a: pathlib.Path, half_b: path
 
     s = config.resolution
     stage_config = resolution.ResolutionConfig(half_a=half_a.absolute(), half_b=half_b.absolute(), out=out.absolute(),
-                                               n_shells=s.n_shells, cc_half_limit=s.cc_half_limit,
-                                               significance=s.significance)
+                                               **{f.name: getattr(s, f.name) for f in dataclasses.fields(s)})
 
     def call(resume, log):
         result = resolution.merge_halves(stage_config, log=log)

@@ -12,14 +12,12 @@ from __future__ import annotations
 
 import dataclasses
 import pathlib
-import sys
 import time
 
 import h5py
 import numpy as np
 
-from emcjax import runio
-from emcjax.errors import EmcjaxError
+from emcjax import cli, runio
 from emcjax.merge import observe
 from emcjax.merge import reject as reject_lib
 from emcjax.merge.rundata import RunData, load_run
@@ -125,13 +123,15 @@ def run(config: RejectConfig, log=print):
 
 
 def main(argv: list[str] | None = None) -> None:
+    """``python -m emcjax.reject``: errors become one line and exit status 2 (``emcjax.cli``)."""
+    cli.run_cli(_main, argv, "emcjax.reject")
+
+
+def _main(argv: list[str]) -> None:
     import tyro
 
     config = tyro.cli(RejectConfig, args=argv, prog="python -m emcjax.reject", description=__doc__.split("\n\n")[0])
-    try:
-        reject(config)
-    except EmcjaxError as err:
-        sys.exit(f"error: {err}")
+    reject(config)
 
 
 if __name__ == "__main__":

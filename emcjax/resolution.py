@@ -13,24 +13,24 @@ from __future__ import annotations
 
 import dataclasses
 import pathlib
-import sys
 
 import h5py
 import numpy as np
 
-from emcjax import runio
+from emcjax import cli, runio
 from emcjax.crystal import Crystal
-from emcjax.errors import ConfigError, DataError, EmcjaxError
+from emcjax.errors import ConfigError, DataError
 from emcjax.merge import observe
 from emcjax.merge import sigma as sigma_lib
 from emcjax.merge import stats as stats_lib
 from emcjax.merge.rundata import RunData, load_run
+from emcjax.scoring import values_by_hkl
 
 MERGED_FILE = "merged.h5"
 
 
 @dataclasses.dataclass(frozen=True)
-class ResolutionConfig:
+class ResolutionConfig(stats_lib.MergingOptions):
     """Half-set merging statistics."""
 
     half_a: pathlib.Path
@@ -39,16 +39,6 @@ class ResolutionConfig:
     """Run directory of half b."""
     out: pathlib.Path = pathlib.Path("runs/merged")
     """Directory for merged.h5, merging_stats.csv, merging_table.txt and figures/merging.png."""
-    n_shells: int = 10
-    """Number of resolution shells (equal reciprocal-space volumes)."""
-    cc_half_limit: float = stats_lib.CC_HALF_LIMIT
-    """CC1/2 a shell must reach for the suggested limit."""
-    significance: float = stats_lib.SIGNIFICANCE
-    """One-sided p-value below which CC1/2 counts as significant."""
-
-    def __post_init__(self) -> None:
-        if self.n_shells < 1:
-            raise ConfigError(f"n_shells must be >= 1, got {self.n_shells}")
 
 
 def _check_pair(a: RunData, b: RunData) -> None:
@@ -73,14 +63,12 @@ def _observations(run: RunData) -> np.ndarray:
 
 
 def _true_integrated(run: RunData) -> np.ndarray | None:
+    """(n_unique,) the truth's integrated intensities of the run's reflections, NaN for those the truth lacks
+    (e.g. simulated to a lower resolution); None without a truth."""
     truth = run.truth
     if truth is None or "intensity" not in truth or "hkl" not in truth:
         return None
-    key = {tuple(h): i for i, h in enumerate(np.asarray(truth["hkl"]).tolist())}
-    rows = [key.get(tuple(h), -1) for h in run.result.hkl.tolist()]
-    if min(rows) < 0:
-        return None
-    return np.asarray(truth["intensity"], np.float64).sum(axis=1)[rows]
+    return values_by_hkl(run.result.hkl, truth["hkl"], np.asarray(truth["intensity"], np.float64).sum(axis=1))
 
 
 def merge_halves(config: ResolutionConfig, log=print) -> dict:
@@ -110,6 +98,13 @@ def merge_halves(config: ResolutionConfig, log=print) -> dict:
     sigma_all = np.full(q.shape, np.nan)
     sigma_all[both] = sigma
     i_true = _true_integrated(a)
+    truth_note = ""
+    if i_true is not None and not np.isfinite(i_true[both]).all():
+        missing = int(np.sum(~np.isfinite(i_true[both])))
+        truth_note = (f"the truth lacks {missing} of the {int(both.sum())} merged reflections: cc_true, sd(z) and mad(z) "
+                      "are over the others")
+        if missing == both.sum():
+            i_true = None
     n_obs = np.where(both, n_obs_a + n_obs_b, 0)
     pick = lambda x: None if x is None else x[both]  # noqa: E731
     stats = stats_lib.merging_statistics(
@@ -153,6 +148,8 @@ def merge_halves(config: ResolutionConfig, log=print) -> dict:
         if d_suggested is not None
         else f"no shell passes ({criterion})"
     )
+    if truth_note:
+        table += "\n" + truth_note
     runio.write_text_atomic(out / "merging_table.txt", table + "\n" + suggestion + "\n")
     stats_lib.plot(stats, out / "figures" / "merging.png", d_suggested)
     log(table)
@@ -189,15 +186,15 @@ def run(config: ResolutionConfig, log=print):
 
 
 def main(argv: list[str] | None = None) -> None:
+    """``python -m emcjax.resolution``: errors become one line and exit status 2 (``emcjax.cli``)."""
+    cli.run_cli(_main, argv, "emcjax.resolution")
+
+
+def _main(argv: list[str]) -> None:
     import tyro
 
-    try:
-        config = tyro.cli(
-            ResolutionConfig, args=argv, prog="python -m emcjax.resolution", description=__doc__.split("\n\n")[0]
-        )
-        merge_halves(config)
-    except EmcjaxError as err:
-        sys.exit(f"error: {err}")
+    config = tyro.cli(ResolutionConfig, args=argv, prog="python -m emcjax.resolution", description=__doc__.split("\n\n")[0])
+    merge_halves(config)
 
 
 if __name__ == "__main__":

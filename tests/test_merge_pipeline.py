@@ -147,32 +147,45 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, timeout=120)
 
 
+def _half_of_other_data(tmp_path: pathlib.Path, half: pathlib.Path, name: str, *simulate_args: str) -> pathlib.Path:
+    """A copy of run ``half`` pointed at a data set simulated with ``simulate_args`` (another cell, group)."""
+    other = tmp_path / f"{name}.h5"
+    simulate.main(["--out", str(other), *simulate_args, *SMALL["emcjax.simulate"]])
+    fake = tmp_path / name
+    fake.mkdir()
+    config = runio.config_from_toml(lowres.LowresConfig, half / "config.toml")
+    runio.save_config(fake / "config.toml", dataclasses.replace(config, data=other))
+    for entry in ("intensities.h5", "iterations"):
+        (fake / entry).symlink_to((half / entry).resolve())
+    return fake
+
+
+def _one_error(done: subprocess.CompletedProcess) -> bool:
+    """The commands' shared error path (emcjax.cli): exit status 2, one line 'error: ...', no traceback."""
+    return done.returncode == 2 and done.stderr.count("error:") == 1 and "Traceback" not in done.stderr
+
+
 def test_mismatched_halves_and_missing_results_give_one_clear_error(pipeline, tmp_path):
     root, data, runs = pipeline
-    # a "half" made from a data set with another cell: copy half b's run, point it at another data set
-    other = tmp_path / "other.h5"
-    simulate.main(["--out", str(other), "--cell", "70", "70", "40", "90", "90", "90", *SMALL["emcjax.simulate"]])
-    fake = tmp_path / "other_run"
-    fake.mkdir()
-    config = runio.config_from_toml(lowres.LowresConfig, runs["B"] / "config.toml")
-    runio.save_config(fake / "config.toml", config.__class__(**{**config.__dict__, "data": other}))
-    for name in ("intensities.h5", "iterations"):
-        (fake / name).symlink_to((runs["B"] / name).resolve())
-    done = _cli("emcjax.resolution", "--half-a", str(runs["A"]), "--half-b", str(fake), "--out", str(tmp_path / "m"))
-    assert done.returncode != 0 and "Traceback" not in done.stderr
-    assert done.stderr.count("error:") == 1 and ("different cells" in done.stderr or "does not match" in done.stderr)
+    # "half b" runs made from data sets with another cell, and with another space group of the same Laue
+    # group and reflections (P 41 21 2, the enantiomorph)
+    other_cell = _half_of_other_data(tmp_path, runs["B"], "other_cell", "--cell", "70", "70", "40", "90", "90", "90")
+    other_group = _half_of_other_data(tmp_path, runs["B"], "other_group", "--space-group", "P 41 21 2")
+    done = _cli("emcjax.resolution", "--half-a", str(runs["A"]), "--half-b", str(other_cell), "--out", str(tmp_path / "m"))
+    assert _one_error(done) and ("different cells" in done.stderr or "does not match" in done.stderr), done.stderr
+    done = _cli("emcjax.resolution", "--half-a", str(runs["A"]), "--half-b", str(other_group), "--out", str(tmp_path / "m"))
+    assert _one_error(done) and re.search("different space groups: .* P 43 21 2 vs .* P 41 21 2", done.stderr), done.stderr
     # a run directory without results
     empty = tmp_path / "empty"
     empty.mkdir()
     (empty / "config.toml").write_text((runs["A"] / "config.toml").read_text())
     for args in (("emcjax.reject", "--run", str(empty)), ("emcjax.resolution", "--half-a", str(empty), "--half-b", str(runs["B"]))):
         done = _cli(*args)
-        assert done.returncode != 0 and "Traceback" not in done.stderr and "has not finished" in done.stderr
+        assert _one_error(done) and "has not finished" in done.stderr, done.stderr
     done = _cli("emcjax.halves", "--run", str(tmp_path / "nothing"), "--out", str(tmp_path / "h"))
-    assert done.returncode == 2 and done.stderr.count("error:") == 1 and "Traceback" not in done.stderr
-    assert "neither a run directory" in done.stderr and not (tmp_path / "h").exists()
+    assert _one_error(done) and "neither a run directory" in done.stderr and not (tmp_path / "h").exists()
     done = _cli("emcjax.export", "--run", str(runs["A"]))
-    assert done.returncode != 0 and "no merged.h5" in done.stderr and "Traceback" not in done.stderr
+    assert _one_error(done) and "no merged.h5" in done.stderr, done.stderr
     assert not (tmp_path / "m").exists()
 
 

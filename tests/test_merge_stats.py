@@ -69,6 +69,28 @@ def test_cc_star_tracks_true_correlation_and_sigma_is_calibrated():
     assert stats.overall.n_unique[0] == q.size
 
 
+def test_truth_columns_are_computed_over_the_reflections_the_truth_holds():
+    q, truth, i_a, i_b, sd = synthetic_halves(n=2000, seed=3)
+    edges = stats_lib.equal_volume_edges(q.min(), q.max(), 4)
+    sigma, n_obs = sd / np.sqrt(2), np.full(q.shape, 2)
+    missing = np.random.default_rng(4).random(q.size) < 0.1
+    partial = stats_lib.merging_statistics(q, i_a, i_b, sigma, n_obs, q, edges=edges,
+                                           i_true=np.where(missing, np.nan, truth))
+    # numpy reference over the reflections the truth holds, with their own overall scale
+    keep = ~missing
+    m, t, w = 0.5 * (i_a + i_b)[keep], truth[keep], sigma[keep] ** -2.0
+    k = np.sum(w * m * t) / np.sum(w * t * t)
+    shell = stats_lib.shell_of(q[keep], edges)
+    for s in range(4):
+        sel = shell == s
+        assert partial.cc_true[s] == pytest.approx(np.corrcoef(m[sel], t[sel])[0, 1], rel=1e-12)
+        assert partial.true_z_sd[s] == pytest.approx(np.std((m[sel] - k * t[sel]) / sigma[keep][sel]), rel=1e-12)
+    # the other columns still count every reflection
+    full = stats_lib.merging_statistics(q, i_a, i_b, sigma, n_obs, q, edges=edges, i_true=truth)
+    np.testing.assert_array_equal(partial.cc_half, full.cc_half)
+    assert partial.overall.n_unique[0] == q.size
+
+
 def test_stabilizer_order_matches_gemmi_and_small_classes_merge():
     import gemmi
 

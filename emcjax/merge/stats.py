@@ -29,6 +29,25 @@ SIGNIFICANCE = 0.01
 """Default one-sided p-value below which CC1/2 counts as significantly above zero."""
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class MergingOptions:
+    """The settings of the merging table, shared by the commands that make one (``resolution``, ``halves``
+    and the pipeline's resolution stage): keyword-only, so that a command's own required fields come first."""
+
+    n_shells: int = 10
+    """Number of resolution shells of the merging table (equal reciprocal-space volumes)."""
+    cc_half_limit: float = CC_HALF_LIMIT
+    """CC1/2 a shell must reach for the suggested resolution limit."""
+    significance: float = SIGNIFICANCE
+    """One-sided p-value below which CC1/2 counts as significant."""
+
+    def __post_init__(self) -> None:
+        if self.n_shells < 1:
+            raise ConfigError(f"n_shells must be >= 1, got {self.n_shells}")
+        if not 0 < self.significance < 1:
+            raise ConfigError(f"significance must be a p-value in (0, 1), got {self.significance}")
+
+
 def cc_star(cc_half):
     """CC* = sqrt(2 CC1/2 / (1 + CC1/2)) (Karplus & Diederichs 2012): the correlation of the merged data with
     the true signal that CC1/2 implies; NaN where CC1/2 <= 0."""
@@ -145,7 +164,10 @@ def _one_shell(i_a, i_b, sigma, n_obs, i_true, true_scale, n_possible, d_max, d_
     n_unique = int(i_a.shape[0])
     with np.errstate(invalid="ignore", divide="ignore"):
         ios = merged / sigma
-    z = (merged - true_scale * i_true) / sigma if i_true is not None and n_unique > 1 else None
+    known = None if i_true is None else np.isfinite(i_true)  # reflections the truth holds
+    if known is not None and known.sum() < 2:
+        i_true = None
+    z = (merged - true_scale * i_true)[known] / sigma[known] if i_true is not None else None
     return dict(
         d_max=d_max,
         d_min=d_min,
@@ -159,7 +181,7 @@ def _one_shell(i_a, i_b, sigma, n_obs, i_true, true_scale, n_possible, d_max, d_
         cc_half_p=correlation_p_value(cc, n_unique),
         cc_star=float(cc_star(cc)),
         r_split=r_split(i_a, i_b) if n_unique else float("nan"),
-        cc_true=pearson(merged, i_true) if i_true is not None else float("nan"),
+        cc_true=pearson(merged[known], i_true[known]) if i_true is not None else float("nan"),
         true_z_sd=float(np.std(z)) if z is not None else float("nan"),
         true_z_mad=float(1.4826 * np.median(np.abs(z - np.median(z)))) if z is not None else float("nan"),
     )
@@ -188,7 +210,8 @@ def merging_statistics(
         completeness).
       n_shells: number of equal-volume shells (ignored when ``edges`` is given).
       edges: (n_shells + 1,) ascending shell edges in 1/Å; default equal volumes over [min q, max q].
-      i_true: (n,) true intensities, or None.
+      i_true: (n,) true intensities (NaN for a reflection the truth lacks: the truth columns are computed over
+        the others), or None.
     """
     q = np.asarray(q, np.float64)
     arrays = [np.asarray(x, np.float64) for x in (i_a, i_b, sigma, n_obs)]
@@ -206,7 +229,8 @@ def merging_statistics(
 
     true_scale = None
     if i_true is not None:  # overall scale of the merged intensities to the truth (weighted least squares)
-        m, t, w = 0.5 * (i_a + i_b)[observed], i_true[observed], sigma[observed] ** -2.0
+        known = observed & np.isfinite(i_true)
+        m, t, w = 0.5 * (i_a + i_b)[known], i_true[known], sigma[known] ** -2.0
         true_scale = float(np.sum(w * m * t) / np.sum(w * t * t))
 
     def select(mask, total_possible, d_max, d_min):
