@@ -1,16 +1,21 @@
 """When do blank and two-crystal frames hurt the reconstruction, and does rejecting them help?
 
-    python experiments/contamination.py --out /tmp/contamination
+    python experiments/contamination.py --out /tmp/contamination --scenarios acceptance --seeds 0 1 2
 
-For each scenario (contaminated fractions, photons per frame, frames) it simulates a data set
-(``emcjax.simulate --blank-fraction --multi-fraction``) and reconstructs it three times from the same seed:
+For each scenario (contaminated fractions, photons per frame, frames) and seed it simulates a data set
+(``emcjax.simulate --blank-fraction --multi-fraction``) and reconstructs it from the same seed with:
 
 * ``all``: every frame;
 * ``rejected``: with the weights of ``emcjax.reject`` run on ``all`` (``lowres --frame-weights``);
-* ``oracle``: only the frames the truth says hold one crystal (the best any rejection can do).
+* ``oracle`` (``--arms ... oracle``): only the frames the truth says hold one crystal;
+* ``no_blank``, ``no_multi``: every frame but the truth's blank ones, or its two-crystal ones.
 
-and prints cc_true (integrated intensities against the truth) overall and in the outer resolution shells,
-plus the rejection per true frame kind. Writes OUT/summary.json. The runners are called in-process
+Per run it records, against the truth's integrated intensities (overall and per equal-volume shell): the
+Pearson cc_true; the scale-only agreement (I ~ k I_true, k fitted without an offset, so an additive
+offset such as a second crystal's photons would show): R_scale = sum |I - k I_true| / sum k I_true and
+the uncentred correlation; the offset c of a fit I ~ k I_true + c relative to the shell's mean I; and
+cc_true after each iteration (convergence from the random start). Prints one line per run and the
+paired differences (rejected - all) over seeds; writes OUT/summary.json. The runners are called in-process
 (``emcjax.lowres.run``, ``emcjax.reject.reject``), so there is one JAX start-up.
 """
 
@@ -36,29 +41,74 @@ SCENARIOS = {
     "heavy_weak": (0.3, 0.3, 40.0, 2000, False),
     "blank_weak": (0.6, 0.0, 40.0, 2000, False),
     "many_equal": (0.05, 0.05, 150.0, 20000, True),
+    "few_1000": (0.05, 0.05, 150.0, 1000, False),
+    "few_500": (0.05, 0.05, 150.0, 500, False),
+    "few_heavy_500": (0.3, 0.3, 150.0, 500, False),
+    "few_heavy_1000": (0.3, 0.3, 150.0, 1000, False),
 }
+N_SHELLS = 5
+ARMS = ["all", "rejected", "oracle", "no_blank", "no_multi"]
 
 
-def cc_shells(run: pathlib.Path, truth: dict, crystal, n_shells: int = 5) -> tuple[float, list[float]]:
-    """cc_true of the run's integrated intensities, overall and per equal-volume shell."""
+def agreement(i: np.ndarray, t: np.ndarray) -> dict:
+    """Pearson cc, scale-only R and uncentred cc, relative offset of I against the truth ``t`` (same rows)."""
+    from emcjax.merge.stats import pearson
+
+    k = float(i @ t / (t @ t))
+    design = np.stack([t, np.ones_like(t)], axis=1)
+    (_, c), *_ = np.linalg.lstsq(design, i, rcond=None)
+    return {
+        "cc": pearson(i, t),
+        "r_scale": float(np.abs(i - k * t).sum() / (k * t).sum()),
+        "cc_uncentred": float(i @ t / np.sqrt((i @ i) * (t @ t))),
+        "offset": float(c / i.mean()),
+    }
+
+
+def measures(run: pathlib.Path, truth: dict, crystal) -> dict:
+    """:func:`agreement` overall and per equal-volume shell of the run's integrated intensities; cc_true per
+    iteration from its metrics.jsonl."""
     from emcjax import runio
-    from emcjax.merge.stats import equal_volume_edges, pearson, shell_of
+    from emcjax.merge.stats import equal_volume_edges, shell_of
     from emcjax.scoring import values_by_hkl
 
     result = runio.read_run(run)
     true_i = values_by_hkl(result.hkl, truth["hkl"], np.asarray(truth["intensity"], np.float64).sum(axis=1))
     q = np.linalg.norm(result.hkl @ crystal.reciprocal_basis.T, axis=1)
-    shell = shell_of(q, equal_volume_edges(float(q.min()), float(q.max()), n_shells))
+    shell = shell_of(q, equal_volume_edges(float(q.min()), float(q.max()), N_SHELLS))
     i = np.asarray(result.integrated, np.float64)
-    return pearson(i, true_i), [pearson(i[shell == s], true_i[shell == s]) for s in range(n_shells)]
+    out = {"overall": agreement(i, true_i),
+           "shells": [agreement(i[shell == s], true_i[shell == s]) for s in range(N_SHELLS)]}
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    out["cc_true_per_iteration"] = [round(float(json.loads(x)["cc_true"]), 5) for x in lines]
+    return out
+
+
+def paired(rows: list[dict], arm: str, base: str = "all") -> dict:
+    """Mean and sd over seeds of (arm - base) for cc, r_scale, cc_uncentred overall and in the outer shell,
+    and of cc_true after iterations 1-3."""
+    out = {}
+    for key in ("cc", "r_scale", "cc_uncentred", "offset"):
+        for where in ("overall", "outer"):
+            pick = (lambda m: m["overall"][key]) if where == "overall" else (lambda m: m["shells"][-1][key])
+            d = np.array([pick(r[arm]) - pick(r[base]) for r in rows])
+            out[f"{key}_{where}"] = {"mean": float(d.mean()), "sd": float(d.std(ddof=1)) if d.size > 1 else 0.0,
+                                     "n_positive": int(np.sum(d > 0)), "n": int(d.size)}
+    for it in (1, 2, 3):
+        d = np.array([r[arm]["cc_true_per_iteration"][it - 1] - r[base]["cc_true_per_iteration"][it - 1]
+                      for r in rows])
+        out[f"cc_iteration_{it}"] = {"mean": float(d.mean()), "sd": float(d.std(ddof=1)) if d.size > 1 else 0.0,
+                                     "n_positive": int(np.sum(d > 0)), "n": int(d.size)}
+    return out
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=pathlib.Path, default=pathlib.Path("/tmp/emcjax-contamination"))
     p.add_argument("--iters", type=int, default=15)
-    p.add_argument("--scenarios", nargs="*", default=list(SCENARIOS))
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--scenarios", nargs="*", default=["acceptance"], choices=list(SCENARIOS))
+    p.add_argument("--seeds", type=int, nargs="*", default=[0])
+    p.add_argument("--arms", nargs="*", default=["all", "rejected"], choices=ARMS)
     args = p.parse_args()
 
     from emcjax import lowres, reject, simulate
@@ -67,40 +117,55 @@ def main() -> None:
     from emcjax.merge.rundata import write_frame_weights
 
     quiet = lambda *a, **k: None  # noqa: E731
-    summary = {"machine": f"{platform.node()} {platform.machine()}", "iters": args.iters, "scenarios": {}}
+    path = args.out / "summary.json"  # scenarios run by separate calls accumulate
+    summary = json.loads(path.read_text()) if path.exists() else {"scenarios": {}}
+    summary["scenarios"] = {k: v for k, v in summary["scenarios"].items() if "runs" in v}  # this version's only
+    summary.update(machine=f"{platform.node()} {platform.machine()}", iters=args.iters)
     for name in args.scenarios:
         blank, multi, photons, n_frames, equal = SCENARIOS[name]
-        out = args.out / name
-        out.mkdir(parents=True, exist_ok=True)
-        data = out / "data.h5"
-        start = time.perf_counter()
-        if not data.exists():
-            simulate.write(simulate.SimulationConfig(
-                out=data, n_frames=n_frames, blank_fraction=blank, multi_fraction=multi, bragg_photons=photons,
-                multi_equal=equal, seed=args.seed))
-        with SparseDataset(data) as ds:
-            truth = ds.read_truth()
-            crystal = Crystal(tuple(ds.crystal["cell"]), str(ds.crystal["space_group"]))
-        kind = np.asarray(truth["frame_kind"])
-        write_frame_weights(out / "oracle.h5", (kind == 0).astype(np.float32), {"source": "truth frame_kind == 0"})
-        base = lowres.LowresConfig(iters=args.iters, data=data, seed=args.seed, keep_checkpoints=1, iterations_every=0)
-        runs = {"all": None, "rejected": out / "all" / reject.REJECTION_FILE, "oracle": out / "oracle.h5"}
-        row: dict = {"blank": blank, "multi": multi, "bragg_photons": photons, "n_frames": n_frames,
-                     "equal_crystals": equal}
-        for arm, weights in runs.items():
-            run = out / arm
-            if not (run / "intensities.h5").exists():
-                lowres.run(dataclasses.replace(base, out=run, frame_weights=weights), log=quiet)
-            if arm == "all":
-                counts = reject.reject(reject.RejectConfig(run=run), log=quiet)
-                row["rejected_fraction"] = {k.removeprefix("rejected_fraction_"): round(v, 4)
-                                            for k, v in counts.items() if k.startswith("rejected_fraction_")}
-            cc, shells = cc_shells(run, truth, crystal)
-            row[arm] = {"cc_true": round(cc, 5), "cc_true_per_shell": [round(c, 4) for c in shells]}
-        row["seconds"] = round(time.perf_counter() - start, 1)
-        summary["scenarios"][name] = row
-        print(name, json.dumps(row), flush=True)
-        (args.out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+        rows = []
+        for seed in args.seeds:
+            out = args.out / name / f"seed{seed}"
+            out.mkdir(parents=True, exist_ok=True)
+            data = out / "data.h5"
+            start, cpu = time.perf_counter(), time.process_time()
+            if not data.exists():
+                simulate.write(simulate.SimulationConfig(
+                    out=data, n_frames=n_frames, blank_fraction=blank, multi_fraction=multi, bragg_photons=photons,
+                    multi_equal=equal, seed=seed))
+            with SparseDataset(data) as ds:
+                truth = ds.read_truth()
+                crystal = Crystal(tuple(ds.crystal["cell"]), str(ds.crystal["space_group"]))
+            kind = np.asarray(truth["frame_kind"])
+            for arm, keep in (("oracle", kind == 0), ("no_blank", kind != 1), ("no_multi", kind != 2)):
+                write_frame_weights(out / f"{arm}.h5", keep.astype(np.float32), {"source": f"truth frame_kind: {arm}"})
+            base = lowres.LowresConfig(iters=args.iters, data=data, seed=seed, keep_checkpoints=1, iterations_every=0)
+            weights = {"all": None, "rejected": out / "all" / reject.REJECTION_FILE,
+                       **{arm: out / f"{arm}.h5" for arm in ("oracle", "no_blank", "no_multi")}}
+            row: dict = {"seed": seed}
+            for arm in ["all"] + [a for a in args.arms if a != "all"]:
+                run = out / arm
+                if not (run / "intensities.h5").exists():
+                    lowres.run(dataclasses.replace(base, out=run, frame_weights=weights[arm]), log=quiet)
+                if arm == "all":
+                    counts = reject.reject(reject.RejectConfig(run=run), log=quiet)
+                    row["rejected_fraction"] = {k.removeprefix("rejected_fraction_"): round(v, 4)
+                                                for k, v in counts.items() if k.startswith("rejected_fraction_")}
+                row[arm] = measures(run, truth, crystal)
+            row["seconds"] = round(time.perf_counter() - start, 1)
+            row["cpu_seconds"] = round(time.process_time() - cpu, 1)
+            rows.append(row)
+            brief = {a: {k: round(v, 5) for k, v in row[a]["overall"].items()} for a in args.arms}
+            print(name, seed, json.dumps({"rejected_fraction": row["rejected_fraction"], **brief,
+                                          "seconds": row["seconds"]}), flush=True)
+        summary["scenarios"][name] = {
+            "blank": blank, "multi": multi, "bragg_photons": photons, "n_frames": n_frames, "equal_crystals": equal,
+            "runs": rows, "paired": {a: paired(rows, a) for a in args.arms if a != "all"},
+        }
+        for arm, d in summary["scenarios"][name]["paired"].items():
+            print(name, f"{arm} - all:", json.dumps({k: [round(v["mean"], 5), round(v["sd"], 5), v["n_positive"]]
+                                                     for k, v in d.items()}), flush=True)
+        path.write_text(json.dumps(summary, indent=1) + "\n")
 
 
 if __name__ == "__main__":
