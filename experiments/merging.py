@@ -1,7 +1,15 @@
 """Frame rejection, half sets, merging statistics, sigma(I) and the MTZ on simulated data with known truth.
 
-    python experiments/merging.py --out /tmp/merging --n-frames 2000 --iters 30
-    python experiments/merging.py --out /tmp/merging8 --n-frames 2000 --iters 8 --rotation-n 8 --candidates 20
+    python experiments/merging.py --out /tmp/merging8 --n-frames 2000 --iters 8
+    python experiments/merging.py --out /tmp/merging --n-frames 2000 --iters 30 --rotation-n 4 --candidates 0
+
+By default the true orientations are continuous-like, as a real crystal's are: drawn from the n = 8
+sampling (25,680 rotations, 6420 modulo the grid's symmetry, so few frames of a half share one), with the 20 nearest rotations of each
+frame as its candidates (what spot-based preselection gives). With ``--rotation-n 4 --candidates 0`` (the
+simulator's default: 3240 rotations, 810 modulo the grid's symmetry, and a full search) every frame of
+both halves samples each reflection's 3D profile in the same few ways, an error common to both halves that
+sigma(I) from their scatter cannot see (docs/METHOD-NOTES.md; experiments/common_error.py and
+experiments/orientation_split.py measure it).
 
 Runs the documented commands one after the other (each printed):
 
@@ -54,9 +62,9 @@ def main() -> None:
     p.add_argument("--iters", type=int, default=30)
     p.add_argument("--wilson-b", type=float, default=40.0)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--rotation-n", type=int, default=4, help="600-cell parameter of the true orientations")
+    p.add_argument("--rotation-n", type=int, default=8, help="600-cell parameter of the true orientations")
     p.add_argument("--skip-kept", action="store_true", help="no reconstruction from the accepted frames alone")
-    p.add_argument("--candidates", type=int, default=0, help="candidate rotations per frame (0: a full search)")
+    p.add_argument("--candidates", type=int, default=20, help="candidate rotations per frame (0: a full search)")
     args = p.parse_args()
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
