@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import pathlib
 import time
+from typing import Literal
 
 import h5py
 import numpy as np
@@ -36,6 +37,12 @@ class RejectConfig:
     """Thresholds of the tests."""
     photon_test: bool = True
     """Test the photons outside the predicted peaks (reads the data set's photons)."""
+    drop: tuple[Literal["phi_zero", "undetermined", "two_orientations", "unexplained_photons"], ...] = tuple(
+        reject_lib.REASONS
+    )
+    """Reasons that set a frame's weight to 0 (every reason is still flagged and counted); e.g. --drop phi_zero
+    drops only the blank frames and keeps the two-crystal ones, whose leading crystal EMC fits
+    (docs/BENCHMARKS.md: with few frames that did better than dropping both)."""
 
 
 def _unexplained(run: RunData, log) -> tuple[np.ndarray, np.ndarray]:
@@ -80,7 +87,7 @@ def reject(config: RejectConfig, log=print) -> dict:
         *(np.where(used, x, np.nan) for x in (it["phi"], first, second)), unexplained, criteria
     )
     flags[~used] = 0
-    weights = run.weights() * (flags == 0)
+    weights = reject_lib.weights_from_flags(run.weights(), flags, config.drop)
 
     path = config.run / REJECTION_FILE
     with runio.atomic_path(path) as tmp:
@@ -92,17 +99,21 @@ def reject(config: RejectConfig, log=print) -> dict:
             f.create_dataset("unexplained_z", data=z.astype(np.float32))
             f.attrs["reasons"] = ", ".join(f"{name}={bit}" for name, bit in reject_lib.REASONS.items())
             f.attrs["iteration"] = int(it.get("iteration", -1))
+            f.attrs["drop"] = ", ".join(config.drop)
             for key, value in dataclasses.asdict(criteria).items():
                 f.attrs[key] = value
     counts = reject_lib.reason_counts(flags)
     n_used, n_rejected = int(used.sum()), int(np.sum(used & (flags != 0)))
+    n_dropped = int(np.sum(used & (weights == 0)))
     log(
         f"rejected {n_rejected} of {n_used} frames ({100 * n_rejected / max(n_used, 1):.1f} %); "
         "a frame may have several reasons:"
     )
+    if set(config.drop) != set(reject_lib.REASONS):
+        log(f"weight 0 (reasons {', '.join(config.drop)}): {n_dropped} frames")
     for name, count in counts.items():
         log(f"  {name:<20s} {count:8d}")
-    summary = {"n_frames": n_used, "rejected": n_rejected, **counts}
+    summary = {"n_frames": n_used, "rejected": n_rejected, "weight_zero": n_dropped, **counts}
     kind = None if run.truth is None else run.truth.get("frame_kind")
     if kind is not None:
         parts = []

@@ -8,7 +8,8 @@ For each scenario (contaminated fractions, photons per frame, frames) and seed i
 * ``all``: every frame;
 * ``rejected``: with the weights of ``emcjax.reject`` run on ``all`` (``lowres --frame-weights``);
 * ``oracle`` (``--arms ... oracle``): only the frames the truth says hold one crystal;
-* ``no_blank``, ``no_multi``: every frame but the truth's blank ones, or its two-crystal ones.
+* ``no_blank``, ``no_multi``: every frame but the truth's blank ones, or its two-crystal ones;
+* ``rejected_phi_zero``: the weights ``reject --drop phi_zero`` gives (only the frames flagged phi_zero out).
 
 Per run it records, against the truth's integrated intensities (overall and per equal-volume shell): the
 Pearson cc_true; the scale-only agreement (I ~ k I_true, k fitted without an offset, so an additive
@@ -47,7 +48,7 @@ SCENARIOS = {
     "few_heavy_1000": (0.3, 0.3, 150.0, 1000, False),
 }
 N_SHELLS = 5
-ARMS = ["all", "rejected", "oracle", "no_blank", "no_multi"]
+ARMS = ["all", "rejected", "oracle", "no_blank", "no_multi", "rejected_phi_zero"]
 
 
 def agreement(i: np.ndarray, t: np.ndarray) -> dict:
@@ -114,6 +115,9 @@ def main() -> None:
     from emcjax import lowres, reject, simulate
     from emcjax.crystal import Crystal
     from emcjax.data import SparseDataset
+    import h5py
+
+    from emcjax.merge.reject import weights_from_flags
     from emcjax.merge.rundata import write_frame_weights
 
     quiet = lambda *a, **k: None  # noqa: E731
@@ -141,7 +145,7 @@ def main() -> None:
                 write_frame_weights(out / f"{arm}.h5", keep.astype(np.float32), {"source": f"truth frame_kind: {arm}"})
             base = lowres.LowresConfig(iters=args.iters, data=data, seed=seed, keep_checkpoints=1, iterations_every=0)
             weights = {"all": None, "rejected": out / "all" / reject.REJECTION_FILE,
-                       **{arm: out / f"{arm}.h5" for arm in ("oracle", "no_blank", "no_multi")}}
+                       **{arm: out / f"{arm}.h5" for arm in ("oracle", "no_blank", "no_multi", "rejected_phi_zero")}}
             row: dict = {"seed": seed}
             for arm in ["all"] + [a for a in args.arms if a != "all"]:
                 run = out / arm
@@ -151,6 +155,11 @@ def main() -> None:
                     counts = reject.reject(reject.RejectConfig(run=run), log=quiet)
                     row["rejected_fraction"] = {k.removeprefix("rejected_fraction_"): round(v, 4)
                                                 for k, v in counts.items() if k.startswith("rejected_fraction_")}
+                    with h5py.File(run / reject.REJECTION_FILE, "r") as f:
+                        flags = f["flags"][()]
+                    write_frame_weights(weights["rejected_phi_zero"],
+                                        weights_from_flags(np.ones(flags.shape), flags, ("phi_zero",)),
+                                        {"source": "reject flags, phi_zero only"})
                 row[arm] = measures(run, truth, crystal)
             row["seconds"] = round(time.perf_counter() - start, 1)
             row["cpu_seconds"] = round(time.process_time() - cpu, 1)

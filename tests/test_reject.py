@@ -9,6 +9,7 @@ import pytest
 from emcjax import model as model_lib
 from emcjax.crystal import Crystal
 from emcjax.detector import DetectorGeometry, make_detector
+from emcjax.errors import ConfigError
 from emcjax.merge import observe
 from emcjax.merge import reject as reject_lib
 from emcjax.rotations import crystal_from_lab, matrix_to_quaternion, quaternion_conjugate, quaternion_multiply
@@ -73,6 +74,19 @@ def test_frame_flags_reasons():
     assert reject_lib.describe(flags)[1] == "phi_zero,undetermined,two_orientations"
     assert reject_lib.reason_counts(flags) == {"phi_zero": 1, "undetermined": 2, "two_orientations": 2, "unexplained_photons": 1}
     assert np.isnan(z[-1]) and z[4] > 6
+
+
+def test_weights_drop_only_the_chosen_reasons():
+    bits = reject_lib.REASONS
+    flags = np.array([0, bits["phi_zero"], bits["unexplained_photons"], bits["phi_zero"] | bits["undetermined"],
+                      bits["two_orientations"]])
+    weights = np.array([1.0, 1.0, 0.5, 1.0, 0.0])
+    np.testing.assert_array_equal(reject_lib.weights_from_flags(weights, flags), [1, 0, 0, 0, 0])
+    np.testing.assert_array_equal(reject_lib.weights_from_flags(weights, flags, ("phi_zero",)), [1, 0, 0.5, 0, 0])
+    np.testing.assert_array_equal(
+        reject_lib.weights_from_flags(weights, flags, ("undetermined", "two_orientations")), [1, 1, 0.5, 0, 0])
+    with pytest.raises(ConfigError, match="unknown reasons"):
+        reject_lib.weights_from_flags(weights, flags, ("blank",))
 
 
 def test_unexplained_photon_test_clips_until_stable_when_many_frames_are_contaminated():

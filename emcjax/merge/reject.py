@@ -161,6 +161,18 @@ def reason_counts(flags) -> dict[str, int]:
     return {name: int(np.sum((flags & bit) != 0)) for name, bit in REASONS.items()}
 
 
+def weights_from_flags(weights, flags, drop=tuple(REASONS)) -> np.ndarray:
+    """(n,) float64 frame weights: ``weights`` set to 0 for the frames flagged for any reason in ``drop``
+    (names of REASONS); frames flagged only for other reasons keep theirs."""
+    unknown = sorted(set(drop) - set(REASONS))
+    if unknown:
+        from emcjax.errors import ConfigError
+
+        raise ConfigError(f"drop: unknown reasons {unknown}; expected some of {list(REASONS)}")
+    mask = sum(REASONS[name] for name in set(drop))
+    return np.asarray(weights, np.float64) * ((np.asarray(flags) & mask) == 0)
+
+
 def describe(flags) -> list[str]:
     """Comma-separated reasons of each frame ("" for an accepted one)."""
     return [",".join(n for n, b in REASONS.items() if f & b) for f in np.asarray(flags).tolist()]
