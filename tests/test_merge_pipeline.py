@@ -203,6 +203,15 @@ def test_half_sets_of_other_cells_or_space_groups_are_refused(pipeline):
     other_group = dataclasses.replace(b, crystal=Crystal((79.1, 79.1, 37.9, 90, 90, 90), "P 41 21 2"))
     with pytest.raises(ConfigError, match="different space groups: .* P 43 21 2 vs .* P 41 21 2"):
         resolution._check_pair(a, other_group)
+    # a truth that lacks some of the model's reflections: NaN for those, the truth's values for the others
+    truth = dict(a.truth)
+    full = resolution._true_integrated(a)
+    truth["hkl"], truth["intensity"] = np.asarray(truth["hkl"])[5:], np.asarray(truth["intensity"])[5:]
+    partial = resolution._true_integrated(dataclasses.replace(a, truth=truth))
+    removed = {tuple(h) for h in np.asarray(a.truth["hkl"])[:5].tolist()}
+    lacks = np.array([tuple(h) in removed for h in a.result.hkl.tolist()])
+    assert lacks.sum() == 5 and np.isnan(partial[lacks]).all() and np.isfinite(full).all()
+    np.testing.assert_array_equal(partial[~lacks], full[~lacks])
 
 
 def test_halves_command_takes_the_runs_settings_and_refuses_a_used_out(pipeline, tmp_path):
