@@ -11,6 +11,7 @@ import os
 import pathlib
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 
@@ -82,6 +83,25 @@ def test_rejection_catches_blank_and_two_crystal_frames(pipeline, capsys):
     # its dominant crystal, the other's photons mostly fall outside the predicted peaks), so leaving them out
     # changes cc_true little (docs/BENCHMARKS.md); it must not lose more than the 10 % of frames' information
     assert _cc_true(runs["kept"]) > _cc_true(runs["all"]) - 0.01
+
+
+def test_reject_drop_sets_weight_zero_only_for_the_chosen_reasons(pipeline, capsys):
+    from emcjax import reject
+    from emcjax.merge.reject import REASONS
+
+    root, data, runs = pipeline
+    run = root / "runs" / "all_drop"  # next to runs/all: its data set path is relative to root
+    shutil.copytree(runs["all"], run, ignore=shutil.ignore_patterns("checkpoints"))
+    (run / "rejection.h5").unlink()
+    reject.main(["--run", str(run), "--drop", "phi_zero"])
+    with h5py.File(run / "rejection.h5") as f:
+        flags, weights = f["flags"][()], f["weights"][()]
+    with SparseDataset(data) as ds:
+        kind = ds.read_truth()["frame_kind"]
+    blank = (flags & REASONS["phi_zero"]) != 0
+    np.testing.assert_array_equal(weights, (~blank).astype(np.float32))
+    assert np.all(blank[kind == 1]) and np.any((flags != 0) & ~blank)  # blank frames out, other flags kept in
+    assert "weight 0 (reasons phi_zero)" in capsys.readouterr().out
 
 
 def test_halves_are_disjoint_independent_and_recorded(pipeline):
