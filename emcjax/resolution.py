@@ -101,8 +101,8 @@ def merge_halves(config: ResolutionConfig, log=print) -> dict:
     truth_note = ""
     if i_true is not None and not np.isfinite(i_true[both]).all():
         missing = int(np.sum(~np.isfinite(i_true[both])))
-        truth_note = (f"the truth lacks {missing} of the {int(both.sum())} merged reflections: cc_true, sd(z) and mad(z) "
-                      "are over the others")
+        truth_note = (f"the truth lacks {missing} of the {int(both.sum())} merged reflections: "
+                      "cc_true, sd(z) and mad(z) are over the others")
         if missing == both.sum():
             i_true = None
     n_obs = np.where(both, n_obs_a + n_obs_b, 0)
@@ -193,7 +193,9 @@ def main(argv: list[str] | None = None) -> None:
 def _main(argv: list[str]) -> None:
     import tyro
 
-    config = tyro.cli(ResolutionConfig, args=argv, prog="python -m emcjax.resolution", description=__doc__.split("\n\n")[0])
+    config = tyro.cli(
+        ResolutionConfig, args=argv, prog="python -m emcjax.resolution", description=__doc__.split("\n\n")[0]
+    )
     merge_halves(config)
 
 

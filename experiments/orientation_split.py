@@ -58,8 +58,9 @@ def main() -> None:
     n_cls = int(cls.max()) + 1
     side = np.random.default_rng([args.seed, 7]).permutation(n_cls) % 2  # half of each class
     half = side[cls]
-    print(f"{n_cls} orientation classes; frames used: {int((used > 0).sum())}, half a {int(((used > 0) & (half == 0)).sum())}, "
-          f"half b {int(((used > 0) & (half == 1)).sum())}", flush=True)
+    counts = [int(((used > 0) & (half == h)).sum()) for h in (0, 1)]
+    print(f"{n_cls} orientation classes; frames used: {int((used > 0).sum())}, half a {counts[0]}, half b {counts[1]}",
+          flush=True)
     base = runio.config_from_toml(lowres.LowresConfig, args.run / runio.CONFIG_FILE)
     base = dataclasses.replace(base, iters=args.iters, resume=False, half=None, keep_checkpoints=1, iterations_every=0)
     summary = {"n_classes": n_cls}
