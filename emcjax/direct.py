@@ -298,6 +298,7 @@ def direct_estep(problem: DirectProblem, intensity, phi, state: EMCState, spec: 
     pairs = []
     clock = time.perf_counter()
     table = signal_table(plan, intensity)
+    clock = _lap(problem, "cut table", clock, table) if table is not None else clock
     for block in problem.data_blocks():
         if plan.signal == "exact":
             signal = block_signal(plan, intensity, block.arrays.quaternions, problem.n_shells)
