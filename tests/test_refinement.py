@@ -175,7 +175,7 @@ def test_experiment_quick_size(tmp_path):
     results = experiment.main(["--quick", "--out", str(tmp_path)])
     assert (tmp_path / "orientation_refinement.png").stat().st_size > 0
     rows = (tmp_path / "table.md").read_text().splitlines()[2:]
-    assert len(rows) == 2 * 2 * experiment.QUICK["iters"]
+    assert len(rows) == 2 * len(experiment.QUICK["grids"]) * experiment.QUICK["iters"]
     for n, runs in results.items():
         grid, refined = runs["grid"][-1], runs["refined"][-1]
         assert refined["orientation_error_median_deg"] < grid["orientation_error_median_deg"], n
