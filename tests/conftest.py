@@ -54,7 +54,8 @@ def pytest_unconfigure(config):
 # fixtures and compiled steps are built once. The files that take longest go first, so that no long file
 # starts last while the other worker idles (longest-first scheduling); the rest keep their order.
 SLOW_FILES = ["test_tutorial.py", "test_experiments_research.py", "test_core.py", "test_refinement.py",
-              "test_rundir.py", "test_candidates.py", "test_research_model.py", "test_emc.py", "test_pipeline.py"]
+              "test_rundir.py", "test_candidates.py", "test_research_model.py", "test_emc.py", "test_pipeline.py",
+              "test_refinement_resume.py"]
 
 
 @pytest.hookimpl(trylast=True)  # after pytest-randomly's shuffle
