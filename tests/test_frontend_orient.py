@@ -171,3 +171,32 @@ def _geometry_args(prefix: str, geometry: DetectorGeometry) -> list[str]:
     for name, value in dataclasses.asdict(geometry).items():
         args += [f"{prefix}.{name.replace('_', '-')}", *map(str, np.atleast_1d(value))]
     return args
+
+
+def test_lowres_runs_on_orient_output_with_dropped_frames_and_their_truth(tmp_path):
+    """orient drops frames without candidates (blank frames here); the per-frame truth is subset with them
+    (by frame_id), so lowres's orientation metrics compare the right frames."""
+    sim = SimulationConfig(n_frames=24, geometry=GEOMETRY, cell=CELL, rotation_n=2, background_photons=0.0,
+                           bragg_photons=300.0, blank_fraction=0.25, seed=5)
+    si.write(si.ImageSimulationConfig(out=tmp_path, format="h5", simulation=sim, background_per_pixel=0.02,
+                                      ring_q=0.0, module_size=40))
+    reduce_lib.run(reduce_lib.ReduceConfig(
+        images=(str(tmp_path / "images.h5"),), out=tmp_path / "reduced.h5", geometry=GEOMETRY, cell=CELL,
+        truth=tmp_path / "truth.h5", n_frames=22, mask=reduce_lib.MaskConfig(file=tmp_path / "shadow_mask.npy")),
+        log=lambda s: None)
+    orient_lib.run(orient_lib.OrientConfig(data=tmp_path / "reduced.h5", out=tmp_path / "oriented.h5", sampling_n=2,
+                                           vn=10), log=lambda s: None)
+    with data_io.SparseDataset(tmp_path / "truth.h5") as ds:
+        full = ds.read_truth()
+    for name, n_source in (("reduced", 22), ("oriented", None)):
+        with data_io.SparseDataset(tmp_path / f"{name}.h5") as ds:
+            kept, truth = ds.read_all().frame_id, ds.read_truth()
+        if n_source:
+            np.testing.assert_array_equal(kept, np.arange(n_source))  # --n-frames 22 of 24: truth of 22
+        for key in ("quaternion", "phi", "frame_kind", "background_level"):
+            np.testing.assert_array_equal(truth[key], full[key][kept])
+        np.testing.assert_array_equal(truth["intensity"], full["intensity"])  # not per frame: whole
+    assert 10 <= kept.size < 22 and np.all(full["frame_kind"][kept] == 0)  # the blank frames were dropped
+    result = lowres.run(lowres.LowresConfig(data=tmp_path / "oriented.h5", out=tmp_path / "run", iters=2,
+                                            emc=emc.EMCConfig(rotation_n=2)), log=lambda s: None)
+    assert np.isfinite(result["orientation_error_median_deg"]), result
