@@ -39,7 +39,7 @@ def _open_stack_mdc_bytes(path) -> int:
     """Current size (bytes) of the metadata cache of the open HDF5 file ``path``."""
     for fid in h5py.h5f.get_obj_ids(types=h5py.h5f.OBJ_FILE):
         if fid.name.decode() == str(path):
-            return int(fid.get_mdc_size()[1])
+            return int(fid.get_mdc_size()[2])  # (max, min clean, current size, entries)
     raise AssertionError(f"{path} is not open")
 
 
@@ -57,8 +57,8 @@ def test_reading_a_stack_keeps_the_hdf5_metadata_cache_bounded(tmp_path):
 
 
 def test_reduction_retains_no_python_state_per_frame(tmp_path, monkeypatch):
-    """The Python heap after each committed block (16 frames) is the same after 5 and after 30 blocks."""
-    block, n_blocks = 16, 30
+    """The Python heap after each committed block (16 frames) is the same after 10 and after 50 blocks."""
+    block, n_blocks = 16, 50
     path = tmp_path / "stack.h5"
     _stack(path, block * n_blocks)
     traced = []
@@ -77,6 +77,7 @@ def test_reduction_retains_no_python_state_per_frame(tmp_path, monkeypatch):
     finally:
         tracemalloc.stop()
     assert len(traced) == n_blocks
-    # 400 frames between the two samples: keeping even 40 bytes per frame (one small array or a few
-    # Python objects per frame) would add 16 KB
-    assert traced[-1] - traced[4] < 8 * 1024, (traced[4], traced[-1])
+    # 640 frames between the two samples: keeping 25 bytes per frame (an int or float in a list per frame)
+    # would add 16 KB; what does grow meanwhile (~6 KB measured) are CPython's free lists of small tuples
+    # filling up (freed tuples stay traced), which are bounded
+    assert traced[-1] - traced[9] < 16 * 1024, (traced[9], traced[-1])
