@@ -98,6 +98,29 @@ def test_grid_orbits_equal_the_kd_tree_orbits_and_preserve_match_counts():
     assert np.mean(counts[orbits.images] == counts[None]) > 0.999
 
 
+@pytest.mark.parametrize("space_group, cell, n_h", [
+    ("P 1 21 1", (30.0, 45.0, 38.0, 90.0, 103.0, 90.0), 2),
+    ("P 43 21 2", CELL, 4),
+    ("P 2 3", (50.0, 50.0, 50.0, 90.0, 90.0, 90.0), 12),
+    ("P 61", (50.0, 50.0, 70.0, 90.0, 90.0, 120.0), None),
+])
+def test_problem_grid_reduction_by_hashing_equals_the_kd_tree_orbits(space_group, cell, n_h):
+    """emcjax.problem's exact grid reduction (hashing) gives the orbits, representatives and orbit weights of
+    emcjax.rotations.grid_symmetry_orbits (k-d tree) on several point groups."""
+    from emcjax.problem import _sampling
+
+    crystal = Crystal(cell=cell, space_group=space_group)
+    sampling, representative, log_prior = _sampling(crystal, 4, True)
+    expected_rep, expected_orbit = grid_symmetry_orbits(sampling, crystal.rotation_ops_cartesian)
+    np.testing.assert_array_equal(representative, expected_rep)
+    orbits = grid_orbits(sampling, crystal.rotation_ops_cartesian)
+    np.testing.assert_array_equal(orbits.orbit(), expected_orbit)
+    if n_h is not None:
+        assert orbits.images.shape[0] == n_h
+    weight = np.bincount(expected_orbit, weights=np.exp(sampling.log_weights - sampling.log_weights.max()))
+    np.testing.assert_allclose(log_prior, np.log(weight), rtol=0, atol=1e-12)
+
+
 def _mate_angle(candidates: np.ndarray, truth_q: np.ndarray, sampling, crystal: Crystal) -> float:
     """Smallest misorientation (rad) between the truth or one of its symmetry mates and a candidate."""
     best = np.inf
