@@ -30,19 +30,22 @@ from emcjax.data import SparseDataset, SparseFrames, bucket_length, rotation_cou
 from emcjax.detector import Detector, DetectorGeometry, make_detector
 from emcjax.errors import ConfigError, DataError
 from emcjax.join import BACKGROUND_FLOOR, pixel_records
-from emcjax.rotations import RotationSampling, grid_symmetry_orbits, sample_600cell
+from emcjax.frontend.grid_orbits import grid_orbits
+from emcjax.rotations import RotationSampling, sample_600cell
 
 
 def _sampling(crystal: Crystal, n: int, reduce: bool) -> tuple[RotationSampling, np.ndarray, np.ndarray]:
     """The 600-cell grid, the rotations the E-step evaluates and their log prior (normalised).
 
     With ``reduce`` the grid is reduced exactly by the point-group operations it shares
-    (:func:`emcjax.rotations.grid_symmetry_orbits`); a representative carries its orbit's total weight.
+    (emcjax.frontend.grid_orbits: the orbits of :func:`emcjax.rotations.grid_symmetry_orbits`, found by
+    hashing instead of a k-d tree); a representative carries its orbit's total weight.
     """
     sampling = sample_600cell(n)
     if not reduce:
         return sampling, np.arange(sampling.n_rot, dtype=np.int64), sampling.log_weights
-    representative, orbit = grid_symmetry_orbits(sampling, crystal.rotation_ops_cartesian)
+    orbits = grid_orbits(sampling, crystal.rotation_ops_cartesian)
+    representative, orbit = orbits.representative, orbits.orbit()
     weight = np.bincount(orbit, weights=np.exp(sampling.log_weights - sampling.log_weights.max()))
     return sampling, representative, np.log(weight)
 

@@ -98,6 +98,29 @@ def test_grid_orbits_equal_the_kd_tree_orbits_and_preserve_match_counts():
     assert np.mean(counts[orbits.images] == counts[None]) > 0.999
 
 
+@pytest.mark.parametrize("space_group, cell, n_h", [
+    ("P 1 21 1", (30.0, 45.0, 38.0, 90.0, 103.0, 90.0), 2),
+    ("P 43 21 2", CELL, 4),
+    ("P 2 3", (50.0, 50.0, 50.0, 90.0, 90.0, 90.0), 12),
+    ("P 61", (50.0, 50.0, 70.0, 90.0, 90.0, 120.0), None),
+])
+def test_problem_grid_reduction_by_hashing_equals_the_kd_tree_orbits(space_group, cell, n_h):
+    """emcjax.problem's exact grid reduction (hashing) gives the orbits, representatives and orbit weights of
+    emcjax.rotations.grid_symmetry_orbits (k-d tree) on several point groups."""
+    from emcjax.problem import _sampling
+
+    crystal = Crystal(cell=cell, space_group=space_group)
+    sampling, representative, log_prior = _sampling(crystal, 4, True)
+    expected_rep, expected_orbit = grid_symmetry_orbits(sampling, crystal.rotation_ops_cartesian)
+    np.testing.assert_array_equal(representative, expected_rep)
+    orbits = grid_orbits(sampling, crystal.rotation_ops_cartesian)
+    np.testing.assert_array_equal(orbits.orbit(), expected_orbit)
+    if n_h is not None:
+        assert orbits.images.shape[0] == n_h
+    weight = np.bincount(expected_orbit, weights=np.exp(sampling.log_weights - sampling.log_weights.max()))
+    np.testing.assert_allclose(log_prior, np.log(weight), rtol=0, atol=1e-12)
+
+
 def _mate_angle(candidates: np.ndarray, truth_q: np.ndarray, sampling, crystal: Crystal) -> float:
     """Smallest misorientation (rad) between the truth or one of its symmetry mates and a candidate."""
     best = np.inf
@@ -171,3 +194,32 @@ def _geometry_args(prefix: str, geometry: DetectorGeometry) -> list[str]:
     for name, value in dataclasses.asdict(geometry).items():
         args += [f"{prefix}.{name.replace('_', '-')}", *map(str, np.atleast_1d(value))]
     return args
+
+
+def test_lowres_runs_on_orient_output_with_dropped_frames_and_their_truth(tmp_path):
+    """orient drops frames without candidates (blank frames here); the per-frame truth is subset with them
+    (by frame_id), so lowres's orientation metrics compare the right frames."""
+    sim = SimulationConfig(n_frames=24, geometry=GEOMETRY, cell=CELL, rotation_n=2, background_photons=0.0,
+                           bragg_photons=300.0, blank_fraction=0.25, seed=5)
+    si.write(si.ImageSimulationConfig(out=tmp_path, format="h5", simulation=sim, background_per_pixel=0.02,
+                                      ring_q=0.0, module_size=40))
+    reduce_lib.run(reduce_lib.ReduceConfig(
+        images=(str(tmp_path / "images.h5"),), out=tmp_path / "reduced.h5", geometry=GEOMETRY, cell=CELL,
+        truth=tmp_path / "truth.h5", n_frames=22, mask=reduce_lib.MaskConfig(file=tmp_path / "shadow_mask.npy")),
+        log=lambda s: None)
+    orient_lib.run(orient_lib.OrientConfig(data=tmp_path / "reduced.h5", out=tmp_path / "oriented.h5", sampling_n=2,
+                                           vn=10), log=lambda s: None)
+    with data_io.SparseDataset(tmp_path / "truth.h5") as ds:
+        full = ds.read_truth()
+    for name, n_source in (("reduced", 22), ("oriented", None)):
+        with data_io.SparseDataset(tmp_path / f"{name}.h5") as ds:
+            kept, truth = ds.read_all().frame_id, ds.read_truth()
+        if n_source:
+            np.testing.assert_array_equal(kept, np.arange(n_source))  # --n-frames 22 of 24: truth of 22
+        for key in ("quaternion", "phi", "frame_kind", "background_level"):
+            np.testing.assert_array_equal(truth[key], full[key][kept])
+        np.testing.assert_array_equal(truth["intensity"], full["intensity"])  # not per frame: whole
+    assert 10 <= kept.size < 22 and np.all(full["frame_kind"][kept] == 0)  # the blank frames were dropped
+    result = lowres.run(lowres.LowresConfig(data=tmp_path / "oriented.h5", out=tmp_path / "run", iters=2,
+                                            emc=emc.EMCConfig(rotation_n=2)), log=lambda s: None)
+    assert np.isfinite(result["orientation_error_median_deg"]), result

@@ -50,6 +50,11 @@ class GridOrbits:
     images: np.ndarray
     representative: np.ndarray
 
+    def orbit(self) -> np.ndarray:
+        """(n_rot,) int64: the position in ``representative`` of each grid rotation's orbit (the ``orbit`` of
+        emcjax.rotations.grid_symmetry_orbits)."""
+        return np.searchsorted(self.representative, self.images.min(axis=0)).astype(np.int64)
+
     def expand(self, indices: np.ndarray) -> np.ndarray:
         """(m,) int64 ascending: every member of the orbits of the grid rotations ``indices``."""
         indices = np.asarray(indices, np.int64)

@@ -32,6 +32,7 @@ from emcjax.detector import DetectorGeometry
 from emcjax.errors import ConfigError, DataError
 
 H5_DATA_PATH = "/entry/data/data"
+H5_REOPEN_FRAMES = 1024  # frames read from an HDF5 stack per opening of the file (bounds its caches)
 _NX_DETECTOR = "/entry/instrument/detector"
 _NX_WAVELENGTH = "/entry/instrument/beam/incident_wavelength"
 
@@ -204,10 +205,13 @@ class ImageStack:
                         raise DataError(f"{path}: image of shape {image.shape}, expected {self.shape}")
                     yield first, image
                 else:
-                    with h5py.File(path, "r") as f:
-                        data = f[self.h5_path]
-                        for i in range(lo - first, hi - first):
-                            yield first + i, data[i]
+                    # reopened every H5_REOPEN_FRAMES frames: an open file keeps the chunk-index nodes it has
+                    # read in HDF5's metadata cache (~0.4 KB per frame read, up to tens of MiB)
+                    for block in range(lo - first, hi - first, H5_REOPEN_FRAMES):
+                        with h5py.File(path, "r") as f:
+                            data = f[self.h5_path]
+                            for i in range(block, min(block + H5_REOPEN_FRAMES, hi - first)):
+                                yield first + i, data[i]
             first += count
 
 

@@ -37,6 +37,9 @@ _OFFSETS = ("frames/photon_offsets", "frames/dead_offsets", "frames/candidate_of
 # per-frame dataset -> dtype
 _PHI_BLOCK = 65536  # frames of /spots/initial_phi normalised at once
 _PER_FRAME = {"frames/frame_id": np.int64, "frames/background": np.float32, "spots/initial_phi": np.float32}
+# per-frame datasets of /truth (emcjax.simulate, emcjax.frontend.simulate_images), subset to the frames written
+TRUTH_PER_FRAME = ("phi", "quaternion", "rotation_index", "expected_bragg_photons", "expected_background_photons",
+                   "frame_kind", "second_quaternion", "second_phi", "background_level", "ring_level")
 
 
 class SparseWriter:
@@ -169,7 +172,8 @@ class SparseWriter:
 
     def finish(self, truth_from: pathlib.Path | None = None, normalise_phi: bool = True) -> pathlib.Path:
         """Normalises ``/spots/initial_phi`` to mean 1 (frames without spots get 1), copies ``/truth`` from
-        ``truth_from`` when given, and renames the partial file onto the target."""
+        ``truth_from`` when given (its per-frame datasets subset to the frames written, see _copy_truth), and
+        renames the partial file onto the target."""
         f = self._file
         if "spots/initial_phi" in self._per_frame and normalise_phi:
             # in blocks of frames, so that memory does not grow with the frame count
@@ -184,10 +188,7 @@ class SparseWriter:
                 phi = phi_ds[block].astype(np.float64)
                 phi_ds[block] = np.where(phi > 0, phi / mean, 1.0).astype(np.float32)
         if truth_from is not None:
-            with h5py.File(truth_from, "r") as src:
-                if "truth" not in src:
-                    raise DataError(f"{truth_from}: group /truth is missing")
-                src.copy(src["truth"], f, "truth")
+            self._copy_truth(pathlib.Path(truth_from))
         for key in ("fingerprint", "frames_committed"):
             del f.attrs[key]
         f.close()
@@ -197,6 +198,35 @@ class SparseWriter:
         with data_io.SparseDataset(self.path):
             pass  # the format's own open-time checks
         return self.path
+
+    def _copy_truth(self, source: pathlib.Path) -> None:
+        """Copies ``/truth`` of ``source``; when ``source`` is a sparse data set (``/frames/frame_id``), its
+        per-frame truth datasets (TRUTH_PER_FRAME) are subset to the frames written here, matched by frame_id
+        (so a reduction of some frames, or orient dropping frames, keeps truth aligned with the frames)."""
+        f = self._file
+        with h5py.File(source, "r") as src:
+            if "truth" not in src:
+                raise DataError(f"{source}: group /truth is missing")
+            src.copy(src["truth"], f, "truth")
+            if "frames/frame_id" not in src:
+                return
+            source_ids = src["frames/frame_id"][()]
+        ids = f["frames/frame_id"][()]
+        if np.array_equal(ids, source_ids):
+            return
+        order = np.argsort(source_ids, kind="stable")
+        rows = order[np.minimum(np.searchsorted(source_ids, ids, sorter=order), max(source_ids.size - 1, 0))] \
+            if source_ids.size else np.zeros(0, np.int64)
+        missing = ids[source_ids[rows] != ids] if source_ids.size else ids
+        if missing.size:
+            raise DataError(f"{source}: /frames/frame_id has no frame {int(missing[0])} of {self.path}; expected the "
+                            "truth of every frame written")
+        for name in TRUTH_PER_FRAME:
+            ds = f["truth"].get(name)
+            if isinstance(ds, h5py.Dataset) and ds.ndim >= 1 and ds.shape[0] == source_ids.size:
+                values = ds[()][rows]
+                del f["truth"][name]
+                f["truth"].create_dataset(name, data=values)
 
     def close(self) -> None:
         """Closes the partial file without finishing (it stays for --resume)."""
