@@ -412,7 +412,9 @@ def _prepare_run_dir(stage: Stage, fresh: bool, log) -> bool:
         return True
     if status in ("started", "foreign") or (status == "failed-start" and stage.name.endswith("highres")):
         # (a highres start that stopped before its first checkpoint cannot be resumed; lowres clears its own)
-        log(f"  removing {stage.run_dir} ({'made with other inputs or settings' if fresh else 'no checkpoint'})")
+        why = ("made with other inputs or settings" if fresh else
+               "holds files no run writes" if status == "foreign" else "no checkpoint to resume from")
+        log(f"  removing {stage.run_dir} ({why})")
         shutil.rmtree(stage.run_dir)
     return False
 

@@ -196,11 +196,16 @@ def check_interrupted_run_ends_with_the_same_mtz(root: pathlib.Path, outputs, mt
     for name in ("half_b", "half_b_highres", "merged"):
         shutil.rmtree(out / name)
     (out / "merged.mtz").unlink()
+    interrupted = []
     for stage, trigger in (("half_b", "iter 1/"), ("half_b_highres", "iter 1/"), ("resolution", "half a:")):
-        hook = Interrupt(stage, trigger)
+        hook = Interrupt(stage, trigger, log=interrupted.append)
         with pytest.raises(KeyboardInterrupt):
             pipeline.run(config, log=hook)
         assert hook.fired
+    text = "\n".join(interrupted)
+    print(text)
+    assert re.findall(r"^\[\d+\] (\w+): resuming", text, flags=re.M) == ["half_b", "half_b_highres"]
+    assert "resumed" in text and "removing" not in text  # from their checkpoints, not started over
     log = []
     pipeline.run(config, log=log.append)
     text = "\n".join(log)
