@@ -8,9 +8,14 @@ grows to the new cutoff: reflections the low-resolution model has keep its voxel
 from the mean voxel profile of the outermost low-resolution reflections (docs/METHOD-NOTES.md); phi is the
 low-resolution run's, fixed (the reference) or refined (``--refine-phi``).
 
+Frames keep the low-resolution run's weights (its ``frame_weights.h5``: a half set, earlier rejections),
+times those of ``--frame-weights`` (e.g. ``LOWRES_DIR/rejection.h5`` of ``python -m emcjax.reject``): a frame
+left out at low resolution stays out. The weights used are written to ``--out/frame_weights.h5``.
+
 Outputs in ``--out`` are those of ``emcjax.lowres`` (config.toml, metrics.jsonl, iterations/NNN.h5,
-checkpoints/, intensities.h5, figures/) plus ``source.json``, the record of the low-resolution run it
-came from and of the fine candidates. ``--resume`` continues from the latest checkpoint.
+checkpoints/, intensities.h5, figures/, frame_weights.h5 when some frame weighs less than 1) plus
+``source.json``, the record of the low-resolution run it came from and of the fine candidates. ``--resume``
+continues from the latest checkpoint.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import numpy as np
 from emcjax import emc as emc_lib
 from emcjax import checkpoint, cli, local_grid, lowres, rundir, runio, scoring
 from emcjax.errors import ConfigError, DataError
+from emcjax.merge import rundata
 
 SOURCE_FILE = "source.json"
 OUTER_FRACTION = 0.2
@@ -65,6 +71,9 @@ class HighresConfig:
     """Refine phi by alternating E-steps (False: phi stays the low-resolution run's, as in the reference)."""
     max_kept: int = 32
     """At most this many fine rotations are kept per frame and E-step (top-k)."""
+    frame_weights: pathlib.Path | None = None
+    """HDF5 file with dataset 'weights' (n_frames,) in [0, 1] (e.g. LOWRES_DIR/rejection.h5 of python -m
+    emcjax.reject), multiplied into the low-res run's own weights (its frame_weights.h5, e.g. a half set)."""
     refine_orientations: bool = False
     """Refine each frame's most probable fine rotations off the grid from iteration 2 on (emcjax.refinement;
     the other refine_* settings are the low-res run's)."""
@@ -111,6 +120,7 @@ class LowresSource:
         (each frame's most likely rotation with probability 1 for runs that did not record them).
       best_rotation: (n_frames,) int64 most likely coarse rotation of each frame.
       kept_recorded: whether the run recorded its kept pairs (else the most likely rotations stand in).
+      frame_weights: (n_frames,) float64 weights the run used (its frame_weights.h5), or None (all 1).
     """
 
     run_dir: pathlib.Path
@@ -125,6 +135,7 @@ class LowresSource:
     kept_prob: np.ndarray
     best_rotation: np.ndarray
     kept_recorded: bool
+    frame_weights: np.ndarray | None = None
 
 
 def read_lowres(run_dir: pathlib.Path) -> LowresSource:
@@ -158,12 +169,31 @@ def read_lowres(run_dir: pathlib.Path) -> LowresSource:
             kept = tuple(f[k][()] for k in ("kept_frame", "kept_rotation", "kept_prob"))
         else:
             kept = (np.arange(best.shape[0]), best, np.ones(best.shape[0]))
+    weights_path = run_dir / rundata.FRAME_WEIGHTS_FILE
+    weights = rundata.read_frame_weights(weights_path, best.shape[0])[0] if weights_path.exists() else None
     return LowresSource(
         run_dir=run_dir, config=config, data_path=data_path, result=result, iteration=iteration,
         coarse_n=coarse_n, coarse_resolution=config.emc.d_min or d_det,
         kept_frame=np.asarray(kept[0], np.int64), kept_rotation=np.asarray(kept[1], np.int64),
         kept_prob=np.asarray(kept[2], np.float64), best_rotation=best, kept_recorded=recorded,
+        frame_weights=weights,
     )
+
+
+def frame_weights(config: HighresConfig, source: LowresSource, n_frames: int) -> tuple[np.ndarray | None, dict]:
+    """``(weights, attrs)``: the low-res run's frame weights times ``config.frame_weights``'s; None when the
+    run used none and none are given (every frame weighs 1). ``attrs`` records where they came from."""
+    weights, attrs = source.frame_weights, {}
+    if weights is not None:
+        attrs["lowres_weights"] = os.fspath((source.run_dir / rundata.FRAME_WEIGHTS_FILE).absolute())
+    if config.frame_weights is not None:
+        extra, _ = rundata.read_frame_weights(config.frame_weights, n_frames)
+        weights = extra if weights is None else weights * extra
+        attrs["source"] = os.fspath(pathlib.Path(config.frame_weights).absolute())
+    if weights is not None and weights.shape[0] != n_frames:
+        raise DataError(f"from: {source.run_dir} has frame weights for {weights.shape[0]} frames, "
+                        f"{source.data_path} holds {n_frames}")
+    return weights, attrs
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -228,11 +258,14 @@ def extend_model(grid, low_hkl: np.ndarray, low_intensity: np.ndarray) -> tuple[
 
 @dataclasses.dataclass(frozen=True)
 class LocalSetup:
-    """The fine candidates of every frame and the record of how they were made (``source.json``)."""
+    """The fine candidates of every frame, the record of how they were made (``source.json``) and the frame
+    weights of the run (None: all 1) with where they came from."""
 
     offsets: np.ndarray
     rotations: np.ndarray
     record: dict
+    weights: np.ndarray | None = None
+    weight_attrs: dict = dataclasses.field(default_factory=dict)
 
 
 def local_candidates(
@@ -277,7 +310,8 @@ def local_candidates(
 
 
 def setup(config: HighresConfig, source: LowresSource, mesh=None):
-    """The high-resolution problem (candidate-list mode on the fine sampling), its EMC settings and set-up record.
+    """The high-resolution problem (candidate-list mode on the fine sampling, the frames weighted by
+    :func:`frame_weights`), its EMC settings and set-up (fine candidates, record, frame weights).
 
     The frames are read into memory to carry their fine candidate lists (``setup_problem`` takes candidate
     lists only from the frames or the data set), so the local update does not stream.
@@ -306,8 +340,12 @@ def setup(config: HighresConfig, source: LowresSource, mesh=None):
         local = local_candidates(config, source, frames.n_frames, crystal, truth.get("quaternion"))
         frames = dataclasses.replace(frames, candidate_offsets=local.offsets, candidate_rotations=local.rotations)
         emc = emc_config(config, source, local.record["fine_n"])
-        problem = emc_lib.setup_problem(_WithSampling(dataset, local.record["fine_n"]), emc, frames, mesh=mesh)
-    return problem, emc, local
+        weights, weight_attrs = frame_weights(config, source, frames.n_frames)
+        problem = emc_lib.setup_problem(_WithSampling(dataset, local.record["fine_n"]), emc, frames, mesh=mesh,
+                                        frame_weights=weights)
+    if weights is not None:
+        local.record["frames_used"] = int(np.sum(weights > 0))
+    return problem, emc, dataclasses.replace(local, weights=weights, weight_attrs=weight_attrs)
 
 
 def initial_state(problem, emc: emc_lib.EMCConfig, source: LowresSource) -> emc_lib.EMCState:
@@ -346,6 +384,7 @@ def run(config: HighresConfig, log=print) -> dict:
     source = read_lowres(config.from_run)
     start_setup = time.perf_counter()
     problem, emc, local = setup(config, source)
+    weights, weight_attrs = local.weights, local.weight_attrs
     rec = local.record
     log(
         f"emcjax.highres: {source.run_dir} ({source.coarse_resolution} Å, n = {source.coarse_n}, iteration "
@@ -355,6 +394,8 @@ def run(config: HighresConfig, log=print) -> dict:
     )
     if not source.kept_recorded:
         log(f"warning: {source.run_dir} did not record its kept orientations; using each frame's most likely one")
+    if weights is not None:
+        log(f"frame weights: {rec['frames_used']} of {weights.shape[0]} frames used ({weight_attrs})")
 
     state = initial_state(problem, emc, source)
     if main_process:
@@ -365,6 +406,8 @@ def run(config: HighresConfig, log=print) -> dict:
             header="emcjax.highres resolved config; reuse with --config",
         )
         runio.write_text_atomic(out / SOURCE_FILE, json.dumps(rec, indent=2) + "\n")
+        if weights is not None:
+            rundata.write_frame_weights(out / rundata.FRAME_WEIGHTS_FILE, weights, weight_attrs)
     manager = checkpoint.open_manager(out, config.keep_checkpoints)
     try:
         records = []

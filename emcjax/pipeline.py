@@ -6,10 +6,15 @@ Runs, in order, each stage through its Python entry point (not as a subprocess):
 2. ``orient`` (``emcjax.orient``, when the data set has spots but no candidate orientations) -> ``OUT/oriented.h5``;
 3. ``lowres`` (``emcjax.lowres``): all frames -> ``OUT/lowres/``;
 4. ``reject`` (``emcjax.reject``): flags frames -> ``OUT/lowres/rejection.h5``;
-5. ``half_a``, ``half_b`` (``emcjax.lowres --half a|b --frame-weights``): the kept frames split in two, each
-   from its own random start -> ``OUT/half_a/``, ``OUT/half_b/``;
-6. ``resolution`` (``emcjax.resolution``): merging table, suggested limit, sigma(I) -> ``OUT/merged/``;
-7. ``export`` (``emcjax.export``): ``OUT/merged.mtz`` (cut at the suggested limit unless ``--export.keep-all``).
+5. ``highres`` (``emcjax.highres --frame-weights``, only with ``--highres.enabled``): the kept frames, local
+   update from the all-frames run to ``--highres.resolution`` -> ``OUT/highres/``;
+6. ``half_a``, ``half_b`` (``emcjax.lowres --half a|b --frame-weights``): the kept frames split in two, each
+   from its own random start -> ``OUT/half_a/``, ``OUT/half_b/``; with ``--highres.enabled`` each half goes on
+   to the high resolution from its own low-res run (``half_a_highres``, ``half_b_highres`` ->
+   ``OUT/half_a_highres/``, ``OUT/half_b_highres/``), so the two halves stay independent in every stage;
+7. ``resolution`` (``emcjax.resolution``): merging table, suggested limit, sigma(I) of the (last) half-set
+   runs -> ``OUT/merged/``;
+8. ``export`` (``emcjax.export``): ``OUT/merged.mtz`` (cut at the suggested limit unless ``--keep-all``).
 
 A stage whose outputs are complete and unchanged for the same inputs and settings is skipped (checksums in
 ``OUT/pipeline.json``, emcjax.pipeline_state); an interrupted stage is resumed (reduce and orient from their
@@ -65,6 +70,27 @@ class RejectStage:
 
 
 @dataclasses.dataclass(frozen=True)
+class HighresStage:
+    """The local update to a higher resolution (python -m emcjax.highres) after the low-resolution runs."""
+
+    enabled: bool = False
+    """Run it: on the kept frames after reject, and on each half set after its low-res run (the merging table
+    and the MTZ then come from the high-resolution half sets). Needs lowres.emc.d_min, the low-res cutoff."""
+    resolution: float | None = None
+    """High-resolution limit d_min in Å (None: the data set's resolution_max_A, the detector's edge)."""
+    iters: int = 5
+    """EMC iterations of each high-resolution run."""
+    fine_n: int = 0
+    """600-cell parameter of the fine sampling (0: ceil(n_c x res_coarse / res_fine), the reference's)."""
+    min_probability: float = 0.01
+    """Coarse rotations a frame kept with at least this probability contribute their fine neighbours."""
+    max_kept: int = 32
+    """At most this many fine rotations are kept per frame and E-step."""
+    refine_phi: bool = False
+    """Refine phi (False: the low-res run's, as in the reference)."""
+
+
+@dataclasses.dataclass(frozen=True)
 class HalvesStage:
     """The two half sets."""
 
@@ -100,6 +126,8 @@ class PipelineConfig:
     """The EMC runs."""
     reject: RejectStage = dataclasses.field(default_factory=RejectStage)
     """Frame rejection."""
+    highres: HighresStage = dataclasses.field(default_factory=HighresStage)
+    """The local update to a higher resolution (off unless highres.enabled)."""
     halves: HalvesStage = dataclasses.field(default_factory=HalvesStage)
     """Half sets."""
     resolution: ResolutionStage = dataclasses.field(default_factory=ResolutionStage)
@@ -115,8 +143,15 @@ def check(config: PipelineConfig) -> None:
                           "not both")
     if config.halves.split not in ("parity", "random"):
         raise ConfigError(f"halves.split must be 'parity' or 'random', got {config.halves.split!r}")
-    if isinstance(config.lowres.iters, bool) or not isinstance(config.lowres.iters, int) or config.lowres.iters < 1:
-        raise ConfigError(f"lowres.iters must be an integer >= 1, got {config.lowres.iters!r}")
+    for name, value in (("lowres.iters", config.lowres.iters), ("highres.iters", config.highres.iters)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")
+    h, d_low = config.highres, config.lowres.emc.d_min
+    if h.enabled and d_low is None:
+        raise ConfigError("highres.enabled needs lowres.emc.d_min: the low-resolution cutoff in Å (e.g. 6.0) of the "
+                          "runs the local update starts from")
+    if h.enabled and h.resolution is not None and not 0 < h.resolution < d_low:
+        raise ConfigError(f"highres.resolution must be > 0 and below lowres.emc.d_min = {d_low} Å, got {h.resolution!r}")
 
 
 @dataclasses.dataclass
@@ -213,6 +248,34 @@ def _emc_stage(name: str, what: str, config, inputs: list[pathlib.Path], with_we
     return Stage(name, what, inputs, _settings(config), products, call, run_dir=config.out)
 
 
+def _highres_stage(name: str, config: PipelineConfig, data: pathlib.Path, from_run: pathlib.Path,
+                   run_dir: pathlib.Path, inputs: list[pathlib.Path], frame_weights: pathlib.Path | None = None) -> Stage:
+    from emcjax import highres
+
+    h = config.highres
+    resolution = h.resolution
+    if resolution is None:
+        with h5py.File(data, "r") as f:
+            resolution = float(f["geometry"].attrs["resolution_max_A"])
+    stage_config = highres.HighresConfig(
+        from_run=from_run.absolute(), resolution=resolution, iters=h.iters, out=run_dir.absolute(), fine_n=h.fine_n,
+        min_probability=h.min_probability, max_kept=h.max_kept, refine_phi=h.refine_phi,
+        frame_weights=None if frame_weights is None else frame_weights.absolute(),
+        keep_checkpoints=config.lowres.keep_checkpoints,
+    )
+    products = [run_dir / "intensities.h5", runio.iteration_path(run_dir, h.iters), run_dir / "frame_weights.h5"]
+
+    def call(resume, log):
+        final = highres.run(dataclasses.replace(stage_config, resume=resume), log=log)
+        summary = {k: final[k] for k in ("iteration", "log_likelihood", "cc_true") if k in final}
+        with h5py.File(run_dir / "frame_weights.h5", "r") as f:
+            summary["frames_used"] = int(np.sum(f["weights"][()] > 0))
+        return {**summary, "resolution": resolution}
+
+    return Stage(name, f"{from_run.name} at {config.lowres.emc.d_min} Å -> {resolution} Å in {run_dir}", inputs,
+                 _settings(stage_config), products, call, run_dir=run_dir)
+
+
 def _reject_stage(config: PipelineConfig, run_dir: pathlib.Path, inputs: list[pathlib.Path]) -> Stage:
     from emcjax import reject
 
@@ -299,9 +362,13 @@ def stages(config: PipelineConfig, out: pathlib.Path):
     stage = _emc_stage("lowres", f"all frames of {data.name} -> {lowres_dir}", _lowres_config(config, data, lowres_dir),
                        [data])
     state = yield stage
-    stage = _reject_stage(config, lowres_dir, [data, *stage.products])
+    lowres_products = stage.products
+    stage = _reject_stage(config, lowres_dir, [data, *lowres_products])
     state = yield stage
     rejection = stage.products[0]
+    if config.highres.enabled:
+        state = yield _highres_stage("highres", config, data, lowres_dir, out / "highres",
+                                     [data, rejection, *lowres_products], frame_weights=rejection)
     halves = []
     for half in "ab":
         run_dir = out / f"half_{half}"
@@ -311,6 +378,10 @@ def stages(config: PipelineConfig, out: pathlib.Path):
                            split=config.halves.split, split_seed=config.halves.split_seed),
             [data, rejection], with_weights=True)
         state = yield stage
+        if config.highres.enabled:
+            stage = _highres_stage(f"half_{half}_highres", config, data, run_dir, out / f"half_{half}_highres",
+                                   [data, *stage.products])
+            state = yield stage
         halves.append(stage)
     merged = out / "merged"
     state = yield _resolution_stage(config, halves[0].run_dir, halves[1].run_dir, merged,
@@ -331,8 +402,11 @@ def _prepare_run_dir(stage: Stage, fresh: bool, log) -> bool:
     status = rundir.status(stage.run_dir)
     if not fresh and status == "started":
         return True
-    if status in ("started", "foreign"):
-        log(f"  removing {stage.run_dir} (made with other inputs or settings)")
+    if status in ("started", "foreign") or (status == "failed-start" and stage.name.endswith("highres")):
+        # (a highres start that stopped before its first checkpoint cannot be resumed; lowres clears its own)
+        why = ("made with other inputs or settings" if fresh else
+               "holds files no run writes" if status == "foreign" else "no checkpoint to resume from")
+        log(f"  removing {stage.run_dir} ({why})")
         shutil.rmtree(stage.run_dir)
     return False
 

@@ -132,6 +132,11 @@ def summary_text(state: PipelineState, names: list[str], seconds: float) -> str:
                  + ", ".join(f"{k} {r[k]}" for k in REASONS))
     lines.append(f"frames used: {r['n_frames'] - r['rejected']} (half a {s['half_a']['frames_used']}, "
                  f"half b {s['half_b']['frames_used']})")
+    if "highres" in s:
+        h = s["highres"]
+        cc = f", cc_true {h['cc_true']:.4f} (all kept frames)" if h.get("cc_true") is not None else ""
+        lines.append(f"high resolution: local update to {h['resolution']:.2f} Å of the all-frames run and of each "
+                     f"half set{cc}")
     table = pathlib.Path(state.path.parent / "merged" / "merging_table.txt")
     if table.exists():
         lines += ["", table.read_text().rstrip()]

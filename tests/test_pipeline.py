@@ -71,6 +71,11 @@ def test_command_errors_are_one_line(tmp_path, capsys):
     assert "iterations" in line
     line = cli_error(pipeline.main, ["--data", str(data), "--lowres.iters", "0"], capsys)
     assert "lowres.iters" in line
+    line = cli_error(pipeline.main, ["--data", str(data), "--highres.enabled"], capsys)
+    assert "highres.enabled" in line and "lowres.emc.d_min" in line  # a local update needs a low-res cutoff
+    line = cli_error(pipeline.main, ["--data", str(data), "--highres.enabled", "--lowres.emc.d-min", "6",
+                                     "--highres.resolution", "7"], capsys)
+    assert "highres.resolution" in line and "6.0" in line
 
 
 def test_toml_arrays_fill_fixed_length_tuples(tmp_path):
@@ -88,5 +93,6 @@ def test_help_lists_every_stage_setting(capsys):
     assert exc.value.code == 0
     text = capsys.readouterr().out
     for flag in ("--images", "--data", "--reduce.mask.file", "--orient.sampling-n", "--lowres.iters",
-                 "--lowres.emc.vn", "--reject.criteria.phi-min", "--halves.split", "--resolution.n-shells"):
+                 "--lowres.emc.vn", "--reject.criteria.phi-min", "--highres.enabled", "--highres.resolution", "--halves.split",
+                 "--resolution.n-shells"):
         assert flag in text, flag

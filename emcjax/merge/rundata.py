@@ -1,8 +1,10 @@
-"""What the post-processing stages read from a finished ``lowres`` run directory.
+"""What the post-processing stages read from a finished ``lowres`` or ``highres`` run directory.
 
 A run directory holds its resolved ``config.toml`` (data set path and EMC settings), ``intensities.h5`` (the
 final model) and ``iterations/NNN.h5`` (per-frame phi, best rotation and probability and, from the pure core
 on, the kept (frame, rotation, probability) pairs of the last E-step); optionally ``frame_weights.h5``.
+A ``highres`` run directory (it holds ``source.json``) takes its data set and EMC settings from the
+low-resolution run it names, with its own resolution and fine sampling (``emcjax.highres.emc_config``).
 """
 
 from __future__ import annotations
@@ -30,7 +32,8 @@ class RunData:
 
     Attributes:
       path: the run directory.
-      config: the run's resolved ``LowresConfig``.
+      config: the run's resolved ``LowresConfig`` (of a highres run: its low-res run's, with the EMC
+        settings and ``out`` of the highres run).
       data_path: its sparse data set.
       crystal: cell and space group of the data set.
       detector: valid pixels to the run's d_min.
@@ -139,6 +142,39 @@ def data_path_of(config, run_dir: pathlib.Path | None = None) -> pathlib.Path:
     return path
 
 
+HIGHRES_SOURCE_FILE = "source.json"  # emcjax.highres.SOURCE_FILE
+
+
+def is_highres(run_dir: pathlib.Path) -> bool:
+    """Whether ``run_dir`` is a highres run directory (it holds ``source.json``)."""
+    return (pathlib.Path(run_dir) / HIGHRES_SOURCE_FILE).is_file()
+
+
+def run_config(run_dir: pathlib.Path):
+    """The ``LowresConfig`` a run directory was made with; of a highres run, its low-res run's with the highres
+    run's resolution (``emc.d_min``), fine sampling (``emc.rotation_n``) and ``out``."""
+    import dataclasses as dc
+    import json
+
+    from emcjax import highres
+    from emcjax.lowres import LowresConfig
+
+    run_dir = pathlib.Path(run_dir)
+    if not is_highres(run_dir):
+        return runio.config_from_toml(LowresConfig, run_dir / runio.CONFIG_FILE)
+    config = runio.config_from_toml(highres.HighresConfig, run_dir / runio.CONFIG_FILE)
+    try:
+        record = json.loads((run_dir / HIGHRES_SOURCE_FILE).read_text(encoding="utf-8"))
+        fine_n, lowres_run = int(record["fine_n"]), pathlib.Path(record["lowres_run"])
+    except (OSError, ValueError, KeyError) as err:
+        raise DataError(f"{run_dir / HIGHRES_SOURCE_FILE} is not a highres record ({err!r})") from None
+    if not (lowres_run / runio.CONFIG_FILE).exists():
+        raise DataError(f"{run_dir}: its low-resolution run {lowres_run} (source.json) has no {runio.CONFIG_FILE}")
+    low = runio.config_from_toml(LowresConfig, lowres_run / runio.CONFIG_FILE)
+    # the grid and detector depend on d_min (and the low-res run's vn, gw); rotation indices on the fine n
+    return dc.replace(low, emc=dc.replace(low.emc, d_min=config.resolution, rotation_n=fine_n), out=run_dir)
+
+
 def load_run(run_dir, *, need_iteration: bool = True) -> RunData:
     """Reads a finished run directory and rebuilds its detector and grid.
 
@@ -146,14 +182,12 @@ def load_run(run_dir, *, need_iteration: bool = True) -> RunData:
       DataError: no such directory, no results (``intensities.h5`` or an iteration file), or its data set
         is gone.
     """
-    from emcjax.lowres import LowresConfig
-
     run_dir = pathlib.Path(run_dir)
     if not run_dir.is_dir():
         raise DataError(f"run directory {run_dir} does not exist")
     if not (run_dir / runio.CONFIG_FILE).exists():
         raise DataError(f"{run_dir}: no {runio.CONFIG_FILE}; is it an emcjax run directory?")
-    config = runio.config_from_toml(LowresConfig, run_dir / runio.CONFIG_FILE)
+    config = run_config(run_dir)
     result = runio.read_run(run_dir)
     iteration = read_iteration_file(last_iteration_file(run_dir)) if need_iteration else {}
     data_path = data_path_of(config, run_dir)
@@ -164,6 +198,8 @@ def load_run(run_dir, *, need_iteration: bool = True) -> RunData:
         crystal = Crystal(cell=tuple(ds.crystal["cell"]), space_group=str(ds.crystal["space_group"]))
         detector = make_detector(geometry, ds.mask)
         sampling_n = int(ds.candidate_sampling_n) if ds.has_candidates else int(config.emc.rotation_n)
+        if is_highres(run_dir):  # rotation indices refer to the fine sampling
+            sampling_n = int(config.emc.rotation_n)
         truth = ds.read_truth() if ds.has_truth else None
     # The same detector and grid as emcjax.emc.setup_problem builds.
     d_min = geometry.resolution_max_A if config.emc.d_min is None else config.emc.d_min
