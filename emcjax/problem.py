@@ -276,7 +276,12 @@ def setup_problem(dataset: SparseDataset, config: EMCConfig, frames: SparseFrame
         if candidates is not None:
             stop = min(block.start + per_block, n_frames)
             block.rotations = np.unique(candidates[1][candidates[0][block.start] : candidates[0][stop]])
-        data, block_lengths = build_block(plan, block)
+        if config.stream and candidates is None:  # the lengths only: streamed blocks are read at every E-step
+            from emcjax import streaming
+
+            data, block_lengths = None, streaming.block_lengths(plan, block)
+        else:
+            data, block_lengths = build_block(plan, block)
         lengths = tuple(max(a, c) for a, c in zip(lengths, block_lengths))
         built.append(data)
         blocks.append(block)
