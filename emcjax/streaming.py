@@ -3,10 +3,12 @@
 Two passes over the frames, each block read from disk once per pass (the next block read by a worker thread
 while the devices work on the current one):
 
-1. E-step with the current model; the block's join is built on the device from its pixel records
-   (emcjax.core.stream.expand_join, one compiled shape) and its kept pairs reduce at once to the intensity
-   update's statistics: per-rotation and per-entry exposure sums (added on the device) and the kept photon
-   terms, appended to files on disk grouped by entry (:class:`TermStore`).
+0. Set-up (:func:`cache_block`): every block's join is built once (emcjax.join) and cached on disk as int32
+   columns with a CRC-32 (:class:`JoinCache`); an E-step reads the block's records and cached columns and
+   fills the join in on the device (emcjax.core.stream.cached_join, one compiled shape).
+1. E-step with the current model (emcjax.core.step.estep_block, as in memory); the block's kept pairs reduce
+   at once to the intensity update's statistics: per-rotation and per-entry exposure sums (added on the
+   device) and the kept photon terms, appended to files on disk grouped by entry (:class:`TermStore`).
 2. The intensity update, entry group by entry group (the per-entry Newton solve of
    emcjax.core.mstep.reference_update, or the MLEM ratio sums): each group's terms are read back whole.
 3. E-step with the new model; each block's phi (and background scale) update runs on its own kept pairs
@@ -14,8 +16,8 @@ while the devices work on the current one):
 
 Nothing the size of all frames x kept rotations x photons is held: per block the records, the join and the
 kept pairs; per run the per-entry sums and per-frame arrays. The results are those of the in-memory run
-(emcjax.emc's fused step) up to the order of float sums: per-device exposure sums and each entry's photon
-terms are summed in the same order; each frame's terms in join order rather than cell order.
+(emcjax.emc's fused step) up to the order of float sums over blocks (the E-step's join and kept pairs are the
+in-memory ones; per-device exposure sums and each entry's photon terms are summed in the same order).
 
 Other streamed runs (candidate lists, several processes, the gradient M-step, a likelihood other than
 Poisson) take emcjax.emc's host iteration, which holds every block's kept pairs.
@@ -27,9 +29,11 @@ import concurrent.futures
 import dataclasses
 import functools
 import pathlib
+import shutil
 import tempfile
 import time
 import weakref
+import zlib
 from typing import NamedTuple
 
 import jax
@@ -45,9 +49,10 @@ from emcjax.core import mstep
 from emcjax.core.arrays import BlockArrays, EMCState, PhotonArrays
 from emcjax.core.estep import rotation_tables
 from emcjax.core.step import Diagnostics, FrameStats, KeptRotations, StepSpec, estep_block
-from emcjax.core.stream import EntryIndex, IntensitySums, PhotonTerms, Records, expand_join, intensity_statistics
+from emcjax.core.stream import CachedJoin, IntensitySums, PhotonTerms, Records, cached_join, intensity_statistics
 from emcjax.data import bucket_length
-from emcjax.join import BACKGROUND_FLOOR
+from emcjax.errors import DataError
+from emcjax.join import BACKGROUND_FLOOR, build_join
 
 NEWTON_STEPS = 30  # per-entry Newton steps of the intensity update (emcjax.core.mstep.reference_update's default)
 TERM_DTYPE = np.dtype([("local", "<i4"), ("pk", "<f4"), ("b", "<f4")])
@@ -59,12 +64,12 @@ def applies(problem, spec: StepSpec, likelihood) -> bool:
         problem.stream and problem.batch is None and problem.rotation_set is not None
         and problem.plan.candidates is None and jax.process_count() == 1
         and spec.intensity_update in ("reference", "mlem") and getattr(likelihood, "poisson_counts", False)
-        and (spec.update_phi or not spec.refine_background)
+        and (spec.update_phi or not spec.refine_background) and problem.plan in _CACHES
     )
 
 
 class RecordBlock(NamedTuple):
-    """What the host sends of one block (stacked over devices): per-frame arrays and pixel records."""
+    """What the host sends of one block (stacked over devices): per-frame arrays, pixel records, cached join."""
 
     frame_start: jax.Array
     real: jax.Array  # (n_local,) bool: a frame of the data (not padding)
@@ -73,74 +78,101 @@ class RecordBlock(NamedTuple):
     weight: jax.Array
     photons: PhotonArrays
     records: Records
+    join: CachedJoin
+    cell_offsets: jax.Array
 
 
-@dataclasses.dataclass(eq=False)
-class _Stream:
-    """Per-problem device index of the entries by pixel and the timings of the last iteration."""
+class JoinCache:
+    """Every block's join, built once (emcjax.join.build_join) and kept on disk as int32 columns (cell,
+    entry, record, then the CSR offsets by cell), one file per block and device, with its CRC-32 checked at
+    every read. The directory (under ``TMPDIR``) is removed with the plan it belongs to."""
 
-    index: EntryIndex
-    counts: np.ndarray  # (n_pix + 1,) in-peak entries at each valid pixel (0 at the padding pixel)
-    seconds: dict
+    def __init__(self, plan: Plan):
+        self.directory = pathlib.Path(tempfile.mkdtemp(prefix="emcjax-joins-"))
+        self.files: dict[tuple[int, int], tuple[int, int]] = {}  # (first frame, position) -> (pairs, crc32)
+        weakref.finalize(plan, shutil.rmtree, self.directory, True)
+
+    def path(self, start: int) -> pathlib.Path:
+        return self.directory / f"frames{start:010d}.i32"
+
+    def write(self, start: int, cell, entry, record, offsets) -> None:
+        data = np.concatenate([cell, entry, record, offsets]).astype(np.int32)
+        data.tofile(self.path(start))
+        self.files[start] = (int(cell.shape[0]), zlib.crc32(data))
+
+    def read(self, start: int, length: int, n_cells: int) -> tuple[CachedJoin, np.ndarray]:
+        """A device part's cached join padded to ``length`` pairs, and its cell offsets."""
+        n, crc = self.files[start]
+        data = np.fromfile(self.path(start), np.int32)
+        if data.shape[0] != 3 * n + n_cells + 1 or zlib.crc32(data) != crc:
+            raise DataError(f"{self.path(start)}: the cached join of the block at frame {start} is damaged "
+                            f"(size or CRC-32 differs from what set-up wrote); rerun the set-up")
+        pad = length - n
+        cell = np.concatenate([data[:n], np.full(pad, n_cells - 1, np.int32)])
+        entry, record = (np.concatenate([data[k * n : (k + 1) * n], np.zeros(pad, np.int32)]) for k in (1, 2))
+        return CachedJoin(cell, entry, record, np.int32(n)), data[3 * n :]
 
 
-_STREAMS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-
-
-def _stream(problem) -> _Stream:
-    if problem not in _STREAMS:
-        index = problem.rotation_set.index
-        start = np.append(index.pixel_start, index.pixel_start[-1]).astype(np.int32)
-        arrays = EntryIndex(start, index.by_pixel.astype(np.int32), index.rotation.astype(np.int32))
-        _STREAMS[problem] = _Stream(
-            EntryIndex(*(parallel.replicate(problem.mesh, a) for a in arrays)), np.diff(start), {})
-    return _STREAMS[problem]
+_CACHES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_SECONDS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 def phase_seconds(problem) -> dict:
     """Seconds of the last streamed iteration's phases: ``estep_intensity`` (first pass: E-step and the
     intensity statistics), ``intensity`` (the solve), ``estep_phi`` (second pass: E-step and phi)."""
-    return dict(_stream(problem).seconds)
+    return dict(_SECONDS.get(problem, {}))
 
 
-def block_lengths(plan: Plan, block: Block) -> tuple[int, int]:
-    """(join pairs, pixel records) of ``block``'s largest device part, bucketed and maximised over processes
-    as emcjax.blocks.build_block pads them, counted without building the join (a full search: every entry
-    at a record's pixel is a join pair)."""
-    counts = np.diff(plan.rotation_set.index.pixel_start)
+def _part(plan: Plan, start: int, n_local: int):
+    """One device part of a full-search block: (frames, per-frame arrays and records of frame_arrays)."""
+    frames = plan.source.read(start, start + n_local)
+    return frames, frame_arrays(plan, frames, start, n_local)
+
+
+def cache_block(plan: Plan, block: Block) -> tuple[int, int]:
+    """Builds ``block``'s join (every device part of this process), writes it to the plan's cache and returns
+    (join pairs, pixel records) of its largest part, bucketed and maximised over processes as
+    emcjax.blocks.build_block pads them."""
+    cache = _CACHES.get(plan)
+    if cache is None:
+        cache = _CACHES[plan] = JoinCache(plan)
+    n_slots = plan.n_slots
     most = (1, 1)
     for i in parallel.local_positions(plan.mesh):
         start = block.start + i * block.n_local
-        frames = plan.source.read(start, start + block.n_local)
-        rec = frame_arrays(plan, frames, start, block.n_local)[3]
-        most = max(most[0], int(counts[rec.pixel].sum())), max(most[1], rec.pixel.shape[0])
+        frames, arrays = _part(plan, start, block.n_local)
+        candidates = np.broadcast_to(np.arange(n_slots), (block.n_local, n_slots))
+        mask = np.zeros((block.n_local, n_slots), bool)
+        mask[: frames.n_frames] = True
+        join, offsets, record = build_join(frames, plan.detector, plan.rotation_set.index, candidates, mask,
+                                           plan.background[start : start + frames.n_frames], with_records=True)
+        cache.write(start, join.cell, join.entry, record, offsets)
+        most = max(most[0], join.cell.shape[0]), max(most[1], arrays[3].pixel.shape[0])
     return tuple(parallel.global_max(bucket_length(n)) for n in most)
 
 
-def _record_block(plan: Plan, block: Block, n_records: int, counts: np.ndarray, join_length: int) -> RecordBlock:
+def _record_block(plan: Plan, block: Block, lengths: tuple[int, int]) -> RecordBlock:
     n_local = block.n_local
+    cache = _CACHES[plan]
     parts = []
     for i in parallel.local_positions(plan.mesh):
         start = block.start + i * n_local
-        frames = plan.source.read(start, start + n_local)
-        masked, background, weight, rec, photons = frame_arrays(plan, frames, start, n_local)
-        if int(counts[rec.pixel].sum()) > join_length:
-            raise RuntimeError(f"streamed block at frame {start}: join longer than the set-up's {join_length}")
-        pad = n_records - rec.pixel.shape[0]
+        frames, (masked, background, weight, rec, photons) = _part(plan, start, n_local)
+        pad = lengths[1] - rec.pixel.shape[0]
         real = np.arange(n_local) < frames.n_frames
         records = Records(
-            np.concatenate([rec.pixel, np.full(pad, counts.shape[0] - 1)]).astype(np.int32),
+            np.concatenate([rec.pixel, np.zeros(pad, np.int64)]).astype(np.int32),
             np.concatenate([np.maximum(rec.background, BACKGROUND_FLOOR), np.ones(pad)]).astype(np.float32),
         )
+        join, offsets = cache.read(start, lengths[0], n_local * plan.n_slots)
         parts.append(RecordBlock(np.int32(start), real, masked, background, weight,
-                                 _pad_photons(photons, n_records, n_local), records))
+                                 _pad_photons(photons, lengths[1], n_local), records, join, offsets))
     return parallel.stack_tree(plan.mesh, parts)
 
 
-def _record_blocks(problem, counts: np.ndarray):
+def _record_blocks(problem):
     """Yields (block, RecordBlock); the next block is read by a worker thread while the caller uses this one."""
-    build = functools.partial(_record_block, problem.plan, n_records=problem.lengths[1], counts=counts,
-                              join_length=problem.lengths[0])
+    build = functools.partial(_record_block, problem.plan, lengths=problem.lengths)
     with concurrent.futures.ThreadPoolExecutor(max_workers=1) as executor:
         pending = executor.submit(build, problem.blocks[0])
         for b, block in enumerate(problem.blocks):
@@ -158,42 +190,41 @@ def _expand(tree):
     return jax.tree.map(lambda x: x[None], tree)
 
 
-def _local_estep(tables, phi, state, shared, index, block: RecordBlock, spec: StepSpec, n_slots: int, length: int):
+def _local_estep(tables, phi, state, shared, block: RecordBlock, spec: StepSpec, n_slots: int):
     n_local = block.weight.shape[0]
-    join, n_pairs = expand_join(index, block.records, block.photons, shared.polarization, n_local, n_slots, length)
     local = BlockArrays(
         frame_start=block.frame_start,
         candidates=jnp.broadcast_to(jnp.arange(n_slots, dtype=jnp.int32), (n_local, n_slots)),
         candidate_mask=jnp.broadcast_to(block.real[:, None], (n_local, n_slots)),
-        join=join, cell_offsets=jnp.zeros(1, jnp.int32), masked_shells=block.masked_shells,
+        join=cached_join(block.join, block.records, block.photons, shared.polarization),
+        cell_offsets=block.cell_offsets, masked_shells=block.masked_shells,
         background=block.background, weight=block.weight, photons=block.photons,
     )
-    kept, n_live, stats = estep_block(tables, phi, state, shared, local, spec, n_pairs)
-    return kept, n_live, stats
+    return estep_block(tables, phi, state, shared, local, spec)
 
 
 @functools.lru_cache(maxsize=None)
-def _intensity_pass_kernel(mesh: Mesh, spec: StepSpec, n_slots: int, length: int):
+def _intensity_pass_kernel(mesh: Mesh, spec: StepSpec, n_slots: int):
     """One block of the first pass: E-step, kept pairs -> the intensity statistics (per device)."""
 
-    def local(tables, phi, state, shared, index, block, sums):
-        kept, n_live, stats = _local_estep(tables, phi, state, shared, index, _squeeze(block), spec, n_slots, length)
+    def local(tables, phi, state, shared, block, sums):
+        kept, n_live, stats = _local_estep(tables, phi, state, shared, _squeeze(block), spec, n_slots)
         sums, terms = intensity_statistics(_squeeze(sums), phi, state.likelihood, kept)
         pairs = (kept.pair_frame, kept.pair_rotation, kept.pair_prob)
         return _expand(sums), _expand(terms), n_live[None], _expand(stats), _expand(pairs)
 
-    specs = (P(), P(), P(), P(), P(), P(parallel.AXIS), P(parallel.AXIS))
+    specs = (P(), P(), P(), P(), P(parallel.AXIS), P(parallel.AXIS))
     return jax.jit(jax.shard_map(local, mesh=mesh, in_specs=specs, out_specs=P(parallel.AXIS), check_vma=False),
-                   donate_argnums=6)
+                   donate_argnums=5)
 
 
 @functools.lru_cache(maxsize=None)
-def _phi_pass_kernel(mesh: Mesh, spec: StepSpec, n_slots: int, length: int):
+def _phi_pass_kernel(mesh: Mesh, spec: StepSpec, n_slots: int):
     """One block of the second pass: E-step with the new model, then phi (and the background scale) of the
     block's frames; frames of other blocks keep the values of ``new_phi`` / ``scale``."""
 
-    def local(tables, intensity, phi, state, shared, index, block, new_phi, used, scale, totals):
-        kept, n_live, stats = _local_estep(tables, phi, state, shared, index, _squeeze(block), spec, n_slots, length)
+    def local(tables, intensity, phi, state, shared, block, new_phi, used, scale, totals):
+        kept, n_live, stats = _local_estep(tables, phi, state, shared, _squeeze(block), spec, n_slots)
         new_phi, used_here = mstep.phi_update(intensity, new_phi, state.likelihood, kept, shared, spec.n_shells,
                                               axis=parallel.AXIS, tables=tables)
         if spec.refine_background:
@@ -203,7 +234,7 @@ def _phi_pass_kernel(mesh: Mesh, spec: StepSpec, n_slots: int, length: int):
         pairs = (kept.pair_frame, kept.pair_rotation, kept.pair_prob)
         return new_phi, used | used_here, scale, n_live[None], _expand(stats), _expand(pairs)
 
-    specs = (P(), P(), P(), P(), P(), P(), P(parallel.AXIS), P(), P(), P(), P())
+    specs = (P(), P(), P(), P(), P(), P(parallel.AXIS), P(), P(), P(), P())
     out = (P(), P(), P(), P(parallel.AXIS), P(parallel.AXIS), P(parallel.AXIS))
     return jax.jit(jax.shard_map(local, mesh=mesh, in_specs=specs, out_specs=out, check_vma=False))
 
@@ -325,8 +356,7 @@ def _live_pairs(problem, pairs) -> KeptRotations:
 def iteration(problem, state: EMCState, spec: StepSpec, overflow) -> tuple[EMCState, Diagnostics]:
     """One streamed iteration (module docstring); ``overflow(needed)`` is raised when a block kept more join
     pairs than ``spec.kept_budget`` (the caller reruns with a larger budget)."""
-    stream = _stream(problem)
-    mesh, n_slots, length = problem.mesh, problem.n_slots, problem.lengths[0]
+    mesh, n_slots = problem.mesh, problem.n_slots
     shared = problem.shared
     n_pad = problem.n_padded - problem.n_frames
     phi = jnp.pad(state.phi, (0, n_pad))
@@ -341,15 +371,15 @@ def iteration(problem, state: EMCState, spec: StepSpec, overflow) -> tuple[EMCSt
     start = time.perf_counter()
     first = np.zeros((4, problem.n_padded))
     tables = rotation_tables(state.intensity, shared, problem.n_shells)
-    kernel = _intensity_pass_kernel(mesh, spec, n_slots, length)
+    kernel = _intensity_pass_kernel(mesh, spec, n_slots)
     n_entries = shared.entries.rotation.shape[0]
     sums = parallel.stack_tree(mesh, [IntensitySums.zeros(shared.entries.n_rot, problem.n_shells, n_entries)
                                       for _ in parallel.local_positions(mesh)])
     pieces = []
     with tempfile.TemporaryDirectory(prefix="emcjax-terms-") as directory:
         store = TermStore(pathlib.Path(directory), max(len(problem.blocks), 1))
-        for block, data in _record_blocks(problem, stream.counts):
-            sums, terms, n_live, stats, pairs = kernel(tables, phi, state, shared, stream.index, data, sums)
+        for block, data in _record_blocks(problem):
+            sums, terms, n_live, stats, pairs = kernel(tables, phi, state, shared, data, sums)
             check(n_live)
             store.add(terms)
             _fill_stats(first, problem, block, stats)
@@ -364,15 +394,15 @@ def iteration(problem, state: EMCState, spec: StepSpec, overflow) -> tuple[EMCSt
         start = time.perf_counter()
         last = np.zeros((4, problem.n_padded))
         tables = rotation_tables(intensity, shared, problem.n_shells)
-        kernel = _phi_pass_kernel(mesh, spec, n_slots, length)
+        kernel = _phi_pass_kernel(mesh, spec, n_slots)
         new_phi, used = phi, jnp.zeros(problem.n_padded, bool)
         scale = jnp.broadcast_to(jnp.asarray(getattr(likelihood, "scale", 1.0), phi.dtype), (problem.n_frames,))
         totals = tuple(parallel.replicate(mesh, np.pad(x, (0, n_pad)).astype(np.float32))
                        for x in (problem.photons, problem.expected_background))
         pieces = []
-        for block, data in _record_blocks(problem, stream.counts):
-            new_phi, used, scale, n_live, stats, pairs = kernel(tables, intensity, phi, state, shared, stream.index,
-                                                                data, new_phi, used, scale, totals)
+        for block, data in _record_blocks(problem):
+            new_phi, used, scale, n_live, stats, pairs = kernel(tables, intensity, phi, state, shared, data, new_phi,
+                                                                used, scale, totals)
             check(n_live)
             _fill_stats(last, problem, block, stats)
             pieces.append(_live_pairs(problem, pairs))
@@ -381,7 +411,7 @@ def iteration(problem, state: EMCState, spec: StepSpec, overflow) -> tuple[EMCSt
             likelihood = dataclasses.replace(likelihood, scale=scale)
         seconds["estep_phi"] = time.perf_counter() - start
     kept_pairs = KeptRotations(*(np.concatenate(x) for x in zip(*pieces)))
-    stream.seconds = seconds
+    _SECONDS[problem] = seconds
     new = state._replace(iteration=state.iteration + 1, intensity=intensity, phi=phi[: problem.n_frames],
                          likelihood=likelihood)
     return new, Diagnostics(first=FrameStats(*first), last=FrameStats(*last), n_live=0, kept=kept_pairs)

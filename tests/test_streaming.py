@@ -1,6 +1,6 @@
-"""Streaming at O(block) (emcjax.streaming, emcjax.core.stream): the device-built join is emcjax.join's, and a
-streamed run (blocks re-read at every E-step, per-block M-step statistics, photon terms on disk) equals the
-in-memory fused step.
+"""Streaming at O(block) (emcjax.streaming, emcjax.core.stream): the join filled in from the disk cache is
+emcjax.join's, and a streamed run (blocks re-read at every E-step, per-block M-step statistics, photon terms
+on disk) equals the in-memory fused step.
 
 One small simulation (64x64 detector to 8 Å, rotation_n = 2, 90 frames) with a dead-pixel frame, a frame
 with a masked background shell and a frame of weight 0; streamed in blocks of 20 frames (5 blocks, the last
@@ -18,8 +18,9 @@ import pytest
 from emcjax import data as data_io
 from emcjax import emc, parallel, streaming
 from emcjax.blocks import build_block
-from emcjax.core.stream import expand_join
+from emcjax.core.stream import cached_join
 from emcjax.detector import DetectorGeometry
+from emcjax.errors import DataError
 from emcjax.simulate import SimulationConfig, simulate
 
 GEOMETRY = DetectorGeometry(
@@ -60,32 +61,30 @@ def data(tmp_path_factory):
     ds.close()
 
 
-def test_device_join_is_the_numpy_join(data):
-    """Every (record, in-peak entry) pair of a block, built on the device, is a pair of emcjax.join.build_join
-    with the same cell, entry, count, dead flag, background and polarization, and the other way round."""
+def test_cached_join_is_the_numpy_join(data):
+    """The join filled in on the device from the disk cache is emcjax.join's join of the block, pair for pair
+    (same order, same values, same padding), with the same cell offsets; a damaged cache file is refused."""
     ds, frames, weights = data
     config = emc.EMCConfig(rotation_n=2, block_frames=BLOCK, stream=True)
     problem = emc.setup_problem(ds, config, frames=frames, frame_weights=weights)
-    index = streaming._stream(problem).index
-    counts = streaming._stream(problem).counts
+    fill = jax.jit(cached_join)
     for block in (problem.blocks[0], problem.blocks[-1]):  # the last block is padded
-        expected = jax.tree.map(lambda x: parallel.local_pieces(x)[0],
-                                build_block(problem.plan, block, problem.lengths)[0].arrays.join)
-        records = streaming._record_block(problem.plan, block, problem.lengths[1], counts, problem.lengths[0])
-        local = jax.tree.map(lambda x: parallel.local_pieces(x)[0], records)
-        join, n_pairs = jax.jit(expand_join, static_argnums=(4, 5, 6))(
-            index, local.records, local.photons, problem.shared.polarization, block.n_local, problem.n_slots,
-            problem.lengths[0])
-        n_pairs = int(n_pairs)
-        real_numpy = np.asarray(expected.count) + np.asarray(expected.dead) > 0
-        assert n_pairs == int(real_numpy.sum()) > 0
-
-        def rows(j, real):
-            table = np.stack([np.asarray(getattr(j, f), np.float64)[real] for f in j._fields], axis=1)
-            return table[np.lexsort(table.T[::-1])]
-
-        np.testing.assert_array_equal(rows(join, np.arange(join.cell.shape[0]) < n_pairs), rows(expected, real_numpy))
-        assert np.all(np.asarray(join.count)[n_pairs:] == 0) and np.all(np.asarray(join.dead)[n_pairs:] == 0)
+        expected = jax.tree.map(lambda x: np.asarray(parallel.local_pieces(x)[0]),
+                                build_block(problem.plan, block, problem.lengths)[0].arrays)
+        local = jax.tree.map(lambda x: parallel.local_pieces(x)[0],
+                             streaming._record_block(problem.plan, block, problem.lengths))
+        join = fill(local.join, local.records, local.photons, problem.shared.polarization)
+        assert int(local.join.n_pairs) > 0
+        for field in join._fields:
+            np.testing.assert_array_equal(np.asarray(getattr(join, field)), getattr(expected.join, field), err_msg=field)
+        np.testing.assert_array_equal(np.asarray(local.cell_offsets), expected.cell_offsets)
+    cache = streaming._CACHES[problem.plan]
+    path = cache.path(problem.blocks[1].start)
+    damaged = np.fromfile(path, np.int32)
+    damaged[5] += 1
+    damaged.tofile(path)
+    with pytest.raises(DataError, match="damaged"):
+        streaming._record_block(problem.plan, problem.blocks[1], problem.lengths)
 
 
 def _run(data, config, iterations):
@@ -104,8 +103,8 @@ def _run(data, config, iterations):
     {"intensity_update": "mlem", "inner_iterations": 2, "update_phi": False},
 ], ids=["reference", "mlem-no-phi"])
 def test_streamed_run_equals_the_in_memory_run(data, settings):
-    """The same models, phi, log-likelihoods, best rotations and kept pairs for two iterations (float sums in
-    another order only: the per-frame phi sums run over the join in record order)."""
+    """The same models, phi, log-likelihoods, best rotations and kept pairs for two iterations (float sums
+    over blocks in another order only)."""
     memory_problem, memory = _run(data, emc.EMCConfig(rotation_n=2, **settings), 2)
     config = emc.EMCConfig(rotation_n=2, block_frames=BLOCK, stream=True, **settings)
     problem, streamed = _run(data, config, 2)

@@ -110,8 +110,7 @@ def exact_zero_terms(likelihood, tomogram: jax.Array, phi_local: jax.Array, shar
     return total
 
 
-def block_log_likelihood(tables: RotationTables, phi: jax.Array, likelihood, shared: Shared, local: BlockArrays,
-                         cells_sorted: bool = True):
+def block_log_likelihood(tables: RotationTables, phi: jax.Array, likelihood, shared: Shared, local: BlockArrays):
     """Log-likelihood L_dr (no prior, up to the frame constant) of every (frame, candidate slot) of one device.
 
     Args:
@@ -120,8 +119,6 @@ def block_log_likelihood(tables: RotationTables, phi: jax.Array, likelihood, sha
       likelihood: the likelihood model.
       shared: replicated arrays.
       local: this device's frames.
-      cells_sorted: whether the join is sorted by cell (emcjax.join's; the device-built join of
-        emcjax.core.stream is not).
 
     Returns:
       (n_local, n_slots) float32 in nats (0 on padding slots: mask with ``local.candidate_mask``).
@@ -131,8 +128,7 @@ def block_log_likelihood(tables: RotationTables, phi: jax.Array, likelihood, sha
     phi_local = local_phi(phi, local)
     frame_of_pair = join.cell // n_slots
     terms = join_terms(likelihood, tables.tomogram, phi_local[frame_of_pair], local.frame_start + frame_of_pair, join)
-    photon = jax.ops.segment_sum(terms, join.cell, num_segments=n_local * n_slots,
-                                 indices_are_sorted=cells_sorted)
+    photon = jax.ops.segment_sum(terms, join.cell, num_segments=n_local * n_slots, indices_are_sorted=True)
     if likelihood.linear_zero_term:
         zero = -phi_local[:, None] * frame_signal(tables, local.candidates, local.masked_shells[:, None, :])
     else:

@@ -32,6 +32,7 @@ def kept_pairs(resp: Responsibilities, local: BlockArrays, budget: int | None, w
     """
     n_local, n_slots = local.candidates.shape
     join = local.join
+    k = resp.slot.shape[1]
     prob = resp.prob * local.weight[:, None]
     rows = jnp.broadcast_to(jnp.arange(n_local)[:, None], resp.slot.shape)
     # the join ranges of the kept cells (CSR offsets), concatenated: touches only kept pairs, not the join
@@ -47,36 +48,8 @@ def kept_pairs(resp: Responsibilities, local: BlockArrays, budget: int | None, w
     real = position < n_live
     index = jnp.where(real, first[owner] + position - (ends[owner] - count[owner]), 0)
     term = jnp.where(real, cell_prob[owner], 0.0)
-    return _gather_kept(resp, local, prob, index, real, term, with_background), n_live
-
-
-def kept_pairs_by_mask(resp: Responsibilities, local: BlockArrays, budget: int | None, with_background: bool,
-                       n_pairs: jax.Array):
-    """:func:`kept_pairs` for a join in any order (emcjax.core.stream's, built on the device; ``local.cell_offsets``
-    is not read): every join pair looks its cell's probability up and the live ones are compacted in join
-    order, O(join) work. ``n_pairs``: the join's real pairs (the first ones). Same results as
-    :func:`kept_pairs`; the kept join pairs come in join order instead of cell order."""
-    n_local, n_slots = local.candidates.shape
-    join = local.join
-    prob = resp.prob * local.weight[:, None]
-    rows = jnp.arange(n_local)[:, None]
-    cell_prob = jnp.zeros(n_local * n_slots, prob.dtype).at[(rows * n_slots + resp.slot).ravel()].set(prob.ravel())
-    pair_prob = jnp.where(jnp.arange(join.cell.shape[0]) < n_pairs, cell_prob[join.cell], 0.0)
-    live = pair_prob > 0
-    n_live = jnp.sum(live, dtype=jnp.int32)
-    length = join.cell.shape[0] if budget is None else budget
-    (index,) = jnp.nonzero(live, size=length, fill_value=0)
-    real = jnp.arange(length) < n_live
-    return _gather_kept(resp, local, prob, index, real, jnp.where(real, pair_prob[index], 0.0), with_background), n_live
-
-
-def _gather_kept(resp: Responsibilities, local: BlockArrays, prob, index, real, term, with_background: bool) -> Kept:
-    """The kept pairs: join pairs ``index`` (``real`` ones, weighted ``term``) and the kept (frame, rotation) pairs."""
-    n_local, n_slots = local.candidates.shape
-    join = local.join
-    k = resp.slot.shape[1]
-    pair_rows = jnp.broadcast_to(jnp.arange(n_local)[:, None], resp.slot.shape).ravel()
-    return Kept(
+    pair_rows = rows.ravel()
+    kept = Kept(
         entry=join.entry[index],
         prob=term,
         count=join.count[index],
@@ -90,6 +63,7 @@ def _gather_kept(resp: Responsibilities, local: BlockArrays, prob, index, real, 
         pair_masked=local.masked_shells[pair_rows],
         pair_background=local.background[pair_rows] if with_background else jnp.zeros((n_local * k, 0)),
     )
+    return kept, n_live
 
 
 def flatten_blocks(kept: Kept) -> Kept:

@@ -28,7 +28,7 @@ from emcjax.core import mstep
 from emcjax.core.arrays import BlockArrays, EMCState, Hyper, Kept, Shared
 from emcjax.core.estep import block_log_likelihood, responsibilities, rotation_tables
 from emcjax.core.gradient import gradient_update
-from emcjax.core.kept import flatten_blocks, kept_pairs, kept_pairs_by_mask
+from emcjax.core.kept import flatten_blocks, kept_pairs
 
 PIXEL_CHUNK = 8192  # valid pixels per chunk of the zero-count frame constant of non-linear likelihoods
 
@@ -151,17 +151,12 @@ def frame_constants(likelihood, shared: Shared, local: BlockArrays) -> jax.Array
     return records + zero_total
 
 
-def estep_block(tables, phi, state: EMCState, shared: Shared, local: BlockArrays, spec: StepSpec, n_pairs=None):
+def estep_block(tables, phi, state: EMCState, shared: Shared, local: BlockArrays, spec: StepSpec):
     """E-step of one device's block: ``(kept, n_live, (log_likelihood, max_prob, best_rotation, n_kept))``
-    with per-frame arrays (n_local,). ``n_pairs``: the real pairs of a join that is not sorted by cell
-    (emcjax.core.stream's device-built join); None for emcjax.join's."""
-    logl = block_log_likelihood(tables, phi, state.likelihood, shared, local, cells_sorted=n_pairs is None)
+    with per-frame arrays (n_local,)."""
+    logl = block_log_likelihood(tables, phi, state.likelihood, shared, local)
     resp = responsibilities(logl, shared, local, state.hyper, spec.max_kept)
-    with_background = not state.likelihood.linear_zero_term
-    if n_pairs is None:
-        kept, n_live = kept_pairs(resp, local, spec.kept_budget, with_background)
-    else:
-        kept, n_live = kept_pairs_by_mask(resp, local, spec.kept_budget, with_background, n_pairs)
+    kept, n_live = kept_pairs(resp, local, spec.kept_budget, not state.likelihood.linear_zero_term)
     constant = frame_constants(state.likelihood, shared, local)
     weight = local.weight
     used = (weight > 0) & jnp.isfinite(resp.log_evidence)

@@ -1,12 +1,12 @@
-"""Streaming at O(block): the join of a block built on the device, and the M-steps' per-block statistics.
+"""Streaming at O(block): a block's cached join on the device, and the M-steps' per-block statistics.
 
 A streamed run (``EMCConfig.stream``) re-reads its frames at every E-step. Instead of rebuilding each block's
-join on the host (emcjax.join, numpy sorts), the host sends the block's pixel records only (photons and dead
-pixels, padded to a static length) and :func:`expand_join` lists every (record, in-peak entry at its pixel)
-pair on the device with a cumulative sum (record-major order, not sorted by cell: the E-step's segment sums
-and :func:`emcjax.core.kept.kept_pairs_by_mask` do not need it). This holds when every frame has every
-rotation of one rotation set as candidates (a full search), so that every entry at a record's pixel belongs
-to one of the frame's cells (``cell = frame * n_slots + rotation``).
+join on the host at every E-step (emcjax.join: numpy sorts), the join is built once at set-up and cached on
+disk as three integer columns per pair (cell, entry, record: the pair's position in the block's pixel
+records, emcjax.join.pixel_records); at every E-step the host sends the cached columns and the block's pixel
+records, and :func:`cached_join` fills in the pairs' counts, dead flags, backgrounds and polarizations on the
+device (gathers by record). The result is emcjax.join's join, bit for bit, so the E-step and the kept pairs
+are those of the in-memory run.
 
 The M-steps then need of a block's kept pairs only (:func:`intensity_statistics`): sums per rotation, per
 (rotation, masked shell) and per entry (the exposure of each in-peak entry, reducible over blocks), and the
@@ -28,25 +28,27 @@ from emcjax.core.mstep import kept_background
 from emcjax.join import JoinArrays
 
 
-class EntryIndex(NamedTuple):
-    """The in-peak entries of a rotation set indexed by pixel, on the device (replicated).
+class CachedJoin(NamedTuple):
+    """The cached columns of one device's join (sorted by cell), padded to a static length.
 
     Attributes:
-      pixel_start: (n_pix + 2,) int32 CSR offsets of ``by_pixel``; pixel ``n_pix`` (padding records) has none.
-      by_pixel: (n_entries,) int32 entry ids sorted by pixel.
-      rotation: (n_entries,) int32 rotation of each entry (its candidate slot in a full search).
+      cell: (n,) int32 cell of the pair (``local_frame * n_slots + slot``; the last cell on padding).
+      entry: (n,) int32 in-peak entry.
+      record: (n,) int32 the pair's pixel record (0 on padding).
+      n_pairs: () int32 real pairs (the first ones).
     """
 
-    pixel_start: jax.Array
-    by_pixel: jax.Array
-    rotation: jax.Array
+    cell: jax.Array
+    entry: jax.Array
+    record: jax.Array
+    n_pairs: jax.Array
 
 
 class Records(NamedTuple):
     """A device's pixel records of one block, beside its :class:`PhotonArrays` (same order and length).
 
     Attributes:
-      pixel: (n,) int32 valid pixel of the record (n_pix on padding).
+      pixel: (n,) int32 valid pixel of the record (0 on padding).
       background: (n,) float32 B_d(s_t) floored (photons per pixel per unit pol), the join's background.
     """
 
@@ -54,33 +56,19 @@ class Records(NamedTuple):
     background: jax.Array
 
 
-def expand_join(index: EntryIndex, records: Records, photons: PhotonArrays, polarization: jax.Array, n_local: int,
-                n_slots: int, length: int) -> tuple[JoinArrays, jax.Array]:
-    """The join of one device's block: every record x every in-peak entry at its pixel, ``length`` pairs.
-
-    The real pairs come first (record-major); the rest is padding like emcjax.join.pad_join (count 0, not
-    dead, B = 1, pol = 1, last cell). Returns ``(join, n_pairs)``, n_pairs the real pairs (> length: pairs
-    were dropped; the caller sizes ``length`` from the data at set-up).
-    """
-    first = index.pixel_start[records.pixel]
-    count = index.pixel_start[records.pixel + 1] - first
-    ends = jnp.cumsum(count)
-    n_pairs = ends[-1]
-    position = jnp.arange(length, dtype=jnp.int32)
-    # owner of pair j = number of records whose range ends at or before j (a scatter of ones and a cumsum)
-    owner = jnp.cumsum(jnp.zeros(length + 1, jnp.int32).at[jnp.minimum(ends, length)].add(1))[:length]
-    owner = jnp.minimum(owner, records.pixel.shape[0] - 1)
-    real = position < n_pairs
-    entry = index.by_pixel[jnp.where(real, first[owner] + position - (ends[owner] - count[owner]), 0)]
-    join = JoinArrays(
-        cell=jnp.where(real, photons.frame[owner] * n_slots + index.rotation[entry], n_local * n_slots - 1),
-        entry=jnp.where(real, entry, 0),
-        count=jnp.where(real, photons.count[owner], 0.0),
-        dead=jnp.where(real, photons.dead[owner], 0.0),
-        background=jnp.where(real, records.background[owner], 1.0),
-        polarization=jnp.where(real, polarization[records.pixel[owner]], 1.0),
+def cached_join(cached: CachedJoin, records: Records, photons: PhotonArrays, polarization: jax.Array) -> JoinArrays:
+    """The join of one device's block from its cached columns and pixel records (emcjax.join.build_join's
+    values; padding as emcjax.join.pad_join: count 0, not dead, B = 1, pol = 1)."""
+    real = jnp.arange(cached.cell.shape[0]) < cached.n_pairs
+    record = jnp.where(real, cached.record, 0)
+    return JoinArrays(
+        cell=cached.cell,
+        entry=cached.entry,
+        count=jnp.where(real, photons.count[record], 0.0),
+        dead=jnp.where(real, photons.dead[record], 0.0),
+        background=jnp.where(real, records.background[record], 1.0),
+        polarization=jnp.where(real, polarization[records.pixel[record]], 1.0),
     )
-    return join, n_pairs
 
 
 class IntensitySums(NamedTuple):
