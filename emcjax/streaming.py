@@ -51,6 +51,7 @@ from emcjax.core.estep import rotation_tables
 from emcjax.core.step import Diagnostics, FrameStats, KeptRotations, StepSpec, estep_block
 from emcjax.core.stream import CachedJoin, IntensitySums, PhotonTerms, Records, cached_join, intensity_statistics
 from emcjax.data import bucket_length
+from emcjax.emc import _release_freed_memory
 from emcjax.errors import DataError
 from emcjax.join import BACKGROUND_FLOOR, build_join
 
@@ -180,6 +181,8 @@ def _record_blocks(problem):
             if b + 1 < len(problem.blocks):
                 pending = executor.submit(build, problem.blocks[b + 1])
             yield block, data
+            del data
+            _release_freed_memory()  # the worker thread's heap arena would keep several blocks' worth
 
 
 def _squeeze(tree):
