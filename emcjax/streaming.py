@@ -45,6 +45,7 @@ from jax.sharding import PartitionSpec as P
 from emcjax import model as model_lib
 from emcjax import parallel
 from emcjax.blocks import Block, Plan, _pad_photons, frame_arrays
+from emcjax.core import background as background_lib
 from emcjax.core import mstep
 from emcjax.core.arrays import BlockArrays, EMCState, PhotonArrays
 from emcjax.core.estep import rotation_tables
@@ -231,8 +232,6 @@ def _phi_pass_kernel(mesh: Mesh, spec: StepSpec, n_slots: int):
         new_phi, used_here = mstep.phi_update(intensity, new_phi, state.likelihood, kept, shared, spec.n_shells,
                                               axis=parallel.AXIS, tables=tables)
         if spec.refine_background:
-            from emcjax.core import background as background_lib
-
             scale = background_lib.scale_update(intensity, new_phi, scale, kept, shared, *totals, axis=parallel.AXIS)
         pairs = (kept.pair_frame, kept.pair_rotation, kept.pair_prob)
         return new_phi, used | used_here, scale, n_live[None], _expand(stats), _expand(pairs)
