@@ -66,7 +66,9 @@ class EMCConfig:
     """Frames per block of the E-step (0: all frames in one block); memory grows with the block, not the data."""
     stream: bool = False
     """Re-read and re-join each block from disk at every E-step (the next block is prepared while the devices
-    work on the current one) instead of keeping every block's join in memory."""
+    work on the current one) instead of keeping every block's join in memory. A full search on one process
+    (Poisson, reference or mlem update) joins on the device and keeps only per-block M-step statistics
+    (emcjax.streaming: memory O(block)); otherwise every block's kept pairs are held for the M-steps."""
     candidate_path: Literal["table", "direct", "auto"] = "table"
     """Frames with candidate lists: "table" builds the in-peak entries of every block's candidates and joins
     the photons with them; "direct" tests every (photon, candidate) pair on the device and builds entries of

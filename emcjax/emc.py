@@ -368,6 +368,10 @@ def iterate(problem: Problem, state: EMCState, config: EMCConfig) -> tuple[EMCSt
         state = state._replace(hyper=state.hyper._replace(
             inverse_temperature=parallel.replicate(problem.mesh, np.float32(beta))))
     run = _fused_iteration if problem.batch is not None else _host_iteration
+    from emcjax import streaming  # a full search streamed at O(block) memory
+
+    if getattr(problem, "stream", False) and streaming.applies(problem, problem.spec(config), state.likelihood):
+        run = lambda p, s, spec: streaming.iteration(p, s, spec, _Overflow)  # noqa: E731
     if getattr(problem, "iteration", None) is not None:  # a problem that runs its own iteration (emcjax.direct)
         run = lambda p, s, spec: p.iteration(s, spec)  # noqa: E731
     new, diag = _with_budget(problem, config, lambda spec: run(problem, state, spec))

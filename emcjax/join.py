@@ -132,7 +132,8 @@ def build_join(
     candidates: np.ndarray,
     candidate_mask: np.ndarray,
     background: np.ndarray,
-) -> tuple[JoinArrays, np.ndarray]:
+    with_records: bool = False,
+):
     """Joins every photon and dead pixel with the in-peak entries of its frame's candidate rotations.
 
     Args:
@@ -142,9 +143,11 @@ def build_join(
       candidates: (n_frames, n_slots) local rotation index of each slot.
       candidate_mask: (n_frames, n_slots) which slots are real.
       background: (frames.n_frames, n_shells) float64 background with masked shells < 0.
+      with_records: also return each pair's record (its position in :func:`pixel_records`' order).
 
     Returns:
-      ``(join, cell_offsets)``: the join sorted by cell (numpy) and its CSR offsets (n_frames*n_slots + 1,).
+      ``(join, cell_offsets)``: the join sorted by cell (numpy) and its CSR offsets (n_frames*n_slots + 1,);
+      ``(join, cell_offsets, record)`` with ``with_records``.
     """
     n_frames, n_slots = candidates.shape
     rec = pixel_records(frames, detector, background)
@@ -175,7 +178,7 @@ def build_join(
         background=np.maximum(rec.background[owner], BACKGROUND_FLOOR).astype(np.float32),
         polarization=detector.polarization[rec.pixel[owner]].astype(np.float32),
     )
-    return join, cell_offsets
+    return (join, cell_offsets, owner) if with_records else (join, cell_offsets)
 
 
 def pad_join(join: JoinArrays, length: int, n_cells: int) -> JoinArrays:

@@ -279,7 +279,12 @@ def setup_problem(dataset: SparseDataset, config: EMCConfig, frames: SparseFrame
         if candidates is not None:
             stop = min(block.start + per_block, n_frames)
             block.rotations = np.unique(candidates[1][candidates[0][block.start] : candidates[0][stop]])
-        data, block_lengths = build_block(plan, block)
+        if config.stream and candidates is None:  # streamed full search: the join cached on disk (emcjax.streaming)
+            from emcjax import streaming
+
+            data, block_lengths = None, streaming.cache_block(plan, block)
+        else:
+            data, block_lengths = build_block(plan, block)
         lengths = tuple(max(a, c) for a, c in zip(lengths, block_lengths))
         built.append(data)
         blocks.append(block)

@@ -41,7 +41,7 @@ def main() -> None:
     import jax
     import numpy as np
 
-    from emcjax import emc, simulate
+    from emcjax import emc, simulate, streaming
     from emcjax.data import SparseDataset
     from emcjax.detector import DetectorGeometry
 
@@ -76,7 +76,8 @@ def main() -> None:
         )
         print(f"set-up {setup:.2f} s")
         state = emc.initial_state(problem, config, seed=0)
-        for it in range(args.iters):
+        streamed = streaming.applies(problem, problem.spec(config), state.likelihood)
+        for it in range(0 if streamed else args.iters):
             times = {}
             t0 = time.perf_counter()
             result = emc.estep(problem, state, config)
@@ -100,14 +101,19 @@ def main() -> None:
                 f"{times['intensity']:.3f} s + phi {times['phi']:.3f} s; {pairs:.3g} pairs/s; cc_true {cc:.4f}"
             )
         for it in range(args.iters):  # the same iteration as one call: fused on the device where it applies
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             state, metrics, _ = emc.iterate(problem, state, config)
             jax.block_until_ready(state.intensity)
             label = "first (incl. compilation)" if it == 0 else f"iteration {it + 1}"
             path_name = "fused step" if problem.batch is not None else "block by block"
-            print(f"emc.iterate ({path_name}), {label}: {time.perf_counter() - t0:.2f} s; cc_true {metrics['cc_true']:.4f}")
+            path_name = "streamed at O(block)" if streamed else path_name
+            print(f"emc.iterate ({path_name}), {label}: {time.perf_counter() - t0:.2f} s (CPU "
+                  f"{time.process_time() - c0:.1f} s, load {os.getloadavg()[0]:.1f}); cc_true {metrics['cc_true']:.4f}")
+            if streamed:
+                phases = ", ".join(f"{k} {v:.2f} s" for k, v in streaming.phase_seconds(problem).items())
+                print(f"  phases: {phases}")
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(f"peak resident memory {peak:.0f} MB")
+    print(f"peak resident memory {peak:.0f} MB; process CPU {time.process_time():.1f} s")
 
 
 if __name__ == "__main__":

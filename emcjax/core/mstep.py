@@ -91,7 +91,12 @@ def rotation_exposure(phi, kept: Kept, shared: Shared, n_shells: int, axis) -> j
         jnp.broadcast_to(pw[:, None], seg.shape).ravel(), seg.ravel(), num_segments=n_rot * (n_shells + 1)
     )
     sums = _psum(jnp.concatenate([per_rot[:, None], per_rot_shell.reshape(n_rot, n_shells + 1)], axis=1), axis)
-    per_rot, per_rot_shell = sums[:, 0], sums[:, 1:]
+    return exposure_of_rotations(sums[:, 0], sums[:, 1:], shared, axis)
+
+
+def exposure_of_rotations(per_rot, per_rot_shell, shared: Shared, axis=None) -> jax.Array:
+    """(size,) exposure of this device's entries (r, t) from the per-rotation sums of P_dr phi_d: (n_rot,) over
+    all kept pairs and (n_rot, n_shells + 1) over those whose frame masks each shell (last column: padding)."""
     rotation = _owned(shared.entries.rotation, axis)
     pixel = _owned(shared.entries.pixel, axis)
     return per_rot[rotation] - per_rot_shell[rotation, shared.shell[pixel]]

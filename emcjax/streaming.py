@@ -1,0 +1,419 @@
+"""A streamed iteration at O(block) memory (``EMCConfig.stream`` with a full search on one process).
+
+Two passes over the frames, each block read from disk once per pass (the next block read by a worker thread
+while the devices work on the current one):
+
+0. Set-up (:func:`cache_block`): every block's join is built once (emcjax.join) and cached on disk as int32
+   columns with a CRC-32 (:class:`JoinCache`); an E-step reads the block's records and cached columns and
+   fills the join in on the device (emcjax.core.stream.cached_join, one compiled shape).
+1. E-step with the current model (emcjax.core.step.estep_block, as in memory); the block's kept pairs reduce
+   at once to the intensity update's statistics: per-rotation and per-entry exposure sums (added on the
+   device) and the kept photon terms, appended to files on disk grouped by entry (:class:`TermStore`).
+2. The intensity update, entry group by entry group (the per-entry Newton solve of
+   emcjax.core.mstep.reference_update, or the MLEM ratio sums): each group's terms are read back whole.
+3. E-step with the new model; each block's phi (and background scale) update runs on its own kept pairs
+   (they are per-frame), then the mean-1 normalisation.
+
+Nothing the size of all frames x kept rotations x photons is held: per block the records, the join and the
+kept pairs; per run the per-entry sums and per-frame arrays. The results are those of the in-memory run
+(emcjax.emc's fused step) up to the order of float sums over blocks (the E-step's join and kept pairs are the
+in-memory ones; per-device exposure sums and each entry's photon terms are summed in the same order).
+
+Other streamed runs (candidate lists, several processes, the gradient M-step, a likelihood other than
+Poisson) take emcjax.emc's host iteration, which holds every block's kept pairs.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import functools
+import pathlib
+import shutil
+import tempfile
+import time
+import weakref
+import zlib
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
+
+from emcjax import model as model_lib
+from emcjax import parallel
+from emcjax.blocks import Block, Plan, _pad_photons, frame_arrays
+from emcjax.core import background as background_lib
+from emcjax.core import mstep
+from emcjax.core.arrays import BlockArrays, EMCState, PhotonArrays
+from emcjax.core.estep import rotation_tables
+from emcjax.core.step import Diagnostics, FrameStats, KeptRotations, StepSpec, estep_block
+from emcjax.core.stream import CachedJoin, IntensitySums, PhotonTerms, Records, cached_join, intensity_statistics
+from emcjax.data import bucket_length
+from emcjax.emc import _release_freed_memory
+from emcjax.errors import DataError
+from emcjax.join import BACKGROUND_FLOOR, build_join
+
+NEWTON_STEPS = 30  # per-entry Newton steps of the intensity update (emcjax.core.mstep.reference_update's default)
+TERM_DTYPE = np.dtype([("local", "<i4"), ("pk", "<f4"), ("b", "<f4")])
+
+
+def applies(problem, spec: StepSpec, likelihood) -> bool:
+    """Whether ``problem`` streams a full search that this module runs (module docstring)."""
+    return (
+        problem.stream and problem.batch is None and problem.rotation_set is not None
+        and problem.plan.candidates is None and jax.process_count() == 1
+        and spec.intensity_update in ("reference", "mlem") and getattr(likelihood, "poisson_counts", False)
+        and (spec.update_phi or not spec.refine_background) and problem.plan in _CACHES
+    )
+
+
+class RecordBlock(NamedTuple):
+    """What the host sends of one block (stacked over devices): per-frame arrays, pixel records, cached join."""
+
+    frame_start: jax.Array
+    real: jax.Array  # (n_local,) bool: a frame of the data (not padding)
+    masked_shells: jax.Array
+    background: jax.Array
+    weight: jax.Array
+    photons: PhotonArrays
+    records: Records
+    join: CachedJoin
+    cell_offsets: jax.Array
+
+
+class JoinCache:
+    """Every block's join, built once (emcjax.join.build_join) and kept on disk as int32 columns (cell,
+    entry, record, then the CSR offsets by cell), one file per block and device, with its CRC-32 checked at
+    every read. The directory (under ``TMPDIR``) is removed with the plan it belongs to."""
+
+    def __init__(self, plan: Plan):
+        self.directory = pathlib.Path(tempfile.mkdtemp(prefix="emcjax-joins-"))
+        self.files: dict[tuple[int, int], tuple[int, int]] = {}  # (first frame, position) -> (pairs, crc32)
+        weakref.finalize(plan, shutil.rmtree, self.directory, True)
+
+    def path(self, start: int) -> pathlib.Path:
+        return self.directory / f"frames{start:010d}.i32"
+
+    def write(self, start: int, cell, entry, record, offsets) -> None:
+        data = np.concatenate([cell, entry, record, offsets]).astype(np.int32)
+        data.tofile(self.path(start))
+        self.files[start] = (int(cell.shape[0]), zlib.crc32(data))
+
+    def read(self, start: int, length: int, n_cells: int) -> tuple[CachedJoin, np.ndarray]:
+        """A device part's cached join padded to ``length`` pairs, and its cell offsets."""
+        n, crc = self.files[start]
+        data = np.fromfile(self.path(start), np.int32)
+        if data.shape[0] != 3 * n + n_cells + 1 or zlib.crc32(data) != crc:
+            raise DataError(f"{self.path(start)}: the cached join of the block at frame {start} is damaged "
+                            f"(size or CRC-32 differs from what set-up wrote); rerun the set-up")
+        pad = length - n
+        cell = np.concatenate([data[:n], np.full(pad, n_cells - 1, np.int32)])
+        entry, record = (np.concatenate([data[k * n : (k + 1) * n], np.zeros(pad, np.int32)]) for k in (1, 2))
+        return CachedJoin(cell, entry, record, np.int32(n)), data[3 * n :]
+
+
+_CACHES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_SECONDS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def phase_seconds(problem) -> dict:
+    """Seconds of the last streamed iteration's phases: ``estep_intensity`` (first pass: E-step and the
+    intensity statistics), ``intensity`` (the solve), ``estep_phi`` (second pass: E-step and phi)."""
+    return dict(_SECONDS.get(problem, {}))
+
+
+def _part(plan: Plan, start: int, n_local: int):
+    """One device part of a full-search block: (frames, per-frame arrays and records of frame_arrays)."""
+    frames = plan.source.read(start, start + n_local)
+    return frames, frame_arrays(plan, frames, start, n_local)
+
+
+def cache_block(plan: Plan, block: Block) -> tuple[int, int]:
+    """Builds ``block``'s join (every device part of this process), writes it to the plan's cache and returns
+    (join pairs, pixel records) of its largest part, bucketed and maximised over processes as
+    emcjax.blocks.build_block pads them."""
+    cache = _CACHES.get(plan)
+    if cache is None:
+        cache = _CACHES[plan] = JoinCache(plan)
+    n_slots = plan.n_slots
+    most = (1, 1)
+    for i in parallel.local_positions(plan.mesh):
+        start = block.start + i * block.n_local
+        frames, arrays = _part(plan, start, block.n_local)
+        candidates = np.broadcast_to(np.arange(n_slots), (block.n_local, n_slots))
+        mask = np.zeros((block.n_local, n_slots), bool)
+        mask[: frames.n_frames] = True
+        join, offsets, record = build_join(frames, plan.detector, plan.rotation_set.index, candidates, mask,
+                                           plan.background[start : start + frames.n_frames], with_records=True)
+        cache.write(start, join.cell, join.entry, record, offsets)
+        most = max(most[0], join.cell.shape[0]), max(most[1], arrays[3].pixel.shape[0])
+    return tuple(parallel.global_max(bucket_length(n)) for n in most)
+
+
+def _record_block(plan: Plan, block: Block, lengths: tuple[int, int]) -> RecordBlock:
+    n_local = block.n_local
+    cache = _CACHES[plan]
+    parts = []
+    for i in parallel.local_positions(plan.mesh):
+        start = block.start + i * n_local
+        frames, (masked, background, weight, rec, photons) = _part(plan, start, n_local)
+        pad = lengths[1] - rec.pixel.shape[0]
+        real = np.arange(n_local) < frames.n_frames
+        records = Records(
+            np.concatenate([rec.pixel, np.zeros(pad, np.int64)]).astype(np.int32),
+            np.concatenate([np.maximum(rec.background, BACKGROUND_FLOOR), np.ones(pad)]).astype(np.float32),
+        )
+        join, offsets = cache.read(start, lengths[0], n_local * plan.n_slots)
+        parts.append(RecordBlock(np.int32(start), real, masked, background, weight,
+                                 _pad_photons(photons, lengths[1], n_local), records, join, offsets))
+    return parallel.stack_tree(plan.mesh, parts)
+
+
+def _record_blocks(problem):
+    """Yields (block, RecordBlock); the next block is read by a worker thread while the caller uses this one."""
+    build = functools.partial(_record_block, problem.plan, lengths=problem.lengths)
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as executor:
+        pending = executor.submit(build, problem.blocks[0])
+        for b, block in enumerate(problem.blocks):
+            data = pending.result()
+            if b + 1 < len(problem.blocks):
+                pending = executor.submit(build, problem.blocks[b + 1])
+            yield block, data
+            del data
+            _release_freed_memory()  # the worker thread's heap arena would keep several blocks' worth
+
+
+def _squeeze(tree):
+    return jax.tree.map(lambda x: x[0], tree)
+
+
+def _expand(tree):
+    return jax.tree.map(lambda x: x[None], tree)
+
+
+def _local_estep(tables, phi, state, shared, block: RecordBlock, spec: StepSpec, n_slots: int):
+    n_local = block.weight.shape[0]
+    local = BlockArrays(
+        frame_start=block.frame_start,
+        candidates=jnp.broadcast_to(jnp.arange(n_slots, dtype=jnp.int32), (n_local, n_slots)),
+        candidate_mask=jnp.broadcast_to(block.real[:, None], (n_local, n_slots)),
+        join=cached_join(block.join, block.records, block.photons, shared.polarization),
+        cell_offsets=block.cell_offsets, masked_shells=block.masked_shells,
+        background=block.background, weight=block.weight, photons=block.photons,
+    )
+    return estep_block(tables, phi, state, shared, local, spec)
+
+
+@functools.lru_cache(maxsize=None)
+def _intensity_pass_kernel(mesh: Mesh, spec: StepSpec, n_slots: int):
+    """One block of the first pass: E-step, kept pairs -> the intensity statistics (per device)."""
+
+    def local(tables, phi, state, shared, block, sums):
+        kept, n_live, stats = _local_estep(tables, phi, state, shared, _squeeze(block), spec, n_slots)
+        sums, terms = intensity_statistics(_squeeze(sums), phi, state.likelihood, kept)
+        pairs = (kept.pair_frame, kept.pair_rotation, kept.pair_prob)
+        return _expand(sums), _expand(terms), n_live[None], _expand(stats), _expand(pairs)
+
+    specs = (P(), P(), P(), P(), P(parallel.AXIS), P(parallel.AXIS))
+    return jax.jit(jax.shard_map(local, mesh=mesh, in_specs=specs, out_specs=P(parallel.AXIS), check_vma=False),
+                   donate_argnums=5)
+
+
+@functools.lru_cache(maxsize=None)
+def _phi_pass_kernel(mesh: Mesh, spec: StepSpec, n_slots: int):
+    """One block of the second pass: E-step with the new model, then phi (and the background scale) of the
+    block's frames; frames of other blocks keep the values of ``new_phi`` / ``scale``."""
+
+    def local(tables, intensity, phi, state, shared, block, new_phi, used, scale, totals):
+        kept, n_live, stats = _local_estep(tables, phi, state, shared, _squeeze(block), spec, n_slots)
+        new_phi, used_here = mstep.phi_update(intensity, new_phi, state.likelihood, kept, shared, spec.n_shells,
+                                              axis=parallel.AXIS, tables=tables)
+        if spec.refine_background:
+            scale = background_lib.scale_update(intensity, new_phi, scale, kept, shared, *totals, axis=parallel.AXIS)
+        pairs = (kept.pair_frame, kept.pair_rotation, kept.pair_prob)
+        return new_phi, used | used_here, scale, n_live[None], _expand(stats), _expand(pairs)
+
+    specs = (P(), P(), P(), P(), P(), P(parallel.AXIS), P(), P(), P(), P())
+    out = (P(), P(), P(), P(parallel.AXIS), P(parallel.AXIS), P(parallel.AXIS))
+    return jax.jit(jax.shard_map(local, mesh=mesh, in_specs=specs, out_specs=out, check_vma=False))
+
+
+class TermStore:
+    """The kept photon terms of a pass, on disk, in ``n_groups`` groups of entries (entry e in group
+    e % n_groups, at position e // n_groups): one binary file per group, appended block by block."""
+
+    def __init__(self, directory: pathlib.Path, n_groups: int):
+        self.paths = [directory / f"group{g:05d}.bin" for g in range(n_groups)]
+        self.n_groups = n_groups
+        self.n_terms = np.zeros(n_groups, np.int64)
+
+    def add(self, terms: PhotonTerms) -> None:
+        entry, pk, b = (np.asarray(x).ravel() for x in terms)
+        keep = pk > 0
+        entry, pk, b = entry[keep], pk[keep], b[keep]
+        group = entry % self.n_groups
+        order = np.argsort(group, kind="stable")  # stable: each entry keeps its terms in frame order
+        rows = np.empty(order.shape[0], TERM_DTYPE)
+        rows["local"], rows["pk"], rows["b"] = entry[order] // self.n_groups, pk[order], b[order]
+        bounds = np.searchsorted(group[order], np.arange(self.n_groups + 1))
+        for g in np.flatnonzero(np.diff(bounds)):
+            with open(self.paths[g], "ab") as f:
+                f.write(rows[bounds[g] : bounds[g + 1]].tobytes())
+        self.n_terms += np.diff(bounds)
+
+    def read(self, group: int, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(local, pk, b) of a group, padded to the bucketed length of the largest group (one compiled shape;
+        local = ``size`` on padding)."""
+        rows = np.fromfile(self.paths[group], TERM_DTYPE) if self.n_terms[group] else np.empty(0, TERM_DTYPE)
+        pad = bucket_length(max(int(self.n_terms.max()), 1)) - rows.shape[0]
+        return (np.concatenate([rows["local"], np.full(pad, size, np.int32)]),
+                np.concatenate([rows["pk"], np.zeros(pad, np.float32)]),
+                np.concatenate([rows["b"], np.ones(pad, np.float32)]))
+
+
+@functools.partial(jax.jit, static_argnames="size")
+def _newton_group(local, pk, b, a, size: int):
+    live = (local < size) & (pk > 0)
+    return mstep._newton_entries(local, pk, b, live, a, size, NEWTON_STEPS, a.dtype)
+
+
+@functools.partial(jax.jit, static_argnames="size")
+def _ratio_group(local, pk, b, w, size: int):
+    """Per entry of a group: sum of P K / (B / phi + W) over its photon terms (the MLEM numerator)."""
+    live = (local < size) & (pk > 0)
+    ratio = jnp.where(live, pk / (b + jnp.append(w, 0.0)[local]), 0.0)
+    return jax.ops.segment_sum(ratio, local, num_segments=size)
+
+
+@jax.jit
+def _exposure(sums: IntensitySums, shared):
+    """(n_entries,) exposure of every entry from the per-device sums (emcjax.core.mstep.entry_exposure)."""
+    total = jax.tree.map(lambda x: jnp.sum(x, axis=0), sums)
+    return mstep.exposure_of_rotations(total.per_rotation, total.per_rotation_shell, shared) - total.dead
+
+
+@functools.partial(jax.jit, static_argnames="shape")
+def _reference_voxels(w, exposure, shared, shape):
+    numerator, denominator = mstep._back_project(jnp.stack([exposure * w, exposure]), shared, shape, None)
+    return mstep._safe_divide(numerator, denominator).reshape(shape)
+
+
+@functools.partial(jax.jit, static_argnames="shape")
+def _mlem_step(flat, ratio, denominator, shared, shape):
+    numerator = mstep._back_project(ratio[None], shared, shape, None)[0]
+    return jnp.where(denominator > 0, flat * mstep._safe_divide(numerator, denominator), flat)
+
+
+def _by_group(values: np.ndarray, n_groups: int) -> np.ndarray:
+    """(n_entries,) -> (size, n_groups): column g holds group g's entries (padded with 0)."""
+    size = -(-values.shape[0] // n_groups)
+    return np.pad(values, (0, size * n_groups - values.shape[0])).reshape(size, n_groups)
+
+
+def solve_intensity(problem, spec: StepSpec, intensity, sums: IntensitySums, store: TermStore) -> jax.Array:
+    """The intensity update from the first pass's statistics, one entry group at a time."""
+    shared = problem.shared
+    shape = tuple(intensity.shape)
+    exposure = _exposure(sums, shared)
+    n_entries = exposure.shape[0]
+    groups = store.n_groups
+    pol = np.asarray(shared.polarization)[np.asarray(shared.entries.pixel)]
+    exposure_np = np.asarray(exposure)
+    size = -(-n_entries // groups)
+    if spec.intensity_update == "reference":
+        a = _by_group(exposure_np * pol, groups)
+        w = np.zeros((size, groups), np.float32)
+        for g in range(groups):
+            w[:, g] = np.asarray(_newton_group(*store.read(g, size), a[:, g], size=size))
+        return _reference_voxels(jnp.asarray(w.ravel()[:n_entries]), exposure, shared, shape)
+    denominator = mstep._back_project(jnp.asarray(exposure_np * pol)[None], shared, shape, None)[0]
+    flat = intensity.reshape(-1)
+    for _ in range(spec.inner_iterations):
+        tomogram = _by_group(np.asarray(model_lib.tomogram(flat.reshape(shape), shared.entries)), groups)
+        ratio = np.zeros((size, groups), np.float32)
+        for g in range(groups):
+            ratio[:, g] = np.asarray(_ratio_group(*store.read(g, size), tomogram[:, g], size=size))
+        flat = _mlem_step(flat, jnp.asarray(ratio.ravel()[:n_entries]), denominator, shared, shape)
+    return flat.reshape(shape)
+
+
+def _fill_stats(stats: np.ndarray, problem, block: Block, values) -> None:
+    """Per-frame E-step results of one block into (4, n_padded) ``stats`` (best rotation: sampling index)."""
+    rotations = problem.rotation_set.rotations
+    for row, v in enumerate(values):
+        for i, piece in zip(parallel.local_positions(problem.mesh), parallel.local_pieces(v)):
+            first = block.start + i * block.n_local
+            stats[row, first : first + piece.shape[0]] = rotations[piece] if row == 2 else piece
+
+
+def _live_pairs(problem, pairs) -> KeptRotations:
+    frame, rotation, prob = (np.asarray(x).ravel() for x in pairs)
+    live = prob > 0
+    return KeptRotations(frame[live], problem.rotation_set.rotations[rotation[live]], prob[live])
+
+
+def iteration(problem, state: EMCState, spec: StepSpec, overflow) -> tuple[EMCState, Diagnostics]:
+    """One streamed iteration (module docstring); ``overflow(needed)`` is raised when a block kept more join
+    pairs than ``spec.kept_budget`` (the caller reruns with a larger budget)."""
+    mesh, n_slots = problem.mesh, problem.n_slots
+    shared = problem.shared
+    n_pad = problem.n_padded - problem.n_frames
+    phi = jnp.pad(state.phi, (0, n_pad))
+    seconds = {}
+
+    def check(n_live):
+        needed = int(np.max(np.asarray(n_live)))
+        problem.kept_needed = max(problem.kept_needed, needed)
+        if spec.kept_budget is not None and needed > spec.kept_budget:
+            raise overflow(needed)
+
+    start = time.perf_counter()
+    first = np.zeros((4, problem.n_padded))
+    tables = rotation_tables(state.intensity, shared, problem.n_shells)
+    kernel = _intensity_pass_kernel(mesh, spec, n_slots)
+    n_entries = shared.entries.rotation.shape[0]
+    sums = parallel.stack_tree(mesh, [IntensitySums.zeros(shared.entries.n_rot, problem.n_shells, n_entries)
+                                      for _ in parallel.local_positions(mesh)])
+    pieces = []
+    with tempfile.TemporaryDirectory(prefix="emcjax-terms-") as directory:
+        store = TermStore(pathlib.Path(directory), max(len(problem.blocks), 1))
+        for block, data in _record_blocks(problem):
+            sums, terms, n_live, stats, pairs = kernel(tables, phi, state, shared, data, sums)
+            check(n_live)
+            store.add(terms)
+            _fill_stats(first, problem, block, stats)
+            pieces.append(_live_pairs(problem, pairs))
+        seconds["estep_intensity"] = time.perf_counter() - start
+        start = time.perf_counter()
+        intensity = jax.block_until_ready(solve_intensity(problem, spec, state.intensity, sums, store))
+        seconds["intensity"] = time.perf_counter() - start
+    del sums
+    last, likelihood = first, state.likelihood
+    if spec.update_phi:
+        start = time.perf_counter()
+        last = np.zeros((4, problem.n_padded))
+        tables = rotation_tables(intensity, shared, problem.n_shells)
+        kernel = _phi_pass_kernel(mesh, spec, n_slots)
+        new_phi, used = phi, jnp.zeros(problem.n_padded, bool)
+        scale = jnp.broadcast_to(jnp.asarray(getattr(likelihood, "scale", 1.0), phi.dtype), (problem.n_frames,))
+        totals = tuple(parallel.replicate(mesh, np.pad(x, (0, n_pad)).astype(np.float32))
+                       for x in (problem.photons, problem.expected_background))
+        pieces = []
+        for block, data in _record_blocks(problem):
+            new_phi, used, scale, n_live, stats, pairs = kernel(tables, intensity, phi, state, shared, data, new_phi,
+                                                                used, scale, totals)
+            check(n_live)
+            _fill_stats(last, problem, block, stats)
+            pieces.append(_live_pairs(problem, pairs))
+        intensity, phi = mstep.normalise_phi(intensity, new_phi, used)
+        if spec.refine_background:
+            likelihood = dataclasses.replace(likelihood, scale=scale)
+        seconds["estep_phi"] = time.perf_counter() - start
+    kept_pairs = KeptRotations(*(np.concatenate(x) for x in zip(*pieces)))
+    _SECONDS[problem] = seconds
+    new = state._replace(iteration=state.iteration + 1, intensity=intensity, phi=phi[: problem.n_frames],
+                         likelihood=likelihood)
+    return new, Diagnostics(first=FrameStats(*first), last=FrameStats(*last), n_live=0, kept=kept_pairs)

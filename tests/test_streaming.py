@@ -1,0 +1,124 @@
+"""Streaming at O(block) (emcjax.streaming, emcjax.core.stream): the join filled in from the disk cache is
+emcjax.join's, and a streamed run (blocks re-read at every E-step, per-block M-step statistics, photon terms
+on disk) equals the in-memory fused step.
+
+One small simulation (64x64 detector to 8 Å, rotation_n = 2, 90 frames) with a dead-pixel frame, a frame
+with a masked background shell and a frame of weight 0; streamed in blocks of 20 frames (5 blocks, the last
+one padded).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import numpy as np
+import pytest
+
+from emcjax import data as data_io
+from emcjax import emc, parallel, streaming
+from emcjax.blocks import build_block
+from emcjax.core.stream import cached_join
+from emcjax.detector import DetectorGeometry
+from emcjax.errors import DataError
+from emcjax.simulate import SimulationConfig, simulate
+
+GEOMETRY = DetectorGeometry(
+    num_rows=64, num_cols=64, pixel_size_m=3.6e-3, beam_center_px=(31.5, 31.5), resolution_max_A=8.0, n_shells=10
+)
+SIM = SimulationConfig(n_frames=90, geometry=GEOMETRY, rotation_n=2, bragg_photons=200.0, background_photons=20.0,
+                       seed=4)
+DEAD, MASKED, REJECTED = 3, 7, 11
+BLOCK = 20
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """(dataset, frames, weights): the simulation with frame DEAD given 40 dead pixels (in-peak pixels without
+    a photon), frame MASKED its first photon's shell masked, frame REJECTED weight 0."""
+    frames, truth = simulate(SIM)
+    path = tmp_path_factory.mktemp("stream") / "small.h5"
+    data_io.write_dataset(
+        path, frames, geometry=dataclasses.asdict(GEOMETRY),
+        crystal={"cell": np.asarray(SIM.cell), "space_group": SIM.space_group, "vn": SIM.vn, "gw": SIM.gw},
+        truth=truth,
+    )
+    ds = data_io.SparseDataset(path)
+    detector = emc.setup_problem(ds, emc.EMCConfig(rotation_n=2)).detector
+    photons = frames.photon_pixels[frames.photon_offsets[DEAD] : frames.photon_offsets[DEAD + 1]]
+    dead = np.setdiff1d(detector.pixel_id, photons)[::37][:40]
+    dead_offsets = np.zeros(frames.n_frames + 1, np.int64)
+    dead_offsets[DEAD + 1 :] = dead.shape[0]
+    background = np.array(frames.background, np.float32)
+    first = frames.photon_pixels[frames.photon_offsets[MASKED]]
+    background[MASKED, detector.shell[detector.pixel_map()[first]]] = -1
+    frames = dataclasses.replace(frames, dead_offsets=dead_offsets, dead_pixels=dead.astype(np.int64),
+                                 background=background)
+    frames.validate()
+    weights = np.ones(frames.n_frames, np.float32)
+    weights[REJECTED] = 0
+    yield ds, frames, weights
+    ds.close()
+
+
+def test_cached_join_is_the_numpy_join(data):
+    """The join filled in on the device from the disk cache is emcjax.join's join of the block, pair for pair
+    (same order, same values, same padding), with the same cell offsets; a damaged cache file is refused."""
+    ds, frames, weights = data
+    config = emc.EMCConfig(rotation_n=2, block_frames=BLOCK, stream=True)
+    problem = emc.setup_problem(ds, config, frames=frames, frame_weights=weights)
+    fill = jax.jit(cached_join)
+    for block in (problem.blocks[0], problem.blocks[-1]):  # the last block is padded
+        expected = jax.tree.map(lambda x: np.asarray(parallel.local_pieces(x)[0]),
+                                build_block(problem.plan, block, problem.lengths)[0].arrays)
+        local = jax.tree.map(lambda x: parallel.local_pieces(x)[0],
+                             streaming._record_block(problem.plan, block, problem.lengths))
+        join = fill(local.join, local.records, local.photons, problem.shared.polarization)
+        assert int(local.join.n_pairs) > 0
+        for field in join._fields:
+            np.testing.assert_array_equal(np.asarray(getattr(join, field)), getattr(expected.join, field), err_msg=field)
+        np.testing.assert_array_equal(np.asarray(local.cell_offsets), expected.cell_offsets)
+    cache = streaming._CACHES[problem.plan]
+    path = cache.path(problem.blocks[1].start)
+    damaged = np.fromfile(path, np.int32)
+    damaged[5] += 1
+    damaged.tofile(path)
+    with pytest.raises(DataError, match="damaged"):
+        streaming._record_block(problem.plan, problem.blocks[1], problem.lengths)
+
+
+def _run(data, config, iterations):
+    ds, frames, weights = data
+    problem = emc.setup_problem(ds, config, frames=frames, frame_weights=weights)
+    state = emc.initial_state(problem, config, seed=0)
+    results = []
+    for _ in range(iterations):
+        state, metrics, per_frame = emc.iterate(problem, state, config)
+        results.append((state, metrics, per_frame))
+    return problem, results
+
+
+@pytest.mark.parametrize("settings", [
+    {},  # the default: the reference's intensity update, then phi
+    {"intensity_update": "mlem", "inner_iterations": 2, "update_phi": False},
+], ids=["reference", "mlem-no-phi"])
+def test_streamed_run_equals_the_in_memory_run(data, settings):
+    """The same models, phi, log-likelihoods, best rotations and kept pairs for two iterations (float sums
+    over blocks in another order only)."""
+    memory_problem, memory = _run(data, emc.EMCConfig(rotation_n=2, **settings), 2)
+    config = emc.EMCConfig(rotation_n=2, block_frames=BLOCK, stream=True, **settings)
+    problem, streamed = _run(data, config, 2)
+    assert memory_problem.batch is not None and len(problem.blocks) == 5
+    assert streaming.applies(problem, problem.spec(config), streamed[0][0].likelihood)
+    assert set(streaming.phase_seconds(problem)) >= {"estep_intensity", "intensity"}
+    for (a, ma, fa), (b, mb, fb) in zip(memory, streamed):
+        scale = float(np.abs(np.asarray(a.intensity)).max())
+        np.testing.assert_allclose(np.asarray(b.intensity), np.asarray(a.intensity), rtol=1e-5, atol=1e-6 * scale)
+        np.testing.assert_allclose(np.asarray(b.phi), np.asarray(a.phi), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(mb["log_likelihood"], ma["log_likelihood"], rtol=1e-6)
+        np.testing.assert_array_equal(fb["best_rotation"], fa["best_rotation"])
+        order_a, order_b = (np.lexsort((f["kept_rotation"], f["kept_frame"])) for f in (fa, fb))
+        for key in ("kept_frame", "kept_rotation"):
+            np.testing.assert_array_equal(fb[key][order_b], fa[key][order_a])
+        np.testing.assert_allclose(fb["kept_prob"][order_b], fa["kept_prob"][order_a], rtol=1e-5, atol=1e-6)
+        assert REJECTED not in fb["kept_frame"]
