@@ -154,3 +154,26 @@ def test_shell_correction_configuration_errors():
                 dict(refine_orientations=True)):
         with pytest.raises(ConfigError, match="refine_background_shells"):
             emc.EMCConfig(refine_background_shells=True, **bad)
+
+
+def test_quick_experiment_writes_table_json_and_figure(tmp_path):
+    """``python experiments/background_shells.py --quick`` (in-process): its outputs, and the correction's factors
+    and log-likelihood against the uncorrected run."""
+    import importlib
+    import json
+    import pathlib
+    import sys
+
+    experiments = pathlib.Path(__file__).resolve().parents[1] / "experiments"
+    sys.path.insert(0, str(experiments))
+    try:
+        importlib.import_module("background_shells").main(["--quick", "--out", str(tmp_path)])
+    finally:
+        sys.path.remove(str(experiments))
+    record = json.loads((tmp_path / "background_shells.json").read_text())
+    assert (tmp_path / "background_shells.png").read_bytes()[:4] == b"\x89PNG"
+    table = (tmp_path / "background_shells.md").read_text()
+    assert table.count("\n|") == len(record["rows"]) + 1
+    rows = {row[0]: row for row in record["rows"]}
+    assert rows["per-shell correction"][4] > rows["recorded background"][4]  # log-likelihood of the same data
+    assert rows["per-shell correction"][6] < 0.1  # max |g / g_true - 1| over the populated shells
