@@ -175,5 +175,5 @@ def test_quick_experiment_writes_table_json_and_figure(tmp_path):
     table = (tmp_path / "background_shells.md").read_text()
     assert table.count("\n|") == len(record["rows"]) + 1
     rows = {row[0]: row for row in record["rows"]}
-    assert rows["per-shell correction"][4] > rows["recorded background"][4]  # log-likelihood of the same data
-    assert rows["per-shell correction"][6] < 0.1  # max |g / g_true - 1| over the populated shells
+    assert rows["per-shell correction"][5] > rows["recorded background"][5]  # log-likelihood of the same data
+    assert rows["per-shell correction"][7] < 0.1  # max |g / g_true - 1| over the populated shells
