@@ -135,7 +135,9 @@ def test_refined_factors_recover_a_known_per_shell_misscaling(dataset):
     np.testing.assert_array_equal(g[PIXELS == 0], 1.0)  # no pixel: no information, no change
     assert metrics["background_shell_min"] == pytest.approx(g.min()) and metrics["background_shell_max"] == pytest.approx(g.max())
     assert metrics["log_likelihood"] > plain_metrics["log_likelihood"]
-    assert metrics["cc_true"] > plain_metrics["cc_true"]
+    # no harm: with the orientations found, this background error barely moves cc_true (docs/EXPERIMENTS.md:
+    # +0.003 here, -0.001 to -0.003 at 1000 frames), so the test asks for no loss, not for a gain
+    assert metrics["cc_true"] > plain_metrics["cc_true"] - 0.01
     assert plain.background_shell is None
 
     # with the per-frame scales refined too: the products c_d g_s recover the truth, g has weighted mean 1
