@@ -336,13 +336,17 @@ def run_iterations(config, emc_config, problem, state, manager, meta, records, m
     out = config.out
     times: list[float] = []
     iterate = functools.partial(emc_lib.iterate, problem, config=emc_config)
+    refiner = None
     if emc_config.refine_orientations:
         from emcjax.refinement import Refiner
 
-        iterate = Refiner(problem, emc_config).iterate
+        refiner = Refiner(problem, emc_config)
+        iterate = refiner.iterate
         log(f"orientation refinement: from iteration {emc_config.refine_start + 1}, the {emc_config.refine_top_k} "
             f"most probable rotations of each frame, {emc_config.refine_steps} steps, up to "
             f"{emc_config.refine_max_angle_deg}°")
+        if int(state.iteration) > 0:
+            _restore_refinement(refiner, out, int(state.iteration), log)
     refined_from = emc_config.refine_start + 1 if emc_config.refine_orientations else 0
     for _ in range(int(state.iteration), config.iters):
         state, metrics, per_frame = iterate(state)
@@ -360,6 +364,9 @@ def run_iterations(config, emc_config, problem, state, manager, meta, records, m
             runio.write_iteration(out, iteration, state.intensity, state.phi,
                                   per_frame["best_rotation"], per_frame["best_probability"], metrics,
                                   extra={k: v for k, v in per_frame.items() if k.startswith("kept_") or k == "best_quaternion"})
+        if refiner is not None and main_process:
+            runio.write_side_arrays(out, runio.REFINEMENT_DIR, iteration, refiner.snapshot(),
+                                    keep=getattr(config, "keep_checkpoints", 3))
         checkpoint.save(manager, state, {**meta, "iteration": iteration})
         times.append(float(metrics.get("seconds", 0.0)))
         recent = times[-5:]
@@ -373,6 +380,17 @@ def run_iterations(config, emc_config, problem, state, manager, meta, records, m
                 f"iteration {iteration} (of at most {config.iters}); stopping")
             break
     return state, records
+
+
+def _restore_refinement(refiner, out: pathlib.Path, iteration: int, log) -> None:
+    """Resumes the refiner where checkpoint ``iteration`` left it (its kept rotations and refined candidates);
+    without the file (a run from before it was written) refinement restarts from a grid E-step."""
+    arrays = runio.read_side_arrays(out, runio.REFINEMENT_DIR, iteration)
+    if arrays is None:
+        log(f"warning: {out / runio.REFINEMENT_DIR} has no state for iteration {iteration}; orientation refinement "
+            "restarts from a grid E-step")
+    elif arrays:
+        refiner.restore(arrays)
 
 
 def _draw(out: pathlib.Path, records: list[dict], problem, state) -> None:

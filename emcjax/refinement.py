@@ -198,6 +198,7 @@ class Refiner:
         self.photons = [frame_photons(problem.plan, a, b) for a, b in _chunks(problem.n_frames, per_call)]
         self.current = problem
         self.last = None  # per-frame results of the last iteration (indices into self.current.sampling)
+        self.union = None  # how self.current was built from self.base (see snapshot)
 
     def refined_problem(self, state) -> tuple[object, dict]:
         """The problem with every frame's refined candidates, from the last iteration's kept rotations."""
@@ -212,6 +213,9 @@ class Refiner:
             except _TooManyReflections as too_many:
                 self.settings = self.settings._replace(max_reflections=bucket_length(too_many.needed))
         problem = candidate_problem(self.base, sampling, starts, refined)
+        n_base = self.base.sampling.n_rot
+        self.union = {"start_ids": union_start_ids(starts, n_base),
+                      "extra_quaternions": np.asarray(problem.sampling.quaternions[n_base:])}
         return problem, {"refine_gain_median": float(np.median(gain[:, 0]))}
 
     def iterate(self, state):
@@ -237,6 +241,31 @@ class Refiner:
         metrics = {**metrics, **record, "seconds": metrics["seconds"] + record["refine_seconds"]}
         return state, metrics, per_frame
 
+    def snapshot(self) -> dict[str, np.ndarray]:
+        """What the next iteration needs besides the EMC state, as plain arrays (saved next to every checkpoint
+        so that a resumed run continues exactly): the last E-step's kept rotations and best rotation (indices
+        into the current sampling) and, once refined, how the current candidate problem was built."""
+        if self.last is None:
+            return {}
+        arrays = {f"last_{key}": np.asarray(self.last[key]) for key in LAST_KEYS}
+        if self.union is not None:
+            arrays.update(self.union)
+        return arrays
+
+    def restore(self, arrays: dict[str, np.ndarray]) -> None:
+        """The inverse of :meth:`snapshot`: rebuilds the current candidate problem from the base problem."""
+        self.last = {key: np.asarray(arrays[f"last_{key}"]) for key in LAST_KEYS}
+        self.current, self.union = self.base, None
+        if "start_ids" in arrays:
+            start_ids, extra = np.asarray(arrays["start_ids"]), np.asarray(arrays["extra_quaternions"])
+            n_off = int(np.sum(start_ids >= self.base.sampling.n_rot))
+            quaternions = np.concatenate([self.base.sampling.quaternions, extra[:n_off]])
+            before = RotationSampling(quaternions=quaternions, log_weights=np.zeros(quaternions.shape[0]),
+                                      n=self.base.sampling.n)
+            refined = extra[n_off:].reshape(*start_ids.shape, 4)
+            self.current = candidate_problem(self.base, before, start_ids, refined)
+            self.union = {"start_ids": start_ids, "extra_quaternions": extra}
+
     def to_base(self, quaternions: np.ndarray, rotation: np.ndarray) -> np.ndarray:
         """Sampling indices of the union sampling -> the nearest rotation of the base sampling."""
         n_base = self.base.sampling.n_rot
@@ -245,6 +274,18 @@ class Refiner:
         if off.any():
             rotation[off] = nearest_rotations(self.base.sampling, quaternions[rotation[off]], 1)[:, 0]
         return rotation
+
+
+LAST_KEYS = ("kept_frame", "kept_rotation", "kept_prob", "best_rotation")
+
+
+def union_start_ids(starts: np.ndarray, n_base: int) -> np.ndarray:
+    """Start rotations (indices into the last sampling) as indices into the next union sampling: base
+    rotations keep their index, off-grid ones are numbered from ``n_base`` in row-major order."""
+    off_grid = starts >= n_base
+    ids = np.array(starts, np.int64)
+    ids[off_grid] = n_base + np.arange(int(off_grid.sum()))
+    return ids
 
 
 def candidate_problem(base, sampling: RotationSampling, starts: np.ndarray, refined: np.ndarray):
@@ -256,9 +297,7 @@ def candidate_problem(base, sampling: RotationSampling, starts: np.ndarray, refi
     n, k = starts.shape
     off_grid = starts >= n_base
     extra_q = [sampling.quaternions[starts[off_grid]], refined.reshape(-1, 4)]
-    extra_ids = np.full(starts.shape, -1, np.int64)
-    extra_ids[off_grid] = n_base + np.arange(int(off_grid.sum()))
-    start_ids = np.where(off_grid, extra_ids, starts)
+    start_ids = union_start_ids(starts, n_base)
     refined_ids = n_base + int(off_grid.sum()) + np.arange(n * k).reshape(n, k)
     quaternions = np.concatenate([base.sampling.quaternions, *extra_q])
     log_w = base.plan.log_w

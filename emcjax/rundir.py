@@ -43,10 +43,10 @@ PROVENANCE_FILE = "run.json"
 RUN_ENTRIES = frozenset({
     LOCK_FILE, PROVENANCE_FILE, runio.CONFIG_FILE, runio.METRICS_FILE, runio.INTENSITIES_FILE,
     runio.ITERATIONS_DIR, checkpoint.CHECKPOINTS_DIR, checkpoint.DAMAGED_DIR, "figures",
-    "frame_weights.h5", "rejection.h5",
+    "frame_weights.h5", "rejection.h5", runio.REFINEMENT_DIR,
 })
 """Names a runner writes in a run directory (besides ``.NAME.XXXX.tmp`` files of atomic writes): with
-``--frame-weights``/``--half`` lowres records ``frame_weights.h5``; ``emcjax.reject`` adds ``rejection.h5``."""
+``--frame-weights``/``--half`` lowres records ``frame_weights.h5``; ``emcjax.reject`` adds ``rejection.h5``; orientation refinement keeps its state in ``refinement/``."""
 VERSIONED_PACKAGES = ("emcjax", "jax", "jaxlib", "numpy", "h5py", "orbax-checkpoint", "gemmi", "scipy")
 
 

@@ -424,6 +424,35 @@ def truncate_metrics(run_dir: str | os.PathLike, last_iteration: int) -> list[di
 # HDF5 outputs
 
 
+REFINEMENT_DIR = "refinement"  # RUN/refinement/NNN.npz: the orientation refiner's state next to checkpoint NNN
+
+
+def write_side_arrays(run_dir: str | os.PathLike, name: str, iteration: int, arrays: Mapping[str, np.ndarray],
+                      keep: int) -> None:
+    """Writes ``run_dir/name/NNN.npz`` (arrays a runner needs to resume at ``iteration`` besides its
+    checkpoint) atomically and removes the files of iterations more than ``keep`` before it."""
+    directory = pathlib.Path(run_dir) / name
+    directory.mkdir(exist_ok=True)
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    write_bytes_atomic(directory / f"{iteration:03d}.npz", buffer.getvalue())
+    for old in directory.glob("*.npz"):
+        if old.stem.isdigit() and int(old.stem) <= iteration - keep:
+            old.unlink(missing_ok=True)
+
+
+def read_side_arrays(run_dir: str | os.PathLike, name: str, iteration: int) -> dict[str, np.ndarray] | None:
+    """The arrays :func:`write_side_arrays` wrote for ``iteration``, or None if there is no such file."""
+    path = pathlib.Path(run_dir) / name / f"{iteration:03d}.npz"
+    if not path.exists():
+        return None
+    try:
+        with np.load(path) as f:
+            return {key: f[key] for key in f.files}
+    except (OSError, ValueError) as err:
+        raise DataError(f"{path}: cannot be read ({err}); delete it to restart refinement from a grid E-step")
+
+
 def iteration_path(run_dir: str | os.PathLike, iteration: int) -> pathlib.Path:
     """``run_dir/iterations/NNN.h5`` (three digits, more when needed)."""
     return pathlib.Path(run_dir) / ITERATIONS_DIR / f"{iteration:03d}.h5"
