@@ -360,7 +360,8 @@ def iterate(problem: Problem, state: EMCState, config: EMCConfig) -> tuple[EMCSt
       ``phi_zero_fraction``, ``certainty`` (mean most-likely probability), ``kept_mean`` (rotations kept per
       frame), ``inverse_temperature`` (beta of this iteration's E-steps, ``config.inverse_temperature_at``),
       ``background_scale_mean`` (likelihoods with a per-frame background scale), ``background_shell_min`` /
-      ``_max`` (refine_background_shells), ``cc_true`` (when the data have truth), ``seconds``; and per-frame numpy arrays
+      ``_max`` (refine_background_shells), ``cc_true`` (when the data have truth), ``seconds``; and per-frame
+      numpy arrays
       ``best_rotation`` (index into the sampling) and ``best_probability``, plus the kept (frame, rotation)
       pairs of the last E-step: ``kept_frame``, ``kept_rotation`` (sampling index), ``kept_prob``.
     """

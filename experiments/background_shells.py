@@ -127,7 +127,8 @@ def main(argv=None) -> None:
               f"{sizes['bragg']:g} Bragg + {sizes['background']:g} background photons per frame, true background = "
               f"g_s x recorded with g from {args.low:g} to {args.high:g} over the populated shells, "
               f"{sizes['iters']} iterations, seeds 0-{sizes['seeds'] - 1}. The log-likelihoods of the first three "
-              f"rows are of the same data; the ceiling's is of the true background. Total {elapsed:.0f} s wall, {cpu:.0f} s CPU (process).\n")
+              f"rows are of the same data; the ceiling's is of the true background. Total {elapsed:.0f} s wall, "
+              f"{cpu:.0f} s CPU (process).\n")
     fig, axes = rc.figure(2)
     for i, name in enumerate(models):
         for seed in range(sizes["seeds"]):

@@ -2,9 +2,9 @@
 
     python experiments/mstep_speed.py [--quick] [--out DIR] [--seeds N]
 
-One Poisson data set, --seeds random starts (3 at full size, 1 for --quick), the same number of iterations with each intensity update: the
-reference's per-pixel ML + compress ("reference"), multiplicative EM ("mlem") and Adam steps on the expected
-log-likelihood ("gradient", --steps steps of size --lr; phi then also by gradient). Records the log-likelihood
+One Poisson data set, --seeds random starts (3 at full size, 1 for --quick), the same number of iterations with
+each intensity update: the reference's per-pixel ML + compress ("reference"), multiplicative EM ("mlem") and Adam
+steps on the expected log-likelihood ("gradient", --steps steps of size --lr; phi then also by gradient). Records the log-likelihood
 (nats, the marginal one of the E-step) and cc_true after every iteration against the cumulative wall time.
 Each rule first runs the same iterations once untimed, so that every step it needs is compiled (the kept-pair
 budget changes in the first iterations, and each new budget compiles a new step); the timed run then hits the
