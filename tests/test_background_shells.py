@@ -126,7 +126,6 @@ def run(dataset, iterations: int, **fields):
 
 
 def test_refined_factors_recover_a_known_per_shell_misscaling(dataset):
-    plain, plain_metrics = run(dataset, 4)
     state, metrics = run(dataset, 4, refine_background_shells=True)
     g = np.asarray(state.background_shell, np.float64)
     many = PIXELS >= 50  # shell 3 holds 8 pixels (~1 background photon per frame)
@@ -134,11 +133,6 @@ def test_refined_factors_recover_a_known_per_shell_misscaling(dataset):
     np.testing.assert_allclose(g[many], G_TRUE[many], rtol=0.03)
     np.testing.assert_array_equal(g[PIXELS == 0], 1.0)  # no pixel: no information, no change
     assert (metrics["background_shell_min"], metrics["background_shell_max"]) == pytest.approx((g.min(), g.max()))
-    assert metrics["log_likelihood"] > plain_metrics["log_likelihood"]
-    # no harm: with the orientations found, this background error barely moves cc_true (docs/EXPERIMENTS.md:
-    # +0.003 here, -0.001 to -0.003 at 1000 frames), so the test asks for no loss, not for a gain
-    assert metrics["cc_true"] > plain_metrics["cc_true"] - 0.01
-    assert plain.background_shell is None
 
     # with the per-frame scales refined too: the products c_d g_s recover the truth, g has weighted mean 1
     both, _ = run(dataset, 3, likelihood="poisson-bgscale", refine_background=True, refine_background_shells=True)
@@ -177,5 +171,13 @@ def test_quick_experiment_writes_table_json_and_figure(tmp_path):
     table = (tmp_path / "background_shells.md").read_text()
     assert table.count("\n|") == len(record["rows"]) + 1
     rows = {row[0]: row for row in record["rows"]}
-    assert rows["per-shell correction"][5] > rows["recorded background"][5]  # log-likelihood of the same data
-    assert rows["per-shell correction"][7] < 0.1  # max |g / g_true - 1| over the populated shells
+    corrected, recorded, ceiling = (rows[k] for k in ("per-shell correction", "recorded background",
+                                                       "true background (ceiling)"))
+    assert corrected[7] < 0.1  # max |g / g_true - 1| over the populated shells
+    # the log-likelihood of the same photons rises to that of the true background (within 25 % of the gap)
+    assert corrected[5] > recorded[5]
+    assert abs(corrected[5] - ceiling[5]) < 0.25 * (ceiling[5] - recorded[5])
+    # no harm: with the orientations found, this background error barely moves cc_true (docs/EXPERIMENTS.md:
+    # -0.001 to -0.003 at 1000 frames, and the true background scores lower still), so no loss, not a gain
+    assert corrected[1] > recorded[1] - 0.01
+    assert recorded[6] == corrected[6] == 0  # median orientation error (true orientations on the grid)
