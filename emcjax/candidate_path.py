@@ -32,7 +32,9 @@ def choose_path(n_candidates: int, n_distinct: int, records_per_frame: float, en
       its entries take ``64 n_distinct E`` bytes.
     * direct: every (record, candidate) pair and every candidate's expected signal, twice per iteration:
       ``2 n_candidates (R + S)`` with S = 2E for the exact signal (the box tests around each reflection are
-      about twice its in-peak pixels) or the frame's preselected reflections for the tabulated one.
+      about twice its in-peak pixels) or, for the tabulated one, the reflections near the sphere at the
+      candidate (table interpolations, padded) plus a three-multiply-add test of the frame's preselected list
+      (cut_signal.near_frame_signal): about twice the reflections near the sphere.
 
     The direct path is taken when it does less work or when the table path's entries exceed ``TABLE_BYTES``.
     With the exact signal and candidates used by one frame each, the two do similar work; the direct path
@@ -41,7 +43,7 @@ def choose_path(n_candidates: int, n_distinct: int, records_per_frame: float, en
     Args:
       n_candidates: (frame, candidate) pairs over all frames; n_distinct: distinct candidate rotations;
       records_per_frame: photon and dead-pixel records per frame (R); entries_per_rotation: in-peak pixels
-      of one rotation (E); reflections_per_frame: reflections preselected per frame (tabulated signal);
+      of one rotation (E); reflections_per_frame: the tabulated signal's terms per candidate (see above);
       signal: "exact" or "tabulated".
     """
     entries = n_distinct * entries_per_rotation
@@ -70,5 +72,5 @@ def use_direct(dataset: SparseDataset, config: EMCConfig, frames: SparseFrames |
     quats = SampledRotations(int(dataset.candidate_sampling_n)).quaternions[np.asarray(rotation_ids[:1])]
     near = float(np.asarray(model_lib.near_sphere_counts(jnp.asarray(quats, jnp.float32), proj))[0])
     path = choose_path(int(rotation_ids.shape[0]), int(np.unique(rotation_ids).shape[0]), float(records),
-                       near * n_box**2 / 2.0, 5.0 * near, config.candidate_signal)
+                       near * n_box**2 / 2.0, 2.0 * near, config.candidate_signal)
     return path == "direct"

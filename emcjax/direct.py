@@ -77,6 +77,7 @@ class DirectBlockData:
     arrays: kernels.DirectBlock
     rotations: np.ndarray  # (n_rot,) int64 sampling index (padding repeats the last)
     records: dict  # numpy: pixel, count, dead, background, valid (n_local, n_records)
+    n_near: int = 0  # tabulated signal: most reflections near the sphere at one candidate (padded, static)
 
 
 def _records_per_frame(rec, n_local: int, n_records: int | None):
@@ -128,26 +129,36 @@ def build_direct_block(plan: DirectPlan, start: int, n_local: int) -> tuple[Dire
         weight=jnp.asarray(weight), photons=PhotonArrays(*(jnp.asarray(x) for x in photons)),
     )
     quaternions = np.asarray(plan.sampling.quaternions[padded], np.float64)
+    reflections, n_near = None, 0
+    if plan.signal == "tabulated":
+        reflections, n_near = _frame_reflections(plan, quaternions, candidates, mask)
     arrays = kernels.DirectBlock(
         local=local,
         quaternions=jnp.asarray(quaternions, jnp.float32),
         log_prior=jnp.asarray(prior),
         records=kernels.Records(*(jnp.asarray(records[k]) for k in kernels.Records._fields)),
-        frame_reflections=None if plan.signal == "exact" else _frame_reflections(plan, quaternions, candidates, mask),
+        frame_reflections=reflections,
     )
-    return DirectBlockData(start, n_local, arrays, padded, records), longest
+    return DirectBlockData(start, n_local, arrays, padded, records, n_near), longest
 
 
 def _frame_reflections(plan: DirectPlan, quaternions: np.ndarray, candidates: np.ndarray, mask: np.ndarray):
-    """(n_local, h) reflections that can cut the sphere at any candidate of each frame (tabulated signal)."""
-    centre = quaternions[candidates[:, 0]]
-    angle = np.where(mask, misorientation_angle(quaternions[candidates], centre[:, None, :]), 0.0)
-    reach = jnp.asarray(angle.max(axis=1), jnp.float32)
+    """Tabulated signal: (n_local, h) reflections that can cut the sphere at any candidate of each frame,
+    preselected around the candidates' mean rotation (the smallest reach), and the most of them near the
+    sphere at one candidate (the ``k_max`` of cut_signal.near_frame_signal, a multiple of 32)."""
+    quats = quaternions[candidates]  # (n_local, n_slots, 4)
+    sign = np.where(np.sum(quats * quats[:, :1], axis=-1, keepdims=True) < 0, -1.0, 1.0)
+    centre = np.sum(np.where(mask[..., None], sign * quats, 0.0), axis=1) + 1e-12 * quats[:, 0]
+    centre /= np.linalg.norm(centre, axis=1, keepdims=True)
+    angle = np.where(mask, misorientation_angle(quats, centre[:, None, :]), 0.0)
+    reach = jnp.asarray(angle.max(axis=1) * (1 + 1e-6) + 1e-6, jnp.float32)
     centre = jnp.asarray(centre, jnp.float32)
     proj = plan.projection[0]
     _, counts = cut_signal.frame_reflection_lists(centre, reach, proj, plan.cut, 32)
     h = model_lib.bucket_count(int(np.max(np.asarray(counts))))
-    return cut_signal.frame_reflection_lists(centre, reach, proj, plan.cut, h)[0]
+    lists = cut_signal.frame_reflection_lists(centre, reach, proj, plan.cut, h)[0]
+    near = np.asarray(cut_signal.near_counts(crystal_from_lab(jnp.asarray(quats, jnp.float32)), lists, proj))
+    return lists, model_lib.bucket_count(int(np.where(mask, near, 0).max(initial=1)) + 8)  # slack: fused float32
 
 
 @dataclasses.dataclass(eq=False)
@@ -287,6 +298,7 @@ def direct_estep(problem: DirectProblem, intensity, phi, state: EMCState, spec: 
     pairs = []
     clock = time.perf_counter()
     table = signal_table(plan, intensity)
+    clock = _lap(problem, "cut table", clock, table) if table is not None else clock
     for block in problem.data_blocks():
         if plan.signal == "exact":
             signal = block_signal(plan, intensity, block.arrays.quaternions, problem.n_shells)
@@ -294,8 +306,9 @@ def direct_estep(problem: DirectProblem, intensity, phi, state: EMCState, spec: 
         else:
             local = block.arrays.local
             rot = crystal_from_lab(block.arrays.quaternions)[local.candidates]
-            signal = cut_signal.frame_signal(table, rot, block.arrays.frame_reflections, local.masked_shells,
-                                             plan.projection[0], plan.cut, plan.geometry.shell, plan.projection[1])
+            signal = cut_signal.near_frame_signal(table, rot, block.arrays.frame_reflections, local.masked_shells,
+                                                  plan.projection[0], plan.cut, plan.geometry.shell,
+                                                  plan.projection[1], block.n_near)
         clock = _lap(problem, "signal", clock, signal)
         result = kernels.estep_direct(intensity, phi, state.likelihood, state.hyper, plan.geometry, block.arrays,
                                       signal, spec.max_kept)

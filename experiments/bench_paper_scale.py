@@ -2,7 +2,7 @@
 orientations, ~200 candidates per frame from the n = 70 grid; set-up and iteration time per 1000 frames.
 
     python experiments/bench_paper_scale.py [--frames 250 500] [--angle 0.06] [--grid-n 70] [--iters 2]
-        [--block-frames 250] [--signal tabulated] [--error-rotations 64]
+        [--block-frames 250] [--signal tabulated] [--error-rotations 64] [--bin 1]
 
 For each frame count (the first frames of one simulation) it runs the direct candidate path (emcjax.direct:
 photon x candidate peak tests, no entry tables) and prints set-up and per-iteration seconds, also per 1000
@@ -39,6 +39,17 @@ PAPER = DetectorGeometry(num_rows=2463, num_cols=2527, pixel_size_m=172e-6, dist
                          resolution_max_A=4.0, n_shells=100)
 
 
+def binned(bin_by: int) -> DetectorGeometry:
+    """The paper's detector with ``bin_by`` x ``bin_by`` pixels binned (fewer pixels per peak: the exact signal
+    is ``bin_by``² times cheaper, for comparing the tabulated and the exact signal on whole runs)."""
+    if bin_by == 1:
+        return PAPER
+    return dataclasses.replace(PAPER, num_rows=PAPER.num_rows // bin_by, num_cols=PAPER.num_cols // bin_by,
+                               pixel_size_m=PAPER.pixel_size_m * bin_by,
+                               beam_center_px=tuple(c / bin_by for c in PAPER.beam_center_px),
+                               beamstop_radius_px=PAPER.beamstop_radius_px / bin_by)
+
+
 def signal_error(problem: direct.DirectProblem, intensity, n_rotations: int) -> dict:
     """Tabulated vs exact S over the first ``n_rotations`` candidates of block 0 (all shells, phi = 1)."""
     plan = problem.direct_plan
@@ -60,14 +71,14 @@ def signal_error(problem: direct.DirectProblem, intensity, n_rotations: int) -> 
             "exact_seconds_per_rotation": exact_s / quats.shape[0]}
 
 
-def simulate_candidates(path: pathlib.Path, n_frames: int, angle: float, grid_n: int) -> None:
-    """Simulates ``n_frames`` at the paper's geometry with the grid rotations within ``angle`` of each truth as
-    candidates, written to ``path``."""
+def simulate_candidates(path: pathlib.Path, n_frames: int, angle: float, grid_n: int, geometry=PAPER) -> None:
+    """Simulates ``n_frames`` at the paper's geometry (or ``geometry``) with the grid rotations within ``angle``
+    of each truth as candidates, written to ``path``."""
     start = time.perf_counter()
     sampling = sample_600cell(grid_n)
     print(f"600-cell n={grid_n}: {sampling.n_rot} rotations in {time.perf_counter() - start:.1f} s")
     start = time.perf_counter()
-    config = simulate.SimulationConfig(n_frames=n_frames, geometry=PAPER, rotation_n=0, seed=3)
+    config = simulate.SimulationConfig(n_frames=n_frames, geometry=geometry, rotation_n=0, seed=3)
     frames, truth = simulate.simulate(config)
     offsets, rotations = neighbours(sampling, truth["quaternion"], angle)
     counts = np.diff(offsets)
@@ -76,7 +87,7 @@ def simulate_candidates(path: pathlib.Path, n_frames: int, angle: float, grid_n:
           f"photons per frame {np.diff(frames.photon_offsets).mean():.0f}")
     frames = dataclasses.replace(frames, candidate_offsets=offsets, candidate_rotations=rotations)
     data_io.write_dataset(
-        path, frames, geometry=dataclasses.asdict(PAPER),
+        path, frames, geometry=dataclasses.asdict(geometry),
         crystal={"cell": np.asarray(config.cell), "space_group": config.space_group}, truth=truth,
         candidate_sampling_n=grid_n,
     )
@@ -91,6 +102,8 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=2)
     parser.add_argument("--signal", choices=("tabulated", "exact"), default="tabulated")
     parser.add_argument("--error-rotations", type=int, default=64)
+    parser.add_argument("--bin", type=int, default=1,
+                        help="bin the detector's pixels by this factor per axis (compare --signal exact on whole runs)")
     parser.add_argument("--profile", type=pathlib.Path, default=None)
     parser.add_argument("--data", type=pathlib.Path, default=None,
                         help="keep the simulated data set here (read it when present: same --frames max, --angle, --grid-n)")
@@ -101,16 +114,17 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         path = args.data if args.data is not None else pathlib.Path(tmp) / "paper.h5"
         if not path.exists():
-            simulate_candidates(path, max(args.frames), args.angle, args.grid_n)
+            simulate_candidates(path, max(args.frames), args.angle, args.grid_n, binned(args.bin))
         sampling = SampledRotations(args.grid_n)
         with data_io.SparseDataset(path) as dataset:
             for n in args.frames:
                 subset = dataset.read_block(0, n)
-                start = time.perf_counter()
+                start, cpu = time.perf_counter(), time.process_time()
                 problem = direct.setup_direct(dataset, emc_config, subset, sampling=sampling, signal=args.signal)
                 setup = time.perf_counter() - start
                 per_1000 = 1000 / n
-                print(f"[{n} frames] set-up {setup:.1f} s ({setup * per_1000:.1f} s per 1000 frames), "
+                print(f"[{n} frames] set-up {setup:.1f} s ({setup * per_1000:.1f} s per 1000 frames; process CPU "
+                      f"{time.process_time() - cpu:.1f} s, load average {os.getloadavg()[0]:.1f}), "
                       f"{len(problem.direct_blocks)} blocks, {problem.detector.n_pix} valid pixels, "
                       f"{problem.grid.n_refl} reflections, {problem.direct_plan.n_records} records per frame (padded)")
                 state = emc.initial_state(problem, emc_config, seed=0)
@@ -118,12 +132,14 @@ def main() -> None:
                     problem.seconds.clear()
                     if args.profile is not None and i == args.iters - 1:
                         jax.profiler.start_trace(str(args.profile))
+                    cpu = time.process_time()
                     state, metrics, _ = emc.iterate(problem, state, emc_config)
+                    cpu = time.process_time() - cpu
                     if args.profile is not None and i == args.iters - 1:
                         jax.profiler.stop_trace()
                     seconds = metrics["seconds"]
                     print(f"[{n} frames] iteration {int(state.iteration)}: {seconds:.1f} s "
-                          f"({seconds * per_1000:.1f} s per 1000 frames), certainty {metrics['certainty']:.3f}, "
+                          f"({seconds * per_1000:.1f} s per 1000 frames; process CPU {cpu:.1f} s), certainty {metrics['certainty']:.3f}, "
                           f"cc_true {metrics['cc_true']:.4f}, load average {os.getloadavg()[0]:.1f}; seconds by phase: "
                           + ", ".join(f"{k} {v:.1f}" for k, v in problem.seconds.items()))
             if args.error_rotations:

@@ -28,7 +28,7 @@ from emcjax.detector import DetectorGeometry
 from emcjax.rotations import COVERING_RADIUS_COEFF
 
 FULL = dict(frames=500, iters=6, grids=(15, 20), refine_start=2)
-QUICK = dict(frames=64, iters=3, grids=(12, 16), refine_start=1, small_detector=True)
+QUICK = dict(frames=64, iters=3, grids=(16,), refine_start=1, small_detector=True)
 SMALL_DETECTOR = DetectorGeometry(num_rows=96, num_cols=96, pixel_size_m=1.8e-3, beam_center_px=(47.5, 47.5),
                                   resolution_max_A=6.0, n_shells=20)
 """The --quick size's detector (6 Å): few pixels, so that CI runs it in about a minute."""

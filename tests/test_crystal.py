@@ -2,7 +2,6 @@
 
 import itertools
 import pickle
-import time
 
 import gemmi
 import numpy as np
@@ -239,13 +238,11 @@ def test_asymmetric_unit_lysozyme_count(crystals):
     assert general.mean() > 0.6
 
 
-def test_asymmetric_unit_partial_input_and_speed():
+def test_asymmetric_unit_partial_input():
     c = Crystal(*LYSO)
     hkl = reflections(c, 2.8)
     assert len(hkl) > 40000
-    t = time.perf_counter()
     a = asymmetric_unit(c, hkl)
-    assert time.perf_counter() - t < 1.0
     # a subset whose orbit representatives are missing from the input still maps
     sub = hkl[hkl[:, 0] < 0]
     b = asymmetric_unit(c, sub)

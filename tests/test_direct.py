@@ -120,16 +120,16 @@ def test_sampled_rotations_by_index_equal_the_sampling():
         lazy.quaternions[[whole.n_rot]]
 
 
-def test_tabulated_signal_close_to_the_pixel_sum():
-    """Where peaks span many pixels, the cut-integral S is within a few per cent of the exact pixel sum, and
-    follows its variation between rotations."""
+def _small_tabulated():
+    """A detector whose peaks span many pixels, the true model and the cut table: (grid, detector, intensity,
+    projection (proj, shape, n_box), cut geometry, table, the generator after the model)."""
     import jax.numpy as jnp
 
     from emcjax import model as model_lib
     from emcjax.core import cut_signal
     from emcjax.crystal import Crystal
     from emcjax.detector import make_detector
-    from emcjax.simulate import random_quaternions, true_model
+    from emcjax.simulate import true_model
 
     geometry = DetectorGeometry(num_rows=160, num_cols=160, pixel_size_m=172e-6, distance_m=0.06,
                                 beam_center_px=(79.5, 79.5), beamstop_radius_px=4.0, resolution_max_A=5.0, n_shells=10)
@@ -139,15 +139,63 @@ def test_tabulated_signal_close_to_the_pixel_sum():
     grid = model_lib.make_grid(crystal, d_min=5.0, d_max=1 / q_min, vn=5, gw=2.0)
     rng = np.random.default_rng(0)
     intensity = jnp.asarray(true_model(grid, SimulationConfig(geometry=geometry, vn=5), rng), jnp.float32)
+    cut = cut_signal.cut_geometry(grid, detector)
+    table = cut_signal.cut_table(intensity, cut, grid.tables)
+    return grid, detector, intensity, model_lib.projection_setup(grid, detector), cut, table, rng
+
+
+def test_tabulated_signal_close_to_the_pixel_sum():
+    """Where peaks span many pixels, the cut-integral S is within a few per cent of the exact pixel sum, and
+    follows its variation between rotations."""
+    import jax.numpy as jnp
+
+    from emcjax import model as model_lib
+    from emcjax.core import cut_signal
+    from emcjax.simulate import random_quaternions
+
+    grid, detector, intensity, (proj, shape, n_box), cut, table, rng = _small_tabulated()
     quats = jnp.asarray(random_quaternions(rng, 16), jnp.float32)
-    proj, shape, n_box = model_lib.projection_setup(grid, detector)
     geo = kernels.Geometry(jnp.asarray(detector.polarization, jnp.float32), jnp.asarray(detector.shell, jnp.int32),
                            grid.tables, jnp.asarray(detector.q, jnp.float32))
     h_max = model_lib.bucket_count(int(np.max(np.asarray(model_lib.near_sphere_counts(quats, proj)))))
     exact = np.asarray(kernels.exact_signal(intensity, quats, proj, geo, shape, h_max, n_box, 10)[0]).sum(axis=1)
-    cut = cut_signal.cut_geometry(grid, detector)
-    table = cut_signal.cut_table(intensity, cut, grid.tables)
     approx = np.asarray(cut_signal.tabulated_signal(table, quats, proj, cut, geo.shell, shape, h_max, 10)[0]).sum(axis=1)
     relative = approx / exact - 1
     assert np.abs(relative).max() < 0.03, relative  # measured: 0.015
     assert np.corrcoef(approx, exact)[0, 1] > 0.995  # measured: 0.9995 (spread of S between rotations 14 %)
+
+
+def test_near_reflection_signal_equals_the_dense_list():
+    """S per (frame, candidate) from only the reflections near the sphere at that candidate (compacted to k_max)
+    equals S from the frame's whole preselected list evaluated densely: the dropped reflections contribute
+    exactly nothing. Also with a masked shell, and the near lists are a small part of the frame's list."""
+    import jax.numpy as jnp
+
+    from emcjax.core import cut_signal
+    from emcjax.rotations import crystal_from_lab, quaternion_multiply
+    from emcjax.simulate import random_quaternions
+
+    grid, detector, _, (proj, shape, _), cut, table, _ = _small_tabulated()
+    rng = np.random.default_rng(2)
+    n_frames, n_slots, reach = 4, 24, 0.05
+    centre = random_quaternions(rng, n_frames)
+    axis = rng.normal(size=(n_frames, n_slots, 3))
+    angle = reach * rng.uniform(size=(n_frames, n_slots, 1)) ** (1 / 3)
+    small = np.concatenate([np.cos(angle / 2), np.sin(angle / 2) * axis / np.linalg.norm(axis, axis=-1, keepdims=True)], -1)
+    quats = quaternion_multiply(np.repeat(centre[:, None], n_slots, 1), small)
+    rot = crystal_from_lab(jnp.asarray(quats, jnp.float32))
+    lists, counts = cut_signal.frame_reflection_lists(jnp.asarray(centre, jnp.float32), jnp.full(n_frames, reach),
+                                                      proj, cut, 2048)
+    assert int(np.max(np.asarray(counts))) <= 2048
+    shell = jnp.asarray(detector.shell, jnp.int32)
+    masked = jnp.asarray([[10], [3], [10], [5]], jnp.int32)  # shell 10 (= n_shells) masks nothing
+    near = np.asarray(cut_signal.near_counts(rot, lists, proj))
+    k_max = -(-int(near.max()) // 32) * 32
+    assert near.max() < 0.8 * np.asarray(counts).min()  # the frame lists hold reflections far from the sphere
+    dense = np.asarray(cut_signal.frame_signal(table, rot, lists, masked, proj, cut, shell, shape))
+    fast = np.asarray(cut_signal.near_frame_signal(table, rot, lists, masked, proj, cut, shell, shape, k_max))
+    assert np.all(dense > 0)
+    np.testing.assert_allclose(fast, dense, rtol=1e-5)
+    unmasked = np.asarray(cut_signal.near_frame_signal(table, rot, lists, jnp.full_like(masked, 10), proj, cut, shell,
+                                                        shape, k_max))
+    assert np.all(unmasked[[1, 3]] > fast[[1, 3]])  # the masked shells were left out

@@ -260,13 +260,10 @@ def test_spacing_mean_nearest_neighbour_and_covering_radius():
             assert abs(covering - 0.944 / n) < 0.03 * 0.944 / n, (n, covering * n)
 
 
-def test_large_n_is_fast():
-    import time
-
-    t = time.perf_counter()
+def test_large_n_count_and_weights():
     s = sample_600cell(10)
     assert s.n_rot == 50100
-    assert time.perf_counter() - t < 1.0
+    np.testing.assert_allclose(np.exp(s.log_weights).sum(), 1, rtol=1e-12)
 
 
 def test_subset_renormalises():

@@ -206,6 +206,68 @@ def frame_signal(table, rotations, frame_reflections, masked_shells, proj, cut: 
     return out.reshape(-1, rotations.shape[1])[:n_local]
 
 
+def _near_in_list(m, refl, proj, n_refl: int, k_max: int):
+    """The reflections of a frame's list ``refl`` (h,) near the Ewald sphere at crystal_from_lab ``m``: (k_max,)
+    int32 ids, ``n_refl`` on padding, and how many there are (complete where <= k_max).
+
+    The test is model.near_sphere's (|C^T G + k|² - 1/λ² = |G|² + 2 G·(C k) within the peak radius plus a
+    1e-3 margin), so every reflection that :func:`_cut_terms` can count (|delta| < radius) is among them.
+    """
+    used = refl < n_refl
+    safe = jnp.minimum(refl, n_refl - 1)
+    k_crystal = jnp.sum(m * proj.k_beam[None, :], axis=1)
+    centres = proj.centres[safe]
+    d = proj.centres_sq[safe] + 2.0 * (centres[:, 0] * k_crystal[0] + centres[:, 1] * k_crystal[1]
+                                       + centres[:, 2] * k_crystal[2])
+    near = used & (d >= proj.shell_lo) & (d <= proj.shell_hi)
+    (position,) = jnp.nonzero(near, size=k_max, fill_value=refl.shape[0])
+    return jnp.append(refl, n_refl)[position], near.sum(dtype=jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("chunk",))
+def near_counts(rotations, frame_reflections, proj, chunk: int = 8):
+    """(n_local, n_slots) int32 reflections of each frame's list near the sphere at each candidate
+    ``rotations`` (n_local, n_slots, 3, 3): the ``k_max`` of :func:`near_frame_signal` is their maximum."""
+    n_refl = proj.centres.shape[0]
+
+    def one(xs):
+        rot, refl = xs
+        return jax.vmap(lambda m: _near_in_list(m, refl, proj, n_refl, 1)[1])(rot)
+
+    return _frame_chunks(one, (rotations, frame_reflections), chunk)
+
+
+@functools.partial(jax.jit, static_argnames=("shape", "k_max", "chunk"))
+def near_frame_signal(table, rotations, frame_reflections, masked_shells, proj, cut: CutGeometry, shell, shape,
+                      k_max: int, chunk: int = 8):
+    """:func:`frame_signal` from only the reflections near the sphere at each candidate: per (frame,
+    candidate) the ~230 of the frame's list (thousands) that pass model.near_sphere's test, compacted to
+    ``k_max`` (>= every count of :func:`near_counts`), then ``k_max`` table interpolations. The same terms
+    as :func:`frame_signal` (the others are 0 there), summed in another order.
+    """
+    n_refl = table.shape[0]
+
+    def one(xs):
+        rot, refl, masked = xs
+        def slot(m):
+            near, _ = _near_in_list(m, refl, proj, n_refl, k_max)
+            value, pixel = _cut_terms(table, m, near, proj, cut, shape)
+            valid = ~jnp.any(shell[jnp.maximum(pixel, 0)][:, None] == masked[None, :], axis=1)
+            return jnp.sum(jnp.where(valid, value, 0.0))
+        return jax.vmap(slot)(rot)
+
+    return _frame_chunks(one, (rotations, frame_reflections, masked_shells), chunk)
+
+
+def _frame_chunks(one, xs, chunk: int):
+    """``one`` vmapped over frames in chunks of ``chunk`` (lax.map): (n_local, ...) from (n_local, ...) inputs."""
+    n_local = xs[0].shape[0]
+    pad = -n_local % chunk
+    xs = jax.tree.map(lambda x: jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1)), xs)
+    out = jax.lax.map(lambda c: jax.vmap(one)(c), jax.tree.map(lambda x: x.reshape(-1, chunk, *x.shape[1:]), xs))
+    return out.reshape(-1, *out.shape[2:])[:n_local]
+
+
 @functools.partial(jax.jit, static_argnames=("h_max",))
 def frame_reflection_lists(centres, reach, proj, cut: CutGeometry, h_max: int):
     """Reflections whose peak can touch the Ewald sphere at any rotation within ``reach`` (n_local,) radians of
