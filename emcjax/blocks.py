@@ -202,13 +202,14 @@ def frame_arrays(plan, frames: SparseFrames, start: int, n_local: int):
         count=rec.count.astype(np.float32),
         dead=rec.dead.astype(np.float32),
         background=(plan.detector.polarization[rec.pixel] * np.maximum(rec.background, BACKGROUND_FLOOR)).astype(np.float32),
+        shell=plan.detector.shell[rec.pixel].astype(np.int32),
     )
     return masked, background, weight, rec, photons
 
 
 def _pad_photons(photons: PhotonArrays, length: int, n_local: int) -> PhotonArrays:
     pad = length - photons.frame.shape[0]
-    fill = {"frame": n_local - 1, "count": 0.0, "dead": 0.0, "background": 1.0}
+    fill = {"frame": n_local - 1, "count": 0.0, "dead": 0.0, "background": 1.0, "shell": 0}
     return PhotonArrays(**{k: np.concatenate([v, np.full(pad, fill[k], v.dtype)]) for k, v in photons._asdict().items()})
 
 

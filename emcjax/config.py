@@ -34,6 +34,12 @@ class EMCConfig:
     refine_background: bool = False
     """poisson-bgscale: refine every frame's background scale in the M-step (per-frame Newton on the expected
     log-likelihood, emcjax.core.background)."""
+    refine_background_shells: bool = False
+    """Poisson likelihoods: correct the data set's background by a factor per resolution shell, shared by all
+    frames and refined in the M-step (Newton on the expected log-likelihood, emcjax.core.background_shells);
+    with refine_background the factors have background-weighted mean 1 and the per-frame scales the level.
+    Needs every block in memory (no stream), one rotation set (no candidate lists) and no orientation
+    refinement."""
     intensity_update: Literal["auto", "reference", "mlem", "gradient"] = "auto"
     """Intensity M-step: the reference's per-pixel ML + compress (see docs/METHOD-NOTES.md), multiplicative
     EM on voxels (both closed-form Poisson), or optax steps on the expected log-likelihood (any likelihood;
@@ -138,6 +144,13 @@ class EMCConfig:
                 f"refine_background needs a likelihood with a per-frame background scale (poisson-bgscale), "
                 f"got likelihood={self.likelihood!r}"
             )
+        if self.refine_background_shells:
+            if not self.likelihood_model(1).poisson_counts:
+                raise ConfigError(f"refine_background_shells needs a Poisson likelihood (poisson, poisson-bgscale), "
+                                  f"got likelihood={self.likelihood!r}")
+            if self.stream or self.refine_orientations:
+                raise ConfigError("refine_background_shells runs in the fused step only: set stream=False and "
+                                  "refine_orientations=False")
         if self.intensity_rule in ("reference", "mlem") and not self.likelihood_model(1).poisson_counts:
             raise ConfigError(
                 f"likelihood={self.likelihood!r} has no closed-form M-step: set intensity_update='gradient' "

@@ -72,6 +72,7 @@ def init_state(problem: Problem, config: EMCConfig, key: jax.Array, shared=None)
         phi=jnp.asarray(phi, jnp.float32),
         likelihood=config.likelihood_model(problem.n_frames),
         hyper=Hyper.of(*config.thresholds, config.inverse_temperature),
+        background_shell=jnp.ones(problem.n_shells, jnp.float32) if config.refine_background_shells else None,
     )
 
 
@@ -358,7 +359,9 @@ def iterate(problem: Problem, state: EMCState, config: EMCConfig) -> tuple[EMCSt
       nats, weighted by the frame weights), ``model_change`` (relative L2), ``phi_mean``, ``phi_std``,
       ``phi_zero_fraction``, ``certainty`` (mean most-likely probability), ``kept_mean`` (rotations kept per
       frame), ``inverse_temperature`` (beta of this iteration's E-steps, ``config.inverse_temperature_at``),
-      ``background_scale_mean`` (likelihoods with a per-frame background scale), ``cc_true`` (when the data have truth), ``seconds``; and per-frame numpy arrays
+      ``background_scale_mean`` (likelihoods with a per-frame background scale), ``background_shell_min`` /
+      ``_max`` (refine_background_shells), ``cc_true`` (when the data have truth), ``seconds``; and per-frame
+      numpy arrays
       ``best_rotation`` (index into the sampling) and ``best_probability``, plus the kept (frame, rotation)
       pairs of the last E-step: ``kept_frame``, ``kept_rotation`` (sampling index), ``kept_prob``.
     """
@@ -368,6 +371,9 @@ def iterate(problem: Problem, state: EMCState, config: EMCConfig) -> tuple[EMCSt
         state = state._replace(hyper=state.hyper._replace(
             inverse_temperature=parallel.replicate(problem.mesh, np.float32(beta))))
     run = _fused_iteration if problem.batch is not None else _host_iteration
+    if config.refine_background_shells and (run is _host_iteration or getattr(problem, "iteration", None) is not None):
+        raise ConfigError("refine_background_shells needs every block in memory and one rotation set (data "
+                          "without candidate lists, stream=False)")
     from emcjax import streaming  # a full search streamed at O(block) memory
 
     if getattr(problem, "stream", False) and streaming.applies(problem, problem.spec(config), state.likelihood):
@@ -395,6 +401,9 @@ def iterate(problem: Problem, state: EMCState, config: EMCConfig) -> tuple[EMCSt
     scale = getattr(new.likelihood, "scale", None)
     if scale is not None:  # poisson-bgscale: the per-frame background scales (refined or not)
         metrics["background_scale_mean"] = float(np.mean(np.broadcast_to(np.asarray(scale, np.float64), (n,))[used]))
+    if new.background_shell is not None:  # refine_background_shells: the range of the per-shell factors
+        shells = np.asarray(new.background_shell, np.float64)
+        metrics["background_shell_min"], metrics["background_shell_max"] = float(shells.min()), float(shells.max())
     cc = problem.cc_true(new.intensity)
     if cc is not None:
         metrics["cc_true"] = cc

@@ -119,7 +119,8 @@ class Problem:
             inner_iterations=config.inner_iterations, update_phi=config.update_phi,
             kept_budget=None if config.responsibilities == "soft" else self.kept_budget,
             gradient_steps=config.gradient_steps, gradient_learning_rate=config.gradient_learning_rate,
-            max_entries=bucket_length(max_entries), refine_background=config.refine_background, axis=axis,
+            max_entries=bucket_length(max_entries), refine_background=config.refine_background,
+            refine_background_shells=config.refine_background_shells, axis=axis,
         )
 
     def integrated(self, intensity) -> np.ndarray:

@@ -1,6 +1,6 @@
 """Experiment (b): Poisson vs negative-binomial likelihood, on over-dispersed data and on Poisson data.
 
-    python experiments/likelihood_choice.py [--quick] [--out DIR] [--dispersion 2]
+    python experiments/likelihood_choice.py [--quick] [--out DIR] [--dispersion 2] [--seeds N]
 
 Two simulated data sets from the same crystal and orientations: counts drawn negative-binomially (variance
 mu + mu^2 / r, r = --dispersion, every pixel drawn through the likelihood's sampler) and Poisson counts. Each is
@@ -21,9 +21,12 @@ import research_common as rc
 def main(argv=None) -> None:
     p = rc.parser(__doc__)
     p.add_argument("--dispersion", type=float, default=2.0, help="r of the over-dispersed data (photons)")
+    p.add_argument("--seeds", type=int, default=None, help="random starts per model (default 1 quick, 3 full)")
     args = p.parse_args(argv)
     sizes = (dict(d_min=8.0, frames=60, iters=2, seeds=1) if args.quick
-             else dict(d_min=8.0, frames=300, iters=10, seeds=1))
+             else dict(d_min=8.0, frames=300, iters=10, seeds=3))
+    if args.seeds is not None:
+        sizes["seeds"] = args.seeds
     work = rc.work_dir(args)
     r = args.dispersion
     common = dict(n_frames=sizes["frames"], rotation_n=4, bragg_photons=60.0, background_photons=30.0, seed=21)

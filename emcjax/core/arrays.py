@@ -43,12 +43,14 @@ class PhotonArrays(NamedTuple):
       count: (n,) float32 photons (0 for a dead pixel and padding).
       dead: (n,) float32 1 for a dead pixel.
       background: (n,) float32 pol_t x B_d(s_t), expected background photons at the pixel (> 0).
+      shell: (n,) int32 radial shell s_t of the pixel (0 on padding).
     """
 
     frame: jax.Array
     count: jax.Array
     dead: jax.Array
     background: jax.Array
+    shell: jax.Array
 
 
 class BlockArrays(NamedTuple):
@@ -106,6 +108,8 @@ class EMCState(NamedTuple):
       phi: (n_frames,) float32 per-frame scale, mean 1 over used frames, 0 marks a blank frame.
       likelihood: the likelihood model (a pytree; its parameters are leaves).
       hyper: traced E-step hyperparameters.
+      background_shell: (n_shells,) float32 per-shell factor g_s > 0 on the data set's background (unit-less;
+        emcjax.core.background_shells), or None (no correction: no leaves, checkpoints unchanged).
     """
 
     iteration: jax.Array
@@ -113,6 +117,7 @@ class EMCState(NamedTuple):
     phi: jax.Array
     likelihood: Any
     hyper: Hyper
+    background_shell: Any = None
 
 
 class Kept(NamedTuple):

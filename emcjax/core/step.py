@@ -8,6 +8,7 @@ one iteration, written for the frames of one device with every sum over frames e
     E-step (all blocks) -> kept pairs on the device -> intensity M-step
     [-> E-step -> phi M-step -> mean-1 normalisation]          (``update_phi``)
     [-> per-frame background scale of the likelihood]          (``refine_background``)
+    [-> per-shell background correction]                       (``refine_background_shells``)
 
 ``batch`` is a :class:`Batch`: the replicated rotation set and the frames' blocks stacked on a leading
 block axis. The state (:class:`emcjax.core.arrays.EMCState`) carries the model, phi, the likelihood (its
@@ -24,6 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from emcjax.core import background as background_lib
+from emcjax.core import background_shells as shells_lib
 from emcjax.core import mstep
 from emcjax.core.arrays import BlockArrays, EMCState, Hyper, Kept, Shared
 from emcjax.core.estep import block_log_likelihood, responsibilities, rotation_tables
@@ -49,6 +51,8 @@ class StepSpec:
       max_entries: most in-peak entries of one rotation (exact zero terms of the gradient M-step).
       refine_background: update the likelihood's per-frame background scale (``scale``) after the other
         M-steps (emcjax.core.background).
+      refine_background_shells: correct the data set's background by the state's per-shell factors
+        (``background_shell``) and update them last (emcjax.core.background_shells).
       axis: mesh axis name of the frames (None: one device).
     """
 
@@ -64,6 +68,7 @@ class StepSpec:
     gradient_learning_rate: float = 0.05
     max_entries: int = 1
     refine_background: bool = False
+    refine_background_shells: bool = False
     axis: str | None = None
 
 
@@ -237,6 +242,9 @@ def make_update(spec: StepSpec):
     """The update of one iteration for problems described by ``spec``: ``update(state, batch)``."""
 
     def update(state: EMCState, batch: Batch) -> tuple[EMCState, Diagnostics]:
+        shells = state.background_shell
+        if spec.refine_background_shells:
+            batch = batch._replace(blocks=shells_lib.corrected_blocks(batch.blocks, batch.shared, shells))
         phi = jnp.pad(state.phi, (0, spec.n_padded - spec.n_frames))
         kept, first, n_live, _ = estep_all(state.intensity, phi, state, batch, spec)
         intensity = intensity_mstep(state.intensity, phi, state.likelihood, kept, batch.shared, spec)
@@ -249,8 +257,10 @@ def make_update(spec: StepSpec):
         if spec.refine_background:
             likelihood = background_mstep(intensity, phi, likelihood, kept, batch.shared, frame_totals(batch, spec),
                                           spec)
+        if spec.refine_background_shells:
+            likelihood, shells = shells_lib.shell_mstep(intensity, phi, likelihood, shells, kept, batch, spec)
         new = state._replace(iteration=state.iteration + 1, intensity=intensity, phi=phi[: spec.n_frames],
-                             likelihood=likelihood)
+                             likelihood=likelihood, background_shell=shells)
         pairs = KeptRotations(kept.pair_frame, kept.pair_rotation, kept.pair_prob)
         return new, Diagnostics(first=first, last=last, n_live=n_live, kept=pairs)
 
