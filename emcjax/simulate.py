@@ -17,6 +17,7 @@ too few to index a single frame). ``--likelihood negbin --dispersion R`` draws o
 from __future__ import annotations
 
 import dataclasses
+import os
 import pathlib
 import time
 from typing import Literal
@@ -447,8 +448,15 @@ def write(config: SimulationConfig) -> pathlib.Path:
         raise ConfigError(f"out: {config.out} exists; add --overwrite to replace it")
     check_reach(config.geometry)
     frames, truth = simulate(config)
+    write_frames(config.out, frames, truth, config)
+    return config.out
+
+
+def write_frames(path: str | os.PathLike, frames, truth: dict, config: SimulationConfig) -> pathlib.Path:
+    """Writes simulated ``frames`` and their ``truth`` (from :func:`simulate`, possibly altered, e.g. by a
+    test) as a sparse data set at ``path``, with ``config``'s geometry and crystal; returns the path."""
     data_io.write_dataset(
-        config.out,
+        path,
         frames,
         geometry=dataclasses.asdict(config.geometry),
         crystal={"cell": np.asarray(config.cell), "space_group": config.space_group, "vn": config.vn, "gw": config.gw},
@@ -456,7 +464,7 @@ def write(config: SimulationConfig) -> pathlib.Path:
         candidate_sampling_n=config.candidate_sampling_n if config.candidates else None,
         overwrite=config.overwrite,
     )
-    return config.out
+    return pathlib.Path(path)
 
 
 def main(argv: list[str] | None = None) -> None:

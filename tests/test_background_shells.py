@@ -22,7 +22,7 @@ from emcjax.core import estep as estep_lib
 from emcjax.core.step import estep_block, frame_constants
 from emcjax.detector import DetectorGeometry, make_detector
 from emcjax.errors import ConfigError
-from emcjax.simulate import SimulationConfig, simulate
+from emcjax.simulate import SimulationConfig, simulate, write_frames
 
 GEOMETRY = DetectorGeometry(
     num_rows=64, num_cols=64, pixel_size_m=3.6e-3, beam_center_px=(31.5, 31.5), resolution_max_A=8.0, n_shells=10
@@ -38,11 +38,7 @@ def dataset(tmp_path_factory):
     frames, truth = simulate(SIM)
     frames = dataclasses.replace(frames, background=(frames.background / G_TRUE).astype(np.float32))
     path = tmp_path_factory.mktemp("shells") / "shells.h5"
-    data_io.write_dataset(
-        path, frames, geometry=dataclasses.asdict(GEOMETRY),
-        crystal={"cell": np.asarray(SIM.cell), "space_group": SIM.space_group, "vn": SIM.vn, "gw": SIM.gw},
-        truth=truth,
-    )
+    write_frames(path, frames, truth, SIM)
     with data_io.SparseDataset(path) as ds:
         yield ds
 

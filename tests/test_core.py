@@ -5,7 +5,6 @@ One small simulated problem (64x64 detector to 8 Å, rotation_n = 2, 40 frames) 
 
 from __future__ import annotations
 
-import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -21,7 +20,7 @@ from emcjax.likelihood import (
     LIKELIHOODS, Likelihood, NegativeBinomial, Poisson, PoissonBackgroundScale, likelihood_dataclass,
     register_likelihood,
 )
-from emcjax.simulate import SimulationConfig, simulate
+from emcjax.simulate import SimulationConfig, simulate, write_frames
 
 GEOMETRY = DetectorGeometry(
     num_rows=64, num_cols=64, pixel_size_m=3.6e-3, beam_center_px=(31.5, 31.5), resolution_max_A=8.0, n_shells=10
@@ -34,11 +33,7 @@ CONFIG = emc.EMCConfig(rotation_n=2)
 def small(tmp_path_factory):
     frames, truth = simulate(SIM)
     path = tmp_path_factory.mktemp("core") / "small.h5"
-    data_io.write_dataset(
-        path, frames, geometry=dataclasses.asdict(GEOMETRY),
-        crystal={"cell": np.asarray(SIM.cell), "space_group": SIM.space_group, "vn": SIM.vn, "gw": SIM.gw},
-        truth=truth,
-    )
+    write_frames(path, frames, truth, SIM)
     with data_io.SparseDataset(path) as ds:
         problem = emc.setup_problem(ds, CONFIG)
         yield ds, frames, problem

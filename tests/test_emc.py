@@ -27,7 +27,7 @@ from emcjax.likelihood import Poisson
 from emcjax import model as model_lib
 from emcjax.detector import DetectorGeometry
 from emcjax.rotations import crystal_from_lab
-from emcjax.simulate import SimulationConfig, simulate, write
+from emcjax.simulate import SimulationConfig, simulate, write, write_frames
 
 GEOMETRY = DetectorGeometry(
     num_rows=64, num_cols=64, pixel_size_m=3.6e-3, beam_center_px=(31.5, 31.5), resolution_max_A=8.0, n_shells=10
@@ -66,11 +66,7 @@ def setup(tmp_path_factory):
     """(dataset, frames, problem, state): the shared small problem with the altered frames."""
     frames, truth = simulate(SIM)
     path = tmp_path_factory.mktemp("emc") / "small.h5"
-    data_io.write_dataset(
-        path, frames, geometry=dataclasses.asdict(GEOMETRY),
-        crystal={"cell": np.asarray(SIM.cell), "space_group": SIM.space_group, "vn": SIM.vn, "gw": SIM.gw},
-        truth=truth,
-    )
+    write_frames(path, frames, truth, SIM)
     ds = data_io.SparseDataset(path)
     plain = emc.setup_problem(ds, CONFIG)
     det = plain.detector

@@ -22,7 +22,7 @@ from emcjax.core.step import background_mstep
 from emcjax.detector import DetectorGeometry
 from emcjax.errors import ConfigError
 from emcjax.likelihood import PoissonBackgroundScale
-from emcjax.simulate import SimulationConfig, simulate
+from emcjax.simulate import SimulationConfig, simulate, write_frames
 
 GEOMETRY = DetectorGeometry(
     num_rows=64, num_cols=64, pixel_size_m=3.6e-3, beam_center_px=(31.5, 31.5), resolution_max_A=8.0, n_shells=10
@@ -36,11 +36,7 @@ SIM = SimulationConfig(n_frames=60, geometry=GEOMETRY, rotation_n=2, bragg_photo
 def dataset(tmp_path_factory):
     frames, truth = simulate(SIM)
     path = tmp_path_factory.mktemp("research") / "bgscale.h5"
-    data_io.write_dataset(
-        path, frames, geometry=dataclasses.asdict(GEOMETRY),
-        crystal={"cell": np.asarray(SIM.cell), "space_group": SIM.space_group, "vn": SIM.vn, "gw": SIM.gw},
-        truth=truth,
-    )
+    write_frames(path, frames, truth, SIM)
     with data_io.SparseDataset(path) as ds:
         yield ds
 

@@ -21,7 +21,7 @@ from emcjax.blocks import build_block
 from emcjax.core.stream import cached_join
 from emcjax.detector import DetectorGeometry
 from emcjax.errors import DataError
-from emcjax.simulate import SimulationConfig, simulate
+from emcjax.simulate import SimulationConfig, simulate, write_frames
 
 GEOMETRY = DetectorGeometry(
     num_rows=64, num_cols=64, pixel_size_m=3.6e-3, beam_center_px=(31.5, 31.5), resolution_max_A=8.0, n_shells=10
@@ -38,11 +38,7 @@ def data(tmp_path_factory):
     a photon), frame MASKED its first photon's shell masked, frame REJECTED weight 0."""
     frames, truth = simulate(SIM)
     path = tmp_path_factory.mktemp("stream") / "small.h5"
-    data_io.write_dataset(
-        path, frames, geometry=dataclasses.asdict(GEOMETRY),
-        crystal={"cell": np.asarray(SIM.cell), "space_group": SIM.space_group, "vn": SIM.vn, "gw": SIM.gw},
-        truth=truth,
-    )
+    write_frames(path, frames, truth, SIM)
     ds = data_io.SparseDataset(path)
     detector = emc.setup_problem(ds, emc.EMCConfig(rotation_n=2)).detector
     photons = frames.photon_pixels[frames.photon_offsets[DEAD] : frames.photon_offsets[DEAD + 1]]
