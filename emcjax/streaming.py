@@ -28,6 +28,7 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import functools
+import os
 import pathlib
 import shutil
 import tempfile
@@ -87,10 +88,13 @@ class RecordBlock(NamedTuple):
 class JoinCache:
     """Every block's join, built once (emcjax.join.build_join) and kept on disk as int32 columns (cell,
     entry, record, then the CSR offsets by cell), one file per block and device, with its CRC-32 checked at
-    every read. The directory (under ``TMPDIR``) is removed with the plan it belongs to."""
+    every read. The directory (under ``TMPDIR``, named with the process id) is removed with the plan it
+    belongs to; directories left by killed processes (their pid no longer runs) are removed at the next
+    set-up (:func:`remove_stale_caches`)."""
 
     def __init__(self, plan: Plan):
-        self.directory = pathlib.Path(tempfile.mkdtemp(prefix="emcjax-joins-"))
+        remove_stale_caches()
+        self.directory = pathlib.Path(tempfile.mkdtemp(prefix=f"{CACHE_PREFIX}{os.getpid()}-"))
         self.files: dict[tuple[int, int], tuple[int, int]] = {}  # (first frame, position) -> (pairs, crc32)
         weakref.finalize(plan, shutil.rmtree, self.directory, True)
 
@@ -113,6 +117,27 @@ class JoinCache:
         cell = np.concatenate([data[:n], np.full(pad, n_cells - 1, np.int32)])
         entry, record = (np.concatenate([data[k * n : (k + 1) * n], np.zeros(pad, np.int32)]) for k in (1, 2))
         return CachedJoin(cell, entry, record, np.int32(n)), data[3 * n :]
+
+
+CACHE_PREFIX = "emcjax-joins-"
+
+
+def remove_stale_caches(directory: str | os.PathLike | None = None) -> list[pathlib.Path]:
+    """Removes the join caches under ``directory`` (default ``TMPDIR``) whose process no longer runs (a
+    killed run cannot remove its own); returns what was removed."""
+    removed = []
+    for path in pathlib.Path(directory or tempfile.gettempdir()).glob(f"{CACHE_PREFIX}*-*"):
+        pid = path.name[len(CACHE_PREFIX):].split("-", 1)[0]
+        if not pid.isdigit() or int(pid) == os.getpid() or not path.is_dir():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+        except PermissionError:  # another user's live process
+            pass
+    return removed
 
 
 _CACHES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()

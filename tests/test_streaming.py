@@ -9,6 +9,7 @@ one padded).
 
 from __future__ import annotations
 
+import os
 import dataclasses
 
 import jax
@@ -118,3 +119,21 @@ def test_streamed_run_equals_the_in_memory_run(data, settings):
             np.testing.assert_array_equal(fb[key][order_b], fa[key][order_a])
         np.testing.assert_allclose(fb["kept_prob"][order_b], fa["kept_prob"][order_a], rtol=1e-5, atol=1e-6)
         assert REJECTED not in fb["kept_frame"]
+
+
+def test_stale_join_caches_of_dead_processes_are_removed(tmp_path):
+    import subprocess
+    import sys
+
+    from emcjax import streaming
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(dead.stdout)  # finished: that pid no longer runs (unless reused within this instant)
+    stale = tmp_path / f"{streaming.CACHE_PREFIX}{dead_pid}-abc"
+    live = tmp_path / f"{streaming.CACHE_PREFIX}{os.getppid()}-def"  # the parent process runs
+    other = tmp_path / "emcjax-terms-xyz"
+    for path in (stale, live, other):
+        path.mkdir()
+        (path / "frames0000000000.i32").write_bytes(b"\0" * 16)
+    assert streaming.remove_stale_caches(tmp_path) == [stale]
+    assert not stale.exists() and live.exists() and other.exists()
