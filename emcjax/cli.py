@@ -14,6 +14,7 @@ import logging
 import os
 import sys
 from collections.abc import Callable
+from typing import Any
 
 from emcjax.errors import EmcjaxError
 
@@ -45,6 +46,22 @@ def fail(message: str, status: int = EXIT_ERROR, *, hard: bool = False) -> None:
         sys.stdout.flush()
         os._exit(status)
     raise SystemExit(status)
+
+
+def stage_main(cls: type, run: Callable[[Any], object], module: str, doc: str) -> Callable[..., None]:
+    """The ``main(argv=None)`` of a stage whose flags are the fields of the dataclass ``cls``: parses them with
+    tyro (``--help`` shows the first paragraph of ``doc``) and calls ``run(config)`` under :func:`run_cli`."""
+
+    def parse_and_run(argv: list[str]) -> None:
+        import tyro
+
+        run(tyro.cli(cls, args=argv, prog=f"python -m {module}", description=doc.split("\n\n")[0]))
+
+    def main(argv: list[str] | None = None) -> None:
+        run_cli(parse_and_run, argv, module)
+
+    main.__doc__ = f"``python -m {module}``: errors become one line and exit status 2 (``emcjax.cli``)."
+    return main
 
 
 def run_cli(main: Callable[[list[str]], object], argv: list[str] | None, module: str) -> None:

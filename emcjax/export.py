@@ -69,16 +69,7 @@ def run(config: ExportConfig, log=print):
     return export(config, log=log)
 
 
-def main(argv: list[str] | None = None) -> None:
-    """``python -m emcjax.export``: errors become one line and exit status 2 (``emcjax.cli``)."""
-    cli.run_cli(_main, argv, "emcjax.export")
-
-
-def _main(argv: list[str]) -> None:
-    import tyro
-
-    config = tyro.cli(ExportConfig, args=argv, prog="python -m emcjax.export", description=__doc__.split("\n\n")[0])
-    export(config)
+main = cli.stage_main(ExportConfig, export, "emcjax.export", __doc__)
 
 
 if __name__ == "__main__":

@@ -124,16 +124,7 @@ def _merging_fields(options: stats_lib.MergingOptions) -> dict:
     return {f.name: getattr(options, f.name) for f in dataclasses.fields(stats_lib.MergingOptions)}
 
 
-def main(argv: list[str] | None = None) -> None:
-    """``python -m emcjax.halves``: errors become one line and exit status 2 (``emcjax.cli``)."""
-    cli.run_cli(_main, argv, "emcjax.halves")
-
-
-def _main(argv: list[str]) -> None:
-    import tyro
-
-    config = tyro.cli(HalvesConfig, args=argv, prog="python -m emcjax.halves", description=__doc__.split("\n\n")[0])
-    run(config)
+main = cli.stage_main(HalvesConfig, run, "emcjax.halves", __doc__)
 
 
 if __name__ == "__main__":

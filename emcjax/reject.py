@@ -133,16 +133,7 @@ def run(config: RejectConfig, log=print):
     return reject(config, log=log)
 
 
-def main(argv: list[str] | None = None) -> None:
-    """``python -m emcjax.reject``: errors become one line and exit status 2 (``emcjax.cli``)."""
-    cli.run_cli(_main, argv, "emcjax.reject")
-
-
-def _main(argv: list[str]) -> None:
-    import tyro
-
-    config = tyro.cli(RejectConfig, args=argv, prog="python -m emcjax.reject", description=__doc__.split("\n\n")[0])
-    reject(config)
+main = cli.stage_main(RejectConfig, reject, "emcjax.reject", __doc__)
 
 
 if __name__ == "__main__":

@@ -185,18 +185,7 @@ def run(config: ResolutionConfig, log=print):
     return merge_halves(config, log=log)
 
 
-def main(argv: list[str] | None = None) -> None:
-    """``python -m emcjax.resolution``: errors become one line and exit status 2 (``emcjax.cli``)."""
-    cli.run_cli(_main, argv, "emcjax.resolution")
-
-
-def _main(argv: list[str]) -> None:
-    import tyro
-
-    config = tyro.cli(
-        ResolutionConfig, args=argv, prog="python -m emcjax.resolution", description=__doc__.split("\n\n")[0]
-    )
-    merge_halves(config)
+main = cli.stage_main(ResolutionConfig, merge_halves, "emcjax.resolution", __doc__)
 
 
 if __name__ == "__main__":
