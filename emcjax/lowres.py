@@ -366,7 +366,7 @@ def run_iterations(config, emc_config, problem, state, manager, meta, records, m
                                   extra={k: v for k, v in per_frame.items() if k.startswith("kept_") or k == "best_quaternion"})
         if refiner is not None and main_process:
             runio.write_side_arrays(out, runio.REFINEMENT_DIR, iteration, refiner.snapshot(),
-                                    keep=getattr(config, "keep_checkpoints", 3))
+                                    keep=config.keep_checkpoints)
         checkpoint.save(manager, state, {**meta, "iteration": iteration})
         times.append(float(metrics.get("seconds", 0.0)))
         recent = times[-5:]
