@@ -28,14 +28,16 @@ import numpy as np
 
 from emcjax import model as model_lib
 from emcjax import parallel
-from emcjax.blocks import FrameSource, RotationSet, frame_arrays, rotation_set
+from emcjax.blocks import FrameSource, frame_arrays, rotation_set
 from emcjax.config import EMCConfig
 from emcjax.core import cut_signal
 from emcjax.core import direct as kernels
-from emcjax.core.arrays import BlockArrays, EMCState, Kept, PhotonArrays
+from emcjax.core import direct_mstep
+from emcjax.core.arrays import BlockArrays, EMCState, PhotonArrays
 from emcjax.core.step import Diagnostics, FrameStats, KeptRotations, StepSpec
 from emcjax.data import SparseDataset, SparseFrames, bucket_length
 from emcjax.detector import Detector
+from emcjax.direct_kept import BlockPairs, direct_kept, kept_from_direct
 from emcjax.errors import ConfigError
 from emcjax.join import BACKGROUND_FLOOR
 from emcjax.problem import Problem, _frame_counts, _geometry, geometry_setup
@@ -78,6 +80,14 @@ class DirectBlockData:
     rotations: np.ndarray  # (n_rot,) int64 sampling index (padding repeats the last)
     records: dict  # numpy: pixel, count, dead, background, valid (n_local, n_records)
     n_near: int = 0  # tabulated signal: most reflections near the sphere at one candidate (padded, static)
+    _host: dict = dataclasses.field(default_factory=dict)
+
+    def host(self, name: str) -> np.ndarray:
+        """A numpy copy of ``arrays.quaternions`` or of a field of ``arrays.local``, made once."""
+        if name not in self._host:
+            value = self.arrays.quaternions if name == "quaternions" else getattr(self.arrays.local, name)
+            self._host[name] = np.asarray(value)
+        return self._host[name]
 
 
 def _records_per_frame(rec, n_local: int, n_records: int | None):
@@ -169,6 +179,7 @@ class DirectProblem(Problem):
     direct_plan: DirectPlan | None = None
     direct_blocks: list | None = None
     seconds: dict = dataclasses.field(default_factory=dict)
+    cpu_seconds: dict = dataclasses.field(default_factory=dict)
 
     @functools.cached_property
     def shared(self):
@@ -290,13 +301,18 @@ def block_signal(plan: DirectPlan, intensity, quaternions: jax.Array, n_shells: 
     return jnp.concatenate(parts)[:n_rot]
 
 
-def direct_estep(problem: DirectProblem, intensity, phi, state: EMCState, spec: StepSpec):
-    """E-step over every block: (kept pairs on the mesh, their rotation set, (4, n_padded) stats). Seconds
-    per phase accumulate in ``problem.seconds`` (signal, photons and posterior, kept entries)."""
+def direct_estep(problem: DirectProblem, intensity, phi, state: EMCState, spec: StepSpec, entries: bool = False):
+    """E-step over every block: (kept pairs, kept rotations, (4, n_padded) stats).
+
+    The kept pairs are a :class:`~emcjax.core.direct_mstep.DirectKept` with the kept rotations' sampling
+    indices (touched entries only: emcjax.direct_kept.direct_kept), or with ``entries`` a table-path ``Kept``
+    numbered into the kept rotations' in-peak entries with their ``RotationSet``. Seconds per phase
+    accumulate in ``problem.seconds``.
+    """
     plan = problem.direct_plan
     stats = np.zeros((4, problem.n_padded))
     pairs = []
-    clock = time.perf_counter()
+    clock = _start(problem)
     table = signal_table(plan, intensity)
     clock = _lap(problem, "cut table", clock, table) if table is not None else clock
     for block in problem.data_blocks():
@@ -320,75 +336,90 @@ def direct_estep(problem: DirectProblem, intensity, phi, state: EMCState, spec: 
         prob = np.asarray(result.prob)
         frame, j = np.nonzero(prob > 0)
         slot = np.asarray(result.slot)[frame, j]
-        cand = np.asarray(block.arrays.local.candidates)[frame, slot]
-        inside = np.asarray(result.inside)[frame, j] & block.records["valid"][frame]
-        pairs.append((block.start + frame, block.rotations[cand], prob[frame, j], inside, block.records, frame,
-                      np.asarray(block.arrays.local.masked_shells)[frame], np.asarray(block.arrays.local.background)[frame]))
-    kept, union_set = kept_from_direct(problem, pairs, not state.likelihood.linear_zero_term)
-    _lap(problem, "kept rotations' entries", clock, kept)
-    return kept, union_set, stats
+        cand = block.host("candidates")[frame, slot]
+        pairs.append(BlockPairs(
+            frame=block.start + frame, local_frame=frame, rotation=block.rotations[cand], prob=prob[frame, j],
+            signal=np.asarray(signal)[frame, slot], quaternion=block.host("quaternions")[cand],
+            inside=np.asarray(result.inside)[frame, j], records=block.records,
+            masked=block.host("masked_shells")[frame], background=block.host("background")[frame]))
+        clock = _lap(problem, "kept pairs", clock, None)
+    with_background = not state.likelihood.linear_zero_term
+    if entries:
+        kept, union_set = kept_from_direct(problem, pairs, with_background)
+        _lap(problem, "kept rotations' entries", clock, kept)
+        return kept, union_set, stats
+    kept, union = direct_kept(pairs, problem.detector.polarization, problem.n_shells, with_background)
+    _lap(problem, "kept pairs", clock, None)
+    return kept, union, stats
 
 
 def _lap(problem: DirectProblem, phase: str, clock: float, result) -> float:
+    """Adds the wall seconds since ``clock`` to ``problem.seconds[phase]`` and the process CPU seconds since the
+    last lap to ``problem.cpu_seconds[phase]`` (on a shared machine the CPU split is the one to read)."""
     jax.block_until_ready(result)
-    now = time.perf_counter()
+    now, cpu = time.perf_counter(), time.process_time()
     problem.seconds[phase] = problem.seconds.get(phase, 0.0) + now - clock
+    last = problem.cpu_seconds.pop("_last", cpu)
+    problem.cpu_seconds[phase] = problem.cpu_seconds.get(phase, 0.0) + cpu - last
+    problem.cpu_seconds["_last"] = cpu
     return now
 
 
-def kept_from_direct(problem: DirectProblem, pairs: list, with_background: bool) -> tuple[Kept, RotationSet]:
-    """Kept pairs of every block numbered into the in-peak entries of the union of the kept rotations."""
-    plan = problem.direct_plan
-    union = np.unique(np.concatenate([p[1] for p in pairs]))
-    union_set = rotation_set(problem.mesh, problem.grid, problem.detector, plan.sampling, plan.log_w, union, pad=True)
-    n_pix = problem.detector.n_pix
-    key = union_set.index.rotation * n_pix + union_set.index.pixel
-    columns = {f: [] for f in Kept._fields}
-    for frame, rotation, prob, inside, records, local_frame, masked, background in pairs:
-        u = np.searchsorted(union, rotation)
-        pair, record = np.nonzero(inside)
-        row = local_frame[pair]
-        pixel = records["pixel"][row, record].astype(np.int64)
-        columns["entry"].append(np.searchsorted(key, u[pair] * n_pix + pixel).astype(np.int32))
-        columns["prob"].append(prob[pair])
-        columns["count"].append(records["count"][row, record])
-        columns["dead"].append(records["dead"][row, record])
-        columns["background"].append(records["background"][row, record])
-        columns["polarization"].append(problem.detector.polarization[pixel].astype(np.float32))
-        columns["frame"].append(frame[pair].astype(np.int32))
-        columns["pair_frame"].append(frame.astype(np.int32))
-        columns["pair_rotation"].append(u.astype(np.int32))
-        columns["pair_prob"].append(prob)
-        columns["pair_masked"].append(masked)
-        columns["pair_background"].append(background if with_background else np.zeros((prob.shape[0], 0), np.float32))
-    n_terms = bucket_length(max(sum(x.shape[0] for x in columns["entry"]), 1))
-    n_pairs = bucket_length(max(sum(x.shape[0] for x in columns["pair_frame"]), 1))
-    out = []
-    for field in Kept._fields:
-        v = np.concatenate(columns[field])
-        length = n_pairs if field.startswith("pair_") else n_terms
-        fill = {"background": 1.0, "polarization": 1.0, "pair_masked": problem.n_shells}.get(field, 0)
-        v = np.pad(v, [(0, length - v.shape[0])] + [(0, 0)] * (v.ndim - 1), constant_values=fill)
-        out.append(parallel.stack(problem.mesh, [v]))
-    return Kept(*out), union_set
+def _start(problem: DirectProblem) -> float:
+    """The clock of a phase's first lap (and its CPU start)."""
+    problem.cpu_seconds["_last"] = time.process_time()
+    return time.perf_counter()
+
+
+def _direct_msteps(spec: StepSpec, likelihood) -> bool:
+    """Whether the M-steps run on the touched entries (emcjax.core.direct_mstep): the reference intensity
+    update and the closed-form phi update of a Poisson likelihood; else the table path's on the kept rotations'
+    in-peak entries."""
+    return (spec.intensity_update == "reference" and getattr(likelihood, "poisson_counts", False)
+            and not spec.refine_background and not spec.refine_background_shells)
 
 
 def iteration(problem: DirectProblem, state: EMCState, spec: StepSpec):
-    """One iteration (E-step, intensity update[, E-step, phi update]): (state, Diagnostics), like
-    emc's host-driven iteration, with the M-steps of the table path."""
+    """One iteration (E-step, intensity update[, E-step, phi update]): (state, Diagnostics), like emc's
+    host-driven iteration, with the table path's M-steps (on the touched entries where they allow it)."""
+    phi = jnp.pad(state.phi, (0, problem.n_padded - problem.n_frames))
+    if not _direct_msteps(spec, state.likelihood):
+        return _table_iteration(problem, state, spec, phi)
+    plan = problem.direct_plan
+    proj, shape, n_box = plan.projection
+    dk, union, first = direct_estep(problem, state.intensity, phi, state, spec)
+    clock = _start(problem)
+    h_max = int(np.max(np.asarray(model_lib.near_sphere_counts(jnp.asarray(dk.quaternions), proj))))
+    h_max = -(-h_max // 64) * 64  # few compiled shapes
+    intensity = direct_mstep.intensity_update(state.intensity, phi, state.likelihood, dk, plan.geometry, proj, shape,
+                                              h_max, n_box, problem.n_shells)
+    _lap(problem, "M-steps", clock, intensity)
+    last = first
+    if spec.update_phi:
+        dk, union, last = direct_estep(problem, intensity, phi, state, spec)
+        clock = _start(problem)
+        intensity, phi = direct_mstep.phi_update(intensity, phi, state.likelihood, dk, plan.geometry, problem.n_shells)
+        _lap(problem, "M-steps", clock, phi)
+    new = state._replace(iteration=state.iteration + 1, intensity=intensity, phi=phi[: problem.n_frames])
+    kept = dk.kept
+    pairs = KeptRotations(kept.pair_frame, union[np.minimum(kept.pair_rotation, union.shape[0] - 1)], kept.pair_prob)
+    return new, Diagnostics(first=FrameStats(*first), last=FrameStats(*last), n_live=0, kept=pairs)
+
+
+def _table_iteration(problem: DirectProblem, state: EMCState, spec: StepSpec, phi):
+    """:func:`iteration` with the table path's M-steps on the kept rotations' in-peak entries."""
     from emcjax.emc import _mstep_kernel  # the M-step kernels of the table path, unchanged
 
-    phi = jnp.pad(state.phi, (0, problem.n_padded - problem.n_frames))
-    kept, kept_set, first = direct_estep(problem, state.intensity, phi, state, spec)
+    kept, kept_set, first = direct_estep(problem, state.intensity, phi, state, spec, entries=True)
     shared = kept_set.shared(problem.geometry)
-    clock = time.perf_counter()
+    clock = _start(problem)
     intensity = _mstep_kernel(problem.mesh, spec, "intensity")(state.intensity, phi, state.likelihood, kept, shared)
     _lap(problem, "M-steps", clock, intensity)
     last = first
     if spec.update_phi:
-        kept, kept_set, last = direct_estep(problem, intensity, phi, state, spec)
+        kept, kept_set, last = direct_estep(problem, intensity, phi, state, spec, entries=True)
         shared = kept_set.shared(problem.geometry)
-        clock = time.perf_counter()
+        clock = _start(problem)
         intensity, phi = _mstep_kernel(problem.mesh, spec, "phi")(intensity, phi, state.likelihood, kept, shared)
         _lap(problem, "M-steps", clock, phi)
     new = state._replace(iteration=state.iteration + 1, intensity=intensity, phi=phi[: problem.n_frames])

@@ -514,6 +514,42 @@ def _count_candidates(quaternions, proj: _ProjectionTables):
     return jax.vmap(lambda m: _near_sphere(m, proj).sum(dtype=jnp.int32))(rot)
 
 
+def box_pixels(rot: jax.Array, proj: _ProjectionTables, shape, h_max: int, n_box: int):
+    """Pixels in the box around the projection of every reflection near the Ewald sphere at crystal_from_lab
+    ``rot`` (3, 3): ``(pixel, refl, count)``: (h_max * n_box²,) int32 valid-pixel index (-1 off the detector,
+    masked, or padding), the reflection whose box holds it (same shape), and the reflections near the sphere
+    (the result is complete only where count <= h_max). A box pixel is in-peak for ``rot`` iff the reflection
+    its crystal-frame q rounds to (``locate``) is its box's reflection."""
+    num_rows, num_cols = shape
+    n_refl = proj.centres.shape[0]
+    step = jnp.arange(n_box, dtype=jnp.int32)
+    d_row = jnp.repeat(step, n_box)  # (n_box²,)
+    d_col = jnp.tile(step, n_box)
+    near = _near_sphere(rot, proj)
+    count = near.sum(dtype=jnp.int32)
+    (refl,) = jnp.nonzero(near, size=h_max, fill_value=n_refl)
+    used = refl < n_refl
+    refl = jnp.minimum(refl, n_refl - 1)
+    # Lab position g = C^T G of the selected reflections, elementwise; its projection onto the detector.
+    g = jnp.sum(rot[None, :, :] * proj.centres[refl][:, :, None], axis=1)  # (h_max, 3)
+    s = g + proj.k_beam
+    s_norm = jnp.sqrt(jnp.sum(s * s, axis=1))
+    ahead = s[:, 2] <= -proj.cos_min * s_norm  # within the cone of directions that can reach a pixel
+    scale = proj.beam_px[2] / jnp.where(ahead, s[:, 2], -1.0)  # pixels per 1/Å along s, > 0
+    row = s[:, 0] * scale - proj.beam_px[0] + proj.centre_px[0]
+    col = s[:, 1] * scale - proj.beam_px[1] + proj.centre_px[1]
+    w = proj.half_width
+    used = used & ahead & (row + w >= 0) & (row - w <= num_rows - 1) & (col + w >= 0) & (col - w <= num_cols - 1)
+    row0 = jnp.ceil(jnp.where(used, row - w, 0.0)).astype(jnp.int32)
+    col0 = jnp.ceil(jnp.where(used, col - w, 0.0)).astype(jnp.int32)
+    rows = row0[:, None] + d_row[None, :]  # (h_max, n_box²)
+    cols = col0[:, None] + d_col[None, :]
+    on_det = used[:, None] & (rows >= 0) & (rows < num_rows) & (cols >= 0) & (cols < num_cols)
+    pid = jnp.where(on_det, rows * num_cols + cols, 0)
+    pixel = jnp.where(on_det, proj.pixel_map[pid], -1)
+    return pixel.reshape(-1), jnp.broadcast_to(refl[:, None], pixel.shape).reshape(-1), count
+
+
 @functools.partial(jax.jit, static_argnames=("shape", "h_max", "n_box"))
 def _reflection_pixels(quaternions, proj: _ProjectionTables, tables: GridTables, shape, h_max, n_box):
     """In-peak pixels of a chunk of rotations found from their reflections near the Ewald sphere.
@@ -522,40 +558,9 @@ def _reflection_pixels(quaternions, proj: _ProjectionTables, tables: GridTables,
     (rotation, box slot), -1 elsewhere; (n_rot_chunk,) int32 reflections near the sphere per rotation (the
     result is complete only where counts <= h_max).
     """
-    num_rows, num_cols = shape
-    n_refl = proj.centres.shape[0]
-    step = jnp.arange(n_box, dtype=jnp.int32)
-    d_row = jnp.repeat(step, n_box)  # (n_box²,)
-    d_col = jnp.tile(step, n_box)
     near_pixel = jax.vmap(jax.vmap(_nearest_reflection, in_axes=(0, None)), in_axes=(0, None))
-
-    def one(rot):
-        near = _near_sphere(rot, proj)
-        count = near.sum(dtype=jnp.int32)
-        (refl,) = jnp.nonzero(near, size=h_max, fill_value=n_refl)
-        used = refl < n_refl
-        refl = jnp.minimum(refl, n_refl - 1)
-        # Lab position g = C^T G of the selected reflections, elementwise; its projection onto the detector.
-        g = jnp.sum(rot[None, :, :] * proj.centres[refl][:, :, None], axis=1)  # (h_max, 3)
-        s = g + proj.k_beam
-        s_norm = jnp.sqrt(jnp.sum(s * s, axis=1))
-        ahead = s[:, 2] <= -proj.cos_min * s_norm  # within the cone of directions that can reach a pixel
-        scale = proj.beam_px[2] / jnp.where(ahead, s[:, 2], -1.0)  # pixels per 1/Å along s, > 0
-        row = s[:, 0] * scale - proj.beam_px[0] + proj.centre_px[0]
-        col = s[:, 1] * scale - proj.beam_px[1] + proj.centre_px[1]
-        w = proj.half_width
-        used = used & ahead & (row + w >= 0) & (row - w <= num_rows - 1) & (col + w >= 0) & (col - w <= num_cols - 1)
-        row0 = jnp.ceil(jnp.where(used, row - w, 0.0)).astype(jnp.int32)
-        col0 = jnp.ceil(jnp.where(used, col - w, 0.0)).astype(jnp.int32)
-        rows = row0[:, None] + d_row[None, :]  # (h_max, n_box²)
-        cols = col0[:, None] + d_col[None, :]
-        on_det = used[:, None] & (rows >= 0) & (rows < num_rows) & (cols >= 0) & (cols < num_cols)
-        pid = jnp.where(on_det, rows * num_cols + cols, 0)
-        pixel = jnp.where(on_det, proj.pixel_map[pid], -1)
-        return pixel.reshape(-1), jnp.broadcast_to(refl[:, None], pixel.shape).reshape(-1), count
-
     rot = crystal_from_lab(quaternions)
-    pixel, refl, count = jax.vmap(one)(rot)  # (r, h_max * n_box²) each, (r,)
+    pixel, refl, count = jax.vmap(lambda m: box_pixels(m, proj, shape, h_max, n_box))(rot)  # (r, h_max * n_box²) each, (r,)
     # The inside test of build_entries (_classify), on the same (rotation, pixel)-shaped batch.
     q_crystal = jnp.sum(rot[:, None, :, :] * proj.q_lab[jnp.maximum(pixel, 0)][:, :, None, :], axis=-1)
     found, _ = near_pixel(q_crystal, tables)

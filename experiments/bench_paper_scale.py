@@ -130,6 +130,7 @@ def main() -> None:
                 state = emc.initial_state(problem, emc_config, seed=0)
                 for i in range(args.iters):
                     problem.seconds.clear()
+                    problem.cpu_seconds.clear()
                     if args.profile is not None and i == args.iters - 1:
                         jax.profiler.start_trace(str(args.profile))
                     cpu = time.process_time()
@@ -141,7 +142,9 @@ def main() -> None:
                     print(f"[{n} frames] iteration {int(state.iteration)}: {seconds:.1f} s "
                           f"({seconds * per_1000:.1f} s per 1000 frames; process CPU {cpu:.1f} s), certainty {metrics['certainty']:.3f}, "
                           f"cc_true {metrics['cc_true']:.4f}, load average {os.getloadavg()[0]:.1f}; seconds by phase: "
-                          + ", ".join(f"{k} {v:.1f}" for k, v in problem.seconds.items()))
+                          + ", ".join(f"{k} {v:.1f}" for k, v in problem.seconds.items())
+                          + "; process CPU by phase: "
+                          + ", ".join(f"{k} {v:.1f}" for k, v in problem.cpu_seconds.items() if not k.startswith("_")))
             if args.error_rotations:
                 err = signal_error(problem, state.intensity, args.error_rotations)
                 print(f"tabulated S vs the exact pixel sum on {err['rotations']} candidate rotations (model after "

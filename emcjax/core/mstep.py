@@ -80,10 +80,9 @@ def kept_background(likelihood, kept: Kept) -> jax.Array:
     return likelihood.background_mean(pol * kept.background, kept.frame) / pol
 
 
-def rotation_exposure(phi, kept: Kept, shared: Shared, n_shells: int, axis) -> jax.Array:
-    """(size,) sum over kept pairs (d, r) of P_dr phi_d over the frames whose shell at the pixel is valid, for
-    this device's entries (r, t), dead pixels not subtracted."""
-    n_rot = shared.entries.n_rot
+def rotation_sums(phi, kept: Kept, n_rot: int, n_shells: int, axis):
+    """Sums of P_dr phi_d over the kept pairs of every rotation: (n_rot,) over all of them and
+    (n_rot, n_shells + 1) over those whose frame masks each shell (last column: padding)."""
     pw = kept.pair_prob * phi[kept.pair_frame]
     per_rot = jax.ops.segment_sum(pw, kept.pair_rotation, num_segments=n_rot)
     seg = kept.pair_rotation[:, None] * (n_shells + 1) + kept.pair_masked
@@ -91,7 +90,14 @@ def rotation_exposure(phi, kept: Kept, shared: Shared, n_shells: int, axis) -> j
         jnp.broadcast_to(pw[:, None], seg.shape).ravel(), seg.ravel(), num_segments=n_rot * (n_shells + 1)
     )
     sums = _psum(jnp.concatenate([per_rot[:, None], per_rot_shell.reshape(n_rot, n_shells + 1)], axis=1), axis)
-    return exposure_of_rotations(sums[:, 0], sums[:, 1:], shared, axis)
+    return sums[:, 0], sums[:, 1:]
+
+
+def rotation_exposure(phi, kept: Kept, shared: Shared, n_shells: int, axis) -> jax.Array:
+    """(size,) sum over kept pairs (d, r) of P_dr phi_d over the frames whose shell at the pixel is valid, for
+    this device's entries (r, t), dead pixels not subtracted."""
+    per_rot, per_rot_shell = rotation_sums(phi, kept, shared.entries.n_rot, n_shells, axis)
+    return exposure_of_rotations(per_rot, per_rot_shell, shared, axis)
 
 
 def exposure_of_rotations(per_rot, per_rot_shell, shared: Shared, axis=None) -> jax.Array:
@@ -185,7 +191,7 @@ def _newton_entries(local, pk, b, live, a, size: int, newton_steps: int, dtype):
 
 
 def reference_update(intensity, phi, likelihood, kept: Kept, shared: Shared, n_shells: int, newton_steps: int = 30,
-                     axis=None):
+                     axis=None, extra_denominator=None):
     """The reference's per-pixel ML + compress (METHOD.md §7.1), with w_rt >= 0.
 
     For each in-peak entry e = (r, t): w_e solves sum_{kept d} P_dr phi_d pol_t = sum P_dr K_dt / (B_dt/phi_d + w),
@@ -197,6 +203,9 @@ def reference_update(intensity, phi, likelihood, kept: Kept, shared: Shared, n_s
     (``all_to_all`` with a static per-destination budget of ``ROUTE_SLACK`` x a fair share), so each device
     solves and back-projects only its own entries; when a bucket would overflow (kept pairs concentrated on
     few entries) the terms are gathered whole instead (``lax.cond``, same result).
+
+    ``extra_denominator``: (n_asu * n_voxels,) stabilizer-summed sum_e c_e w_ev of in-peak entries that are
+    not in ``shared`` (they get w_e = 0: no kept photon; emcjax.core.direct_mstep), added to the denominator.
     """
     n_entries = shared.entries.rotation.shape[0]
     n = _n_devices(axis)
@@ -237,6 +246,8 @@ def reference_update(intensity, phi, likelihood, kept: Kept, shared: Shared, n_s
 
         sums = jax.lax.cond(fits, routed, gathered)
     numerator, denominator = _back_project(sums, shared, intensity.shape, axis)
+    if extra_denominator is not None:
+        denominator = denominator + extra_denominator
     return _safe_divide(numerator, denominator).reshape(intensity.shape)
 
 
@@ -267,21 +278,24 @@ def mlem_update(intensity, phi, likelihood, kept: Kept, shared: Shared, n_shells
 
 
 def phi_update(intensity, phi, likelihood, kept: Kept, shared: Shared, n_shells: int, newton_steps: int = 40,
-               axis=None, tables=None):
+               axis=None, tables=None, pair_signal=None, term_model=None):
     """Per-frame 1-D Poisson ML of phi >= 0 given the responsibilities (METHOD.md §7.3).
 
     Maximises sum_{kept r} P_dr [sum_t K_dt log(B_dt + phi W_rt) - phi S_dr] by Newton's method from phi = 0
     (the gradient is convex and decreasing in phi); phi = 0 when the gradient at 0 is <= 0 (a blank frame).
     Frames without any kept weight (weight 0: rejected, other half set, padding) keep their phi.
-    ``tables``: the rotation tables of ``intensity`` when the caller has them (the E-step's).
+    ``tables``: the rotation tables of ``intensity`` when the caller has them (the E-step's). Or, without
+    tables, ``pair_signal`` (m,) S_dr of every kept pair and ``term_model`` (n,) W at every kept join pair
+    (emcjax.core.direct_mstep).
 
     Returns:
       ``(phi, used)``: the new, unnormalised phi of all frames and which frames were updated.
     """
     n_frames = phi.shape[0]
-    tables = rotation_tables(intensity, shared, n_shells) if tables is None else tables
-    signal = frame_signal(tables, kept.pair_rotation, kept.pair_masked)
-    w = tables.tomogram[kept.entry]
+    if pair_signal is None:
+        tables = rotation_tables(intensity, shared, n_shells) if tables is None else tables
+        pair_signal, term_model = frame_signal(tables, kept.pair_rotation, kept.pair_masked), tables.tomogram[kept.entry]
+    signal, w = pair_signal, term_model
     expected = jax.ops.segment_sum(kept.pair_prob * signal, kept.pair_frame, num_segments=n_frames)
     expected -= jax.ops.segment_sum(kept.prob * kept.dead * kept.polarization * w, kept.frame, num_segments=n_frames)
     pk = kept.prob * kept.count

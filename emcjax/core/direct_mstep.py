@@ -1,0 +1,138 @@
+"""M-steps of the direct candidate path without the kept rotations' in-peak entry tables.
+
+The table path's closed-form M-steps (emcjax.core.mstep) read per-entry sums over the in-peak entries (r, t)
+of the kept rotations: ~25,000 per rotation at the paper's detector, built, indexed and padded on the host
+for every E-step. But in both updates only the entries that a kept photon (or dead pixel) falls in carry
+anything beyond an exposure:
+
+* reference update: an entry without a kept photon gets w_e = 0 (the gradient at 0 is minus its exposure),
+  so it adds nothing to the numerator sum_e c_e w_ev w_e and only c_e w_ev to the denominator, with
+  c_e = sum_{kept (d, r)} P_dr phi_d over the frames whose shell at t is valid (no dead pixel there);
+* phi update: it needs S_dr of every kept pair (the E-step's, same model) and the model W at every kept
+  join pair.
+
+So the touched entries (the distinct (rotation, pixel) of the kept join pairs, a few hundred per frame) are
+built on the device from the records the E-step already tested, the table path's update runs on them, and
+the exposure of every other in-peak entry is back-projected straight from the reflections near the Ewald
+sphere (:func:`exposure_projection`: every kept rotation's in-peak pixels found as the entries are,
+``model.box_pixels`` + ``model.locate``, projected and summed, never stored). The result is the table
+path's M-step; only the float32 summation order differs.
+
+Shapes: ``n_union`` kept rotations (padded with zero exposure), ``n`` kept join pairs (= touched entries,
+padded), ``m`` kept (frame, rotation) pairs.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from emcjax import model as model_lib
+from emcjax.core import mstep
+from emcjax.core.arrays import Kept, Shared
+from emcjax.core.direct import Geometry
+from emcjax.rotations import crystal_from_lab
+
+ROTATION_CHUNK = 16  # kept rotations per step of the exposure projection (memory: chunk x h_max x n_box² x ~80 B)
+
+
+class DirectKept(NamedTuple):
+    """Kept pairs of the direct path with their touched entries (device arrays, one device).
+
+    Attributes:
+      kept: the kept pairs (:class:`emcjax.core.arrays.Kept`); ``entry`` numbers the touched entries,
+        ``pair_rotation`` the union's rotations.
+      quaternions: (n_union, 4) float32 the kept rotations (padding repeats one; no pair refers to it).
+      touched_rotation: (n,) int32 union rotation of each touched entry; touched_pixel: (n,) int32 its pixel;
+      touched: (n,) bool real touched entries (False on padding).
+      pair_signal: (m,) float32 S_dr at phi = 1 of every kept pair over its frame's valid shells (the E-step's).
+    """
+
+    kept: Kept
+    quaternions: jax.Array
+    touched_rotation: jax.Array
+    touched_pixel: jax.Array
+    touched: jax.Array
+    pair_signal: jax.Array
+
+
+def touched_entries(dk: DirectKept, geometry: Geometry) -> model_lib.Entries:
+    """The touched entries with their trilinear stencils (zero weight on padding), as ``model.Entries``."""
+    voxels, weights = model_lib._stencils(dk.quaternions, dk.touched_rotation, dk.touched_pixel, geometry.q_lab,
+                                          geometry.tables)  # those of the entries (model._entries_from_pairs)
+    weights = jnp.where(dk.touched[:, None], weights, 0.0)
+    return model_lib.Entries(dk.touched_rotation, dk.touched_pixel, voxels, weights, n_rot=dk.quaternions.shape[0])
+
+
+def _shared(dk: DirectKept, geometry: Geometry) -> Shared:
+    return Shared(entries=touched_entries(dk, geometry), polarization=geometry.polarization, shell=geometry.shell,
+                  log_prior=None, tables=geometry.tables)
+
+
+def _in_peak_reflection(rot, q_lab, tables):
+    """(...) int32 reflection whose peak holds lab points ``q_lab`` (..., 3) at ``rot`` (..., 3, 3), -1 for none,
+    q_crystal computed elementwise (the in-peak test of the entries)."""
+    q_crystal = jnp.sum(rot * q_lab[..., None, :], axis=-1)
+    refl, _ = jax.vmap(model_lib._nearest_reflection, in_axes=(0, None))(q_crystal.reshape(-1, 3), tables)
+    return refl.reshape(q_crystal.shape[:-1])
+
+
+@functools.partial(jax.jit, static_argnames=("shape", "h_max", "n_box", "n_flat"))
+def exposure_projection(exposure, quaternions, proj, geometry: Geometry, shape, h_max: int, n_box: int, n_flat: int):
+    """(n_asu * n_voxels + 1,) sum over every in-peak pixel t of every rotation r of ``exposure[r, shell(t)]``
+    times the trilinear weights of (r, t) on each voxel of the padded model (before the stabilizer sum).
+
+    ``exposure``: (n_union, n_shells) per rotation and shell (0 for padding rotations); ``quaternions``
+    (n_union, 4), n_union a multiple of ``ROTATION_CHUNK``; ``h_max`` >= the reflections near the sphere at
+    every rotation (``model.near_sphere_counts``); ``n_flat`` the padded model's size. A box pixel is in-peak
+    by the test of the entries (``model.box_pixels``).
+    """
+
+    def step(acc, xs):
+        quats, rows = xs  # (chunk, 4), (chunk, n_shells)
+        rot = crystal_from_lab(quats)
+        pixel, refl, _ = jax.vmap(lambda m: model_lib.box_pixels(m, proj, shape, h_max, n_box))(rot)
+        safe = jnp.maximum(pixel, 0)
+        q_lab = geometry.q_lab[safe]  # (chunk, h_max * n_box², 3)
+        # the entries' in-peak test (elementwise q, model._reflection_pixels) and stencils (matmul q, model._stencils)
+        found = _in_peak_reflection(rot[:, None], q_lab, geometry.tables)
+        per_point = jnp.broadcast_to(rot[:, None], (*pixel.shape, 3, 3)).reshape(-1, 3, 3)
+        q_crystal = jnp.einsum("eij,ej->ei", per_point, q_lab.reshape(-1, 3), precision=jax.lax.Precision.HIGHEST)
+        _, voxels, weights = jax.vmap(model_lib.locate, in_axes=(0, None))(q_crystal, geometry.tables)
+        voxels, weights = voxels.reshape(*pixel.shape, 8), weights.reshape(*pixel.shape, 8)
+        inside = (pixel >= 0) & (found == refl)
+        value = jnp.where(inside, jnp.take_along_axis(rows, geometry.shell[safe], axis=1), 0.0)
+        return acc + jax.ops.segment_sum((value[..., None] * weights).ravel(), voxels.ravel(), num_segments=n_flat), None
+
+    chunks = jax.tree.map(lambda x: x.reshape(-1, ROTATION_CHUNK, *x.shape[1:]), (quaternions, exposure))
+    return jax.lax.scan(step, jnp.zeros(n_flat, exposure.dtype), chunks)[0]
+
+
+@functools.partial(jax.jit, static_argnames=("shape", "h_max", "n_box", "n_shells"))
+def intensity_update(intensity, phi, likelihood, dk: DirectKept, geometry: Geometry, proj, shape, h_max: int,
+                     n_box: int, n_shells: int):
+    """The reference update (``mstep.reference_update``) over every in-peak entry of the kept rotations: the
+    touched entries solved, every other entry's exposure back-projected by :func:`exposure_projection`."""
+    shared = _shared(dk, geometry)
+    per_rot, per_rot_shell = mstep.rotation_sums(phi, dk.kept, dk.quaternions.shape[0], n_shells, None)
+    rows = per_rot[:, None] - per_rot_shell[:, :n_shells]  # c of an entry without dead pixels, by shell
+    every = exposure_projection(rows, dk.quaternions, proj, geometry, shape, h_max, n_box, intensity.size + 1)
+    touched = mstep.exposure_of_rotations(per_rot, per_rot_shell, shared)
+    ent = shared.entries
+    touched = jax.ops.segment_sum((touched[:, None] * ent.weights).ravel(), ent.voxels.ravel(), num_segments=every.shape[0])
+    extra = model_lib.stabilizer_sum((every - touched)[:-1].reshape(intensity.shape), geometry.tables).reshape(-1)
+    return mstep.reference_update(intensity, phi, likelihood, dk.kept, shared, n_shells, extra_denominator=extra)
+
+
+@functools.partial(jax.jit, static_argnames=("n_shells",))
+def phi_update(intensity, phi, likelihood, dk: DirectKept, geometry: Geometry, n_shells: int):
+    """The phi update and normalisation of the table path (``step.phi_mstep``) from the kept pairs' S_dr and the
+    model at the touched entries: ``(intensity, phi)``."""
+    shared = _shared(dk, geometry)
+    w = model_lib.tomogram(intensity, shared.entries)[dk.kept.entry]
+    phi, used = mstep.phi_update(intensity, phi, likelihood, dk.kept, shared, n_shells, pair_signal=dk.pair_signal,
+                                 term_model=w)
+    return mstep.normalise_phi(intensity, phi, used)
