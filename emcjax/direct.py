@@ -389,10 +389,13 @@ def iteration(problem: DirectProblem, state: EMCState, spec: StepSpec):
     proj, shape, n_box = plan.projection
     dk, union, first = direct_estep(problem, state.intensity, phi, state, spec)
     clock = _start(problem)
-    h_max = int(np.max(np.asarray(model_lib.near_sphere_counts(jnp.asarray(dk.quaternions), proj))))
-    h_max = -(-h_max // 64) * 64  # few compiled shapes
-    intensity = direct_mstep.intensity_update(state.intensity, phi, state.likelihood, dk, plan.geometry, proj, shape,
-                                              h_max, n_box, problem.n_shells)
+    quats = jnp.asarray(dk.quaternions)
+    h_max = -(-int(np.max(np.asarray(model_lib.near_sphere_counts(quats, proj)))) // 64) * 64  # few compiled shapes
+    rows = direct_mstep.exposure_rows(phi, dk, problem.n_shells)
+    every = direct_mstep.exposure_projection(rows, quats, union.shape[0], proj, plan.geometry, shape, h_max, n_box,
+                                             state.intensity.size + 1)
+    intensity = direct_mstep.intensity_update(state.intensity, phi, state.likelihood, dk, plan.geometry, every,
+                                              problem.n_shells)
     _lap(problem, "M-steps", clock, intensity)
     last = first
     if spec.update_phi:

@@ -80,46 +80,55 @@ def _in_peak_reflection(rot, q_lab, tables):
     return refl.reshape(q_crystal.shape[:-1])
 
 
-@functools.partial(jax.jit, static_argnames=("shape", "h_max", "n_box", "n_flat"))
-def exposure_projection(exposure, quaternions, proj, geometry: Geometry, shape, h_max: int, n_box: int, n_flat: int):
-    """(n_asu * n_voxels + 1,) sum over every in-peak pixel t of every rotation r of ``exposure[r, shell(t)]``
+@functools.partial(jax.jit, static_argnames=("n_shells",))
+def exposure_rows(phi, dk: DirectKept, n_shells: int) -> jax.Array:
+    """(n_union, n_shells) c of an entry of each kept rotation without dead pixels, by the entry's shell: sum of
+    P_dr phi_d over the rotation's kept pairs whose frame does not mask the shell (0 on padding)."""
+    per_rot, per_rot_shell = mstep.rotation_sums(phi, dk.kept, dk.quaternions.shape[0], n_shells, None)
+    return per_rot[:, None] - per_rot_shell[:, :n_shells]
+
+
+@functools.partial(jax.jit, static_argnames=("shape", "h_max", "n_box"), donate_argnums=(0,))
+def _project_chunk(acc, rows, quats, proj, geometry: Geometry, shape, h_max: int, n_box: int):
+    rot = crystal_from_lab(quats)
+    pixel, refl, _ = jax.vmap(lambda m: model_lib.box_pixels(m, proj, shape, h_max, n_box))(rot)
+    safe = jnp.maximum(pixel, 0)
+    q_lab = geometry.q_lab[safe]  # (chunk, h_max * n_box², 3)
+    # the entries' in-peak test (elementwise q, model._reflection_pixels) and stencils (matmul q, model._stencils)
+    found = _in_peak_reflection(rot[:, None], q_lab, geometry.tables)
+    per_point = jnp.broadcast_to(rot[:, None], (*pixel.shape, 3, 3)).reshape(-1, 3, 3)
+    q_crystal = jnp.einsum("eij,ej->ei", per_point, q_lab.reshape(-1, 3), precision=jax.lax.Precision.HIGHEST)
+    _, voxels, weights = jax.vmap(model_lib.locate, in_axes=(0, None))(q_crystal, geometry.tables)
+    voxels, weights = voxels.reshape(*pixel.shape, 8), weights.reshape(*pixel.shape, 8)
+    inside = (pixel >= 0) & (found == refl)
+    value = jnp.where(inside, jnp.take_along_axis(rows, geometry.shell[safe], axis=1), 0.0)
+    return acc + jax.ops.segment_sum((value[..., None] * weights).ravel(), voxels.ravel(), num_segments=acc.shape[0])
+
+
+def exposure_projection(rows, quaternions, n_rotations: int, proj, geometry: Geometry, shape, h_max: int, n_box: int,
+                        n_flat: int) -> jax.Array:
+    """(n_flat,) sum over every in-peak pixel t of the first ``n_rotations`` rotations r of ``rows[r, shell(t)]``
     times the trilinear weights of (r, t) on each voxel of the padded model (before the stabilizer sum).
 
-    ``exposure``: (n_union, n_shells) per rotation and shell (0 for padding rotations); ``quaternions``
-    (n_union, 4), n_union a multiple of ``ROTATION_CHUNK``; ``h_max`` >= the reflections near the sphere at
-    every rotation (``model.near_sphere_counts``); ``n_flat`` the padded model's size. A box pixel is in-peak
-    by the test of the entries (``model.box_pixels``).
+    ``rows`` (n_union, n_shells) from :func:`exposure_rows`, ``quaternions`` (n_union, 4), n_union a multiple of
+    ``ROTATION_CHUNK``: one compiled call per chunk of ``ROTATION_CHUNK`` rotations, whatever the union's size.
+    ``h_max`` >= the reflections near the sphere at every rotation (``model.near_sphere_counts``); ``n_flat``
+    the padded model's size. A box pixel is in-peak by the test of the entries (``model.box_pixels``).
     """
-
-    def step(acc, xs):
-        quats, rows = xs  # (chunk, 4), (chunk, n_shells)
-        rot = crystal_from_lab(quats)
-        pixel, refl, _ = jax.vmap(lambda m: model_lib.box_pixels(m, proj, shape, h_max, n_box))(rot)
-        safe = jnp.maximum(pixel, 0)
-        q_lab = geometry.q_lab[safe]  # (chunk, h_max * n_box², 3)
-        # the entries' in-peak test (elementwise q, model._reflection_pixels) and stencils (matmul q, model._stencils)
-        found = _in_peak_reflection(rot[:, None], q_lab, geometry.tables)
-        per_point = jnp.broadcast_to(rot[:, None], (*pixel.shape, 3, 3)).reshape(-1, 3, 3)
-        q_crystal = jnp.einsum("eij,ej->ei", per_point, q_lab.reshape(-1, 3), precision=jax.lax.Precision.HIGHEST)
-        _, voxels, weights = jax.vmap(model_lib.locate, in_axes=(0, None))(q_crystal, geometry.tables)
-        voxels, weights = voxels.reshape(*pixel.shape, 8), weights.reshape(*pixel.shape, 8)
-        inside = (pixel >= 0) & (found == refl)
-        value = jnp.where(inside, jnp.take_along_axis(rows, geometry.shell[safe], axis=1), 0.0)
-        return acc + jax.ops.segment_sum((value[..., None] * weights).ravel(), voxels.ravel(), num_segments=n_flat), None
-
-    chunks = jax.tree.map(lambda x: x.reshape(-1, ROTATION_CHUNK, *x.shape[1:]), (quaternions, exposure))
-    return jax.lax.scan(step, jnp.zeros(n_flat, exposure.dtype), chunks)[0]
+    acc = jnp.zeros(n_flat, rows.dtype)
+    for start in range(0, n_rotations, ROTATION_CHUNK):
+        chunk = slice(start, start + ROTATION_CHUNK)
+        acc = _project_chunk(acc, rows[chunk], quaternions[chunk], proj, geometry, shape, h_max, n_box)
+    return acc
 
 
-@functools.partial(jax.jit, static_argnames=("shape", "h_max", "n_box", "n_shells"))
-def intensity_update(intensity, phi, likelihood, dk: DirectKept, geometry: Geometry, proj, shape, h_max: int,
-                     n_box: int, n_shells: int):
+@functools.partial(jax.jit, static_argnames=("n_shells",))
+def intensity_update(intensity, phi, likelihood, dk: DirectKept, geometry: Geometry, every, n_shells: int):
     """The reference update (``mstep.reference_update``) over every in-peak entry of the kept rotations: the
-    touched entries solved, every other entry's exposure back-projected by :func:`exposure_projection`."""
+    touched entries solved, every other entry's exposure from ``every`` (:func:`exposure_projection` of
+    :func:`exposure_rows`)."""
     shared = _shared(dk, geometry)
     per_rot, per_rot_shell = mstep.rotation_sums(phi, dk.kept, dk.quaternions.shape[0], n_shells, None)
-    rows = per_rot[:, None] - per_rot_shell[:, :n_shells]  # c of an entry without dead pixels, by shell
-    every = exposure_projection(rows, dk.quaternions, proj, geometry, shape, h_max, n_box, intensity.size + 1)
     touched = mstep.exposure_of_rotations(per_rot, per_rot_shell, shared)
     ent = shared.entries
     touched = jax.ops.segment_sum((touched[:, None] * ent.weights).ravel(), ent.voxels.ravel(), num_segments=every.shape[0])
