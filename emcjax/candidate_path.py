@@ -20,8 +20,11 @@ AMORTISED_ITERATIONS = 10  # iterations the table path's set-up is spread over
 TABLE_BYTES = 8 << 30  # the table path's entries beyond this do not fit: the direct path is taken
 
 
+KEPT_PER_FRAME = 1.5  # kept rotations per frame and E-step (measured ~1.2 at the paper's geometry)
+
+
 def choose_path(n_candidates: int, n_distinct: int, records_per_frame: float, entries_per_rotation: float,
-                reflections_per_frame: float, signal: str) -> str:
+                reflections_per_frame: float, signal: str, n_frames: int = 0) -> str:
     """``"direct"`` or ``"table"`` for candidate lists, by the work per iteration (set-up amortised).
 
     Work in units of one trilinear model read (a locate-and-gather costs about one):
@@ -34,7 +37,9 @@ def choose_path(n_candidates: int, n_distinct: int, records_per_frame: float, en
       ``2 n_candidates (R + S)`` with S = 2E for the exact signal (the box tests around each reflection are
       about twice its in-peak pixels) or, for the tabulated one, the reflections near the sphere at the
       candidate (table interpolations, padded) plus a three-multiply-add test of the frame's preselected list
-      (cut_signal.near_frame_signal): about twice the reflections near the sphere.
+      (cut_signal.near_frame_signal): about twice the reflections near the sphere; plus, once per
+      iteration, the box tests of every in-peak pixel of the kept rotations (the intensity M-step's
+      exposure, emcjax.core.direct_mstep): ``KEPT_PER_FRAME n_frames 2E``.
 
     The direct path is taken when it does less work or when the table path's entries exceed ``TABLE_BYTES``.
     With the exact signal and candidates used by one frame each, the two do similar work; the direct path
@@ -44,12 +49,12 @@ def choose_path(n_candidates: int, n_distinct: int, records_per_frame: float, en
       n_candidates: (frame, candidate) pairs over all frames; n_distinct: distinct candidate rotations;
       records_per_frame: photon and dead-pixel records per frame (R); entries_per_rotation: in-peak pixels
       of one rotation (E); reflections_per_frame: the tabulated signal's terms per candidate (see above);
-      signal: "exact" or "tabulated".
+      signal: "exact" or "tabulated"; n_frames: frames (for the kept rotations' exposure).
     """
     entries = n_distinct * entries_per_rotation
     table = entries * (BUILD_COST / AMORTISED_ITERATIONS + 2.0) + 2.0 * n_candidates * records_per_frame
     per_signal = 2.0 * entries_per_rotation if signal == "exact" else reflections_per_frame
-    direct = 2.0 * n_candidates * (records_per_frame + per_signal)
+    direct = 2.0 * n_candidates * (records_per_frame + per_signal) + KEPT_PER_FRAME * n_frames * 2.0 * entries_per_rotation
     return "direct" if direct < table or 64.0 * entries > TABLE_BYTES else "table"
 
 
@@ -72,5 +77,5 @@ def use_direct(dataset: SparseDataset, config: EMCConfig, frames: SparseFrames |
     quats = SampledRotations(int(dataset.candidate_sampling_n)).quaternions[np.asarray(rotation_ids[:1])]
     near = float(np.asarray(model_lib.near_sphere_counts(jnp.asarray(quats, jnp.float32), proj))[0])
     path = choose_path(int(rotation_ids.shape[0]), int(np.unique(rotation_ids).shape[0]), float(records),
-                       near * n_box**2 / 2.0, 2.0 * near, config.candidate_signal)
+                       near * n_box**2 / 2.0, 2.0 * near, config.candidate_signal, source.n_frames)
     return path == "direct"

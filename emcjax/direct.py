@@ -5,11 +5,13 @@ and joins the photons with them on the host. With a few hundred candidates per f
 every candidate belongs to one frame, and those entries cost far more than the photons that use them. This
 path instead keeps, per block, only the frames' photon records and their candidates' quaternions; the
 E-step tests every (record, candidate) pair on the device (emcjax.core.direct) and sums each candidate's
-expected signal from the reflections near the Ewald sphere, never storing entries. The M-steps are those of
-the table path, unchanged: they need per-entry sums, so the in-peak entries of the *kept* rotations only
-(one or two per frame, the union over the data) are built after each E-step, and the kept records, whose
-in-peak test the E-step already made, are numbered into them (:func:`kept_from_direct`). That is the
-table path's own hand-off (emc._reindex_kept) without the per-block entry tables.
+expected signal from the reflections near the Ewald sphere, never storing entries. The M-steps are the
+table path's: for the reference intensity update and the closed-form phi update they run on the touched
+entries only (the distinct (kept rotation, pixel) of the kept records, whose in-peak test the E-step already
+made), every other in-peak entry of the kept rotations entering as exposure back-projected straight from
+the reflections (emcjax.core.direct_mstep, emcjax.direct_kept.direct_kept); other updates get the kept
+rotations' in-peak entries built after each E-step (emcjax.direct_kept.kept_from_direct, the table path's
+own hand-off, emc._reindex_kept, without the per-block entry tables).
 
 :func:`emcjax.candidate_path.choose_path` decides between the two paths by a cost estimate
 (docs/ARCHITECTURE.md).

@@ -116,6 +116,9 @@ def test_cost_estimate():
     assert candidate_path.choose_path(80000 * 200, 80000 * 200, 180, 25000, 1200, "tabulated") == "direct"
     assert candidate_path.choose_path(80000 * 200, 80000 * 200, 180, 25000, 1200, "exact") == "direct"  # 2.6e13 bytes
     assert candidate_path.choose_path(40 * 200, 40 * 200, 180, 800, 250, "exact") == "table"
+    # the kept rotations' exposure (once per iteration, ~1.5 per frame) tips a close case to the table path
+    assert candidate_path.choose_path(1000 * 200, 3000, 180, 25000, 460, "tabulated", 0) == "direct"
+    assert candidate_path.choose_path(1000 * 200, 3000, 180, 25000, 460, "tabulated", 1000) == "table"
 
 
 def test_sampled_rotations_by_index_equal_the_sampling():
