@@ -79,3 +79,9 @@ def test_shared_chunk_equals_the_candidate_path(problem):
     got_at = np.take_along_axis(np.asarray(got), candidates, axis=1)
     np.testing.assert_allclose(got_at[mask], np.asarray(expected)[mask], rtol=2e-5, atol=2e-3)
     assert np.ptp(got_at[mask]) > 10  # the rotations are told apart
+    rows, row_frame = full_search.record_rows(blk.records, 16)  # frames of ~200 records over many rows
+    assert rows.pixel.shape[0] > 2 * blk.n_local
+    packed = full_search.shared_log_likelihood(
+        state.intensity, phi[: blk.n_local], state.likelihood, plan.geometry, rows, frames, local.masked_shells,
+        crystal_from_lab(blk.arrays.quaternions), rotation_signal, row_frame)
+    np.testing.assert_allclose(np.asarray(packed), np.asarray(got), rtol=2e-5, atol=2e-3)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from emcjax import model as model_lib
 from emcjax.core.direct import Geometry, Records
@@ -96,12 +97,36 @@ def shared_signal(signal: jax.Array, masked_shells: jax.Array) -> jax.Array:
 
 @jax.jit
 def shared_log_likelihood(intensity, phi_local, likelihood, geometry: Geometry, records: Records, frames,
-                          masked_shells, rotations, signal) -> jax.Array:
+                          masked_shells, rotations, signal, row_frame=None) -> jax.Array:
     """(n_local, n_rot) L_dr (no prior, no frame constant) of every frame at every rotation of a chunk:
     :func:`shared_photon_terms` - phi_d S_dr, ``signal`` (n_rot, n_shells) the chunk's expected signal at
-    phi = 1. Needs a likelihood whose zero-count term is linear (Poisson)."""
+    phi = 1. ``records`` per frame (n_local rows), or per row of :func:`record_rows` with ``row_frame`` the
+    local frame of each row. Needs a likelihood whose zero-count term is linear (Poisson)."""
     if not likelihood.linear_zero_term:
         raise NotImplementedError("the full search by photon-peak tests needs a linear zero-count term (Poisson)")
-    photon = shared_photon_terms(intensity, phi_local, likelihood, geometry, records, frames, rotations)
+    n_local = phi_local.shape[0]
+    rows = jnp.arange(n_local) if row_frame is None else row_frame
+    photon = shared_photon_terms(intensity, phi_local[rows], likelihood, geometry, records, frames[rows], rotations)
+    if row_frame is not None:
+        photon = jax.ops.segment_sum(photon, row_frame, num_segments=n_local, indices_are_sorted=True)
     return photon - phi_local[:, None] * shared_signal(signal, masked_shells)
 
+
+def record_rows(records: dict, row_length: int) -> tuple[Records, jax.Array]:
+    """A block's records (emcjax.direct's host dict: (n_local, n_records) ``pixel``, ``count``, ``dead``,
+    ``background``, ``valid``, a frame's records first) re-packed into rows of ``row_length``, each frame's in
+    consecutive rows (at least one): ``(Records (n_rows, row_length), row_frame (n_rows,) int32, sorted)``.
+    Every frame padded to its own length instead of the longest frame's: fewer idle (record, rotation) tests."""
+    used = records["valid"].sum(axis=1)
+    per_frame = np.maximum(-(-used // row_length), 1)
+    first = np.concatenate([[0], np.cumsum(per_frame)[:-1]])
+    frame, position = np.nonzero(records["valid"])
+    row, column = first[frame] + position // row_length, position % row_length
+    n_rows = int(per_frame.sum())
+    out = {}
+    for field, fill, dtype in (("pixel", 0, np.int32), ("count", 0, np.float32), ("dead", 0, np.float32),
+                               ("background", 1, np.float32)):
+        packed = np.full((n_rows, row_length), fill, dtype)
+        packed[row, column] = records[field][frame, position]
+        out[field] = jnp.asarray(packed)
+    return Records(**out), jnp.asarray(np.repeat(np.arange(per_frame.shape[0]), per_frame), jnp.int32)
