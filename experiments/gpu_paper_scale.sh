@@ -17,10 +17,10 @@ export PYTHONUNBUFFERED=1
 export JAX_ENABLE_COMPILATION_CACHE=false
 export JAX_COMPILATION_CACHE_DIR=/tmp/emcjax-jax-cache
 if [ "${TINY:-0}" = 1 ]; then
-  DENSE_ARGS=(--frames 8 --chunks 16 32 --seconds 1 --pool 64 --row-records 64)
+  DENSE_ARGS=(--frames 8 --chunks 16 --passes 1 2 --seconds 1 --pool 64 --row-records 64)
   CANDIDATE_ARGS=(--frames 8 --iters 1 --block-frames 8 --error-rotations 0)
 else
-  DENSE_ARGS=(--frames 1000 --chunks 256 1024 4096 --seconds 6 --pool 8192 --row-records 64)
+  DENSE_ARGS=(--frames 1000 --chunks 1024 4096 --passes 1 2 --seconds 4 --pool 8192 --row-records 64)
   CANDIDATE_ARGS=(--frames 1000 --iters 2 --block-frames 1000 --error-rotations 0)
 fi
 
@@ -39,6 +39,6 @@ if [ ! -f "$DATA" ]; then
 fi
 stage env 60 bash -c 'date -u; nproc; (nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || true);
   python3 -c "import sys, jax, jaxlib, numpy; print(sys.version.split()[0], \"jax\", jax.__version__, \"jaxlib\", jaxlib.__version__, \"numpy\", numpy.__version__); print(jax.devices())"'
-stage dense "${DENSE_S:-170}" python3 experiments/bench_full_search.py --data "$DATA" "${DENSE_ARGS[@]}"
-stage candidates "${CANDIDATES_S:-230}" python3 experiments/bench_paper_scale.py --data "$DATA" "${CANDIDATE_ARGS[@]}"
+stage dense "${DENSE_S:-180}" python3 experiments/bench_full_search.py --data "$DATA" "${DENSE_ARGS[@]}"
+stage candidates "${CANDIDATES_S:-220}" python3 experiments/bench_paper_scale.py --data "$DATA" "${CANDIDATE_ARGS[@]}"
 echo "total $SECONDS s wall"

@@ -70,9 +70,10 @@ def test_shared_chunk_equals_the_candidate_path(problem):
     expected = kernels.estep_direct(state.intensity, phi, state.likelihood, state.hyper, plan.geometry, blk.arrays,
                                     kernels.candidate_signal(rotation_signal, local), 4).logl
     frames = jnp.arange(blk.n_local, dtype=jnp.int32)
-    got = full_search.shared_log_likelihood(
+    got, complete = full_search.shared_log_likelihood(
         state.intensity, phi[: blk.n_local], state.likelihood, plan.geometry, blk.arrays.records, frames,
         local.masked_shells, crystal_from_lab(blk.arrays.quaternions), rotation_signal)
+    assert bool(complete)
     assert got.shape == (blk.n_local, blk.arrays.quaternions.shape[0])
     mask = np.asarray(local.candidate_mask)
     candidates = np.asarray(local.candidates)
@@ -81,7 +82,13 @@ def test_shared_chunk_equals_the_candidate_path(problem):
     assert np.ptp(got_at[mask]) > 10  # the rotations are told apart
     rows, row_frame = full_search.record_rows(blk.records, 16)  # frames of ~200 records over many rows
     assert rows.pixel.shape[0] > 2 * blk.n_local
-    packed = full_search.shared_log_likelihood(
-        state.intensity, phi[: blk.n_local], state.likelihood, plan.geometry, rows, frames, local.masked_shells,
-        crystal_from_lab(blk.arrays.quaternions), rotation_signal, row_frame)
+    args = (state.intensity, phi[: blk.n_local], state.likelihood, plan.geometry, rows, frames, local.masked_shells,
+            crystal_from_lab(blk.arrays.quaternions), rotation_signal, row_frame)
+    packed, _ = full_search.shared_log_likelihood(*args)
     np.testing.assert_allclose(np.asarray(packed), np.asarray(got), rtol=2e-5, atol=2e-3)
+    # two passes: the arithmetic test, then table reads only for the records that pass it
+    compact, complete = full_search.shared_log_likelihood(*args, max_hits=4096)
+    assert bool(complete)
+    np.testing.assert_allclose(np.asarray(compact), np.asarray(got), rtol=2e-5, atol=2e-3)
+    _, complete = full_search.shared_log_likelihood(*args, max_hits=8)  # too few: reported, not silent
+    assert not bool(complete)
