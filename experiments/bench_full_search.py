@@ -226,11 +226,9 @@ def main() -> None:
           f"{first_s:.1f} s, {n_local * best * n_calls / elapsed:.3e} pairs/s; a photon lies inside a peak at "
           f"{hits:.2%} of the rotations (~ records incl. dead pixels)", flush=True)
     signal_step(pieces[0], table, proj, cut, plan.geometry.shell, **static).block_until_ready()
-    t0 = time.perf_counter()
-    for i in range(pieces.shape[0]):
-        out = signal_step(pieces[i], table, proj, cut, plan.geometry.shell, **static)
-    jax.block_until_ready(out)
-    signal_s = (time.perf_counter() - t0) / args.pool
+    n_calls, elapsed = _steady(lambda i: signal_step(pieces[i], table, proj, cut, plan.geometry.shell, **static),
+                               pieces.shape[0], min(args.seconds, 2.0))
+    signal_s = elapsed / (n_calls * best)
     print(f"signal alone: {signal_s * 1e6:.1f} µs per rotation ({signal_s * rate / n_local * 100:.1f}% of a step "
           f"at chunk {best})", flush=True)
     print(f"best: chunk {best}, rows {best_rows or 'per frame'}, {best_passes} pass(es), {rate:.3e} (frame, "
