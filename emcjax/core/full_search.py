@@ -12,7 +12,7 @@ keeps as separate dot kernels, materialising every point's coordinates), so one 
 records yields the (n_local, n_rot) photon terms. Gathers of points outside every peak are pointed at index 0
 (one cache line), so only the ~2% of (record, rotation) pairs inside a peak read the model; or, in two passes
 (:func:`shared_photon_terms_compact`), the arithmetic test of every pair, then the table reads and model
-values of the pairs that pass it only (compacted with ``nonzero``). The float32
+values of the pairs that pass it only (compacted: a cumulative sum and a scatter). The float32
 operations are model.locate's in another association order: a record within an ulp of a peak boundary may
 fall on the other side, so the log-likelihoods equal the candidate path's to float32 tolerance (tested).
 
@@ -106,6 +106,17 @@ def shared_photon_terms(intensity, phi_local, likelihood, geometry: Geometry, re
     return jnp.sum(terms, axis=2)
 
 
+def _compact(mask: jax.Array, size: int) -> tuple[jax.Array, jax.Array]:
+    """Positions of the first ``size`` True entries of a 1-d ``mask`` in increasing order, the rest of the
+    ``size`` slots filled with the last position (so the list stays sorted), and how many there are. A
+    cumulative sum and a scatter of distinct slots (jnp.nonzero's bincount adds every entry into its slot)."""
+    slot = jnp.cumsum(mask, dtype=jnp.int32) - 1
+    n = mask.shape[0]
+    found = jnp.full(size, n - 1, jnp.int32).at[jnp.where(mask, slot, size)].set(
+        jnp.arange(n, dtype=jnp.int32), mode="drop")
+    return found, slot[-1] + 1
+
+
 @functools.partial(jax.jit, static_argnames=("max_hits",))
 def shared_photon_terms_compact(intensity, phi_local, likelihood, geometry: Geometry, records: Records, frames,
                                 rotations, max_hits: int) -> tuple[jax.Array, jax.Array]:
@@ -117,8 +128,7 @@ def shared_photon_terms_compact(intensity, phi_local, likelihood, geometry: Geom
     used = (records.count > 0) | (records.dead > 0)
     near = peak_test(chunk_points(geometry.q_lab[pixel], rotations), geometry.tables)[2] & used[:, None, :]
     n_rows, n_rot, n_records = near.shape
-    hits = jnp.sum(near, dtype=jnp.int32)
-    (hit,) = jnp.nonzero(near.ravel(), size=max_hits, fill_value=0)
+    hit, hits = _compact(near.ravel(), max_hits)
     row, rest = jnp.divmod(hit, n_rot * n_records)
     rotation, record = jnp.divmod(rest, n_records)
     q = geometry.q_lab[pixel[row, record]]
