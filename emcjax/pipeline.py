@@ -33,7 +33,7 @@ import time
 import h5py
 import numpy as np
 
-from emcjax import cli, rundir, runio
+from emcjax import atomic_files, cli, rundir, runio, toml_config
 from emcjax import emc as emc_lib
 from emcjax.errors import ConfigError, DataError
 from emcjax.frontend.orient import OrientConfig
@@ -168,7 +168,7 @@ class Stage:
 
 
 def _settings(config) -> dict:
-    values = runio.config_to_dict(config)
+    values = toml_config.config_to_dict(config)
     for key in ("resume", "overwrite", "config"):
         values.pop(key, None)
     return values
@@ -442,7 +442,7 @@ def run(config: PipelineConfig, log=print) -> dict:
     lock.acquire(log)
     try:
         state = PipelineState(out)
-        runio.save_config(out / runio.CONFIG_FILE, dataclasses.replace(config, config=None),
+        toml_config.save_config(out / runio.CONFIG_FILE, dataclasses.replace(config, config=None),
                           header="emcjax.pipeline resolved config; reuse with --config")
         start = time.perf_counter()
         plan = stages(config, out)
@@ -457,7 +457,7 @@ def run(config: PipelineConfig, log=print) -> dict:
             except StopIteration:
                 break
         text = summary_text(state, done, time.perf_counter() - start)
-        runio.write_text_atomic(out / SUMMARY_FILE, text + "\n")
+        atomic_files.write_text_atomic(out / SUMMARY_FILE, text + "\n")
         log(text)
     finally:
         lock.release()
@@ -476,9 +476,9 @@ def parse_args(argv: list[str] | None = None) -> PipelineConfig:
 
     argv = list(sys.argv[1:] if argv is None else argv)
     default = PipelineConfig()
-    config_file = runio.config_argument(argv)
+    config_file = toml_config.config_argument(argv)
     if config_file is not None:
-        default = runio.config_from_toml(PipelineConfig, config_file)
+        default = toml_config.config_from_toml(PipelineConfig, config_file)
     return tyro.cli(PipelineConfig, prog="python -m emcjax.pipeline", args=argv, default=default,
                     description=__doc__.split("\n\n")[0])
 

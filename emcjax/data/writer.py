@@ -9,7 +9,7 @@ from typing import Any, Mapping
 import h5py
 import numpy as np
 
-from emcjax.runio import new_temporary
+from emcjax.atomic_files import new_temporary
 from emcjax.data.frames import SparseFrames, rotation_count
 from emcjax.data.layout import FORMAT_NAME, FORMAT_VERSION, write_attrs, write_truth
 from emcjax.errors import DataError
