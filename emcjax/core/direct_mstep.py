@@ -36,7 +36,8 @@ from emcjax.core.arrays import Kept, Shared
 from emcjax.core.direct import Geometry
 from emcjax.rotations import crystal_from_lab
 
-ROTATION_CHUNK = 16  # kept rotations per step of the exposure projection (memory: chunk x h_max x n_box² x ~80 B)
+ROTATION_CHUNK = 16  # kept rotations per step of the exposure projection (memory: chunk x h_max x n_box² x ~40 B)
+IN_PEAK_PER_ROTATION = 32768  # in-peak pixels per rotation the compacted stencils hold at first (~25,000 at 4 Å on a Pilatus 6M)
 
 
 class DirectKept(NamedTuple):
@@ -88,21 +89,26 @@ def exposure_rows(phi, dk: DirectKept, n_shells: int) -> jax.Array:
     return per_rot[:, None] - per_rot_shell[:, :n_shells]
 
 
-@functools.partial(jax.jit, static_argnames=("shape", "h_max", "n_box"), donate_argnums=(0,))
-def _project_chunk(acc, rows, quats, proj, geometry: Geometry, shape, h_max: int, n_box: int):
+@functools.partial(jax.jit, static_argnames=("shape", "h_max", "n_box", "cap"), donate_argnums=(0,))
+def _project_chunk(acc, rows, quats, proj, geometry: Geometry, shape, h_max: int, n_box: int, cap: int):
+    """``acc`` plus one chunk's projection (:func:`exposure_projection`): the in-peak test on every box slot, the
+    stencils and the scatter only for the in-peak ones, compacted to ``cap`` (about a third of the slots).
+    Returns (acc, in-peak slots): the sum is complete only where their number is <= cap."""
     rot = crystal_from_lab(quats)
     pixel, refl, _ = jax.vmap(lambda m: model_lib.box_pixels(m, proj, shape, h_max, n_box))(rot)
     safe = jnp.maximum(pixel, 0)
-    q_lab = geometry.q_lab[safe]  # (chunk, h_max * n_box², 3)
-    # the entries' in-peak test (elementwise q, model._reflection_pixels) and stencils (matmul q, model._stencils)
-    found = _in_peak_reflection(rot[:, None], q_lab, geometry.tables)
-    per_point = jnp.broadcast_to(rot[:, None], (*pixel.shape, 3, 3)).reshape(-1, 3, 3)
-    q_crystal = jnp.einsum("eij,ej->ei", per_point, q_lab.reshape(-1, 3), precision=jax.lax.Precision.HIGHEST)
+    found = _in_peak_reflection(rot[:, None], geometry.q_lab[safe], geometry.tables)
+    inside = ((pixel >= 0) & (found == refl)).ravel()
+    (slot,) = jnp.nonzero(inside, size=cap, fill_value=inside.shape[0])
+    used = slot < inside.shape[0]
+    slot = jnp.minimum(slot, inside.shape[0] - 1)
+    r = slot // pixel.shape[1]
+    px = safe.ravel()[slot]
+    q_crystal = jnp.einsum("eij,ej->ei", rot[r], geometry.q_lab[px], precision=jax.lax.Precision.HIGHEST)
     _, voxels, weights = jax.vmap(model_lib.locate, in_axes=(0, None))(q_crystal, geometry.tables)
-    voxels, weights = voxels.reshape(*pixel.shape, 8), weights.reshape(*pixel.shape, 8)
-    inside = (pixel >= 0) & (found == refl)
-    value = jnp.where(inside, jnp.take_along_axis(rows, geometry.shell[safe], axis=1), 0.0)
-    return acc + jax.ops.segment_sum((value[..., None] * weights).ravel(), voxels.ravel(), num_segments=acc.shape[0])
+    value = jnp.where(used, rows[r, geometry.shell[px]], 0.0)
+    acc = acc + jax.ops.segment_sum((value[:, None] * weights).ravel(), voxels.ravel(), num_segments=acc.shape[0])
+    return acc, inside.sum(dtype=jnp.int32)
 
 
 def exposure_projection(rows, quaternions, n_rotations: int, proj, geometry: Geometry, shape, h_max: int, n_box: int,
@@ -111,14 +117,22 @@ def exposure_projection(rows, quaternions, n_rotations: int, proj, geometry: Geo
     times the trilinear weights of (r, t) on each voxel of the padded model (before the stabilizer sum).
 
     ``rows`` (n_union, n_shells) from :func:`exposure_rows`, ``quaternions`` (n_union, 4), n_union a multiple of
-    ``ROTATION_CHUNK``: one compiled call per chunk of ``ROTATION_CHUNK`` rotations, whatever the union's size.
+    ``ROTATION_CHUNK``: one compiled call per chunk of ``ROTATION_CHUNK`` rotations, whatever the union's size
+    (stencils as in ``model._stencils``, matmul q, so that the sums are the table path's).
     ``h_max`` >= the reflections near the sphere at every rotation (``model.near_sphere_counts``); ``n_flat``
     the padded model's size. A box pixel is in-peak by the test of the entries (``model.box_pixels``).
     """
     acc = jnp.zeros(n_flat, rows.dtype)
+    cap = ROTATION_CHUNK * IN_PEAK_PER_ROTATION
     for start in range(0, n_rotations, ROTATION_CHUNK):
         chunk = slice(start, start + ROTATION_CHUNK)
-        acc = _project_chunk(acc, rows[chunk], quaternions[chunk], proj, geometry, shape, h_max, n_box)
+        while True:  # a chunk with more in-peak slots than ``cap`` is redone with a larger one
+            new, count = _project_chunk(acc.copy(), rows[chunk], quaternions[chunk], proj, geometry, shape, h_max,
+                                        n_box, cap)
+            if int(count) <= cap:
+                break
+            cap = 2 * cap
+        acc = new
     return acc
 
 
