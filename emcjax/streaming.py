@@ -55,7 +55,7 @@ from emcjax.core.stream import CachedJoin, IntensitySums, PhotonTerms, Records, 
 from emcjax.data import bucket_length
 from emcjax.emc import _release_freed_memory
 from emcjax.errors import DataError
-from emcjax.join import BACKGROUND_FLOOR, build_join
+from emcjax.join import BACKGROUND_FLOOR, all_rotations_join
 
 NEWTON_STEPS = 30  # per-entry Newton steps of the intensity update (emcjax.core.mstep.reference_update's default)
 TERM_DTYPE = np.dtype([("local", "<i4"), ("pk", "<f4"), ("b", "<f4")])
@@ -86,8 +86,8 @@ class RecordBlock(NamedTuple):
 
 
 class JoinCache:
-    """Every block's join, built once (emcjax.join.build_join) and kept on disk as int32 columns (cell,
-    entry, record, then the CSR offsets by cell), one file per block and device, with its CRC-32 checked at
+    """Every block's join, built once (emcjax.join.all_rotations_join) and kept on disk as int32 columns
+    (cell, entry, record, each padded to the bucketed length of the block's pairs, then the CSR offsets by cell), one file per block and device, with its CRC-32 checked at
     every read. The directory (under ``TMPDIR``, named with the process id) is removed with the plan it
     belongs to; directories left by killed processes (their pid no longer runs) are removed at the next
     set-up (:func:`remove_stale_caches`)."""
@@ -102,21 +102,31 @@ class JoinCache:
         return self.directory / f"frames{start:010d}.i32"
 
     def write(self, start: int, cell, entry, record, offsets) -> None:
-        data = np.concatenate([cell, entry, record, offsets]).astype(np.int32)
+        """Writes the columns padded to the bucketed length of this block's pairs (padding as
+        :meth:`read` returns it), so that a read needs no copy when every block has that length."""
+        n, n_cells = int(cell.shape[0]), int(offsets.shape[0]) - 1
+        stored = bucket_length(max(n, 1))
+        data = np.empty(3 * stored + n_cells + 1, np.int32)
+        for k, (column, fill) in enumerate(((cell, n_cells - 1), (entry, 0), (record, 0))):
+            data[k * stored : k * stored + n] = column
+            data[k * stored + n : (k + 1) * stored] = fill
+        data[3 * stored :] = offsets
         data.tofile(self.path(start))
-        self.files[start] = (int(cell.shape[0]), zlib.crc32(data))
+        self.files[start] = (n, stored, zlib.crc32(data))
 
     def read(self, start: int, length: int, n_cells: int) -> tuple[CachedJoin, np.ndarray]:
-        """A device part's cached join padded to ``length`` pairs, and its cell offsets."""
-        n, crc = self.files[start]
-        data = np.fromfile(self.path(start), np.int32)
-        if data.shape[0] != 3 * n + n_cells + 1 or zlib.crc32(data) != crc:
+        """A device part's cached join padded to ``length`` pairs, and its cell offsets (views of the file's
+        pages, no copy, unless the block's stored length is below ``length``)."""
+        n, stored, crc = self.files[start]
+        data = np.memmap(self.path(start), np.int32, mode="r")
+        if data.shape[0] != 3 * stored + n_cells + 1 or zlib.crc32(data) != crc:
             raise DataError(f"{self.path(start)}: the cached join of the block at frame {start} is damaged "
                             f"(size or CRC-32 differs from what set-up wrote); rerun the set-up")
-        pad = length - n
-        cell = np.concatenate([data[:n], np.full(pad, n_cells - 1, np.int32)])
-        entry, record = (np.concatenate([data[k * n : (k + 1) * n], np.zeros(pad, np.int32)]) for k in (1, 2))
-        return CachedJoin(cell, entry, record, np.int32(n)), data[3 * n :]
+        columns = [data[k * stored : (k + 1) * stored] for k in range(3)]
+        if stored < length:
+            columns = [np.concatenate([c, np.full(length - stored, fill, np.int32)])
+                       for c, fill in zip(columns, (n_cells - 1, 0, 0))]
+        return CachedJoin(*columns, np.int32(n)), data[3 * stored :]
 
 
 CACHE_PREFIX = "emcjax-joins-"
@@ -163,18 +173,14 @@ def cache_block(plan: Plan, block: Block) -> tuple[int, int]:
     cache = _CACHES.get(plan)
     if cache is None:
         cache = _CACHES[plan] = JoinCache(plan)
-    n_slots = plan.n_slots
     most = (1, 1)
     for i in parallel.local_positions(plan.mesh):
         start = block.start + i * block.n_local
-        frames, arrays = _part(plan, start, block.n_local)
-        candidates = np.broadcast_to(np.arange(n_slots), (block.n_local, n_slots))
-        mask = np.zeros((block.n_local, n_slots), bool)
-        mask[: frames.n_frames] = True
-        join, offsets, record = build_join(frames, plan.detector, plan.rotation_set.index, candidates, mask,
-                                           plan.background[start : start + frames.n_frames], with_records=True)
-        cache.write(start, join.cell, join.entry, record, offsets)
-        most = max(most[0], join.cell.shape[0]), max(most[1], arrays[3].pixel.shape[0])
+        _, arrays = _part(plan, start, block.n_local)
+        records = arrays[3]
+        cell, entry, record, offsets = all_rotations_join(records, plan.rotation_set.index, block.n_local * plan.n_slots)
+        cache.write(start, cell, entry, record, offsets)
+        most = max(most[0], cell.shape[0]), max(most[1], records.pixel.shape[0])
     return tuple(parallel.global_max(bucket_length(n)) for n in most)
 
 
