@@ -196,6 +196,7 @@ def _record_block(plan: Plan, block: Block, lengths: tuple[int, int]) -> RecordB
         records = Records(
             np.concatenate([rec.pixel, np.zeros(pad, np.int64)]).astype(np.int32),
             np.concatenate([np.maximum(rec.background, BACKGROUND_FLOOR), np.ones(pad)]).astype(np.float32),
+            np.array([rec.pixel.shape[0] - int(rec.dead.sum()), rec.pixel.shape[0]], np.int32),  # dead: last
         )
         join, offsets = cache.read(start, lengths[0], n_local * plan.n_slots)
         parts.append(RecordBlock(np.int32(start), real, masked, background, weight,
