@@ -260,9 +260,20 @@ def _phi_pass_kernel(mesh: Mesh, spec: StepSpec, n_slots: int):
     block's frames; frames of other blocks keep the values of ``new_phi`` / ``scale``."""
 
     def local(tables, intensity, phi, state, shared, block, new_phi, used, scale, totals):
-        kept, n_live, stats = _local_estep(tables, phi, state, shared, _squeeze(block), spec, n_slots)
-        new_phi, used_here = mstep.phi_update(intensity, new_phi, state.likelihood, kept, shared, spec.n_shells,
-                                              axis=parallel.AXIS, tables=tables)
+        block = _squeeze(block)
+        kept, n_live, stats = _local_estep(tables, phi, state, shared, block, spec, n_slots)
+        # phi of this device's frames only (frame indices made local: per-frame sums over n_local frames, not
+        # over all frames at every Newton step), then placed among all frames and summed over the mesh
+        start, n_local = block.frame_start, block.weight.shape[0]
+        mine = kept._replace(frame=kept.frame - start, pair_frame=kept.pair_frame - start)
+        phi_here, used_here = mstep.phi_update(intensity, jax.lax.dynamic_slice(new_phi, (start,), (n_local,)),
+                                               state.likelihood, mine, shared, spec.n_shells, tables=tables)
+        placed = jnp.zeros((2, new_phi.shape[0]), new_phi.dtype)
+        placed = jax.lax.dynamic_update_slice(placed, jnp.stack([jnp.where(used_here, phi_here, 0.0),
+                                                                 used_here.astype(new_phi.dtype)]), (0, start))
+        placed = jax.lax.psum(placed, parallel.AXIS)
+        used_here = placed[1] > 0
+        new_phi = jnp.where(used_here, placed[0], new_phi)
         if spec.refine_background:
             scale = background_lib.scale_update(intensity, new_phi, scale, kept, shared, *totals, axis=parallel.AXIS)
         pairs = (kept.pair_frame, kept.pair_rotation, kept.pair_prob)
@@ -308,8 +319,10 @@ class TermStore:
 
 @functools.partial(jax.jit, static_argnames="size")
 def _newton_group(local, pk, b, a, size: int):
+    # a group's entries are few: Newton on them directly (segment = entry; emcjax.core.mstep._newton_entries
+    # numbers the touched entries compactly first, a sort), the same steps and sums per entry
     live = (local < size) & (pk > 0)
-    return mstep._newton_entries(local, pk, b, live, a, size, NEWTON_STEPS, a.dtype)
+    return mstep.newton_segments(local, pk, b, live, jnp.append(a, 0.0), size + 1, NEWTON_STEPS, a.dtype)[:size]
 
 
 @functools.partial(jax.jit, static_argnames="size")
