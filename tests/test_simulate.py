@@ -313,7 +313,7 @@ def test_structure_factor_intensities(tmp_path):
     import gemmi
 
     from emcjax.crystal import Crystal
-    from emcjax.simulate import structure_intensities
+    from emcjax.simulated_truth import structure_intensities
 
     st = gemmi.Structure()
     st.cell = gemmi.UnitCell(79.1, 79.1, 37.9, 90, 90, 90)

@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from emcjax import runio
+from emcjax import toml_config
 from emcjax.crystal import Crystal
 from emcjax.data import SparseDataset, SparseFrames, bucket_length
 from emcjax.errors import ConfigError, DataError, EmcjaxError
@@ -335,6 +335,6 @@ def _with_candidates(block: SparseFrames, f: h5py.File, a: int, b: int, lists: l
 def main(argv: list[str] | None = None) -> None:
     """``python -m emcjax.orient [--config run.toml] [flags]``: errors become one line and a non-zero exit."""
     try:
-        run(runio.parse_stage_args(OrientConfig, argv, "python -m emcjax.orient", __doc__.split("\n\n")[0]))
+        run(toml_config.parse_stage_args(OrientConfig, argv, "python -m emcjax.orient", __doc__.split("\n\n")[0]))
     except EmcjaxError as err:
         sys.exit(f"error: {err}")
