@@ -8,7 +8,7 @@ while the devices work on the current one):
    fills the join in on the device (emcjax.core.stream.cached_join, one compiled shape).
 1. E-step with the current model (emcjax.core.step.estep_block, as in memory); the block's kept pairs reduce
    at once to the intensity update's statistics: per-rotation and per-entry exposure sums (added on the
-   device) and the kept photon terms, appended to files on disk grouped by entry (:class:`TermStore`).
+   device) and the kept photon terms, appended to files on disk grouped by entry (emcjax.stream_solve.TermStore).
 2. The intensity update, entry group by entry group (the per-entry Newton solve of
    emcjax.core.mstep.reference_update, or the MLEM ratio sums): each group's terms are read back whole.
 3. E-step with the new model; each block's phi (and background scale) update runs on its own kept pairs
@@ -43,7 +43,6 @@ import numpy as np
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from emcjax import model as model_lib
 from emcjax import parallel
 from emcjax.blocks import Block, Plan, _pad_photons, frame_arrays
 from emcjax.core import background as background_lib
@@ -51,14 +50,13 @@ from emcjax.core import mstep
 from emcjax.core.arrays import BlockArrays, EMCState, PhotonArrays
 from emcjax.core.estep import rotation_tables
 from emcjax.core.step import Diagnostics, FrameStats, KeptRotations, StepSpec, estep_block
-from emcjax.core.stream import CachedJoin, IntensitySums, PhotonTerms, Records, cached_join, intensity_statistics
+from emcjax.core.stream import CachedJoin, IntensitySums, Records, cached_join, intensity_statistics
 from emcjax.data import bucket_length
 from emcjax.emc import _release_freed_memory
 from emcjax.errors import DataError
 from emcjax.join import BACKGROUND_FLOOR, all_rotations_join
+from emcjax.stream_solve import TermStore, solve_intensity
 
-NEWTON_STEPS = 30  # per-entry Newton steps of the intensity update (emcjax.core.mstep.reference_update's default)
-TERM_DTYPE = np.dtype([("local", "<i4"), ("pk", "<f4"), ("b", "<f4")])
 
 
 def applies(problem, spec: StepSpec, likelihood) -> bool:
@@ -282,107 +280,6 @@ def _phi_pass_kernel(mesh: Mesh, spec: StepSpec, n_slots: int):
     specs = (P(), P(), P(), P(), P(), P(parallel.AXIS), P(), P(), P(), P())
     out = (P(), P(), P(), P(parallel.AXIS), P(parallel.AXIS), P(parallel.AXIS))
     return jax.jit(jax.shard_map(local, mesh=mesh, in_specs=specs, out_specs=out, check_vma=False))
-
-
-class TermStore:
-    """The kept photon terms of a pass, on disk, in ``n_groups`` groups of entries (entry e in group
-    e % n_groups, at position e // n_groups): one binary file per group, appended block by block."""
-
-    def __init__(self, directory: pathlib.Path, n_groups: int):
-        self.paths = [directory / f"group{g:05d}.bin" for g in range(n_groups)]
-        self.n_groups = n_groups
-        self.n_terms = np.zeros(n_groups, np.int64)
-
-    def add(self, terms: PhotonTerms) -> None:
-        entry, pk, b = (np.asarray(x).ravel() for x in terms)
-        keep = pk > 0
-        entry, pk, b = entry[keep], pk[keep], b[keep]
-        group = entry % self.n_groups
-        order = np.argsort(group, kind="stable")  # stable: each entry keeps its terms in frame order
-        rows = np.empty(order.shape[0], TERM_DTYPE)
-        rows["local"], rows["pk"], rows["b"] = entry[order] // self.n_groups, pk[order], b[order]
-        bounds = np.searchsorted(group[order], np.arange(self.n_groups + 1))
-        for g in np.flatnonzero(np.diff(bounds)):
-            with open(self.paths[g], "ab") as f:
-                f.write(rows[bounds[g] : bounds[g + 1]].tobytes())
-        self.n_terms += np.diff(bounds)
-
-    def read(self, group: int, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(local, pk, b) of a group, padded to the bucketed length of the largest group (one compiled shape;
-        local = ``size`` on padding)."""
-        rows = np.fromfile(self.paths[group], TERM_DTYPE) if self.n_terms[group] else np.empty(0, TERM_DTYPE)
-        pad = bucket_length(max(int(self.n_terms.max()), 1)) - rows.shape[0]
-        return (np.concatenate([rows["local"], np.full(pad, size, np.int32)]),
-                np.concatenate([rows["pk"], np.zeros(pad, np.float32)]),
-                np.concatenate([rows["b"], np.ones(pad, np.float32)]))
-
-
-@functools.partial(jax.jit, static_argnames="size")
-def _newton_group(local, pk, b, a, size: int):
-    # a group's entries are few: Newton on them directly (segment = entry; emcjax.core.mstep._newton_entries
-    # numbers the touched entries compactly first, a sort), the same steps and sums per entry
-    live = (local < size) & (pk > 0)
-    return mstep.newton_segments(local, pk, b, live, jnp.append(a, 0.0), size + 1, NEWTON_STEPS, a.dtype)[:size]
-
-
-@functools.partial(jax.jit, static_argnames="size")
-def _ratio_group(local, pk, b, w, size: int):
-    """Per entry of a group: sum of P K / (B / phi + W) over its photon terms (the MLEM numerator)."""
-    live = (local < size) & (pk > 0)
-    ratio = jnp.where(live, pk / (b + jnp.append(w, 0.0)[local]), 0.0)
-    return jax.ops.segment_sum(ratio, local, num_segments=size)
-
-
-@jax.jit
-def _exposure(sums: IntensitySums, shared):
-    """(n_entries,) exposure of every entry from the per-device sums (emcjax.core.mstep.entry_exposure)."""
-    total = jax.tree.map(lambda x: jnp.sum(x, axis=0), sums)
-    return mstep.exposure_of_rotations(total.per_rotation, total.per_rotation_shell, shared) - total.dead
-
-
-@functools.partial(jax.jit, static_argnames="shape")
-def _reference_voxels(w, exposure, shared, shape):
-    numerator, denominator = mstep._back_project(jnp.stack([exposure * w, exposure]), shared, shape, None)
-    return mstep._safe_divide(numerator, denominator).reshape(shape)
-
-
-@functools.partial(jax.jit, static_argnames="shape")
-def _mlem_step(flat, ratio, denominator, shared, shape):
-    numerator = mstep._back_project(ratio[None], shared, shape, None)[0]
-    return jnp.where(denominator > 0, flat * mstep._safe_divide(numerator, denominator), flat)
-
-
-def _by_group(values: np.ndarray, n_groups: int) -> np.ndarray:
-    """(n_entries,) -> (size, n_groups): column g holds group g's entries (padded with 0)."""
-    size = -(-values.shape[0] // n_groups)
-    return np.pad(values, (0, size * n_groups - values.shape[0])).reshape(size, n_groups)
-
-
-def solve_intensity(problem, spec: StepSpec, intensity, sums: IntensitySums, store: TermStore) -> jax.Array:
-    """The intensity update from the first pass's statistics, one entry group at a time."""
-    shared = problem.shared
-    shape = tuple(intensity.shape)
-    exposure = _exposure(sums, shared)
-    n_entries = exposure.shape[0]
-    groups = store.n_groups
-    pol = np.asarray(shared.polarization)[np.asarray(shared.entries.pixel)]
-    exposure_np = np.asarray(exposure)
-    size = -(-n_entries // groups)
-    if spec.intensity_update == "reference":
-        a = _by_group(exposure_np * pol, groups)
-        w = np.zeros((size, groups), np.float32)
-        for g in range(groups):
-            w[:, g] = np.asarray(_newton_group(*store.read(g, size), a[:, g], size=size))
-        return _reference_voxels(jnp.asarray(w.ravel()[:n_entries]), exposure, shared, shape)
-    denominator = mstep._back_project(jnp.asarray(exposure_np * pol)[None], shared, shape, None)[0]
-    flat = intensity.reshape(-1)
-    for _ in range(spec.inner_iterations):
-        tomogram = _by_group(np.asarray(model_lib.tomogram(flat.reshape(shape), shared.entries)), groups)
-        ratio = np.zeros((size, groups), np.float32)
-        for g in range(groups):
-            ratio[:, g] = np.asarray(_ratio_group(*store.read(g, size), tomogram[:, g], size=size))
-        flat = _mlem_step(flat, jnp.asarray(ratio.ravel()[:n_entries]), denominator, shared, shape)
-    return flat.reshape(shape)
 
 
 def _fill_stats(stats: np.ndarray, problem, block: Block, values) -> None:
