@@ -273,7 +273,7 @@ def local_candidates(
 ) -> LocalSetup:
     """Per-frame fine candidates from the low-res run's kept orientations, and the record of the set-up (with
     the low-res run's median orientation error when the true orientations are given)."""
-    from emcjax.rotations import sample_600cell
+    from emcjax.sampling_600cell import sample_600cell
 
     fine_n = config.fine_n or local_grid.fine_sampling_n(source.coarse_n, source.coarse_resolution, config.resolution)
     radius = local_grid.neighbour_radius(source.coarse_n, fine_n)

@@ -72,7 +72,7 @@ def reject(config: RejectConfig, log=print) -> dict:
         rotations, probs = reject_lib.per_frame_pairs(
             it["kept_frame"], it["kept_rotation"], it["kept_prob"], run.n_frames
         )
-        from emcjax.rotations import sample_600cell
+        from emcjax.sampling_600cell import sample_600cell
 
         first, second = reject_lib.cluster_masses(
             rotations, probs, sample_600cell(run.sampling_n).quaternions, run.crystal.rotation_ops_cartesian, radius

@@ -36,7 +36,8 @@ from emcjax.crystal import Crystal
 from emcjax.detector import DetectorGeometry, make_detector
 from emcjax.errors import ConfigError
 from emcjax.likelihood import Likelihood
-from emcjax.rotations import nearest_rotations, sample_600cell
+from emcjax.rotation_neighbours import nearest_rotations
+from emcjax.sampling_600cell import sample_600cell
 from emcjax.simulated_truth import frame_kinds, radial_background, random_quaternions, true_model
 from emcjax.simulation_config import SimulationConfig
 

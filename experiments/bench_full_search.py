@@ -30,7 +30,8 @@ from emcjax import data as data_io
 from emcjax import direct, emc
 from emcjax import model as model_lib
 from emcjax.core import cut_signal, full_search
-from emcjax.rotations import crystal_from_lab, n_rotations_600cell
+from emcjax.rotations import crystal_from_lab
+from emcjax.sampling_600cell import n_rotations_600cell
 from emcjax.sampling_index import SampledRotations
 
 PAPER_FRAMES = 79_992  # the reference program's published run

@@ -25,7 +25,7 @@ import time
 from emcjax import atomic_files, lowres, runio, simulate
 from emcjax.config import EMCConfig
 from emcjax.detector import DetectorGeometry
-from emcjax.rotations import COVERING_RADIUS_COEFF
+from emcjax.sampling_600cell import COVERING_RADIUS_COEFF
 
 FULL = dict(frames=500, iters=6, grids=(15, 20), refine_start=2)
 QUICK = dict(frames=64, iters=3, grids=(16,), refine_start=1, small_detector=True)

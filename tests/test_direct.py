@@ -17,7 +17,7 @@ from emcjax import candidate_path, direct, emc
 from emcjax.core.estep import block_log_likelihood, rotation_tables
 from emcjax.core import direct as kernels
 from emcjax.detector import DetectorGeometry
-from emcjax.rotations import sample_600cell
+from emcjax.sampling_600cell import sample_600cell
 from emcjax.simulate import SimulationConfig, simulate
 
 GEOMETRY = DetectorGeometry(

@@ -16,7 +16,8 @@ from emcjax import model as model_lib
 from emcjax.core import direct as kernels
 from emcjax.core import full_search
 from emcjax.detector import DetectorGeometry
-from emcjax.rotations import crystal_from_lab, sample_600cell
+from emcjax.rotations import crystal_from_lab
+from emcjax.sampling_600cell import sample_600cell
 from emcjax.simulate import SimulationConfig, simulate
 
 GEOMETRY = DetectorGeometry(

@@ -20,7 +20,8 @@ from emcjax import emc, highres, local_grid, lowres, runio, toml_config
 from emcjax import model as model_lib
 from emcjax.detector import DetectorGeometry
 from emcjax.errors import ConfigError, DataError
-from emcjax.rotations import misorientation_angle, sample_600cell
+from emcjax.rotations import misorientation_angle
+from emcjax.sampling_600cell import sample_600cell
 from emcjax.simulate import SimulationConfig, write
 
 GEOMETRY = DetectorGeometry(

@@ -24,7 +24,7 @@ from emcjax import model as model_lib
 from emcjax import runio, toml_config
 from emcjax.detector import DetectorGeometry
 from emcjax.errors import DataError
-from emcjax.rotations import sample_600cell
+from emcjax.sampling_600cell import sample_600cell
 from emcjax.simulate import SimulationConfig, simulate
 
 # reference config.ini values

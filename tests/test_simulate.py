@@ -17,7 +17,8 @@ from emcjax import data as data_io
 from emcjax import model
 from emcjax.crystal import Crystal
 from emcjax.detector import DetectorGeometry, make_detector
-from emcjax.rotations import quaternion_to_matrix, sample_600cell
+from emcjax.rotations import quaternion_to_matrix
+from emcjax.sampling_600cell import sample_600cell
 from emcjax.simulate import SimulationConfig, simulate, write
 
 GEO = DetectorGeometry(

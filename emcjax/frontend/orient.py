@@ -35,7 +35,8 @@ from emcjax.data import SparseDataset, SparseFrames, bucket_length
 from emcjax.errors import ConfigError, DataError, EmcjaxError
 from emcjax.frontend.grid_orbits import grid_orbits
 from emcjax.frontend.writer import SparseWriter
-from emcjax.rotations import quaternion_to_matrix, sample_600cell
+from emcjax.rotations import quaternion_to_matrix
+from emcjax.sampling_600cell import sample_600cell
 
 
 @dataclasses.dataclass(frozen=True)

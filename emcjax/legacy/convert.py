@@ -206,7 +206,7 @@ def export_run(run_dir: str | pathlib.Path, to: str | pathlib.Path, *, data: str
         if sampling_n is None:
             raise DataError(f"{data_path}: no candidate orientations; expected candidate lists (prob-orien.bin) for "
                             "a reference directory (or pass --model-only)")
-        from emcjax.rotations import sample_600cell
+        from emcjax.sampling_600cell import sample_600cell
 
         s = sample_600cell(int(sampling_n))
         quats = np.empty((s.n_rot, 5))

@@ -68,7 +68,7 @@ class RunData:
 
     def quaternions(self, rotation_index) -> np.ndarray:
         """(n, 4) quaternions of sampling rotation indices."""
-        from emcjax.rotations import sample_600cell
+        from emcjax.sampling_600cell import sample_600cell
 
         return sample_600cell(self.sampling_n).quaternions[np.asarray(rotation_index, np.int64)]
 
