@@ -181,6 +181,33 @@ def build_join(
     return (join, cell_offsets, owner) if with_records else (join, cell_offsets)
 
 
+def all_rotations_join(records: PixelRecords, entries: EntryIndex, n_cells: int):
+    """The join of a full search (every frame's candidates are all ``entries.n_rot`` rotations in order, so
+    a pair's slot is its entry's rotation): :func:`build_join`'s pairs, order and cell offsets with
+    ``candidates = arange(n_rot)``, without its slot search (``with_records`` columns only).
+
+    Args:
+      records: the block's :func:`pixel_records`.
+      entries: in-peak entries of the rotations, indexed by pixel.
+      n_cells: frames of the block (padding included) x ``entries.n_rot``.
+
+    Returns:
+      ``(cell, entry, record, cell_offsets)``: int32 cell, entry and record of each pair sorted by cell (pairs
+      of one cell in record order, as build_join's stable sort), int64 CSR offsets (n_cells + 1,).
+    """
+    start = entries.pixel_start[records.pixel]
+    position, record = ragged_ranges(start, entries.pixel_start[records.pixel + 1] - start)
+    entry = entries.by_pixel[position]
+    cell = records.frame[record] * entries.n_rot + entries.rotation[entry]
+    # stable sort by cell as one unstable sort of unique keys (cell, position): a few times cheaper
+    bits = max(int(cell.shape[0]).bit_length(), 1)
+    order = np.sort((cell << bits) | np.arange(cell.shape[0])) & ((1 << bits) - 1)
+    cell = cell[order]
+    offsets = np.zeros(n_cells + 1, np.int64)
+    np.cumsum(np.bincount(cell, minlength=n_cells), out=offsets[1:])
+    return cell.astype(np.int32), entry[order].astype(np.int32), record[order].astype(np.int32), offsets
+
+
 def pad_join(join: JoinArrays, length: int, n_cells: int) -> JoinArrays:
     """Pads a join to ``length`` pairs that contribute nothing (count 0, not dead, last cell, B = 1, pol = 1:
     finite terms and gradients)."""

@@ -8,7 +8,7 @@ while the devices work on the current one):
    fills the join in on the device (emcjax.core.stream.cached_join, one compiled shape).
 1. E-step with the current model (emcjax.core.step.estep_block, as in memory); the block's kept pairs reduce
    at once to the intensity update's statistics: per-rotation and per-entry exposure sums (added on the
-   device) and the kept photon terms, appended to files on disk grouped by entry (:class:`TermStore`).
+   device) and the kept photon terms, appended to files on disk grouped by entry (emcjax.stream_solve.TermStore).
 2. The intensity update, entry group by entry group (the per-entry Newton solve of
    emcjax.core.mstep.reference_update, or the MLEM ratio sums): each group's terms are read back whole.
 3. E-step with the new model; each block's phi (and background scale) update runs on its own kept pairs
@@ -43,7 +43,6 @@ import numpy as np
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from emcjax import model as model_lib
 from emcjax import parallel
 from emcjax.blocks import Block, Plan, _pad_photons, frame_arrays
 from emcjax.core import background as background_lib
@@ -51,14 +50,13 @@ from emcjax.core import mstep
 from emcjax.core.arrays import BlockArrays, EMCState, PhotonArrays
 from emcjax.core.estep import rotation_tables
 from emcjax.core.step import Diagnostics, FrameStats, KeptRotations, StepSpec, estep_block
-from emcjax.core.stream import CachedJoin, IntensitySums, PhotonTerms, Records, cached_join, intensity_statistics
+from emcjax.core.stream import CachedJoin, IntensitySums, Records, cached_join, intensity_statistics
 from emcjax.data import bucket_length
 from emcjax.emc import _release_freed_memory
 from emcjax.errors import DataError
-from emcjax.join import BACKGROUND_FLOOR, build_join
+from emcjax.join import BACKGROUND_FLOOR, all_rotations_join
+from emcjax.stream_solve import TermStore, solve_intensity
 
-NEWTON_STEPS = 30  # per-entry Newton steps of the intensity update (emcjax.core.mstep.reference_update's default)
-TERM_DTYPE = np.dtype([("local", "<i4"), ("pk", "<f4"), ("b", "<f4")])
 
 
 def applies(problem, spec: StepSpec, likelihood) -> bool:
@@ -86,8 +84,8 @@ class RecordBlock(NamedTuple):
 
 
 class JoinCache:
-    """Every block's join, built once (emcjax.join.build_join) and kept on disk as int32 columns (cell,
-    entry, record, then the CSR offsets by cell), one file per block and device, with its CRC-32 checked at
+    """Every block's join, built once (emcjax.join.all_rotations_join) and kept on disk as int32 columns
+    (cell, entry, record, each padded to the bucketed length of the block's pairs, then the CSR offsets by cell), one file per block and device, with its CRC-32 checked at
     every read. The directory (under ``TMPDIR``, named with the process id) is removed with the plan it
     belongs to; directories left by killed processes (their pid no longer runs) are removed at the next
     set-up (:func:`remove_stale_caches`)."""
@@ -102,21 +100,31 @@ class JoinCache:
         return self.directory / f"frames{start:010d}.i32"
 
     def write(self, start: int, cell, entry, record, offsets) -> None:
-        data = np.concatenate([cell, entry, record, offsets]).astype(np.int32)
+        """Writes the columns padded to the bucketed length of this block's pairs (padding as
+        :meth:`read` returns it), so that a read needs no copy when every block has that length."""
+        n, n_cells = int(cell.shape[0]), int(offsets.shape[0]) - 1
+        stored = bucket_length(max(n, 1))
+        data = np.empty(3 * stored + n_cells + 1, np.int32)
+        for k, (column, fill) in enumerate(((cell, n_cells - 1), (entry, 0), (record, 0))):
+            data[k * stored : k * stored + n] = column
+            data[k * stored + n : (k + 1) * stored] = fill
+        data[3 * stored :] = offsets
         data.tofile(self.path(start))
-        self.files[start] = (int(cell.shape[0]), zlib.crc32(data))
+        self.files[start] = (n, stored, zlib.crc32(data))
 
     def read(self, start: int, length: int, n_cells: int) -> tuple[CachedJoin, np.ndarray]:
-        """A device part's cached join padded to ``length`` pairs, and its cell offsets."""
-        n, crc = self.files[start]
-        data = np.fromfile(self.path(start), np.int32)
-        if data.shape[0] != 3 * n + n_cells + 1 or zlib.crc32(data) != crc:
+        """A device part's cached join padded to ``length`` pairs, and its cell offsets (views of the file's
+        pages, no copy, unless the block's stored length is below ``length``)."""
+        n, stored, crc = self.files[start]
+        data = np.memmap(self.path(start), np.int32, mode="r")
+        if data.shape[0] != 3 * stored + n_cells + 1 or zlib.crc32(data) != crc:
             raise DataError(f"{self.path(start)}: the cached join of the block at frame {start} is damaged "
                             f"(size or CRC-32 differs from what set-up wrote); rerun the set-up")
-        pad = length - n
-        cell = np.concatenate([data[:n], np.full(pad, n_cells - 1, np.int32)])
-        entry, record = (np.concatenate([data[k * n : (k + 1) * n], np.zeros(pad, np.int32)]) for k in (1, 2))
-        return CachedJoin(cell, entry, record, np.int32(n)), data[3 * n :]
+        columns = [data[k * stored : (k + 1) * stored] for k in range(3)]
+        if stored < length:
+            columns = [np.concatenate([c, np.full(length - stored, fill, np.int32)])
+                       for c, fill in zip(columns, (n_cells - 1, 0, 0))]
+        return CachedJoin(*columns, np.int32(n)), data[3 * stored :]
 
 
 CACHE_PREFIX = "emcjax-joins-"
@@ -163,18 +171,14 @@ def cache_block(plan: Plan, block: Block) -> tuple[int, int]:
     cache = _CACHES.get(plan)
     if cache is None:
         cache = _CACHES[plan] = JoinCache(plan)
-    n_slots = plan.n_slots
     most = (1, 1)
     for i in parallel.local_positions(plan.mesh):
         start = block.start + i * block.n_local
-        frames, arrays = _part(plan, start, block.n_local)
-        candidates = np.broadcast_to(np.arange(n_slots), (block.n_local, n_slots))
-        mask = np.zeros((block.n_local, n_slots), bool)
-        mask[: frames.n_frames] = True
-        join, offsets, record = build_join(frames, plan.detector, plan.rotation_set.index, candidates, mask,
-                                           plan.background[start : start + frames.n_frames], with_records=True)
-        cache.write(start, join.cell, join.entry, record, offsets)
-        most = max(most[0], join.cell.shape[0]), max(most[1], arrays[3].pixel.shape[0])
+        _, arrays = _part(plan, start, block.n_local)
+        records = arrays[3]
+        cell, entry, record, offsets = all_rotations_join(records, plan.rotation_set.index, block.n_local * plan.n_slots)
+        cache.write(start, cell, entry, record, offsets)
+        most = max(most[0], cell.shape[0]), max(most[1], records.pixel.shape[0])
     return tuple(parallel.global_max(bucket_length(n)) for n in most)
 
 
@@ -190,6 +194,7 @@ def _record_block(plan: Plan, block: Block, lengths: tuple[int, int]) -> RecordB
         records = Records(
             np.concatenate([rec.pixel, np.zeros(pad, np.int64)]).astype(np.int32),
             np.concatenate([np.maximum(rec.background, BACKGROUND_FLOOR), np.ones(pad)]).astype(np.float32),
+            np.array([rec.pixel.shape[0] - int(rec.dead.sum()), rec.pixel.shape[0]], np.int32),  # dead: last
         )
         join, offsets = cache.read(start, lengths[0], n_local * plan.n_slots)
         parts.append(RecordBlock(np.int32(start), real, masked, background, weight,
@@ -253,9 +258,20 @@ def _phi_pass_kernel(mesh: Mesh, spec: StepSpec, n_slots: int):
     block's frames; frames of other blocks keep the values of ``new_phi`` / ``scale``."""
 
     def local(tables, intensity, phi, state, shared, block, new_phi, used, scale, totals):
-        kept, n_live, stats = _local_estep(tables, phi, state, shared, _squeeze(block), spec, n_slots)
-        new_phi, used_here = mstep.phi_update(intensity, new_phi, state.likelihood, kept, shared, spec.n_shells,
-                                              axis=parallel.AXIS, tables=tables)
+        block = _squeeze(block)
+        kept, n_live, stats = _local_estep(tables, phi, state, shared, block, spec, n_slots)
+        # phi of this device's frames only (frame indices made local: per-frame sums over n_local frames, not
+        # over all frames at every Newton step), then placed among all frames and summed over the mesh
+        start, n_local = block.frame_start, block.weight.shape[0]
+        mine = kept._replace(frame=kept.frame - start, pair_frame=kept.pair_frame - start)
+        phi_here, used_here = mstep.phi_update(intensity, jax.lax.dynamic_slice(new_phi, (start,), (n_local,)),
+                                               state.likelihood, mine, shared, spec.n_shells, tables=tables)
+        placed = jnp.zeros((2, new_phi.shape[0]), new_phi.dtype)
+        placed = jax.lax.dynamic_update_slice(placed, jnp.stack([jnp.where(used_here, phi_here, 0.0),
+                                                                 used_here.astype(new_phi.dtype)]), (0, start))
+        placed = jax.lax.psum(placed, parallel.AXIS)
+        used_here = placed[1] > 0
+        new_phi = jnp.where(used_here, placed[0], new_phi)
         if spec.refine_background:
             scale = background_lib.scale_update(intensity, new_phi, scale, kept, shared, *totals, axis=parallel.AXIS)
         pairs = (kept.pair_frame, kept.pair_rotation, kept.pair_prob)
@@ -264,105 +280,6 @@ def _phi_pass_kernel(mesh: Mesh, spec: StepSpec, n_slots: int):
     specs = (P(), P(), P(), P(), P(), P(parallel.AXIS), P(), P(), P(), P())
     out = (P(), P(), P(), P(parallel.AXIS), P(parallel.AXIS), P(parallel.AXIS))
     return jax.jit(jax.shard_map(local, mesh=mesh, in_specs=specs, out_specs=out, check_vma=False))
-
-
-class TermStore:
-    """The kept photon terms of a pass, on disk, in ``n_groups`` groups of entries (entry e in group
-    e % n_groups, at position e // n_groups): one binary file per group, appended block by block."""
-
-    def __init__(self, directory: pathlib.Path, n_groups: int):
-        self.paths = [directory / f"group{g:05d}.bin" for g in range(n_groups)]
-        self.n_groups = n_groups
-        self.n_terms = np.zeros(n_groups, np.int64)
-
-    def add(self, terms: PhotonTerms) -> None:
-        entry, pk, b = (np.asarray(x).ravel() for x in terms)
-        keep = pk > 0
-        entry, pk, b = entry[keep], pk[keep], b[keep]
-        group = entry % self.n_groups
-        order = np.argsort(group, kind="stable")  # stable: each entry keeps its terms in frame order
-        rows = np.empty(order.shape[0], TERM_DTYPE)
-        rows["local"], rows["pk"], rows["b"] = entry[order] // self.n_groups, pk[order], b[order]
-        bounds = np.searchsorted(group[order], np.arange(self.n_groups + 1))
-        for g in np.flatnonzero(np.diff(bounds)):
-            with open(self.paths[g], "ab") as f:
-                f.write(rows[bounds[g] : bounds[g + 1]].tobytes())
-        self.n_terms += np.diff(bounds)
-
-    def read(self, group: int, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(local, pk, b) of a group, padded to the bucketed length of the largest group (one compiled shape;
-        local = ``size`` on padding)."""
-        rows = np.fromfile(self.paths[group], TERM_DTYPE) if self.n_terms[group] else np.empty(0, TERM_DTYPE)
-        pad = bucket_length(max(int(self.n_terms.max()), 1)) - rows.shape[0]
-        return (np.concatenate([rows["local"], np.full(pad, size, np.int32)]),
-                np.concatenate([rows["pk"], np.zeros(pad, np.float32)]),
-                np.concatenate([rows["b"], np.ones(pad, np.float32)]))
-
-
-@functools.partial(jax.jit, static_argnames="size")
-def _newton_group(local, pk, b, a, size: int):
-    live = (local < size) & (pk > 0)
-    return mstep._newton_entries(local, pk, b, live, a, size, NEWTON_STEPS, a.dtype)
-
-
-@functools.partial(jax.jit, static_argnames="size")
-def _ratio_group(local, pk, b, w, size: int):
-    """Per entry of a group: sum of P K / (B / phi + W) over its photon terms (the MLEM numerator)."""
-    live = (local < size) & (pk > 0)
-    ratio = jnp.where(live, pk / (b + jnp.append(w, 0.0)[local]), 0.0)
-    return jax.ops.segment_sum(ratio, local, num_segments=size)
-
-
-@jax.jit
-def _exposure(sums: IntensitySums, shared):
-    """(n_entries,) exposure of every entry from the per-device sums (emcjax.core.mstep.entry_exposure)."""
-    total = jax.tree.map(lambda x: jnp.sum(x, axis=0), sums)
-    return mstep.exposure_of_rotations(total.per_rotation, total.per_rotation_shell, shared) - total.dead
-
-
-@functools.partial(jax.jit, static_argnames="shape")
-def _reference_voxels(w, exposure, shared, shape):
-    numerator, denominator = mstep._back_project(jnp.stack([exposure * w, exposure]), shared, shape, None)
-    return mstep._safe_divide(numerator, denominator).reshape(shape)
-
-
-@functools.partial(jax.jit, static_argnames="shape")
-def _mlem_step(flat, ratio, denominator, shared, shape):
-    numerator = mstep._back_project(ratio[None], shared, shape, None)[0]
-    return jnp.where(denominator > 0, flat * mstep._safe_divide(numerator, denominator), flat)
-
-
-def _by_group(values: np.ndarray, n_groups: int) -> np.ndarray:
-    """(n_entries,) -> (size, n_groups): column g holds group g's entries (padded with 0)."""
-    size = -(-values.shape[0] // n_groups)
-    return np.pad(values, (0, size * n_groups - values.shape[0])).reshape(size, n_groups)
-
-
-def solve_intensity(problem, spec: StepSpec, intensity, sums: IntensitySums, store: TermStore) -> jax.Array:
-    """The intensity update from the first pass's statistics, one entry group at a time."""
-    shared = problem.shared
-    shape = tuple(intensity.shape)
-    exposure = _exposure(sums, shared)
-    n_entries = exposure.shape[0]
-    groups = store.n_groups
-    pol = np.asarray(shared.polarization)[np.asarray(shared.entries.pixel)]
-    exposure_np = np.asarray(exposure)
-    size = -(-n_entries // groups)
-    if spec.intensity_update == "reference":
-        a = _by_group(exposure_np * pol, groups)
-        w = np.zeros((size, groups), np.float32)
-        for g in range(groups):
-            w[:, g] = np.asarray(_newton_group(*store.read(g, size), a[:, g], size=size))
-        return _reference_voxels(jnp.asarray(w.ravel()[:n_entries]), exposure, shared, shape)
-    denominator = mstep._back_project(jnp.asarray(exposure_np * pol)[None], shared, shape, None)[0]
-    flat = intensity.reshape(-1)
-    for _ in range(spec.inner_iterations):
-        tomogram = _by_group(np.asarray(model_lib.tomogram(flat.reshape(shape), shared.entries)), groups)
-        ratio = np.zeros((size, groups), np.float32)
-        for g in range(groups):
-            ratio[:, g] = np.asarray(_ratio_group(*store.read(g, size), tomogram[:, g], size=size))
-        flat = _mlem_step(flat, jnp.asarray(ratio.ravel()[:n_entries]), denominator, shared, shape)
-    return flat.reshape(shape)
 
 
 def _fill_stats(stats: np.ndarray, problem, block: Block, values) -> None:

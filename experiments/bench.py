@@ -63,9 +63,10 @@ def main() -> None:
         block_frames=args.block_frames, stream=args.stream,
     )
     with SparseDataset(path) as dataset:
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         problem = emc.setup_problem(dataset, config)
         setup = time.perf_counter() - start
+        setup_cpu = time.process_time() - cpu
         n_rot = problem.rotations.shape[0]
         n_join = problem.lengths[0] * len(problem.blocks) * problem.mesh.size
         print(
@@ -74,7 +75,7 @@ def main() -> None:
             f"in-peak entries {problem.shared.entries.n_entries}, join pairs {n_join} (padded), "
             f"blocks {len(problem.blocks)}{' streamed' if args.stream else ''}"
         )
-        print(f"set-up {setup:.2f} s")
+        print(f"set-up {setup:.2f} s (CPU {setup_cpu:.1f} s, load {os.getloadavg()[0]:.1f})")
         state = emc.initial_state(problem, config, seed=0)
         streamed = streaming.applies(problem, problem.spec(config), state.likelihood)
         for it in range(0 if streamed else args.iters):

@@ -137,3 +137,27 @@ def test_stale_join_caches_of_dead_processes_are_removed(tmp_path):
         (path / "frames0000000000.i32").write_bytes(b"\0" * 16)
     assert streaming.remove_stale_caches(tmp_path) == [stale]
     assert not stale.exists() and live.exists() and other.exists()
+
+
+def test_repeat_frames_writes_copies(data, tmp_path):
+    """experiments/repeat_frames.py (the 200,000-frame benchmark's data): every copy holds the input's
+    photons, dead pixels, backgrounds and per-frame truth."""
+    import importlib.util
+    import pathlib
+
+    ds, _, _ = data
+    script = pathlib.Path(__file__).parents[1] / "experiments" / "repeat_frames.py"
+    spec = importlib.util.spec_from_file_location("repeat_frames", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path / "big.h5"
+    module.main(["--data", str(ds.path), "--times", "3", "--out", str(out)])
+    original = ds.read_block(0, ds.n_frames)
+    n = original.n_frames
+    with data_io.SparseDataset(out) as big:
+        assert big.n_frames == 3 * n
+        for k in range(3):
+            copy = big.read_block(k * n, (k + 1) * n)
+            for field in ("photon_offsets", "photon_pixels", "photon_counts", "dead_offsets", "background"):
+                np.testing.assert_array_equal(getattr(copy, field), getattr(original, field), err_msg=field)
+        np.testing.assert_array_equal(big.read_truth()["phi"], np.tile(ds.read_truth()["phi"], 3))

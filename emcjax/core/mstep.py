@@ -168,15 +168,23 @@ def _newton_entries(local, pk, b, live, a, size: int, newton_steps: int, dtype):
     w = 0 on the entries the terms touch, compactly numbered."""
     n_terms = local.shape[0]
     touched, compact = jnp.unique(jnp.where(live, local, size), size=n_terms, fill_value=size, return_inverse=True)
-    compact = compact.reshape(-1)
     a_touched = jnp.append(a, 0.0)[touched]
+    w_touched = newton_segments(compact.reshape(-1), pk, b, live, a_touched, n_terms, newton_steps, dtype)
+    w_touched = jnp.where(touched < size, w_touched, 0.0)
+    return jnp.zeros(size + 1, dtype).at[touched].set(w_touched)[:size]
+
+
+def newton_segments(segment, pk, b, live, a, n_segments: int, newton_steps: int, dtype):
+    """(n_segments,) w >= 0 solving sum_terms P K / (B + w) = a per segment (module docstring of
+    :func:`reference_update`), by Newton's method from w = 0; 0 where the left side at 0 is <= a."""
     safe_pk = jnp.where(live, pk, 1.0)
 
     def g_and_slope(w):
-        x = jnp.where(live, pk / (b + w[compact]), 0.0)
-        g = jax.ops.segment_sum(x, compact, num_segments=n_terms) - a_touched
-        curvature = jax.ops.segment_sum(jnp.where(live, x * x / safe_pk, 0.0), compact, num_segments=n_terms)
-        return g, -curvature
+        x = jnp.where(live, pk / (b + w[segment]), 0.0)
+        # both sums in one scatter (each column in the terms' order: the sums of two separate segment sums)
+        sums = jax.ops.segment_sum(jnp.stack([x, jnp.where(live, x * x / safe_pk, 0.0)], axis=1), segment,
+                                   num_segments=n_segments)
+        return sums[:, 0] - a, -sums[:, 1]
 
     def body(_, w):
         g, slope = g_and_slope(w)
@@ -184,10 +192,9 @@ def _newton_entries(local, pk, b, live, a, size: int, newton_steps: int, dtype):
         step = jnp.where(descending, -g / jnp.where(descending, slope, -1.0), 0.0)
         return jnp.where(g > 0, w + step, w)
 
-    w0 = jnp.zeros(n_terms, dtype)
+    w0 = jnp.zeros(n_segments, dtype)
     g0, _ = g_and_slope(w0)
-    w_touched = jnp.where((g0 > 0) & (touched < size), jax.lax.fori_loop(0, newton_steps, body, w0), 0.0)
-    return jnp.zeros(size + 1, dtype).at[touched].set(w_touched)[:size]
+    return jnp.where(g0 > 0, jax.lax.fori_loop(0, newton_steps, body, w0), 0.0)
 
 
 def reference_update(intensity, phi, likelihood, kept: Kept, shared: Shared, n_shells: int, newton_steps: int = 30,
@@ -305,9 +312,10 @@ def phi_update(intensity, phi, likelihood, kept: Kept, shared: Shared, n_shells:
 
     def grad(p):  # local sums: every frame's kept pairs are on one device
         x = jnp.where(live, pk * w / (background + p[kept.frame] * w), 0.0)
-        g = jax.ops.segment_sum(x, kept.frame, num_segments=n_frames) - expected
-        curvature = jax.ops.segment_sum(jnp.where(live, x * x / safe_pk, 0.0), kept.frame, num_segments=n_frames)
-        return g, -curvature
+        # both sums in one scatter (each column in the pairs' order: the sums of two separate segment sums)
+        sums = jax.ops.segment_sum(jnp.stack([x, jnp.where(live, x * x / safe_pk, 0.0)], axis=1), kept.frame,
+                                   num_segments=n_frames)
+        return sums[:, 0] - expected, -sums[:, 1]
 
     def body(_, p):
         g, slope = grad(p)

@@ -50,10 +50,13 @@ class Records(NamedTuple):
     Attributes:
       pixel: (n,) int32 valid pixel of the record (0 on padding).
       background: (n,) float32 B_d(s_t) floored (photons per pixel per unit pol), the join's background.
+      dead: (2,) int32 the dead-pixel records' range [first, stop) (emcjax.join.pixel_records lists the
+        photons, then the dead pixels): a pair's dead flag without a gather.
     """
 
     pixel: jax.Array
     background: jax.Array
+    dead: jax.Array
 
 
 def cached_join(cached: CachedJoin, records: Records, photons: PhotonArrays, polarization: jax.Array) -> JoinArrays:
@@ -65,9 +68,9 @@ def cached_join(cached: CachedJoin, records: Records, photons: PhotonArrays, pol
         cell=cached.cell,
         entry=cached.entry,
         count=jnp.where(real, photons.count[record], 0.0),
-        dead=jnp.where(real, photons.dead[record], 0.0),
+        dead=(real & (record >= records.dead[0]) & (record < records.dead[1])).astype(photons.dead.dtype),
         background=jnp.where(real, records.background[record], 1.0),
-        polarization=jnp.where(real, polarization[records.pixel[record]], 1.0),
+        polarization=jnp.where(real, polarization[records.pixel][record], 1.0),  # per record first: one gather per pair
     )
 
 
