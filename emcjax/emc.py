@@ -226,9 +226,15 @@ def _host_estep(problem: Problem, intensity, phi, state: EMCState, spec: StepSpe
         per_block_sets.append(data.rotation_set)
     stats = parallel.gather_frames(problem.mesh, [stats.T], [0], problem.n_padded).T
     if problem.rotation_set is not None:
-        kept = jax.jit(lambda *k: jax.tree.map(lambda *x: jnp.concatenate(x, axis=1), *k))(*kept_parts)
+        kept = _concatenate_kept(*kept_parts)
         return kept, problem.rotation_set, stats
     return (*_reindex_kept(problem, kept_parts, per_block_sets), stats)
+
+
+@jax.jit
+def _concatenate_kept(*kept_parts: Kept) -> Kept:
+    """The kept pairs of every block joined on the block-entry axis (axis 1, after the device axis)."""
+    return jax.tree.map(lambda *x: jnp.concatenate(x, axis=1), *kept_parts)
 
 
 def _reindex_kept(problem: Problem, kept_parts: list[Kept], sets: list) -> tuple[Kept, object]:
