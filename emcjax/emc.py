@@ -329,9 +329,15 @@ class EStep(NamedTuple):
     stats: np.ndarray
 
 
+KEPT_BUDGET_KEPT = 1 << 16
+"""A kept-pair budget is not shrunk while it is at most this many pairs over all blocks (a few MB): a smaller
+one would only cost another compilation of the step (the result does not depend on the budget)."""
+
+
 def _with_budget(problem: Problem, config: EMCConfig, run):
     """``run(spec)`` with a kept-pair budget that fits: an overflowing run is repeated with a larger bucket
-    (the step is pure), and a budget over 4x what was needed shrinks for the next call."""
+    (the step is pure), and a budget over 4x what was needed shrinks for the next call (unless it is small:
+    ``KEPT_BUDGET_KEPT``)."""
     problem.kept_needed = 0
     while True:
         try:
@@ -339,7 +345,8 @@ def _with_budget(problem: Problem, config: EMCConfig, run):
             break
         except _Overflow as overflow:
             problem.kept_budget = bucket_length(int(overflow.needed * 1.25) + 1)
-    if 4 * problem.kept_needed < problem.kept_budget:
+    small = problem.kept_budget * max(len(problem.blocks), 1) <= KEPT_BUDGET_KEPT
+    if 4 * problem.kept_needed < problem.kept_budget and not small:
         problem.kept_budget = bucket_length(max(int(problem.kept_needed * 1.25) + 1, 1024))
     return result
 
