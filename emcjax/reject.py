@@ -18,7 +18,7 @@ from typing import Literal
 import h5py
 import numpy as np
 
-from emcjax import cli, runio
+from emcjax import atomic_files, cli
 from emcjax.merge import observe
 from emcjax.merge import reject as reject_lib
 from emcjax.merge.rundata import RunData, load_run
@@ -72,7 +72,7 @@ def reject(config: RejectConfig, log=print) -> dict:
         rotations, probs = reject_lib.per_frame_pairs(
             it["kept_frame"], it["kept_rotation"], it["kept_prob"], run.n_frames
         )
-        from emcjax.rotations import sample_600cell
+        from emcjax.sampling_600cell import sample_600cell
 
         first, second = reject_lib.cluster_masses(
             rotations, probs, sample_600cell(run.sampling_n).quaternions, run.crystal.rotation_ops_cartesian, radius
@@ -90,7 +90,7 @@ def reject(config: RejectConfig, log=print) -> dict:
     weights = reject_lib.weights_from_flags(run.weights(), flags, config.drop)
 
     path = config.run / REJECTION_FILE
-    with runio.atomic_path(path) as tmp:
+    with atomic_files.atomic_path(path) as tmp:
         with h5py.File(tmp, "w") as f:
             f.create_dataset("weights", data=weights.astype(np.float32))
             f.create_dataset("flags", data=flags)
