@@ -55,15 +55,11 @@ def init_state(problem: Problem, config: EMCConfig, key: jax.Array, shared=None)
     spacing = np.linalg.norm(grid.crystal.reciprocal_basis, axis=0).min() / config.vn
     r2 = np.einsum("ij,ij->i", grid.voxel_q(), grid.voxel_q()) / spacing**2
     profile = jnp.asarray(np.exp(-r2 / config.gw**2), jnp.float32)
-    intensity = jax.random.uniform(key, grid.model_shape, jnp.float32) * profile[None, :]
     shared = problem.shared if shared is None else shared
-    intensity = model_lib.symmetrize(intensity, shared.tables)
     used = problem.frame_weights > 0
     signal = problem.photons - problem.expected_background
     target = max(float(signal[used].mean()), 1e-3)
-    total = rotation_tables(intensity, shared, problem.n_shells).total
-    expected = jnp.exp(shared.log_prior) @ jnp.where(jnp.isfinite(shared.log_prior), total, 0.0)
-    intensity = intensity * (target / jnp.maximum(expected, 1e-30))
+    intensity = _random_model(key, profile, shared, target, shape=grid.model_shape, n_shells=problem.n_shells)
     phi = np.maximum(signal, 0.1 * target) / target
     phi /= phi[used].mean()
     return EMCState(
@@ -76,11 +72,23 @@ def init_state(problem: Problem, config: EMCConfig, key: jax.Array, shared=None)
     )
 
 
+@functools.partial(jax.jit, static_argnames=("shape", "n_shells"))
+def _random_model(key, profile, shared, target, shape: tuple[int, int], n_shells: int) -> jax.Array:
+    """The random start of :func:`init_state`: (n_asu, n_voxels) U(0,1) x ``profile`` per voxel, symmetrized
+    and scaled so that a frame at phi = 1 expects ``target`` photons over the prior of ``shared``'s rotations.
+    Jitted on its arrays (not closed over a problem), so that every problem and seed of one shape shares one
+    compilation."""
+    intensity = jax.random.uniform(key, shape, jnp.float32) * profile[None, :]
+    intensity = model_lib.symmetrize(intensity, shared.tables)
+    total = rotation_tables(intensity, shared, n_shells).total
+    expected = jnp.exp(shared.log_prior) @ jnp.where(jnp.isfinite(shared.log_prior), total, 0.0)
+    return intensity * (target / jnp.maximum(expected, 1e-30))
+
+
 def initial_state(problem: Problem, config: EMCConfig, seed: int) -> EMCState:
     """:func:`init_state` with ``jax.random.key(seed)``, replicated over the problem's mesh."""
-    shared = problem.shared  # built outside the trace (candidate lists: block 0's set, on the device)
-    state = jax.jit(lambda k, s: init_state(problem, config, k, s))(jax.random.key(seed), shared)
-    return jax.tree.map(lambda x: parallel.replicate(problem.mesh, np.asarray(x)), state)
+    state = init_state(problem, config, jax.random.key(seed))  # the model: one cached jitted function
+    return jax.tree.map(lambda x: parallel.replicate(problem.mesh, np.asarray(jnp.asarray(x))), state)
 
 
 def _squeeze(tree):
@@ -218,9 +226,15 @@ def _host_estep(problem: Problem, intensity, phi, state: EMCState, spec: StepSpe
         per_block_sets.append(data.rotation_set)
     stats = parallel.gather_frames(problem.mesh, [stats.T], [0], problem.n_padded).T
     if problem.rotation_set is not None:
-        kept = jax.jit(lambda *k: jax.tree.map(lambda *x: jnp.concatenate(x, axis=1), *k))(*kept_parts)
+        kept = _concatenate_kept(*kept_parts)
         return kept, problem.rotation_set, stats
     return (*_reindex_kept(problem, kept_parts, per_block_sets), stats)
+
+
+@jax.jit
+def _concatenate_kept(*kept_parts: Kept) -> Kept:
+    """The kept pairs of every block joined on the block-entry axis (axis 1, after the device axis)."""
+    return jax.tree.map(lambda *x: jnp.concatenate(x, axis=1), *kept_parts)
 
 
 def _reindex_kept(problem: Problem, kept_parts: list[Kept], sets: list) -> tuple[Kept, object]:
@@ -315,9 +329,15 @@ class EStep(NamedTuple):
     stats: np.ndarray
 
 
+KEPT_BUDGET_KEPT = 1 << 16
+"""A kept-pair budget is not shrunk while it is at most this many pairs over all blocks (a few MB): a smaller
+one would only cost another compilation of the step (the result does not depend on the budget)."""
+
+
 def _with_budget(problem: Problem, config: EMCConfig, run):
     """``run(spec)`` with a kept-pair budget that fits: an overflowing run is repeated with a larger bucket
-    (the step is pure), and a budget over 4x what was needed shrinks for the next call."""
+    (the step is pure), and a budget over 4x what was needed shrinks for the next call (unless it is small:
+    ``KEPT_BUDGET_KEPT``)."""
     problem.kept_needed = 0
     while True:
         try:
@@ -325,7 +345,8 @@ def _with_budget(problem: Problem, config: EMCConfig, run):
             break
         except _Overflow as overflow:
             problem.kept_budget = bucket_length(int(overflow.needed * 1.25) + 1)
-    if 4 * problem.kept_needed < problem.kept_budget:
+    small = problem.kept_budget * max(len(problem.blocks), 1) <= KEPT_BUDGET_KEPT
+    if 4 * problem.kept_needed < problem.kept_budget and not small:
         problem.kept_budget = bucket_length(max(int(problem.kept_needed * 1.25) + 1, 1024))
     return result
 

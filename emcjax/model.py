@@ -420,7 +420,8 @@ def _entries_from_pairs(rotation, pixel, quats, q_dev, tables, n_rot) -> Entries
     for start in range(0, rotation.shape[0], step):
         r = rotation[start : start + step]
         p = pixel[start : start + step]
-        pad = step - r.shape[0] if rotation.shape[0] > step else 0
+        # padded to one of few lengths (the power of two above, below ``step``): few compiled shapes
+        pad = (step if rotation.shape[0] > step else 1 << max(r.shape[0] - 1, 0).bit_length()) - r.shape[0]
         v, w = _stencils(quats, jnp.asarray(np.pad(r, (0, pad))), jnp.asarray(np.pad(p, (0, pad))), q_dev, tables)
         voxels.append(v[: r.shape[0]])
         weights.append(w[: r.shape[0]])

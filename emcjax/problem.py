@@ -176,11 +176,16 @@ def _frame_counts(plan: Plan, start: int, stop: int) -> tuple[np.ndarray, np.nda
 
 def _stack_blocks(mesh: Mesh, blocks: list[BlockArrays]) -> BlockArrays:
     """Resident blocks stacked on a block axis after the device axis, sharded over the devices."""
+    return _block_stacker(mesh)(*blocks)
+
+
+@functools.lru_cache(maxsize=None)
+def _block_stacker(mesh: Mesh):
+    """The jitted stacking of :func:`_stack_blocks` for ``mesh`` (one per mesh: compiled once per shape)."""
     from jax.sharding import NamedSharding, PartitionSpec
 
     sharding = NamedSharding(mesh, PartitionSpec(parallel.AXIS))
-    stack = jax.jit(lambda *xs: jax.tree.map(lambda *a: jax.numpy.stack(a, axis=1), *xs), out_shardings=sharding)
-    return stack(*blocks)
+    return jax.jit(lambda *xs: jax.tree.map(lambda *a: jax.numpy.stack(a, axis=1), *xs), out_shardings=sharding)
 
 
 def common_candidates(offsets: np.ndarray, rotations: np.ndarray) -> np.ndarray | None:

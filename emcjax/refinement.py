@@ -77,8 +77,13 @@ def reflection_budget(geometry: refine_core.SignalGeometry, samples: int = 256, 
     rng = np.random.default_rng(seed)
     q = rng.normal(size=(samples, 4))
     q /= np.linalg.norm(q, axis=1, keepdims=True)
-    count = jax.jit(jax.vmap(lambda x: refine_core.near_reflections(None, None, x, None, geometry, 0)[1]))
-    return bucket_length(int(1.25 * int(np.max(np.asarray(count(jnp.asarray(q, jnp.float32)))))) + 1)
+    return bucket_length(int(1.25 * int(np.max(np.asarray(_near_counts(jnp.asarray(q, jnp.float32), geometry))))) + 1)
+
+
+@jax.jit
+def _near_counts(quaternions: jax.Array, geometry: refine_core.SignalGeometry) -> jax.Array:
+    """(n,) int32 reflections within reach of each start rotation (jitted once per shape, not per call)."""
+    return jax.vmap(lambda x: refine_core.near_reflections(None, None, x, None, geometry, 0)[1])(quaternions)
 
 
 def frame_photons(plan: Plan, start: int, stop: int, length: int | None = None) -> refine_core.FramePhotons:

@@ -12,8 +12,6 @@ import pathlib
 import re
 import shlex
 import shutil
-import subprocess
-import sys
 
 import h5py
 import numpy as np
@@ -23,6 +21,8 @@ from emcjax import lowres, resolution, runio, simulate, toml_config
 from emcjax.data import SparseDataset
 from emcjax.merge import halves
 from emcjax.mtz import read_mtz
+
+from clitest import cli_error
 
 N_FRAMES = 240
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -163,10 +163,6 @@ def test_mtz_reads_back_and_correlates_with_the_truth_like_the_model(pipeline):
     assert (runs["merged"] / "merged.hkl").read_text().count("\n") == hkl.shape[0] + 2
 
 
-def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, timeout=120)
-
-
 def _half_of_other_data(tmp_path: pathlib.Path, half: pathlib.Path, name: str, *simulate_args: str) -> pathlib.Path:
     """A copy of run ``half`` pointed at a data set simulated with ``simulate_args`` (another cell, group)."""
     other = tmp_path / f"{name}.h5"
@@ -180,32 +176,35 @@ def _half_of_other_data(tmp_path: pathlib.Path, half: pathlib.Path, name: str, *
     return fake
 
 
-def _one_error(done: subprocess.CompletedProcess) -> bool:
-    """The commands' shared error path (emcjax.cli): exit status 2, one line 'error: ...', no traceback."""
-    return done.returncode == 2 and done.stderr.count("error:") == 1 and "Traceback" not in done.stderr
+def _cli_error(module: str, *args: str, capsys) -> str:
+    """``python -m MODULE ARGS`` through the command's main in this process: the commands' shared error path
+    (emcjax.cli) exits with status 2 and one line 'error: ...', no traceback (clitest.cli_error); that line."""
+    return cli_error(importlib.import_module(module).main, list(args), capsys)
 
 
-def test_mismatched_halves_and_missing_results_give_one_clear_error(pipeline, tmp_path):
+def test_mismatched_halves_and_missing_results_give_one_clear_error(pipeline, tmp_path, capsys):
     root, data, runs = pipeline
     # "half b" runs made from data sets with another cell, and with another space group of the same Laue
     # group and reflections (P 41 21 2, the enantiomorph)
     other_cell = _half_of_other_data(tmp_path, runs["B"], "other_cell", "--cell", "70", "70", "40", "90", "90", "90")
     other_group = _half_of_other_data(tmp_path, runs["B"], "other_group", "--space-group", "P 41 21 2")
-    done = _cli("emcjax.resolution", "--half-a", str(runs["A"]), "--half-b", str(other_cell), "--out", str(tmp_path / "m"))
-    assert _one_error(done) and ("different cells" in done.stderr or "does not match" in done.stderr), done.stderr
-    done = _cli("emcjax.resolution", "--half-a", str(runs["A"]), "--half-b", str(other_group), "--out", str(tmp_path / "m"))
-    assert _one_error(done) and re.search("different space groups: .* P 43 21 2 vs .* P 41 21 2", done.stderr), done.stderr
+    error = _cli_error("emcjax.resolution", "--half-a", str(runs["A"]), "--half-b", str(other_cell), "--out",
+                       str(tmp_path / "m"), capsys=capsys)
+    assert "different cells" in error or "does not match" in error, error
+    error = _cli_error("emcjax.resolution", "--half-a", str(runs["A"]), "--half-b", str(other_group), "--out",
+                       str(tmp_path / "m"), capsys=capsys)
+    assert re.search("different space groups: .* P 43 21 2 vs .* P 41 21 2", error), error
     # a run directory without results
     empty = tmp_path / "empty"
     empty.mkdir()
     (empty / "config.toml").write_text((runs["A"] / "config.toml").read_text())
     for args in (("emcjax.reject", "--run", str(empty)), ("emcjax.resolution", "--half-a", str(empty), "--half-b", str(runs["B"]))):
-        done = _cli(*args)
-        assert _one_error(done) and "has not finished" in done.stderr, done.stderr
-    done = _cli("emcjax.halves", "--run", str(tmp_path / "nothing"), "--out", str(tmp_path / "h"))
-    assert _one_error(done) and "neither a run directory" in done.stderr and not (tmp_path / "h").exists()
-    done = _cli("emcjax.export", "--run", str(runs["A"]))
-    assert _one_error(done) and "no merged.h5" in done.stderr, done.stderr
+        error = _cli_error(*args, capsys=capsys)
+        assert "has not finished" in error, error
+    error = _cli_error("emcjax.halves", "--run", str(tmp_path / "nothing"), "--out", str(tmp_path / "h"), capsys=capsys)
+    assert "neither a run directory" in error and not (tmp_path / "h").exists()
+    error = _cli_error("emcjax.export", "--run", str(runs["A"]), capsys=capsys)
+    assert "no merged.h5" in error, error
     assert not (tmp_path / "m").exists()
 
 
