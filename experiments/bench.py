@@ -39,7 +39,6 @@ def main() -> None:
         os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={args.devices}"
 
     import jax
-    import numpy as np
 
     from emcjax import emc, simulate, streaming
     from emcjax.data import SparseDataset

@@ -16,7 +16,6 @@ import pathlib
 import platform
 import time
 
-import numpy as np
 
 import emcjax
 from emcjax.simulate import SimulationConfig, write

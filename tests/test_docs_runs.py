@@ -8,8 +8,6 @@ import pathlib
 import re
 import shlex
 
-import pytest
-
 from emcjax import runio, toml_config
 
 from clitest import cli_error

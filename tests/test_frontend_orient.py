@@ -4,7 +4,6 @@ images), and the whole front end: images -> reduce -> orient -> lowres."""
 from __future__ import annotations
 
 import dataclasses
-import pathlib
 
 import h5py
 import jax.numpy as jnp

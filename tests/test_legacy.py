@@ -20,7 +20,6 @@ from emcjax import data as data_io
 from emcjax import emc
 from emcjax import legacy
 import emcjax.legacy.files
-from emcjax import model as model_lib
 from emcjax import runio, toml_config
 from emcjax.detector import DetectorGeometry
 from emcjax.errors import DataError
