@@ -29,23 +29,43 @@ import pathlib
 import platform
 import sys
 import time
+from typing import NamedTuple
 
 import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # this checkout's emcjax
 
-# name: (blank fraction, two-crystal fraction, Bragg photons per frame, frames, equal-strength second crystal)
+
+
+class Scenario(NamedTuple):
+    """One contaminated data set: fractions of blank and two-crystal frames, photons per frame, frames."""
+
+    blank: float
+    multi: float
+    bragg_photons: float
+    n_frames: int
+    equal_crystals: bool = False  # the second crystal gets the first's phi
+    background_photons: float = 30.0
+
+
 SCENARIOS = {
-    "acceptance": (0.05, 0.05, 150.0, 2000, False),
-    "heavy": (0.3, 0.3, 150.0, 2000, False),
-    "heavy_equal": (0.3, 0.3, 150.0, 2000, True),
-    "heavy_weak": (0.3, 0.3, 40.0, 2000, False),
-    "blank_weak": (0.6, 0.0, 40.0, 2000, False),
-    "many_equal": (0.05, 0.05, 150.0, 20000, True),
-    "few_1000": (0.05, 0.05, 150.0, 1000, False),
-    "few_500": (0.05, 0.05, 150.0, 500, False),
-    "few_heavy_500": (0.3, 0.3, 150.0, 500, False),
-    "few_heavy_1000": (0.3, 0.3, 150.0, 1000, False),
+    "acceptance": Scenario(0.05, 0.05, 150.0, 2000),
+    "heavy": Scenario(0.3, 0.3, 150.0, 2000),
+    "heavy_equal": Scenario(0.3, 0.3, 150.0, 2000, True),
+    "heavy_weak": Scenario(0.3, 0.3, 40.0, 2000),
+    "blank_weak": Scenario(0.6, 0.0, 40.0, 2000),
+    "many_equal": Scenario(0.05, 0.05, 150.0, 20000, True),
+    "few_1000": Scenario(0.05, 0.05, 150.0, 1000),
+    "few_500": Scenario(0.05, 0.05, 150.0, 500),
+    "few_heavy_500": Scenario(0.3, 0.3, 150.0, 500),
+    "few_heavy_1000": Scenario(0.3, 0.3, 150.0, 1000),
+    # sparse, background-rich frames (the paper's regime), 5 % blank + 5 % two-crystal
+    "sparse_40_100": Scenario(0.05, 0.05, 40.0, 1000, background_photons=100.0),
+    "sparse_40_100_2000": Scenario(0.05, 0.05, 40.0, 2000, background_photons=100.0),
+    "sparse_20_60": Scenario(0.05, 0.05, 20.0, 2000, background_photons=60.0),
+    "sparse_60_150": Scenario(0.05, 0.05, 60.0, 1000, background_photons=150.0),
+    "sparse_30_150": Scenario(0.05, 0.05, 30.0, 2000, background_photons=150.0),
+    "sparse_equal_40_100": Scenario(0.05, 0.05, 40.0, 1000, True, 100.0),
 }
 N_SHELLS = 5
 ARMS = ["all", "rejected", "oracle", "no_blank", "no_multi", "rejected_phi_zero"]
@@ -126,7 +146,7 @@ def main() -> None:
     summary["scenarios"] = {k: v for k, v in summary["scenarios"].items() if "runs" in v}  # this version's only
     summary.update(machine=f"{platform.node()} {platform.machine()}", iters=args.iters)
     for name in args.scenarios:
-        blank, multi, photons, n_frames, equal = SCENARIOS[name]
+        blank, multi, photons, n_frames, equal, background = SCENARIOS[name]
         rows = []
         for seed in args.seeds:
             out = args.out / name / f"seed{seed}"
@@ -136,7 +156,7 @@ def main() -> None:
             if not data.exists():
                 simulate.write(simulate.SimulationConfig(
                     out=data, n_frames=n_frames, blank_fraction=blank, multi_fraction=multi, bragg_photons=photons,
-                    multi_equal=equal, seed=seed))
+                    background_photons=background, multi_equal=equal, seed=seed))
             with SparseDataset(data) as ds:
                 truth = ds.read_truth()
                 crystal = Crystal(tuple(ds.crystal["cell"]), str(ds.crystal["space_group"]))
@@ -169,6 +189,7 @@ def main() -> None:
                                           "seconds": row["seconds"]}), flush=True)
         summary["scenarios"][name] = {
             "blank": blank, "multi": multi, "bragg_photons": photons, "n_frames": n_frames, "equal_crystals": equal,
+            "background_photons": background,
             "runs": rows, "paired": {a: paired(rows, a) for a in args.arms if a != "all"},
         }
         for arm, d in summary["scenarios"][name]["paired"].items():
