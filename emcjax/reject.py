@@ -70,10 +70,14 @@ def _evidence(run: RunData, criteria: reject_lib.RejectionCriteria, used: np.nda
     from emcjax.frontend.grid_orbits import grid_orbits
     from emcjax.rotations import sample_600cell
 
-    sampling = sample_600cell(run.sampling_n)  # one rotation per orbit of the Laue group: the model is symmetric
-    representative = grid_orbits(sampling, run.crystal.rotation_ops_cartesian).representative
+    def reduced(n):  # one rotation per orbit of the Laue group (the model is symmetric)
+        sampling = sample_600cell(n)
+        return sampling.quaternions[grid_orbits(sampling, run.crystal.rotation_ops_cartesian).representative]
+
+    scan_n = criteria.evidence_rotation_n or run.sampling_n
+    n_orientations = reduced(run.sampling_n).shape[0]
     intensity = run.result.intensity
-    scan = evidence_lib.ScanTables(run.grid, run.detector, intensity, sampling.quaternions[representative])
+    scan = evidence_lib.ScanTables(run.grid, run.detector, intensity, reduced(scan_n))
     phi = np.asarray(run.iteration["phi"], np.float64)
     psi = criteria.evidence_scale * float(np.median(phi[used]))
     best = run.iteration["best_rotation"]
@@ -83,7 +87,8 @@ def _evidence(run: RunData, criteria: reject_lib.RejectionCriteria, used: np.nda
             stop = min(start + READ_FRAMES, run.n_frames)
             crystal[start:stop], second[start:stop] = evidence_lib.crystal_evidence(
                 run.grid, run.detector, ds.read_block(start, stop), intensity, run.quaternions(best[start:stop]),
-                phi[start:stop], scan, run.crystal.rotation_ops_cartesian, radius, psi)
+                phi[start:stop], scan, run.crystal.rotation_ops_cartesian, radius, psi,
+                n_orientations)
             log(f"evidence test ({scan.n_rot} rotations): {stop}/{run.n_frames} frames")
     return crystal, second
 

@@ -9,14 +9,17 @@ For each scenario (contaminated fractions, photons per frame, frames) and seed i
 * ``rejected``: with the weights of ``emcjax.reject`` run on ``all`` (``lowres --frame-weights``);
 * ``oracle`` (``--arms ... oracle``): only the frames the truth says hold one crystal;
 * ``no_blank``, ``no_multi``: every frame but the truth's blank ones, or its two-crystal ones;
-* ``rejected_phi_zero``: the weights ``reject --drop phi_zero`` gives (only the frames flagged phi_zero out).
+* ``rejected_phi_zero``: the weights ``reject --drop phi_zero`` gives (only the frames flagged phi_zero out);
+* ``next_all``, ``next_rejected``: the pipeline's order: ``--next-iters`` more iterations started from the
+  ``all`` run's model and phi (``lowres --init-from``), on every frame or with ``reject``'s weights (compared
+  with each other: the same start and iterations).
 
 Per run it records, against the truth's integrated intensities (overall and per equal-volume shell): the
 Pearson cc_true; the scale-only agreement (I ~ k I_true, k fitted without an offset, so an additive
 offset such as a second crystal's photons would show): R_scale = sum |I - k I_true| / sum k I_true and
 the uncentred correlation; the offset c of a fit I ~ k I_true + c relative to the shell's mean I; and
 cc_true after each iteration (convergence from the random start). Prints one line per run and the
-paired differences (rejected - all) over seeds; writes OUT/summary.json. The runners are called in-process
+paired differences (arm - all; next_rejected - next_all) over seeds; writes OUT/summary.json. The runners are called in-process
 (``emcjax.lowres.run``, ``emcjax.reject.reject``), so there is one JAX start-up.
 """
 
@@ -27,6 +30,7 @@ import dataclasses
 import json
 import pathlib
 import platform
+import shutil
 import sys
 import time
 from typing import NamedTuple
@@ -68,7 +72,8 @@ SCENARIOS = {
     "sparse_equal_40_100": Scenario(0.05, 0.05, 40.0, 1000, True, 100.0),
 }
 N_SHELLS = 5
-ARMS = ["all", "rejected", "oracle", "no_blank", "no_multi", "rejected_phi_zero"]
+ARMS = ["all", "rejected", "oracle", "no_blank", "no_multi", "rejected_phi_zero", "next_all", "next_rejected"]
+BASE = {"next_rejected": "next_all"}  # the arm each is compared with (default: all)
 
 
 def agreement(i: np.ndarray, t: np.ndarray) -> dict:
@@ -105,9 +110,23 @@ def measures(run: pathlib.Path, truth: dict, crystal) -> dict:
     return out
 
 
+def stale(run: pathlib.Path, source) -> bool:
+    """Whether a finished run used other frame weights than ``source`` holds now (e.g. reject's criteria
+    changed since): the run is then redone."""
+    import h5py
+
+    used = run / "frame_weights.h5"
+    if source is None or not used.exists():
+        return source is not None or used.exists()
+    with h5py.File(used, "r") as a, h5py.File(source, "r") as b:
+        return not np.array_equal(a["weights"][()] > 0, b["weights"][()] > 0)
+
+
 def paired(rows: list[dict], arm: str, base: str = "all") -> dict:
     """Mean and sd over seeds of (arm - base) for cc, r_scale, cc_uncentred overall and in the outer shell,
     and of cc_true after iterations 1-3."""
+    if not all(arm in r and base in r for r in rows):
+        return {}
     out = {}
     for key in ("cc", "r_scale", "cc_uncentred", "offset"):
         for where in ("overall", "outer"):
@@ -127,6 +146,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=pathlib.Path, default=pathlib.Path("/tmp/emcjax-contamination"))
     p.add_argument("--iters", type=int, default=15)
+    p.add_argument("--next-iters", type=int, default=5, help="iterations of the next_* arms")
     p.add_argument("--scenarios", nargs="*", default=["acceptance"], choices=list(SCENARIOS))
     p.add_argument("--seeds", type=int, nargs="*", default=[0])
     p.add_argument("--arms", nargs="*", default=["all", "rejected"], choices=ARMS)
@@ -137,7 +157,7 @@ def main() -> None:
     from emcjax.data import SparseDataset
     import h5py
 
-    from emcjax.merge.reject import weights_from_flags
+    from emcjax.merge.reject import REASONS as reject_reasons, weights_from_flags
     from emcjax.merge.rundata import write_frame_weights
 
     quiet = lambda *a, **k: None  # noqa: E731
@@ -169,10 +189,19 @@ def main() -> None:
             row: dict = {"seed": seed}
             for arm in ["all"] + [a for a in args.arms if a != "all"]:
                 run = out / arm
+                source = weights["rejected" if arm == "next_rejected" else "all" if arm == "next_all" else arm]
+                if (run / "intensities.h5").exists() and stale(run, source):
+                    shutil.rmtree(run)
                 if not (run / "intensities.h5").exists():
-                    lowres.run(dataclasses.replace(base, out=run, frame_weights=weights[arm]), log=quiet)
+                    if arm.startswith("next_"):
+                        config = dataclasses.replace(base, out=run, iters=args.next_iters, init_from=out / "all",
+                                                     frame_weights=source)
+                    else:
+                        config = dataclasses.replace(base, out=run, frame_weights=weights[arm])
+                    lowres.run(config, log=quiet)
                 if arm == "all":
                     counts = reject.reject(reject.RejectConfig(run=run), log=quiet)
+                    row["reasons"] = {k: counts[k] for k in reject_reasons}
                     row["rejected_fraction"] = {k.removeprefix("rejected_fraction_"): round(v, 4)
                                                 for k, v in counts.items() if k.startswith("rejected_fraction_")}
                     with h5py.File(run / reject.REJECTION_FILE, "r") as f:
@@ -190,10 +219,10 @@ def main() -> None:
         summary["scenarios"][name] = {
             "blank": blank, "multi": multi, "bragg_photons": photons, "n_frames": n_frames, "equal_crystals": equal,
             "background_photons": background,
-            "runs": rows, "paired": {a: paired(rows, a) for a in args.arms if a != "all"},
+            "runs": rows, "paired": {a: paired(rows, a, BASE.get(a, "all")) for a in args.arms if a not in ("all", "next_all")},
         }
         for arm, d in summary["scenarios"][name]["paired"].items():
-            print(name, f"{arm} - all:", json.dumps({k: [round(v["mean"], 5), round(v["sd"], 5), v["n_positive"]]
+            print(name, f"{arm} - {BASE.get(arm, 'all')}:", json.dumps({k: [round(v["mean"], 5), round(v["sd"], 5), v["n_positive"]]
                                                      for k, v in d.items()}), flush=True)
         path.write_text(json.dumps(summary, indent=1) + "\n")
 

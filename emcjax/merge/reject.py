@@ -17,11 +17,13 @@ Reasons (bits of the ``flags`` array; a frame may have several):
   photons there, so this catches two-crystal frames whose posterior is (as usual with ~10^2 photons) sharp
   on one of the two crystals, where the posterior test sees nothing.
 * ``no_crystal`` (16): the log Bayes factor of "a crystal of scale ``evidence_scale`` x median phi in one of
-  the sampled orientations (uniform prior)" against "background only" is below ``min_crystal_evidence``
+  the run's orientations (uniform prior; its lower bound from the most likely one)" against "background
+  only" is below ``min_crystal_evidence``
   (emcjax.merge.evidence). Unlike phi_zero it needs no threshold on phi, whose spread grows as photons get
   fewer (at 40 Bragg over 100 background photons a blank frame's phi reached 0.16 x the median).
 * ``second_crystal`` (32): the log Bayes factor of a second crystal of that scale in a sampled orientation
-  unrelated to the first (the first crystal's predicted photons explained) against none exceeds
+  (of the ``evidence_rotation_n`` sampling) unrelated to the first (the first crystal's predicted photons
+  explained) against none exceeds
   ``max_second_evidence``. With a sharp posterior the second crystal's photons hardly change the first
   cluster's mass, and those outside the peaks drown in the background at ~40 Bragg photons per frame, but
   they fall on the second orientation's peaks.
@@ -57,6 +59,11 @@ class RejectionCriteria:
     max_unexplained_z: float = 6.0
     """Robust z-score of the photons outside the predicted peaks above which a frame is rejected."""
     evidence_scale: float = 1.0
+    """Scale of the crystal the evidence tests look for, in units of the median phi of the frames tested."""
+    evidence_rotation_n: int = 4
+    """600-cell parameter of the rotations searched for a second crystal (0: the run's sampling; cost grows
+    as n^3: 810 rotations at n = 4 in P 43 21 2). A second crystal between them is found only when its peaks
+    still overlap theirs."""
     """Scale of the crystal the evidence tests look for, in units of the median phi of the frames tested."""
     min_crystal_evidence: float = 0.0
     """log Bayes factor (nats) of a crystal against background only below which a frame is rejected
