@@ -19,7 +19,8 @@ Pearson cc_true; the scale-only agreement (I ~ k I_true, k fitted without an off
 offset such as a second crystal's photons would show): R_scale = sum |I - k I_true| / sum k I_true and
 the uncentred correlation; the offset c of a fit I ~ k I_true + c relative to the shell's mean I; and
 cc_true after each iteration (convergence from the random start). Prints one line per run and the
-paired differences (arm - all; next_rejected - next_all) over seeds; writes OUT/summary.json. The runners are called in-process
+paired differences (arm - all; next_rejected - next_all) over seeds; writes OUT/summary.json and
+OUT/contamination.png (the differences per seed). ``--quick``: one tiny scenario (the test's). The runners are called in-process
 (``emcjax.lowres.run``, ``emcjax.reject.reject``), so there is one JAX start-up.
 """
 
@@ -50,6 +51,7 @@ class Scenario(NamedTuple):
     n_frames: int
     equal_crystals: bool = False  # the second crystal gets the first's phi
     background_photons: float = 30.0
+    background_error: float = 0.0  # the true background is (1 + this) x the data set's (poisson-bgscale draw)
 
 
 SCENARIOS = {
@@ -70,6 +72,8 @@ SCENARIOS = {
     "sparse_60_150": Scenario(0.05, 0.05, 60.0, 1000, background_photons=150.0),
     "sparse_30_150": Scenario(0.05, 0.05, 30.0, 2000, background_photons=150.0),
     "sparse_equal_40_100": Scenario(0.05, 0.05, 40.0, 1000, True, 100.0),
+    # ... with 10 % more background photons than the data set's background says (EMC fits phi to them)
+    "sparse_bgerr_40_100": Scenario(0.05, 0.05, 40.0, 1000, background_photons=100.0, background_error=0.1),
 }
 N_SHELLS = 5
 ARMS = ["all", "rejected", "oracle", "no_blank", "no_multi", "rejected_phi_zero", "next_all", "next_rejected"]
@@ -134,7 +138,8 @@ def paired(rows: list[dict], arm: str, base: str = "all") -> dict:
             d = np.array([pick(r[arm]) - pick(r[base]) for r in rows])
             out[f"{key}_{where}"] = {"mean": float(d.mean()), "sd": float(d.std(ddof=1)) if d.size > 1 else 0.0,
                                      "n_positive": int(np.sum(d > 0)), "n": int(d.size)}
-    for it in (1, 2, 3):
+    done = min(len(r[a]["cc_true_per_iteration"]) for r in rows for a in (arm, base))
+    for it in range(1, min(3, done) + 1):
         d = np.array([r[arm]["cc_true_per_iteration"][it - 1] - r[base]["cc_true_per_iteration"][it - 1]
                       for r in rows])
         out[f"cc_iteration_{it}"] = {"mean": float(d.mean()), "sd": float(d.std(ddof=1)) if d.size > 1 else 0.0,
@@ -142,7 +147,40 @@ def paired(rows: list[dict], arm: str, base: str = "all") -> dict:
     return out
 
 
-def main() -> None:
+QUICK = Scenario(0.1, 0.1, 40.0, 100, background_photons=100.0)
+"""--quick: 100 frames on a 64 x 64 detector to 8 Å (the tests' size), 2 + 1 iterations, one seed."""
+
+
+def figure(summary: dict, path: pathlib.Path) -> None:
+    """PNG: per scenario, cc_true of each arm minus its base (all, or next_all) for every seed, and the mean."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(summary["scenarios"])
+    arms = sorted({a for v in summary["scenarios"].values() for a in v["paired"] if v["paired"][a]})
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.2 * len(names) + 2), 4.0))
+    for k, arm in enumerate(arms):
+        offset = (k - (len(arms) - 1) / 2) * 0.8 / max(len(arms), 1)
+        for i, name in enumerate(names):
+            rows = summary["scenarios"][name]["runs"]
+            base = BASE.get(arm, "all")
+            d = [r[arm]["overall"]["cc"] - r[base]["overall"]["cc"] for r in rows if arm in r and base in r]
+            if d:
+                ax.plot([i + offset] * len(d), d, ".", color=f"C{k}", alpha=0.6)
+                ax.plot(i + offset, np.mean(d), "_", color=f"C{k}", markersize=14, label=arm if i == 0 else None)
+    ax.axhline(0.0, color="k", lw=0.8)
+    ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel("cc_true - cc_true of its base")
+    ax.set_title("arm - all frames (next_rejected - next_all); dots: seeds, bars: mean", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=pathlib.Path, default=pathlib.Path("/tmp/emcjax-contamination"))
     p.add_argument("--iters", type=int, default=15)
@@ -150,7 +188,16 @@ def main() -> None:
     p.add_argument("--scenarios", nargs="*", default=["acceptance"], choices=list(SCENARIOS))
     p.add_argument("--seeds", type=int, nargs="*", default=[0])
     p.add_argument("--arms", nargs="*", default=["all", "rejected"], choices=ARMS)
-    args = p.parse_args()
+    p.add_argument("--quick", action="store_true", help="one tiny scenario (QUICK), for the tests")
+    args = p.parse_args(argv)
+    scenarios, geometry = SCENARIOS, {}
+    if args.quick:
+        from emcjax.detector import DetectorGeometry
+
+        scenarios, args.scenarios, args.seeds, args.iters, args.next_iters = {"quick": QUICK}, ["quick"], [0], 2, 1
+        args.arms = ["all", "rejected", "next_all", "next_rejected"]
+        geometry = {"geometry": DetectorGeometry(num_rows=64, num_cols=64, pixel_size_m=3.6e-3,
+                                                 beam_center_px=(31.5, 31.5), resolution_max_A=8.0, n_shells=10)}
 
     from emcjax import lowres, reject, simulate
     from emcjax.crystal import Crystal
@@ -166,7 +213,7 @@ def main() -> None:
     summary["scenarios"] = {k: v for k, v in summary["scenarios"].items() if "runs" in v}  # this version's only
     summary.update(machine=f"{platform.node()} {platform.machine()}", iters=args.iters)
     for name in args.scenarios:
-        blank, multi, photons, n_frames, equal, background = SCENARIOS[name]
+        blank, multi, photons, n_frames, equal, background, background_error = scenarios[name]
         rows = []
         for seed in args.seeds:
             out = args.out / name / f"seed{seed}"
@@ -176,7 +223,9 @@ def main() -> None:
             if not data.exists():
                 simulate.write(simulate.SimulationConfig(
                     out=data, n_frames=n_frames, blank_fraction=blank, multi_fraction=multi, bragg_photons=photons,
-                    background_photons=background, multi_equal=equal, seed=seed))
+                    background_photons=background, multi_equal=equal, seed=seed, **geometry,
+                    **({"likelihood": "poisson-bgscale", "background_scale": 1 + background_error}
+                       if background_error else {})))
             with SparseDataset(data) as ds:
                 truth = ds.read_truth()
                 crystal = Crystal(tuple(ds.crystal["cell"]), str(ds.crystal["space_group"]))
@@ -218,13 +267,14 @@ def main() -> None:
                                           "seconds": row["seconds"]}), flush=True)
         summary["scenarios"][name] = {
             "blank": blank, "multi": multi, "bragg_photons": photons, "n_frames": n_frames, "equal_crystals": equal,
-            "background_photons": background,
+            "background_photons": background, "background_error": background_error,
             "runs": rows, "paired": {a: paired(rows, a, BASE.get(a, "all")) for a in args.arms if a not in ("all", "next_all")},
         }
         for arm, d in summary["scenarios"][name]["paired"].items():
             print(name, f"{arm} - {BASE.get(arm, 'all')}:", json.dumps({k: [round(v["mean"], 5), round(v["sd"], 5), v["n_positive"]]
                                                      for k, v in d.items()}), flush=True)
         path.write_text(json.dumps(summary, indent=1) + "\n")
+        figure(summary, args.out / "contamination.png")
 
 
 if __name__ == "__main__":
