@@ -40,7 +40,8 @@ class RejectConfig:
     photon_test: bool = True
     """Test the photons outside the predicted peaks (reads the data set's photons)."""
     evidence_test: bool = True
-    """The Bayes-factor tests for a crystal and a second crystal (reads the photons, scans the run's sampling)."""
+    """The Bayes-factor tests for a crystal and a second crystal (reads the photons; scans the rotations of
+    --criteria.evidence-rotation-n for the second)."""
     drop: tuple[Literal["phi_zero", "undetermined", "two_orientations", "unexplained_photons", "no_crystal",
                         "second_crystal"], ...] = tuple(
         reject_lib.REASONS
