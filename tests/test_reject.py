@@ -72,7 +72,8 @@ def test_frame_flags_reasons():
         0,
     ]
     assert reject_lib.describe(flags)[1] == "phi_zero,undetermined,two_orientations"
-    assert reject_lib.reason_counts(flags) == {"phi_zero": 1, "undetermined": 2, "two_orientations": 2, "unexplained_photons": 1}
+    assert reject_lib.reason_counts(flags) == {"phi_zero": 1, "undetermined": 2, "two_orientations": 2, "unexplained_photons": 1,
+                                               "no_crystal": 0, "second_crystal": 0}
     assert np.isnan(z[-1]) and z[4] > 6
 
 
