@@ -30,7 +30,7 @@ from emcjax.emc import setup_problem as setup_problem
 from emcjax.errors import EmcjaxError as EmcjaxError
 from emcjax.model import make_grid as make_grid
 from emcjax.rotations import crystal_from_lab as crystal_from_lab
-from emcjax.rotations import sample_600cell as sample_600cell
+from emcjax.sampling_600cell import sample_600cell as sample_600cell
 
 __version__ = "0.1.0"
 

@@ -20,7 +20,7 @@ from emcjax.core.arrays import BlockArrays, PhotonArrays, Shared
 from emcjax.data import SparseDataset, SparseFrames, bucket_length
 from emcjax.detector import Detector
 from emcjax.join import BACKGROUND_FLOOR, EntryIndex, build_join, pad_join, pixel_records
-from emcjax.rotations import RotationSampling
+from emcjax.sampling_600cell import RotationSampling
 
 class FrameSource:
     """Frames from a data set on disk, or frames already in memory. A streamed run re-reads its blocks at

@@ -12,7 +12,7 @@ import os
 import pathlib
 import time
 
-from emcjax import runio
+from emcjax import atomic_files, toml_config
 from emcjax.errors import ConfigError
 
 DEMO_FORMAT = 2  # bump to invalidate cached demo data sets when the simulator's output changes
@@ -106,7 +106,7 @@ def cache_dir() -> pathlib.Path:
 
 def demo_path(demo: DemoConfig) -> pathlib.Path:
     """Cache path of the demo data set: ``demo-<hash>.h5``, the hash over the full simulation config."""
-    sim = runio.config_to_dict(demo.simulation())
+    sim = toml_config.config_to_dict(demo.simulation())
     sim.pop("overwrite", None)
     sim["_format"] = DEMO_FORMAT
     digest = hashlib.sha256(json.dumps(sim, sort_keys=True).encode()).hexdigest()[:16]
@@ -124,7 +124,7 @@ def ensure_demo(demo: DemoConfig, log=print) -> pathlib.Path:
         return path
     log(f"demo data set: simulating {demo.n_frames} frames -> {path}")
     start = time.perf_counter()
-    with runio.atomic_path(path) as tmp:
+    with atomic_files.atomic_path(path) as tmp:
         simulate.write(dataclasses.replace(demo.simulation(out=tmp), overwrite=True))
     log(f"demo data set: written in {time.perf_counter() - start:.1f} s")
     return path

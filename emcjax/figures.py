@@ -18,7 +18,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
-from emcjax.runio import atomic_path  # noqa: E402
+from emcjax.atomic_files import atomic_path  # noqa: E402
 
 FIGURES_DIR = "figures"
 

@@ -18,7 +18,7 @@ import dataclasses
 import pathlib
 from typing import Literal
 
-from emcjax import cli, lowres, resolution, runio
+from emcjax import cli, lowres, resolution, runio, toml_config
 from emcjax.errors import ConfigError, DataError
 from emcjax.merge import halves as halves_lib
 from emcjax.merge import stats as stats_lib
@@ -60,7 +60,7 @@ def base_config(config: HalvesConfig) -> lowres.LowresConfig:
         raise DataError(
             f"run: {source} is neither a run directory with {runio.CONFIG_FILE} nor a TOML config file"
         )
-    base = runio.config_from_toml(lowres.LowresConfig, path)
+    base = toml_config.config_from_toml(lowres.LowresConfig, path)
     if base.config is not None:
         raise ConfigError(f"{path}: key 'config' cannot be set inside a config file")
     overrides = {

@@ -31,7 +31,7 @@ import h5py
 import numpy as np
 
 from emcjax import emc as emc_lib
-from emcjax import checkpoint, cli, local_grid, lowres, rundir, runio, scoring
+from emcjax import atomic_files, checkpoint, cli, local_grid, lowres, rundir, runio, scoring, toml_config
 from emcjax.errors import ConfigError, DataError
 from emcjax.merge import rundata
 
@@ -150,7 +150,7 @@ def read_lowres(run_dir: pathlib.Path) -> LowresSource:
     config_path = run_dir / runio.CONFIG_FILE
     if not config_path.exists():
         raise DataError(f"from: {run_dir} is not a low-resolution run directory ({config_path} does not exist)")
-    config = runio.config_from_toml(lowres.LowresConfig, config_path)
+    config = toml_config.config_from_toml(lowres.LowresConfig, config_path)
     result = runio.read_run(run_dir)
     iteration = int(result.attrs.get("iteration", 0))
     data_path = pathlib.Path(config.data if config.data is not None else lowres.demo_path(config.demo))
@@ -273,7 +273,7 @@ def local_candidates(
 ) -> LocalSetup:
     """Per-frame fine candidates from the low-res run's kept orientations, and the record of the set-up (with
     the low-res run's median orientation error when the true orientations are given)."""
-    from emcjax.rotations import sample_600cell
+    from emcjax.sampling_600cell import sample_600cell
 
     fine_n = config.fine_n or local_grid.fine_sampling_n(source.coarse_n, source.coarse_resolution, config.resolution)
     radius = local_grid.neighbour_radius(source.coarse_n, fine_n)
@@ -400,12 +400,12 @@ def run(config: HighresConfig, log=print) -> dict:
     state = initial_state(problem, emc, source)
     if main_process:
         out.mkdir(parents=True, exist_ok=True)
-        runio.save_config(
+        toml_config.save_config(
             out / runio.CONFIG_FILE,
             dataclasses.replace(config, config=None, resume=False),
             header="emcjax.highres resolved config; reuse with --config",
         )
-        runio.write_text_atomic(out / SOURCE_FILE, json.dumps(rec, indent=2) + "\n")
+        atomic_files.write_text_atomic(out / SOURCE_FILE, json.dumps(rec, indent=2) + "\n")
         if weights is not None:
             rundata.write_frame_weights(out / rundata.FRAME_WEIGHTS_FILE, weights, weight_attrs)
     manager = checkpoint.open_manager(out, config.keep_checkpoints)
@@ -442,7 +442,7 @@ def run(config: HighresConfig, log=print) -> dict:
 def parse_args(argv: list[str] | None = None) -> HighresConfig:
     """``--config FILE.toml`` (if given) supplies the defaults, flags override; with ``--resume`` and no
     ``--config`` the run's own config.toml does."""
-    return runio.parse_stage_args(HighresConfig, argv, "python -m emcjax.highres", __doc__.split("\n\n")[0])
+    return toml_config.parse_stage_args(HighresConfig, argv, "python -m emcjax.highres", __doc__.split("\n\n")[0])
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -11,13 +11,13 @@ near its probable coarse ones:
   ``4 arcsin(δ / 2) ≈ 1.01 x 0.944 / n_c`` rad;
 * :func:`neighbour_table` -- for coarse rotations, their fine neighbours within ``δ`` (CSR). Unlike the
   reference's range search over sign-normalised (q0 >= 0) quaternions, which misses neighbours across
-  q0 = 0, it is correct over the whole sphere (``q ≡ -q``, :func:`emcjax.rotations.neighbours`);
+  q0 = 0, it is correct over the whole sphere (``q ≡ -q``, :func:`emcjax.rotation_neighbours.neighbours`);
 * :func:`frame_candidates` -- every frame's candidate list: the union of the fine neighbours of its coarse
   rotations with P >= ``min_probability`` in the last low-resolution E-step.
 
 The table is a function of misorientation angles only, so it commutes with every operation that maps both
 grids onto themselves: with the point-group reduction of the coarse grid
-(:func:`emcjax.rotations.grid_symmetry_orbits`, the same operations for every ``n``) the neighbours of a
+(:func:`emcjax.rotation_symmetry.grid_symmetry_orbits`, the same operations for every ``n``) the neighbours of a
 coarse representative's orbit mate are the images of its neighbours (tested). A frame's candidates are the
 neighbours of the representatives it kept, in the full fine grid (the likelihood and the prior of the
 600-cell are invariant under those operations, so one neighbourhood per orbit suffices).
@@ -32,7 +32,8 @@ import math
 import numpy as np
 
 from emcjax.errors import ConfigError
-from emcjax.rotations import COVERING_RADIUS_COEFF, RotationSampling, neighbours
+from emcjax.rotation_neighbours import neighbours
+from emcjax.sampling_600cell import COVERING_RADIUS_COEFF, RotationSampling
 
 NEIGHBOUR_MARGIN = 1.01
 """The reference's safety factor on the neighbour radius (METHOD.md §9.2)."""

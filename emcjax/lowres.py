@@ -24,7 +24,7 @@ from typing import Literal
 
 import numpy as np
 
-from emcjax import checkpoint, cli, rundir, runio, scoring
+from emcjax import checkpoint, cli, rundir, runio, scoring, toml_config
 from emcjax import emc as emc_lib
 from emcjax import demo as demo_lib
 from emcjax.demo import DemoConfig, cache_dir, demo_path, ensure_demo  # noqa: F401 (part of this module's API)
@@ -168,7 +168,7 @@ def _recorded_data(run_dir: pathlib.Path) -> dict | None:
         return recorded
     config_path = run_dir / runio.CONFIG_FILE
     if config_path.exists():
-        data = runio.parse_toml(config_path).get("data")
+        data = toml_config.parse_toml(config_path).get("data")
         if isinstance(data, str) and pathlib.Path(data).is_file():
             return rundir.data_identity(data)
     return None
@@ -255,7 +255,7 @@ def run(config: LowresConfig, log=print) -> dict:
         if main_process and not resuming:  # the checks of a new start that need no set-up passed:
             rd.clear_failed_start()  # from here on the directory changes (and a --resume can start it over)
             _record_start(rd, config, data_path, identity, None)
-        diffs = runio.config_differences(config, LowresConfig())
+        diffs = toml_config.config_differences(config, LowresConfig())
         diffs.pop("config", None)
         log("emcjax.lowres: " + (", ".join(f"{k}={v[0]!r}" for k, v in diffs.items()) or "all defaults"))
 
@@ -424,7 +424,7 @@ def parse_args(argv: list[str] | None = None) -> LowresConfig:
     With ``--resume`` and no ``--config``, the resumed run's ``OUT/config.toml`` supplies the defaults, so
     ``--out DIR --resume --iters 200`` continues a run with its own settings.
     """
-    return runio.parse_stage_args(LowresConfig, argv, "python -m emcjax.lowres", __doc__.split("\n\n")[0])
+    return toml_config.parse_stage_args(LowresConfig, argv, "python -m emcjax.lowres", __doc__.split("\n\n")[0])
 
 
 def main(argv: list[str] | None = None) -> None:

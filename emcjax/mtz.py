@@ -15,7 +15,7 @@ import numpy as np
 
 from emcjax.crystal import Crystal, asymmetric_unit, is_absent
 from emcjax.errors import DataError
-from emcjax.runio import atomic_path, write_text_atomic
+from emcjax.atomic_files import atomic_path, write_text_atomic
 
 
 def _asu_rows(crystal: Crystal, hkl: np.ndarray) -> np.ndarray:

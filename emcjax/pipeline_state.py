@@ -5,7 +5,7 @@ or the products of the stages before it). A stage is done when the record holds 
 ``done`` and the checksums of its products, and those products still exist with the same checksums; then
 the pipeline skips it. A stage that was started with the same key but did not finish is resumed; one whose
 key changed is run again from scratch. The file is rewritten atomically after every change
-(``emcjax.runio.write_text_atomic``), so an interruption leaves either the old record or the new one.
+(``emcjax.atomic_files.write_text_atomic``), so an interruption leaves either the old record or the new one.
 
 File checksums are cached by (size, modification time in ns), so a large data set is read once.
 """
@@ -19,7 +19,7 @@ import pathlib
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from emcjax import runio
+from emcjax import atomic_files
 from emcjax.merge.reject import REASONS
 from emcjax.errors import DataError
 
@@ -49,7 +49,7 @@ class PipelineState:
         return self.record["stages"]
 
     def save(self) -> None:
-        runio.write_text_atomic(self.path, json.dumps(self.record, indent=1, sort_keys=True) + "\n")
+        atomic_files.write_text_atomic(self.path, json.dumps(self.record, indent=1, sort_keys=True) + "\n")
 
     # -- checksums --------------------------------------------------------------------------------------
 

@@ -31,14 +31,14 @@ from emcjax.detector import Detector, DetectorGeometry, make_detector
 from emcjax.errors import ConfigError, DataError
 from emcjax.join import BACKGROUND_FLOOR, pixel_records
 from emcjax.frontend.grid_orbits import grid_orbits
-from emcjax.rotations import RotationSampling, sample_600cell
+from emcjax.sampling_600cell import RotationSampling, sample_600cell
 
 
 def _sampling(crystal: Crystal, n: int, reduce: bool) -> tuple[RotationSampling, np.ndarray, np.ndarray]:
     """The 600-cell grid, the rotations the E-step evaluates and their log prior (normalised).
 
     With ``reduce`` the grid is reduced exactly by the point-group operations it shares
-    (emcjax.frontend.grid_orbits: the orbits of :func:`emcjax.rotations.grid_symmetry_orbits`, found by
+    (emcjax.frontend.grid_orbits: the orbits of :func:`emcjax.rotation_symmetry.grid_symmetry_orbits`, found by
     hashing instead of a k-d tree); a representative carries its orbit's total weight.
     """
     sampling = sample_600cell(n)

@@ -33,7 +33,8 @@ from emcjax.blocks import Block, Plan, build_block
 from emcjax.core import refine as refine_core
 from emcjax.data import bucket_length
 from emcjax.join import BACKGROUND_FLOOR, pixel_records
-from emcjax.rotations import RotationSampling, nearest_rotations
+from emcjax.rotation_neighbours import nearest_rotations
+from emcjax.sampling_600cell import RotationSampling
 
 FRAMES_PER_CHUNK = 256  # frames refined per device call (times the mesh size)
 

@@ -19,7 +19,7 @@ from typing import Literal
 import h5py
 import numpy as np
 
-from emcjax import cli, runio
+from emcjax import atomic_files, cli
 from emcjax.merge import evidence as evidence_lib
 from emcjax.merge import observe
 from emcjax.merge import reject as reject_lib
@@ -69,7 +69,7 @@ def _unexplained(run: RunData, log) -> tuple[np.ndarray, np.ndarray]:
 def _evidence(run: RunData, criteria: reject_lib.RejectionCriteria, used: np.ndarray, radius: float, log):
     from emcjax.data import SparseDataset
     from emcjax.frontend.grid_orbits import grid_orbits
-    from emcjax.rotations import sample_600cell
+    from emcjax.sampling_600cell import sample_600cell
 
     def reduced(n):  # one rotation per orbit of the Laue group (the model is symmetric)
         sampling = sample_600cell(n)
@@ -106,7 +106,7 @@ def reject(config: RejectConfig, log=print) -> dict:
         rotations, probs = reject_lib.per_frame_pairs(
             it["kept_frame"], it["kept_rotation"], it["kept_prob"], run.n_frames
         )
-        from emcjax.rotations import sample_600cell
+        from emcjax.sampling_600cell import sample_600cell
 
         first, second = reject_lib.cluster_masses(
             rotations, probs, sample_600cell(run.sampling_n).quaternions, run.crystal.rotation_ops_cartesian, radius
@@ -127,7 +127,7 @@ def reject(config: RejectConfig, log=print) -> dict:
     weights = reject_lib.weights_from_flags(run.weights(), flags, config.drop)
 
     path = config.run / REJECTION_FILE
-    with runio.atomic_path(path) as tmp:
+    with atomic_files.atomic_path(path) as tmp:
         with h5py.File(tmp, "w") as f:
             f.create_dataset("weights", data=weights.astype(np.float32))
             f.create_dataset("flags", data=flags)

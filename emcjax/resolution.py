@@ -17,7 +17,7 @@ import pathlib
 import h5py
 import numpy as np
 
-from emcjax import cli, runio
+from emcjax import atomic_files, cli
 from emcjax.crystal import Crystal
 from emcjax.errors import ConfigError, DataError
 from emcjax.merge import observe
@@ -115,7 +115,7 @@ def merge_halves(config: ResolutionConfig, log=print) -> dict:
     out = config.out
     out.mkdir(parents=True, exist_ok=True)
     merged = 0.5 * (i_a + i_b)
-    with runio.atomic_path(out / MERGED_FILE) as tmp:
+    with atomic_files.atomic_path(out / MERGED_FILE) as tmp:
         with h5py.File(tmp, "w") as f:
             f.attrs["format"] = "emcjax-merged"
             f.attrs["cell"] = np.asarray(crystal.cell)
@@ -142,7 +142,7 @@ def merge_halves(config: ResolutionConfig, log=print) -> dict:
             ):
                 f.create_dataset(name, data=value)
     table = stats_lib.format_table(stats, significance=config.significance)
-    runio.write_text_atomic(out / "merging_stats.csv", stats_lib.to_csv(stats))
+    atomic_files.write_text_atomic(out / "merging_stats.csv", stats_lib.to_csv(stats))
     suggestion = (
         f"suggested high-resolution limit: {d_suggested:.2f} Å ({criterion})"
         if d_suggested is not None
@@ -150,7 +150,7 @@ def merge_halves(config: ResolutionConfig, log=print) -> dict:
     )
     if truth_note:
         table += "\n" + truth_note
-    runio.write_text_atomic(out / "merging_table.txt", table + "\n" + suggestion + "\n")
+    atomic_files.write_text_atomic(out / "merging_table.txt", table + "\n" + suggestion + "\n")
     stats_lib.plot(stats, out / "figures" / "merging.png", d_suggested)
     log(table)
     log(suggestion)

@@ -35,7 +35,7 @@ import sys
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from emcjax import checkpoint, cli, runio
+from emcjax import atomic_files, checkpoint, cli, runio, toml_config
 from emcjax.errors import ConfigError, DataError
 
 LOCK_FILE = "run.lock"
@@ -83,7 +83,7 @@ class RunLock:
     def acquire(self, log: Callable[[str], None]) -> None:
         """Takes the lock or raises ConfigError naming its owner (a stale lock is taken over, with a warning)."""
         while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, runio.file_mode())
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, atomic_files.file_mode())
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as err:
@@ -230,7 +230,7 @@ class RunDirectory:
                 f"resume: {path} is missing; it holds the settings the run was started with (run.json keeps a "
                 "copy under 'starts'); restore it, then resume (nothing was changed)"
             )
-        return runio.config_from_toml(cls, path)
+        return toml_config.config_from_toml(cls, path)
 
     def provenance(self) -> dict:
         """The contents of ``run.json`` ({} when the run has none, e.g. a run of an older emcjax)."""
@@ -266,7 +266,7 @@ class RunDirectory:
         if not self.write:
             return
         self._touched = True
-        runio.save_config(self.out / runio.CONFIG_FILE, config, header=header)
+        toml_config.save_config(self.out / runio.CONFIG_FILE, config, header=header)
         record = self.provenance()
         record.setdefault("format", "emcjax-run-directory")
         if data is not None:
@@ -275,9 +275,9 @@ class RunDirectory:
             "time": _now(), "host": socket.gethostname(), "user": _user(), "pid": os.getpid(),
             "cwd": os.getcwd(), "command": cli.command_line or sys.argv, "python": sys.version.split()[0],
             "versions": package_versions(), "devices": devices, "resumed_at_iteration": resumed_at,
-            "config": runio.config_to_dict(config),
+            "config": toml_config.config_to_dict(config),
         })
-        runio.write_text_atomic(self.out / PROVENANCE_FILE, json.dumps(record, indent=1) + "\n")
+        atomic_files.write_text_atomic(self.out / PROVENANCE_FILE, json.dumps(record, indent=1) + "\n")
 
 
 def package_versions() -> dict[str, str | None]:
@@ -339,7 +339,7 @@ def check_resume_config(saved: Any, config: Any, may_change: set[str], out: path
     def allowed(name: str) -> bool:
         return any(name == m or name.startswith(m + ".") for m in may_change)
 
-    changed = {k: v for k, v in runio.config_differences(config, saved).items() if not allowed(k)}
+    changed = {k: v for k, v in toml_config.config_differences(config, saved).items() if not allowed(k)}
     if changed:
         listed = ", ".join(f"{k} = {v[0]!r} (the run has {v[1]!r})" for k, v in changed.items())
         raise ConfigError(

@@ -2,7 +2,7 @@
 
 Candidate lists index a fine sampling (n = 70: 17 M rotations, 690 MB; n = 94: 83 M, 3.3 GB) of which a run
 touches a few hundred thousand. :class:`SampledRotations` gives the quaternion and normalised log weight of
-any index of ``rotations.sample_600cell(n)`` (same values, same order) from
+any index of ``sampling_600cell.sample_600cell(n)`` (same values, same order) from
 
 * per simplex (vertex, edge, face, cell of the 600-cell, in the sampling's order), the number of its interior
   lattice points kept by the half-sphere rule: one pass of integer sign tests, the first non-zero exact
@@ -19,7 +19,7 @@ from __future__ import annotations
 import numpy as np
 
 from emcjax.errors import ConfigError
-from emcjax.rotations import _exact_to_float, _interior_lattice, _polytope, n_rotations_600cell
+from emcjax.sampling_600cell import _exact_to_float, _interior_lattice, _polytope, n_rotations_600cell
 
 
 def _kept(bary: np.ndarray, vert_int: np.ndarray) -> np.ndarray:

@@ -12,6 +12,9 @@ scaled down (lysozyme-like P 43 21 2 cell, 1 Å, 4 Å, ~150 Bragg + ~30 backgrou
 too few to index a single frame). ``--likelihood negbin --dispersion R`` draws over-dispersed counts
 (variance mu + mu^2 / R, every pixel drawn through the likelihood's sampler); ``--likelihood poisson-bgscale
 --background-scale C`` draws the background C times the one written to the file.
+
+The settings are :class:`emcjax.simulation_config.SimulationConfig`; the true model, background profile and
+frame kinds come from ``emcjax.simulated_truth``.
 """
 
 from __future__ import annotations
@@ -20,7 +23,6 @@ import dataclasses
 import os
 import pathlib
 import time
-from typing import Literal
 
 import jax
 import jax.numpy as jnp
@@ -33,196 +35,15 @@ from emcjax import model as model_lib
 from emcjax.crystal import Crystal
 from emcjax.detector import DetectorGeometry, make_detector
 from emcjax.errors import ConfigError
-from emcjax.likelihood import Likelihood, LikelihoodConfig
-from emcjax.rotations import nearest_rotations, sample_600cell, symmetric_misorientation
+from emcjax.likelihood import Likelihood
+from emcjax.rotation_neighbours import nearest_rotations
+from emcjax.sampling_600cell import sample_600cell
+from emcjax.simulated_truth import frame_kinds, radial_background, random_quaternions, true_model
+from emcjax.simulation_config import SimulationConfig
 
 
 _CHUNK_FRAMES = 4096  # frames whose in-peak entries are held at once
 _SAMPLED_PIXELS = 1 << 20  # (frame, pixel) means drawn at once when every pixel goes through the sampler
-
-
-@dataclasses.dataclass(frozen=True)
-class SimulationConfig:
-    """What to simulate. Defaults: the reference experiment scaled down."""
-
-    out: pathlib.Path | None = None
-    """Output HDF5 file (required on the command line)."""
-    n_frames: int = 2000
-    """Number of frames."""
-    geometry: DetectorGeometry = DetectorGeometry()
-    """Detector geometry (the resolution limit of the pixels is geometry.resolution_max_A)."""
-    cell: tuple[float, float, float, float, float, float] = (79.1, 79.1, 37.9, 90.0, 90.0, 90.0)
-    """Unit cell a, b, c (Å), alpha, beta, gamma (degrees)."""
-    space_group: str = "P 43 21 2"
-    """Space group symbol (any of the 230, as gemmi reads it)."""
-    vn: int = 10
-    """Voxel grid points per shortest reciprocal-lattice vector."""
-    gw: float = 2.0
-    """Peak support radius in grid spacings."""
-    profile_width: float = 0.7
-    """Standard deviation of the Gaussian peak profile, in grid spacings."""
-    orientations: Literal["grid", "uniform"] = "grid"
-    """True orientations: 'grid' draws rotations of the 600-cell sampling with --rotation-n (with its prior
-    weights); 'uniform' draws continuous ones, uniform on SO(3) (truth/rotation_index is then -1)."""
-    rotation_n: int = 4
-    """600-cell refinement parameter of the 'grid' orientations; 0 is the same as --orientations uniform."""
-    candidates: int = 0
-    """Per-frame candidate lists (what spot-based preselection gives): the K rotations of the
-    --candidate-n sampling nearest the true orientation (0: no candidate lists)."""
-    candidate_n: int = 0
-    """600-cell refinement parameter of the candidate rotations (0: --rotation-n)."""
-    bragg_photons: float = 150.0
-    """Mean number of Bragg photons per frame (at phi = 1)."""
-    background_photons: float = 30.0
-    """Mean number of background photons per frame."""
-    phi_sigma: float = 0.3
-    """Standard deviation of log(phi); phi has mean 1."""
-    wilson_b: float = 10.0
-    """B factor (Å^2) of the Wilson fall-off of the random intensities: mean I ~ exp(-B/(2 d^2))."""
-    structure: pathlib.Path | None = None
-    """PDB/mmCIF model: intensities |F|^2 from it (gemmi) instead of random Wilson intensities."""
-    likelihood: str = "poisson"
-    """Count model of the pixels: poisson, poisson-bgscale, negbin (emcjax.likelihood)."""
-    dispersion: float = 100.0
-    """negbin: dispersion r > 0 (photons); the counts' variance is mu + mu^2 / r."""
-    background_scale: float = 1.0
-    """poisson-bgscale: true background = this factor x the background written to the file."""
-    seed: int = 0
-    """Seed of every random draw (the data set is a deterministic function of the config)."""
-    blank_fraction: float = 0.0
-    """Fraction of frames with background only (no crystal hit; truth ``frame_kind`` 1)."""
-    multi_fraction: float = 0.0
-    """Fraction of frames with a second crystal in an orientation unrelated to the first by any rotation of the
-    Laue group (truth ``frame_kind`` 2, ``second_quaternion``, ``second_phi``)."""
-    multi_equal: bool = False
-    """Give the second crystal the scale phi of the first (two crystals of equal strength) instead of an
-    independent draw of the same law."""
-    overwrite: bool = False
-    """Replace an existing output file."""
-
-    def __post_init__(self):
-        for name in ("n_frames", "vn"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("bragg_photons", "profile_width"):
-            if not getattr(self, name) > 0:
-                raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
-        for name in ("background_photons", "phi_sigma", "rotation_n", "candidates", "candidate_n"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.orientations not in ("grid", "uniform"):
-            raise ConfigError(f"orientations must be 'grid' or 'uniform', got {self.orientations!r}")
-        if self.candidates and self.candidate_sampling_n < 1:
-            raise ConfigError("candidates: give the sampling of the candidate lists with --candidate-n N (>= 1)")
-        for name in ("blank_fraction", "multi_fraction"):
-            if not 0 <= getattr(self, name) <= 1:
-                raise ConfigError(f"{name} must be in [0, 1], got {getattr(self, name)}")
-        if self.blank_fraction + self.multi_fraction > 1:
-            raise ConfigError(
-                f"blank_fraction + multi_fraction must be <= 1, got {self.blank_fraction} + {self.multi_fraction}"
-            )
-        self.likelihood_config()  # checks the name and parameters
-
-    def likelihood_config(self) -> LikelihoodConfig:
-        """The count model's config (from the flat command-line fields)."""
-        return LikelihoodConfig(name=self.likelihood, dispersion=self.dispersion, background_scale=self.background_scale)
-
-    @property
-    def continuous(self) -> bool:
-        """Whether the true orientations are continuous (uniform on SO(3)) rather than grid rotations."""
-        return self.orientations == "uniform" or self.rotation_n == 0
-
-    @property
-    def candidate_sampling_n(self) -> int:
-        """600-cell parameter of the candidate lists (``candidate_n``, else ``rotation_n``)."""
-        return self.candidate_n or self.rotation_n
-
-
-def true_model(grid: model_lib.ReciprocalGrid, config: SimulationConfig, rng: np.random.Generator) -> np.ndarray:
-    """(n_asu, n_voxels) float64 true model with unit mean integrated intensity (before scaling)."""
-    hkl = grid.asu.hkl
-    q = hkl @ grid.crystal.reciprocal_basis.T
-    inv_d2 = np.einsum("ij,ij->i", q, q)
-    if config.structure is not None:
-        intensity = structure_intensities(config.structure, grid.crystal, hkl)
-    else:
-        intensity = rng.exponential(size=hkl.shape[0]) * np.exp(-config.wilson_b * inv_d2 / 2)
-    spacing = np.linalg.norm(grid.crystal.reciprocal_basis, axis=0).min() / config.vn
-    dq = grid.voxel_q()
-    profile = np.exp(-np.einsum("ij,ij->i", dq, dq) / (2 * (config.profile_width * spacing) ** 2))
-    profile /= profile.sum()
-    intensity = intensity / intensity.mean()
-    return intensity[:, None] * profile[None, :]
-
-
-def structure_intensities(path: pathlib.Path, crystal: Crystal, hkl: np.ndarray) -> np.ndarray:
-    """|F(hkl)|^2 of the atomic model in ``path`` (PDB or mmCIF), computed by gemmi (X-ray form factors)."""
-    import gemmi
-
-    if not path.exists():
-        raise ConfigError(f"structure: no such file {path}")
-    try:
-        st = gemmi.read_structure(str(path))
-    except (RuntimeError, ValueError) as err:
-        raise ConfigError(f"structure: {path} is not a readable PDB/mmCIF file ({err})") from err
-    st.setup_entities()
-    calc = gemmi.StructureFactorCalculatorX(st.cell)
-    f = np.array([calc.calculate_sf_from_model(st[0], [int(h), int(k), int(l)]) for h, k, l in hkl])
-    return np.abs(f) ** 2
-
-
-def radial_background(shell_q: np.ndarray) -> np.ndarray:
-    """Relative background per shell (unit-less): flat plus a water-like ring near 1/3.2 Å."""
-    return 1.0 + 2.0 * np.exp(-((shell_q - 0.31) ** 2) / (2 * 0.04**2))
-
-
-def random_quaternions(rng: np.random.Generator, n: int) -> np.ndarray:
-    """(n, 4) uniformly distributed unit quaternions (scalar first, q0 >= 0)."""
-    q = rng.normal(size=(n, 4))
-    q /= np.linalg.norm(q, axis=1, keepdims=True)
-    return q * np.where(q[:, :1] < 0, -1.0, 1.0)
-
-
-MIN_SECOND_MISORIENTATION_RAD = np.deg2rad(20.0)
-"""A second crystal is at least this far (modulo the Laue group) from the first one."""
-
-
-def frame_kinds(
-    config: SimulationConfig, crystal: Crystal, sampling, quaternion: np.ndarray
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Which frames are blank and which hold a second crystal, from a random stream of their own (the
-    other draws of a data set do not depend on the fractions).
-
-    Returns:
-      ``(kind, second_quaternion, second_phi)``: (n_frames,) int8 0 one crystal / 1 blank / 2 two crystals;
-      (n_frames, 4) orientation of the second crystal (from ``sampling`` when given, else uniform; at least
-      ``MIN_SECOND_MISORIENTATION_RAD`` from every symmetry mate of the first); (n_frames,) its scale (same
-      lognormal law as phi). Both zero for frames of kind 0 and 1.
-    """
-    n = config.n_frames
-    rng = np.random.default_rng([config.seed, 1])
-    n_blank = round(config.blank_fraction * n)
-    n_multi = round(config.multi_fraction * n)
-    order = rng.permutation(n)
-    kind = np.zeros(n, np.int8)
-    kind[order[:n_blank]] = 1
-    kind[order[n_blank : n_blank + n_multi]] = 2
-    multi = np.flatnonzero(kind == 2)
-    second = np.zeros((n, 4))
-    todo = multi
-    for _ in range(1000):
-        if todo.size == 0:
-            break
-        if sampling is not None:
-            second[todo] = sampling.quaternions[rng.choice(sampling.n_rot, size=todo.size, p=sampling.weights)]
-        else:
-            second[todo] = random_quaternions(rng, todo.size)
-        angle = symmetric_misorientation(quaternion[todo], second[todo], crystal.rotation_ops_cartesian)
-        todo = todo[angle < MIN_SECOND_MISORIENTATION_RAD]
-    second_phi = np.zeros(n)
-    second_phi[multi] = rng.lognormal(mean=-config.phi_sigma**2 / 2, sigma=config.phi_sigma, size=multi.size)
-    return kind, second, second_phi
-
 
 def simulate(config: SimulationConfig) -> tuple[data_io.SparseFrames, dict]:
     """Draws the frames and their truth.

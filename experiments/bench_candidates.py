@@ -21,7 +21,8 @@ import numpy as np
 
 from emcjax import data as data_io
 from emcjax import emc, simulate
-from emcjax.rotations import neighbours, sample_600cell
+from emcjax.rotation_neighbours import neighbours
+from emcjax.sampling_600cell import sample_600cell
 
 
 def main() -> None:

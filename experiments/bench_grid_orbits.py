@@ -2,7 +2,7 @@
 
     python experiments/bench_grid_orbits.py [--n 4 10 20] [--space-group "P 43 21 2"]
 
-For each 600-cell parameter n, times emcjax.rotations.grid_symmetry_orbits (k-d tree, used by
+For each 600-cell parameter n, times emcjax.rotation_symmetry.grid_symmetry_orbits (k-d tree, used by
 emcjax.problem before) and emcjax.frontend.grid_orbits (hashing, used now) in the same process, prints the
 process CPU and wall seconds of each and whether representatives and orbits are identical.
 """
@@ -21,7 +21,8 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # this che
 
 from emcjax.crystal import Crystal
 from emcjax.frontend.grid_orbits import grid_orbits
-from emcjax.rotations import grid_symmetry_orbits, sample_600cell
+from emcjax.rotation_symmetry import grid_symmetry_orbits
+from emcjax.sampling_600cell import sample_600cell
 
 
 def timed(fn):

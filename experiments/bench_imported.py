@@ -49,7 +49,7 @@ def start_run(run: pathlib.Path, data: pathlib.Path, rotation_n: int) -> None:
     """A run directory holding a random model and phi = 1 for ``export`` (the model is not benchmarked)."""
     import numpy as np
 
-    from emcjax import legacy, runio
+    from emcjax import atomic_files, legacy, runio, toml_config
     from emcjax.crystal import Crystal
     from emcjax.data import SparseDataset
 
@@ -59,7 +59,7 @@ def start_run(run: pathlib.Path, data: pathlib.Path, rotation_n: int) -> None:
         n_frames = ds.n_frames
     model = np.random.default_rng(0).uniform(size=grid.model_shape).astype(np.float32)
     runio.write_intensities(run, model, grid.asu.hkl, model.sum(axis=1), np.ones(n_frames, np.float32))
-    runio.write_text_atomic(run / runio.CONFIG_FILE, runio.to_toml(
+    atomic_files.write_text_atomic(run / runio.CONFIG_FILE, toml_config.to_toml(
         {"data": str(data.resolve()), "emc": {"vn": 10, "gw": 2.0, "rotation_n": rotation_n}}))
 
 
@@ -111,7 +111,7 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=3)
     parser.add_argument("--workdir", type=pathlib.Path)
     args = parser.parse_args()
-    from emcjax import runio
+    from emcjax import toml_config
     from emcjax.data import rotation_count
 
     tmp = tempfile.TemporaryDirectory()
@@ -132,7 +132,7 @@ def main() -> None:
     n_rot = rotation_count(args.rotation_n)
     lists = work / "lists.h5"
     with_every_list(imported, lists, n_rot, args.rotation_n)
-    after = runio.parse_toml(imported.with_suffix(".toml"))["emc"]
+    after = toml_config.parse_toml(imported.with_suffix(".toml"))["emc"]
     before = dict(after, reduce_by_symmetry=False, max_kept=n_rot)
     time_case(f"before: {n_rot} rotations listed per frame, max_kept {n_rot} (old import settings)", lists, before,
               args.iters)

@@ -30,7 +30,9 @@ from emcjax import data as data_io
 from emcjax import direct, emc, simulate
 from emcjax.core import cut_signal
 from emcjax.detector import DetectorGeometry
-from emcjax.rotations import crystal_from_lab, neighbours, sample_600cell
+from emcjax.rotation_neighbours import neighbours
+from emcjax.rotations import crystal_from_lab
+from emcjax.sampling_600cell import sample_600cell
 from emcjax.sampling_index import SampledRotations
 
 # Pilatus 6M: 2463 x 2527 pixels of 172 µm; at 0.45 m and λ = 1 Å the 4 Å circle holds ~1.4 M pixels.

@@ -30,7 +30,8 @@ from emcjax import emc, highres, lowres, runio, scoring, simulate
 from emcjax.crystal import Crystal
 from emcjax.data import SparseDataset
 from emcjax.detector import DetectorGeometry
-from emcjax.rotations import grid_symmetry_orbits, n_rotations_600cell, sample_600cell
+from emcjax.rotation_symmetry import grid_symmetry_orbits
+from emcjax.sampling_600cell import n_rotations_600cell, sample_600cell
 
 SHELLS_A = (30.0, 8.0, 6.0, 5.0, 4.0, 3.6, 3.3, 3.0)
 

@@ -11,7 +11,7 @@ figure (``orientation_refinement.png``) in ``--out``.
 
     python experiments/orientation_refinement.py [--quick] [--out DIR]
 
-Public API only (emcjax.simulate, emcjax.lowres, emcjax.runio).
+Public API only (emcjax.simulate, emcjax.lowres, emcjax.runio, emcjax.atomic_files).
 """
 
 from __future__ import annotations
@@ -22,10 +22,10 @@ import math
 import pathlib
 import time
 
-from emcjax import lowres, runio, simulate
+from emcjax import atomic_files, lowres, runio, simulate
 from emcjax.config import EMCConfig
 from emcjax.detector import DetectorGeometry
-from emcjax.rotations import COVERING_RADIUS_COEFF
+from emcjax.sampling_600cell import COVERING_RADIUS_COEFF
 
 FULL = dict(frames=500, iters=6, grids=(15, 20), refine_start=2)
 QUICK = dict(frames=64, iters=3, grids=(16,), refine_start=1, small_detector=True)
@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> dict:
             simulate.write(sim)
         results[n] = run_pair(data, out / f"grid{n}", size["iters"], size["refine_start"], args.seed)
     text = table(results)
-    runio.write_text_atomic(out / "table.md", text)
+    atomic_files.write_text_atomic(out / "table.md", text)
     figure(results, out / "orientation_refinement.png")
     print(text)
     for n, runs in results.items():

@@ -48,7 +48,7 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
 
-    from emcjax import lowres, resolution, runio
+    from emcjax import lowres, resolution, runio, toml_config
     from emcjax.merge.rundata import load_run, read_frame_weights, write_frame_weights
 
     quiet = lambda *a, **k: None  # noqa: E731
@@ -61,7 +61,7 @@ def main() -> None:
     counts = [int(((used > 0) & (half == h)).sum()) for h in (0, 1)]
     print(f"{n_cls} orientation classes; frames used: {int((used > 0).sum())}, half a {counts[0]}, half b {counts[1]}",
           flush=True)
-    base = runio.config_from_toml(lowres.LowresConfig, args.run / runio.CONFIG_FILE)
+    base = toml_config.config_from_toml(lowres.LowresConfig, args.run / runio.CONFIG_FILE)
     base = dataclasses.replace(base, iters=args.iters, resume=False, half=None, keep_checkpoints=1, iterations_every=0)
     summary = {"n_classes": n_cls}
     for split in ("orientation", "parity"):

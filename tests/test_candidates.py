@@ -16,7 +16,8 @@ from emcjax import data as data_io
 from emcjax import emc
 from emcjax.detector import DetectorGeometry
 from emcjax.crystal import Crystal
-from emcjax.rotations import grid_symmetry_orbits, sample_600cell
+from emcjax.rotation_symmetry import grid_symmetry_orbits
+from emcjax.sampling_600cell import sample_600cell
 from emcjax.simulate import SimulationConfig, simulate
 
 GEOMETRY = DetectorGeometry(

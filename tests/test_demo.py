@@ -8,7 +8,8 @@ import dataclasses
 import numpy as np
 import pytest
 
-from emcjax import demo, emc, lowres, rotations
+from emcjax import demo, emc, lowres, rotations, sampling_600cell
+from emcjax.rotation_neighbours import nearest_rotations
 from emcjax.data import SparseDataset
 from emcjax.errors import ConfigError
 
@@ -23,8 +24,8 @@ def test_demo_orientations_are_off_grid_with_candidate_lists(tmp_path, monkeypat
     q = np.asarray(truth["quaternion"], dtype=np.float64)
     assert q.shape == (24, 4)
     assert np.all(np.asarray(truth["rotation_index"]) == -1)  # not drawn from any grid
-    grid = rotations.sample_600cell(small.candidate_n)
-    nearest = rotations.nearest_rotations(grid, q, small.candidates)
+    grid = sampling_600cell.sample_600cell(small.candidate_n)
+    nearest = nearest_rotations(grid, q, small.candidates)
     off = np.degrees(rotations.misorientation_angle(grid.quaternions[nearest[:, 0]], q))
     # continuous orientations: typically ~0.65 x the grid's 2.7° from the nearest grid rotation, none on it
     assert np.all(off > 1e-3) and 0.8 < np.median(off) < 2.7

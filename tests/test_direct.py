@@ -17,7 +17,7 @@ from emcjax import candidate_path, direct, emc
 from emcjax.core.estep import block_log_likelihood, rotation_tables
 from emcjax.core import direct as kernels
 from emcjax.detector import DetectorGeometry
-from emcjax.rotations import sample_600cell
+from emcjax.sampling_600cell import sample_600cell
 from emcjax.simulate import SimulationConfig, simulate
 
 GEOMETRY = DetectorGeometry(
@@ -129,7 +129,7 @@ def _small_tabulated():
     from emcjax.core import cut_signal
     from emcjax.crystal import Crystal
     from emcjax.detector import make_detector
-    from emcjax.simulate import true_model
+    from emcjax.simulated_truth import true_model
 
     geometry = DetectorGeometry(num_rows=160, num_cols=160, pixel_size_m=172e-6, distance_m=0.06,
                                 beam_center_px=(79.5, 79.5), beamstop_radius_px=4.0, resolution_max_A=5.0, n_shells=10)
@@ -151,7 +151,7 @@ def test_tabulated_signal_close_to_the_pixel_sum():
 
     from emcjax import model as model_lib
     from emcjax.core import cut_signal
-    from emcjax.simulate import random_quaternions
+    from emcjax.simulated_truth import random_quaternions
 
     grid, detector, intensity, (proj, shape, n_box), cut, table, rng = _small_tabulated()
     quats = jnp.asarray(random_quaternions(rng, 16), jnp.float32)
@@ -173,7 +173,7 @@ def test_near_reflection_signal_equals_the_dense_list():
 
     from emcjax.core import cut_signal
     from emcjax.rotations import crystal_from_lab, quaternion_multiply
-    from emcjax.simulate import random_quaternions
+    from emcjax.simulated_truth import random_quaternions
 
     grid, detector, _, (proj, shape, _), cut, table, _ = _small_tabulated()
     rng = np.random.default_rng(2)

@@ -10,7 +10,7 @@ import shlex
 
 import pytest
 
-from emcjax import runio
+from emcjax import runio, toml_config
 
 from clitest import cli_error
 
@@ -39,5 +39,5 @@ def test_doc_commands(tmp_path, monkeypatch, capsys):
             main(words[3:])
     assert [r["iteration"] for r in runio.read_metrics(tmp_path / "runs" / "a")] == [1, 2, 3]
     assert [r["iteration"] for r in runio.read_metrics(tmp_path / "runs" / "b")] == [1, 2]
-    assert runio.config_from_toml(__import__("emcjax.lowres").lowres.LowresConfig,
+    assert toml_config.config_from_toml(__import__("emcjax.lowres").lowres.LowresConfig,
                                   tmp_path / "runs" / "b" / "config.toml").init_from == tmp_path / "runs" / "a"

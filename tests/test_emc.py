@@ -449,13 +449,22 @@ def test_no_nan_with_degenerate_frames(setup, rule):
 
 
 def test_iterate_is_deterministic(setup):
+    """Bit for bit on a CPU; on a GPU scatter-adds use atomics, whose order varies: equal to float rounding."""
     _, _, problem, state = setup
     a, ma, fa = emc.iterate(problem, state, CONFIG)
     b, mb, fb = emc.iterate(problem, state, CONFIG)
+    exact = jax.default_backend() == "cpu"
     for x, y in zip(a, b):
-        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+        if exact:
+            np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+        else:
+            np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(fa["best_rotation"], fb["best_rotation"])
-    assert {k: v for k, v in ma.items() if k != "seconds"} == {k: v for k, v in mb.items() if k != "seconds"}
+    ma, mb = ({k: v for k, v in m.items() if k != "seconds"} for m in (ma, mb))
+    if exact:
+        assert ma == mb
+    else:
+        assert ma.keys() == mb.keys() and all(np.isclose(ma[k], mb[k], rtol=1e-5) for k in ma)
 
 
 def _truth_state(problem: emc.Problem) -> emc.EMCState:

@@ -19,8 +19,10 @@ from emcjax.frontend import orient as orient_lib
 from emcjax.frontend.grid_orbits import grid_orbits
 from emcjax.frontend import reduce as reduce_lib
 from emcjax.frontend import simulate_images as si
-from emcjax.rotations import (crystal_from_lab, grid_symmetry_orbits, matrix_to_quaternion, misorientation_angle,
-                              quaternion_conjugate, quaternion_multiply, sample_600cell)
+from emcjax.rotation_symmetry import grid_symmetry_orbits
+from emcjax.rotations import (crystal_from_lab, matrix_to_quaternion, misorientation_angle, quaternion_conjugate,
+                              quaternion_multiply)
+from emcjax.sampling_600cell import sample_600cell
 from emcjax.simulate import SimulationConfig
 
 GEOMETRY = DetectorGeometry(num_rows=128, num_cols=128, pixel_size_m=1.8e-3, beam_center_px=(63.3, 64.6),
@@ -106,7 +108,7 @@ def test_grid_orbits_equal_the_kd_tree_orbits_and_preserve_match_counts():
 ])
 def test_problem_grid_reduction_by_hashing_equals_the_kd_tree_orbits(space_group, cell, n_h):
     """emcjax.problem's exact grid reduction (hashing) gives the orbits, representatives and orbit weights of
-    emcjax.rotations.grid_symmetry_orbits (k-d tree) on several point groups."""
+    emcjax.rotation_symmetry.grid_symmetry_orbits (k-d tree) on several point groups."""
     from emcjax.problem import _sampling
 
     crystal = Crystal(cell=cell, space_group=space_group)

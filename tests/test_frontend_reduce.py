@@ -16,7 +16,7 @@ import pytest
 from scipy import stats
 
 from emcjax import data as data_io
-from emcjax import runio
+from emcjax import toml_config
 from emcjax.detector import DetectorGeometry, make_detector
 from emcjax.errors import ConfigError
 from emcjax.frontend import background as bg_lib
@@ -250,7 +250,7 @@ def test_reduce_cli_resumes_after_interruption(rendered, reduced, tmp_path, monk
     out = tmp_path / "resumed.h5"
     # the geometry, cell and mask from a TOML file (--config), the rest as flags
     geometry = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(GEOMETRY).items()}
-    (tmp_path / "run.toml").write_text(runio.to_toml({"cell": list(CELL), "geometry": geometry,
+    (tmp_path / "run.toml").write_text(toml_config.to_toml({"cell": list(CELL), "geometry": geometry,
                                                        "mask": {"file": str(rendered / "shadow_mask.npy")}}))
     argv = ["--config", str(tmp_path / "run.toml"), "--images", str(rendered / "images.h5"), "--out", str(out),
             "--block-frames", "16", "--truth", str(rendered / "truth.h5")]

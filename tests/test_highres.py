@@ -16,11 +16,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from emcjax import emc, highres, local_grid, lowres, runio
+from emcjax import emc, highres, local_grid, lowres, runio, toml_config
 from emcjax import model as model_lib
 from emcjax.detector import DetectorGeometry
 from emcjax.errors import ConfigError, DataError
-from emcjax.rotations import misorientation_angle, sample_600cell
+from emcjax.rotations import misorientation_angle
+from emcjax.sampling_600cell import sample_600cell
 from emcjax.simulate import SimulationConfig, write
 
 GEOMETRY = DetectorGeometry(
@@ -65,7 +66,7 @@ def test_command_line_outputs_and_record(lowres_run):
     final, low_final = runio.read_run(out), runio.read_run(low.out)
     assert final.hkl.shape[0] > low_final.hkl.shape[0]  # the model grew to 6 Å
     np.testing.assert_array_equal(final.phi, low_final.phi)  # phi fixed by default
-    assert runio.config_from_toml(highres.HighresConfig, out / "config.toml").from_run == low.out
+    assert toml_config.config_from_toml(highres.HighresConfig, out / "config.toml").from_run == low.out
 
 
 def test_candidates_are_fine_neighbours_of_the_kept_coarse_rotations(lowres_run):

@@ -21,10 +21,10 @@ from emcjax import emc
 from emcjax import legacy
 import emcjax.legacy.files
 from emcjax import model as model_lib
-from emcjax import runio
+from emcjax import runio, toml_config
 from emcjax.detector import DetectorGeometry
 from emcjax.errors import DataError
-from emcjax.rotations import sample_600cell
+from emcjax.sampling_600cell import sample_600cell
 from emcjax.simulate import SimulationConfig, simulate
 
 # reference config.ini values
@@ -258,13 +258,13 @@ def test_import_every_array(written):
     # phi and the model of the init run
     init = runio.read_run(out.with_name("imported-init"))
     np.testing.assert_array_equal(init.phi, info["phi"])
-    cfg = runio.parse_toml(out.with_suffix(".toml"))
+    cfg = toml_config.parse_toml(out.with_suffix(".toml"))
     assert cfg["emc"]["intensity_update"] == "reference" and cfg["emc"]["prune_mass"] == 0.999
     assert cfg["emc"]["prune_min"] == 1e-4 and cfg["emc"]["update_phi"] is True
     assert cfg["emc"]["max_kept"] == max(len(c) for c in info["cands"])
     from emcjax.lowres import LowresConfig
 
-    lc = runio.config_from_toml(LowresConfig, out.with_suffix(".toml"))
+    lc = toml_config.config_from_toml(LowresConfig, out.with_suffix(".toml"))
     assert lc.emc.vn == REF["VN"] and lc.data == out.resolve()
     grid = legacy.emc_grid(dataclasses.asdict(geometry), mask, _crystal(), lc.emc.d_min, REF["VN"], REF["gw"])
     # the analytic model at our voxel positions (aligned grids: voxels coincide)
@@ -310,7 +310,7 @@ def test_export_then_import_is_identity(written, tmp_path):
     # reflections emcjax does not model (its non-partial rule tests the peak sphere against the exact pixel
     # |q| range, the reference tests voxel points against whole-pixel limits) are exported as 0
     with data_io.SparseDataset(out) as ds:
-        grid = legacy.emc_grid(ds.geometry, ds.mask, _crystal(), runio.parse_toml(out.with_suffix(".toml"))["emc"]["d_min"],
+        grid = legacy.emc_grid(ds.geometry, ds.mask, _crystal(), toml_config.parse_toml(out.with_suffix(".toml"))["emc"]["d_min"],
                                REF["VN"], REF["gw"])
     ours = {tuple(h) for h in grid.hkl.tolist()}
     modelled = np.concatenate([np.full(len(p[4]), p[:3] in ours) for p in info["peaks"]])
@@ -490,7 +490,7 @@ def test_reference_compatible_update_matches_slow_numpy(written):
     root, info, out, _ = written
     from emcjax.lowres import LowresConfig
 
-    lc = runio.config_from_toml(LowresConfig, out.with_suffix(".toml"))
+    lc = toml_config.config_from_toml(LowresConfig, out.with_suffix(".toml"))
     init = runio.read_run(out.with_name("imported-init"))
     with data_io.SparseDataset(out) as ds:
         problem = emc.setup_problem(ds, lc.emc)

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from emcjax import data as data_io
-from emcjax import legacy, runio
+from emcjax import legacy, runio, toml_config
 from emcjax.legacy import refmodel, refupdate
 
 FIXTURE = pathlib.Path(os.environ.get("EMCJAX_REFERENCE_FIXTURE",
@@ -113,7 +113,7 @@ def test_import_holds_the_files(directory, tmp_path):
         # prob-orien.bin lists all 420 rotations for every frame: no lists, the all-rotations path (issue 8)
         assert not ds.has_candidates and fr.candidate_offsets is None
     assert summary["orientation_search"].startswith("all 420 rotations of the 600-cell sampling n = 2")
-    emc_cfg = runio.parse_toml(out.with_suffix(".toml"))["emc"]
+    emc_cfg = toml_config.parse_toml(out.with_suffix(".toml"))["emc"]
     assert emc_cfg["rotation_n"] == 2 and emc_cfg["reduce_by_symmetry"] is True
     np.testing.assert_array_equal(fr.frame_id, ids)
     np.testing.assert_array_equal(fr.background, np.fromfile(FIXTURE / "Data/mpi-bg_model.bin").reshape(100, -1)
@@ -144,7 +144,7 @@ def test_round_trip_is_the_identity(tmp_path):
             np.testing.assert_array_equal(getattr(fa, name), getattr(fb, name), err_msg=name)
         assert a.geometry == b.geometry and a.crystal == b.crystal
         assert not a.has_candidates and not b.has_candidates  # export listed all 420 rotations again
-    assert runio.parse_toml(tmp_path / "b.toml")["emc"]["rotation_n"] == 2
+    assert toml_config.parse_toml(tmp_path / "b.toml")["emc"]["rotation_n"] == 2
     po = np.fromfile(tmp_path / "exported/aux/prob-orien.bin", "<i4").reshape(100, 421)
     assert np.all(po[:, 0] == 420) and np.all(po[:, 1:] == np.arange(420))
     ra, rb = runio.read_run(tmp_path / "a-init"), runio.read_run(tmp_path / "b-init")

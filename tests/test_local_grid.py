@@ -9,18 +9,16 @@ from scipy.spatial import cKDTree
 from emcjax import local_grid
 from emcjax.crystal import Crystal
 from emcjax.errors import ConfigError
+from emcjax.rotation_neighbours import nearest_rotations
+from emcjax.rotation_symmetry import grid_symmetry_orbits
 from emcjax.rotations import (
-    COVERING_RADIUS_COEFF,
-    RotationSampling,
-    grid_symmetry_orbits,
     matrix_to_quaternion,
     misorientation_angle,
-    nearest_rotations,
     quaternion_conjugate,
     quaternion_multiply,
-    sample_600cell,
     symmetric_misorientation,
 )
+from emcjax.sampling_600cell import COVERING_RADIUS_COEFF, RotationSampling, sample_600cell
 
 COARSE, FINE = sample_600cell(3), sample_600cell(4)
 

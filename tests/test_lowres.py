@@ -11,7 +11,7 @@ import h5py
 import numpy as np
 import pytest
 
-from emcjax import emc, lowres, runio
+from emcjax import emc, lowres, runio, toml_config
 from emcjax.errors import ConfigError, DataError
 
 from clitest import cli_error
@@ -91,7 +91,7 @@ def test_run_writes_all_outputs(two_iterations, demo_cache):
     steps = sorted(int(p.name) for p in (out / "checkpoints").iterdir() if p.name.isdigit())
     assert steps == [2]
     # config.toml round-trips to the resolved config
-    saved = runio.config_from_toml(lowres.LowresConfig, out / "config.toml")
+    saved = toml_config.config_from_toml(lowres.LowresConfig, out / "config.toml")
     assert saved == dataclasses.replace(config, config=None, resume=False)
     # the demo data set was cached, and a second look-up reuses it
     assert lowres.demo_path(TINY_DEMO).parent == demo_cache and lowres.demo_path(TINY_DEMO).exists()
@@ -113,21 +113,21 @@ def test_toml_round_trip_of_nondefault_config(tmp_path):
                           prune_min=1e-7),
         demo=lowres.DemoConfig(n_frames=17, bragg_photons=1e3),
     )
-    runio.save_config(tmp_path / "c.toml", config)
-    assert runio.config_from_toml(lowres.LowresConfig, tmp_path / "c.toml") == config
+    toml_config.save_config(tmp_path / "c.toml", config)
+    assert toml_config.config_from_toml(lowres.LowresConfig, tmp_path / "c.toml") == config
     # None fields are left out of the file and come back as None (their default)
-    runio.save_config(tmp_path / "d.toml", lowres.LowresConfig())
-    assert runio.config_from_toml(lowres.LowresConfig, tmp_path / "d.toml") == lowres.LowresConfig()
+    toml_config.save_config(tmp_path / "d.toml", lowres.LowresConfig())
+    assert toml_config.config_from_toml(lowres.LowresConfig, tmp_path / "d.toml") == lowres.LowresConfig()
 
 
 def test_config_file_errors_name_the_key(tmp_path, capsys):
     bad = tmp_path / "bad.toml"
     bad.write_text("iters = 3\n[emc]\nrotation_nn = 2\n")
     with pytest.raises(ConfigError, match="emc.rotation_nn"):
-        runio.config_from_toml(lowres.LowresConfig, bad)
+        toml_config.config_from_toml(lowres.LowresConfig, bad)
     bad.write_text("iters = \"many\"\n")
     with pytest.raises(ConfigError, match="iters"):
-        runio.config_from_toml(lowres.LowresConfig, bad)
+        toml_config.config_from_toml(lowres.LowresConfig, bad)
     bad.write_text("nope = 1\n")
     assert "unknown config key 'nope'" in cli_error(lowres.main, ["--config", str(bad)], capsys)
 
@@ -230,7 +230,7 @@ def test_init_from_checks_frames_and_model_shape(two_iterations, tmp_path):
 
 def test_resume_flag_reads_the_saved_config(tmp_path):
     out = tmp_path / "r"
-    runio.save_config(out / "config.toml", tiny(out, iters=3, seed=4))
+    toml_config.save_config(out / "config.toml", tiny(out, iters=3, seed=4))
     config = lowres.parse_args(["--out", str(out), "--resume", "--iters", "8"])
     assert config.resume and config.iters == 8 and config.seed == 4
     assert config.demo == TINY_DEMO and config.emc == TINY_EMC

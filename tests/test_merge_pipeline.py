@@ -19,7 +19,7 @@ import h5py
 import numpy as np
 import pytest
 
-from emcjax import lowres, resolution, runio, simulate
+from emcjax import lowres, resolution, runio, simulate, toml_config
 from emcjax.data import SparseDataset
 from emcjax.merge import halves
 from emcjax.mtz import read_mtz
@@ -173,8 +173,8 @@ def _half_of_other_data(tmp_path: pathlib.Path, half: pathlib.Path, name: str, *
     simulate.main(["--out", str(other), *simulate_args, *SMALL["emcjax.simulate"]])
     fake = tmp_path / name
     fake.mkdir()
-    config = runio.config_from_toml(lowres.LowresConfig, half / "config.toml")
-    runio.save_config(fake / "config.toml", dataclasses.replace(config, data=other))
+    config = toml_config.config_from_toml(lowres.LowresConfig, half / "config.toml")
+    toml_config.save_config(fake / "config.toml", dataclasses.replace(config, data=other))
     for entry in ("intensities.h5", "iterations"):
         (fake / entry).symlink_to((half / entry).resolve())
     return fake
@@ -241,12 +241,12 @@ def test_halves_command_takes_the_runs_settings_and_refuses_a_used_out(pipeline,
     root, data, runs = pipeline
     config = halves_cli.HalvesConfig(run=runs["all"], out=tmp_path / "h", frame_weights=runs["all"] / "rejection.h5")
     base = halves_cli.base_config(config)
-    saved = runio.config_from_toml(lowres.LowresConfig, runs["all"] / "config.toml")
+    saved = toml_config.config_from_toml(lowres.LowresConfig, runs["all"] / "config.toml")
     assert base.iters == saved.iters == 3 and base.emc == saved.emc and base.data == saved.data
     assert base.frame_weights == runs["all"] / "rejection.h5" and base.half is None
     # both halves ran with these settings: their recorded configs differ only in out and half
     for h, name in (("a", "A"), ("b", "B")):
-        half = runio.config_from_toml(lowres.LowresConfig, runs[name] / "config.toml")
+        half = toml_config.config_from_toml(lowres.LowresConfig, runs[name] / "config.toml")
         assert half == dataclasses.replace(base, out=half.out, half=h) and half.out.name == h
     assert halves_cli.base_config(dataclasses.replace(config, iters=7, split="random")).split == "random"
     (tmp_path / "h" / "b").mkdir(parents=True)

@@ -1,4 +1,5 @@
-"""Tests of emcjax.rotations: conventions, 600-cell sampling and weights, point-group reduction, neighbours."""
+"""Tests of emcjax.rotations (conventions), sampling_600cell (sampling and weights), rotation_symmetry
+(point-group reduction) and rotation_neighbours (neighbours)."""
 
 import itertools
 
@@ -10,19 +11,17 @@ from scipy.spatial import ConvexHull, cKDTree
 from scipy.spatial.transform import Rotation
 
 from emcjax.errors import ConfigError
+from emcjax.rotation_neighbours import neighbours
+from emcjax.rotation_symmetry import reduce_by_point_group
 from emcjax.rotations import (
-    RotationSampling,
     crystal_from_lab,
     matrix_to_quaternion,
     misorientation_angle,
-    n_rotations_600cell,
-    neighbours,
     quaternion_conjugate,
     quaternion_multiply,
     quaternion_to_matrix,
-    reduce_by_point_group,
-    sample_600cell,
 )
+from emcjax.sampling_600cell import RotationSampling, n_rotations_600cell, sample_600cell
 
 TAU = (1 + 5**0.5) / 2
 

@@ -24,7 +24,7 @@ import h5py
 import numpy as np
 import pytest
 
-from emcjax import checkpoint, emc, lowres, rundir, runio, simulate
+from emcjax import atomic_files, checkpoint, emc, lowres, rundir, runio, simulate, toml_config
 from emcjax.detector import DetectorGeometry
 
 from clitest import cli_error, snapshot
@@ -121,7 +121,7 @@ def test_refused_resume_changes_nothing(case, finished, datasets, tmp_path, caps
     if case == "vn":  # the run still resumes with its own settings, from another directory (absolute data)
         lowres.main(["--out", str(run), "--resume", "--iters", "3"])
         assert [r["iteration"] for r in runio.read_metrics(run)] == [1, 2, 3]
-        saved = runio.config_from_toml(lowres.LowresConfig, run / "config.toml")
+        saved = toml_config.config_from_toml(lowres.LowresConfig, run / "config.toml")
         assert saved.data.is_absolute() and saved.data == datasets["main"]
 
 
@@ -254,7 +254,7 @@ def test_a_directory_with_a_run_or_other_files_is_refused(finished, tmp_path, ca
 def test_outputs_get_the_umask_mode(finished, datasets):
     umask = os.umask(0o022)
     os.umask(umask)
-    assert runio.file_mode() == 0o666 & ~umask
+    assert atomic_files.file_mode() == 0o666 & ~umask
     modes = {str(p.relative_to(finished)): p.stat().st_mode & 0o777 for p in finished.rglob("*") if p.is_file()}
     modes["data"] = datasets["main"].stat().st_mode & 0o777
     assert {m for m in modes.values()} == {0o666 & ~umask}, modes

@@ -17,7 +17,8 @@ from emcjax import data as data_io
 from emcjax import model
 from emcjax.crystal import Crystal
 from emcjax.detector import DetectorGeometry, make_detector
-from emcjax.rotations import quaternion_to_matrix, sample_600cell
+from emcjax.rotations import quaternion_to_matrix
+from emcjax.sampling_600cell import sample_600cell
 from emcjax.simulate import SimulationConfig, simulate, write
 
 GEO = DetectorGeometry(
@@ -313,7 +314,7 @@ def test_structure_factor_intensities(tmp_path):
     import gemmi
 
     from emcjax.crystal import Crystal
-    from emcjax.simulate import structure_intensities
+    from emcjax.simulated_truth import structure_intensities
 
     st = gemmi.Structure()
     st.cell = gemmi.UnitCell(79.1, 79.1, 37.9, 90, 90, 90)

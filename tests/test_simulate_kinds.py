@@ -12,7 +12,8 @@ from emcjax.crystal import Crystal
 from emcjax.detector import DetectorGeometry
 from emcjax.errors import ConfigError
 from emcjax.rotations import crystal_from_lab, symmetric_misorientation
-from emcjax.simulate import MIN_SECOND_MISORIENTATION_RAD, SimulationConfig, simulate
+from emcjax.simulate import SimulationConfig, simulate
+from emcjax.simulated_truth import MIN_SECOND_MISORIENTATION_RAD
 
 GEO = DetectorGeometry(
     num_rows=64, num_cols=64, pixel_size_m=3.6e-3, beam_center_px=(31.5, 31.5), resolution_max_A=8.0, n_shells=10

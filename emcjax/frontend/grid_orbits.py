@@ -6,7 +6,7 @@ for both. For the operations whose images of every grid point are grid points (f
 the three 2-folds of 222), the candidate search scores one representative per orbit and gives every
 member of a candidate's orbit as a candidate: the same lists as the full search, |H| times faster.
 
-emcjax.rotations.grid_symmetry_orbits finds the same orbits with a k-d tree (413 s at n = 30 on the
+emcjax.rotation_symmetry.grid_symmetry_orbits finds the same orbits with a k-d tree (413 s at n = 30 on the
 2-core machine, hours at n = 70); here each image is looked up by a hash of its sign-canonical,
 rounded components in a sorted key table (seconds at n = 70). A grid point within float rounding of a
 rounding boundary misses in the first table and is found in a second one shifted by half a cell.
@@ -18,7 +18,8 @@ import dataclasses
 
 import numpy as np
 
-from emcjax.rotations import RotationSampling, matrix_to_quaternion, quaternion_conjugate, quaternion_multiply
+from emcjax.rotations import matrix_to_quaternion, quaternion_conjugate, quaternion_multiply
+from emcjax.sampling_600cell import RotationSampling
 
 _SCALE = 2.0**13  # key cells of 1.2e-4 in each quaternion component (grid points at n = 70 are >= 4e-3 apart)
 _BITS = 15
@@ -52,7 +53,7 @@ class GridOrbits:
 
     def orbit(self) -> np.ndarray:
         """(n_rot,) int64: the position in ``representative`` of each grid rotation's orbit (the ``orbit`` of
-        emcjax.rotations.grid_symmetry_orbits)."""
+        emcjax.rotation_symmetry.grid_symmetry_orbits)."""
         return np.searchsorted(self.representative, self.images.min(axis=0)).astype(np.int64)
 
     def expand(self, indices: np.ndarray) -> np.ndarray:

@@ -29,13 +29,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from emcjax import runio
+from emcjax import toml_config
 from emcjax.crystal import Crystal
 from emcjax.data import SparseDataset, SparseFrames, bucket_length
 from emcjax.errors import ConfigError, DataError, EmcjaxError
 from emcjax.frontend.grid_orbits import grid_orbits
 from emcjax.frontend.writer import SparseWriter
-from emcjax.rotations import quaternion_to_matrix, sample_600cell
+from emcjax.rotations import quaternion_to_matrix
+from emcjax.sampling_600cell import sample_600cell
 
 
 @dataclasses.dataclass(frozen=True)
@@ -335,6 +336,6 @@ def _with_candidates(block: SparseFrames, f: h5py.File, a: int, b: int, lists: l
 def main(argv: list[str] | None = None) -> None:
     """``python -m emcjax.orient [--config run.toml] [flags]``: errors become one line and a non-zero exit."""
     try:
-        run(runio.parse_stage_args(OrientConfig, argv, "python -m emcjax.orient", __doc__.split("\n\n")[0]))
+        run(toml_config.parse_stage_args(OrientConfig, argv, "python -m emcjax.orient", __doc__.split("\n\n")[0]))
     except EmcjaxError as err:
         sys.exit(f"error: {err}")

@@ -25,7 +25,7 @@ from typing import Literal
 
 import numpy as np
 
-from emcjax import runio
+from emcjax import toml_config
 from emcjax.data import SparseFrames
 from emcjax.detector import DetectorGeometry
 from emcjax.errors import ConfigError, EmcjaxError
@@ -197,7 +197,7 @@ def run(config: ReduceConfig, log=print) -> pathlib.Path:
     mask, masked = static_mask((im for _, im in stack.frames(0, n_sample)), geometry, config.mask, saturation)
     log(f"static mask: {int(mask.sum())} pixels ({', '.join(f'{k} {v}' for k, v in masked.items())})")
     tables = radial_tables(geometry, mask)
-    settings = runio.config_to_dict(config)
+    settings = toml_config.config_to_dict(config)
     for key in ("resume", "overwrite", "out", "config"):
         settings.pop(key, None)
     fingerprint = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()
@@ -231,7 +231,7 @@ def run(config: ReduceConfig, log=print) -> pathlib.Path:
 def main(argv: list[str] | None = None) -> None:
     """``python -m emcjax.reduce [--config run.toml] [flags]``: errors become one line and a non-zero exit."""
     try:
-        config = runio.parse_stage_args(ReduceConfig, argv, "python -m emcjax.reduce", __doc__.split("\n\n")[0])
+        config = toml_config.parse_stage_args(ReduceConfig, argv, "python -m emcjax.reduce", __doc__.split("\n\n")[0])
         if not config.images:
             raise ConfigError("images: give the detector images, e.g. --images 'run1/*.cbf' or --images run1.h5")
         run(config)

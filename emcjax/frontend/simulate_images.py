@@ -26,7 +26,7 @@ from typing import Literal
 import numpy as np
 
 from emcjax import data as data_io
-from emcjax import simulate
+from emcjax import simulate, simulated_truth
 from emcjax.errors import ConfigError, EmcjaxError
 from emcjax.frontend import images as images_lib
 from emcjax.frontend.background import full_detector
@@ -95,7 +95,7 @@ def render(config: ImageSimulationConfig):
     q_norm = np.empty(g.num_pixels)
     pol = np.empty(g.num_pixels)
     q_norm[full.pixel_id], pol[full.pixel_id] = full.q_norm, full.polarization
-    pattern = pol * simulate.radial_background(q_norm)
+    pattern = pol * simulated_truth.radial_background(q_norm)
     ring = np.zeros(g.num_pixels)
     if config.ring_q > 0:
         ring = pol * np.exp(-((q_norm - config.ring_q) ** 2) / (2 * config.ring_width**2))

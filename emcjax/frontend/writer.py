@@ -21,6 +21,7 @@ import h5py
 import numpy as np
 
 from emcjax import data as data_io
+from emcjax.data.layout import write_attrs
 from emcjax.errors import DataError
 
 # ragged dataset -> (dtype, the CSR offsets dataset it belongs to)
@@ -85,13 +86,13 @@ class SparseWriter:
         f.attrs["version"] = np.int64(data_io.FORMAT_VERSION)
         f.attrs["fingerprint"] = fingerprint
         g = f.create_group("geometry")
-        data_io._write_attrs(g, f"{self.path}: /geometry", dict(geometry))
+        write_attrs(g, f"{self.path}: /geometry", dict(geometry))
         if mask is not None:
             g.create_dataset("mask", data=np.asarray(mask, bool))
         c = f.create_group("crystal")
         crystal = dict(crystal)
         crystal["cell"] = np.asarray(crystal["cell"], np.float64)
-        data_io._write_attrs(c, f"{self.path}: /crystal", crystal)
+        write_attrs(c, f"{self.path}: /crystal", crystal)
         fr = f.create_group("frames")
         if candidate_sampling_n is not None:
             fr.attrs["candidate_sampling_n"] = np.int64(candidate_sampling_n)

@@ -10,7 +10,7 @@ import pathlib
 import numpy as np
 
 from emcjax import data as data_io
-from emcjax import runio
+from emcjax import atomic_files, runio, toml_config
 from emcjax.crystal import Crystal
 from emcjax.detector import DetectorGeometry, make_detector
 from emcjax.errors import DataError
@@ -90,8 +90,8 @@ def import_directory(directory: str | pathlib.Path, out: str | pathlib.Path, *, 
     toml = {"data": str(out.resolve()), "init_from": str(init_dir.resolve()), "emc": emc_fields}
     header = (f"imported from {pathlib.Path(directory).resolve()} by python -m emcjax.legacy import\n"
               "reference-compatible EMC settings (docs/LEGACY.md)")
-    text = "".join(f"# {line}\n" for line in header.splitlines()) + "\n" + runio.to_toml(toml)
-    runio.write_text_atomic(out.with_suffix(".toml"), text)
+    text = "".join(f"# {line}\n" for line in header.splitlines()) + "\n" + toml_config.to_toml(toml)
+    atomic_files.write_text_atomic(out.with_suffix(".toml"), text)
 
     grid = emc_grid(dataclasses.asdict(legacy.geometry), legacy.mask if legacy.mask.any() else None,
                     Crystal(cell=legacy.cell, space_group=legacy.space_group), legacy.d_min, legacy.vn, legacy.gw)
@@ -112,7 +112,8 @@ def import_directory(directory: str | pathlib.Path, out: str | pathlib.Path, *, 
     init_dir.mkdir(parents=True, exist_ok=True)
     runio.write_intensities(init_dir, model.astype(np.float32), grid.asu.hkl, model.sum(axis=1), legacy.phi,
                             attrs={"iteration": 0, "source": str(pathlib.Path(directory).resolve())})
-    runio.write_text_atomic(init_dir / runio.CONFIG_FILE, runio.to_toml({"data": str(out.resolve()), "emc": emc_fields}))
+    atomic_files.write_text_atomic(init_dir / runio.CONFIG_FILE,
+                                   toml_config.to_toml({"data": str(out.resolve()), "emc": emc_fields}))
     return summary
 
 
@@ -135,7 +136,7 @@ def export_run(run_dir: str | pathlib.Path, to: str | pathlib.Path, *, data: str
     run_dir, to = pathlib.Path(run_dir), pathlib.Path(to)
     result = runio.read_run(run_dir)
     cfg_path = run_dir / runio.CONFIG_FILE
-    values = runio.parse_toml(cfg_path) if cfg_path.exists() else {}
+    values = toml_config.parse_toml(cfg_path) if cfg_path.exists() else {}
     data_path = pathlib.Path(data) if data is not None else (pathlib.Path(values["data"]) if "data" in values else None)
     if data_path is None:
         raise DataError(f"{cfg_path}: no 'data' key (the run's data set); expected it, or pass --data")
@@ -205,7 +206,7 @@ def export_run(run_dir: str | pathlib.Path, to: str | pathlib.Path, *, data: str
         if sampling_n is None:
             raise DataError(f"{data_path}: no candidate orientations; expected candidate lists (prob-orien.bin) for "
                             "a reference directory (or pass --model-only)")
-        from emcjax.rotations import sample_600cell
+        from emcjax.sampling_600cell import sample_600cell
 
         s = sample_600cell(int(sampling_n))
         quats = np.empty((s.n_rot, 5))

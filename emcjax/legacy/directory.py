@@ -78,7 +78,7 @@ def _resolve(root: pathlib.Path, cfg: dict, key: str, default: str | None = None
 
 
 def _sampling_check(n: int, quats: np.ndarray, path: pathlib.Path) -> None:
-    from emcjax.rotations import sample_600cell
+    from emcjax.sampling_600cell import sample_600cell
 
     s = sample_600cell(n)
     dots = np.abs(np.einsum("ij,ij->i", s.quaternions, quats[:, :4]))

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from emcjax import data as data_io
-from emcjax import runio
+from emcjax import atomic_files
 from emcjax.errors import DataError
 
 # Fixed locations inside a reference working directory (METHOD.md §2).
@@ -242,7 +242,7 @@ def read_datafile(path: pathlib.Path, n_frames: int, n_pix: int) -> np.ndarray:
 
 def _write(path: pathlib.Path, data: bytes | str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    with runio.atomic_path(path) as tmp:
+    with atomic_files.atomic_path(path) as tmp:
         if isinstance(data, str):
             tmp.write_text(data, encoding="utf-8")
         else:

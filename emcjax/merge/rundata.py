@@ -16,7 +16,7 @@ import re
 import h5py
 import numpy as np
 
-from emcjax import runio
+from emcjax import atomic_files, runio, toml_config
 from emcjax.crystal import Crystal
 from emcjax.data import SparseDataset
 from emcjax.detector import Detector, DetectorGeometry, make_detector
@@ -68,7 +68,7 @@ class RunData:
 
     def quaternions(self, rotation_index) -> np.ndarray:
         """(n, 4) quaternions of sampling rotation indices."""
-        from emcjax.rotations import sample_600cell
+        from emcjax.sampling_600cell import sample_600cell
 
         return sample_600cell(self.sampling_n).quaternions[np.asarray(rotation_index, np.int64)]
 
@@ -98,7 +98,7 @@ def read_iteration_file(path: pathlib.Path) -> dict:
 def write_frame_weights(path: pathlib.Path, weights, attrs: dict | None = None) -> pathlib.Path:
     """Writes (n_frames,) float32 ``weights`` in [0, 1] (0 = frame not used) and attributes, atomically."""
     weights = np.asarray(weights, np.float32)
-    with runio.atomic_path(path) as tmp:
+    with atomic_files.atomic_path(path) as tmp:
         with h5py.File(tmp, "w") as f:
             f.create_dataset("weights", data=weights)
             for key, value in (attrs or {}).items():
@@ -161,8 +161,8 @@ def run_config(run_dir: pathlib.Path):
 
     run_dir = pathlib.Path(run_dir)
     if not is_highres(run_dir):
-        return runio.config_from_toml(LowresConfig, run_dir / runio.CONFIG_FILE)
-    config = runio.config_from_toml(highres.HighresConfig, run_dir / runio.CONFIG_FILE)
+        return toml_config.config_from_toml(LowresConfig, run_dir / runio.CONFIG_FILE)
+    config = toml_config.config_from_toml(highres.HighresConfig, run_dir / runio.CONFIG_FILE)
     try:
         record = json.loads((run_dir / HIGHRES_SOURCE_FILE).read_text(encoding="utf-8"))
         fine_n, lowres_run = int(record["fine_n"]), pathlib.Path(record["lowres_run"])
@@ -170,7 +170,7 @@ def run_config(run_dir: pathlib.Path):
         raise DataError(f"{run_dir / HIGHRES_SOURCE_FILE} is not a highres record ({err!r})") from None
     if not (lowres_run / runio.CONFIG_FILE).exists():
         raise DataError(f"{run_dir}: its low-resolution run {lowres_run} (source.json) has no {runio.CONFIG_FILE}")
-    low = runio.config_from_toml(LowresConfig, lowres_run / runio.CONFIG_FILE)
+    low = toml_config.config_from_toml(LowresConfig, lowres_run / runio.CONFIG_FILE)
     # the grid and detector depend on d_min (and the low-res run's vn, gw); rotation indices on the fine n
     return dc.replace(low, emc=dc.replace(low.emc, d_min=config.resolution, rotation_n=fine_n), out=run_dir)
 
