@@ -64,7 +64,8 @@ def _frame_photons(detector: Detector, frames: SparseFrames):
 
 def _signal_over_valid_shells(signal: np.ndarray, background: np.ndarray) -> np.ndarray:
     """(n_frames, n_rows) expected Bragg photons at phi = 1 over each frame's valid shells."""
-    return (np.asarray(background) >= 0).astype(np.float64) @ signal.T
+    valid = np.asarray(background)[:, : signal.shape[1]] >= 0  # shells past the valid pixels' hold no signal
+    return valid.astype(np.float64) @ signal.T
 
 
 def crystal_evidence(
@@ -100,7 +101,7 @@ def crystal_evidence(
     hit[hit] = keys[at[hit]] == key_photon[hit]
     w_first = np.zeros(owner.shape[0])
     w_first[hit] = w_at_key[at[hit]]
-    s_first = np.sum((np.asarray(frames.background) >= 0) * best.signal, axis=1)
+    s_first = np.sum((np.asarray(frames.background)[:, : best.signal.shape[1]] >= 0) * best.signal, axis=1)
     crystal = (np.bincount(owner, weights=count * np.log1p(psi * w_first / bg), minlength=n) - psi * s_first
                - np.log(n_orientations))
 
