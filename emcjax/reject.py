@@ -76,6 +76,8 @@ def _evidence(run: RunData, criteria: reject_lib.RejectionCriteria, used: np.nda
         return sampling.quaternions[grid_orbits(sampling, run.crystal.rotation_ops_cartesian).representative]
 
     scan_n = criteria.evidence_rotation_n or run.sampling_n
+    # a scan rotation nearer the first crystal than the scan's own cluster radius shares its peaks: not a second
+    away = max(radius, criteria.cluster_angle * 0.944 / scan_n)
     n_orientations = reduced(run.sampling_n).shape[0]
     intensity = run.result.intensity
     scan = evidence_lib.ScanTables(run.grid, run.detector, intensity, reduced(scan_n))
@@ -88,7 +90,7 @@ def _evidence(run: RunData, criteria: reject_lib.RejectionCriteria, used: np.nda
             stop = min(start + READ_FRAMES, run.n_frames)
             crystal[start:stop], second[start:stop] = evidence_lib.crystal_evidence(
                 run.grid, run.detector, ds.read_block(start, stop), intensity, run.quaternions(best[start:stop]),
-                phi[start:stop], scan, run.crystal.rotation_ops_cartesian, radius, psi,
+                phi[start:stop], scan, run.crystal.rotation_ops_cartesian, away, psi,
                 n_orientations)
             log(f"evidence test ({scan.n_rot} rotations): {stop}/{run.n_frames} frames")
     return crystal, second

@@ -22,8 +22,9 @@ Reasons (bits of the ``flags`` array; a frame may have several):
   (emcjax.merge.evidence). Unlike phi_zero it needs no threshold on phi, whose spread grows as photons get
   fewer (at 40 Bragg over 100 background photons a blank frame's phi reached 0.16 x the median).
 * ``second_crystal`` (32): the log Bayes factor of a second crystal of that scale in a sampled orientation
-  (of the ``evidence_rotation_n`` sampling) unrelated to the first (the first crystal's predicted photons
-  explained) against none exceeds
+  (of the ``evidence_rotation_n`` sampling) unrelated to the first (farther from it, modulo the Laue group,
+  than ``cluster_angle`` spacings of the coarser of the run's and the scan's sampling; the first crystal's
+  predicted photons explained) against none exceeds
   ``max_second_evidence``. With a sharp posterior the second crystal's photons hardly change the first
   cluster's mass, and those outside the peaks drown in the background at ~40 Bragg photons per frame, but
   they fall on the second orientation's peaks.
