@@ -2,8 +2,9 @@
 
 Reads a finished run (phi, the most likely orientation and the kept posterior pairs of its last iteration,
 and the data set's photons), flags frames whose phi went to 0, whose orientation is not clearly
-determined, that show two orientations no Laue-group rotation relates, or whose photons the orientation
-does not explain (emcjax.merge.reject), and writes ``DIR/rejection.h5``: ``weights`` (0 = rejected; a
+determined, that show two orientations no Laue-group rotation relates, whose photons the orientation
+does not explain, that background alone explains better than a crystal, or that a second crystal explains
+better (emcjax.merge.reject, emcjax.merge.evidence), and writes ``DIR/rejection.h5``: ``weights`` (0 = rejected; a
 frame-weights file for ``lowres --frame-weights``), ``flags`` (bitmask), the test statistics and the
 reasons. Prints the counts per reason (and, for simulated data, per true frame kind).
 """
@@ -19,6 +20,7 @@ import h5py
 import numpy as np
 
 from emcjax import atomic_files, cli
+from emcjax.merge import evidence as evidence_lib
 from emcjax.merge import observe
 from emcjax.merge import reject as reject_lib
 from emcjax.merge.rundata import RunData, load_run
@@ -37,7 +39,11 @@ class RejectConfig:
     """Thresholds of the tests."""
     photon_test: bool = True
     """Test the photons outside the predicted peaks (reads the data set's photons)."""
-    drop: tuple[Literal["phi_zero", "undetermined", "two_orientations", "unexplained_photons"], ...] = tuple(
+    evidence_test: bool = True
+    """The Bayes-factor tests for a crystal and a second crystal (reads the photons; scans the rotations of
+    --criteria.evidence-rotation-n for the second)."""
+    drop: tuple[Literal["phi_zero", "undetermined", "two_orientations", "unexplained_photons", "no_crystal",
+                        "second_crystal"], ...] = tuple(
         reject_lib.REASONS
     )
     """Reasons that set a frame's weight to 0 (every reason is still flagged and counted); e.g. --drop phi_zero
@@ -58,6 +64,36 @@ def _unexplained(run: RunData, log) -> tuple[np.ndarray, np.ndarray]:
             observed[start:stop], expected[start:stop] = o, e
             log(f"photon test: {stop}/{run.n_frames} frames")
     return observed, expected
+
+
+def _evidence(run: RunData, criteria: reject_lib.RejectionCriteria, used: np.ndarray, radius: float, log):
+    from emcjax.data import SparseDataset
+    from emcjax.frontend.grid_orbits import grid_orbits
+    from emcjax.sampling_600cell import sample_600cell
+
+    def reduced(n):  # one rotation per orbit of the Laue group (the model is symmetric)
+        sampling = sample_600cell(n)
+        return sampling.quaternions[grid_orbits(sampling, run.crystal.rotation_ops_cartesian).representative]
+
+    scan_n = criteria.evidence_rotation_n or run.sampling_n
+    # a scan rotation nearer the first crystal than the scan's own cluster radius shares its peaks: not a second
+    away = max(radius, criteria.cluster_angle * 0.944 / scan_n)
+    n_orientations = reduced(run.sampling_n).shape[0]
+    intensity = run.result.intensity
+    scan = evidence_lib.ScanTables(run.grid, run.detector, intensity, reduced(scan_n))
+    phi = np.asarray(run.iteration["phi"], np.float64)
+    psi = criteria.evidence_scale * float(np.median(phi[used]))
+    best = run.iteration["best_rotation"]
+    crystal, second = np.zeros(run.n_frames), np.zeros(run.n_frames)
+    with SparseDataset(run.data_path) as ds:
+        for start in range(0, run.n_frames, READ_FRAMES):
+            stop = min(start + READ_FRAMES, run.n_frames)
+            crystal[start:stop], second[start:stop] = evidence_lib.crystal_evidence(
+                run.grid, run.detector, ds.read_block(start, stop), intensity, run.quaternions(best[start:stop]),
+                phi[start:stop], scan, run.crystal.rotation_ops_cartesian, away, psi,
+                n_orientations)
+            log(f"evidence test ({scan.n_rot} rotations): {stop}/{run.n_frames} frames")
+    return crystal, second
 
 
 def reject(config: RejectConfig, log=print) -> dict:
@@ -83,8 +119,11 @@ def reject(config: RejectConfig, log=print) -> dict:
     unexplained = _unexplained(run, log) if config.photon_test else None
     if unexplained is not None:  # frames outside this run's set take no part in the robust statistics
         unexplained = tuple(np.where(used, x, np.nan) for x in unexplained)
+    evidence = _evidence(run, criteria, used, radius, log) if config.evidence_test else None
+    if evidence is not None:
+        evidence = tuple(np.where(used, x, np.nan) for x in evidence)
     flags, z = reject_lib.frame_flags(
-        *(np.where(used, x, np.nan) for x in (it["phi"], first, second)), unexplained, criteria
+        *(np.where(used, x, np.nan) for x in (it["phi"], first, second)), unexplained, criteria, evidence
     )
     flags[~used] = 0
     weights = reject_lib.weights_from_flags(run.weights(), flags, config.drop)
@@ -97,6 +136,9 @@ def reject(config: RejectConfig, log=print) -> dict:
             f.create_dataset("first_mass", data=first.astype(np.float32))
             f.create_dataset("second_mass", data=second.astype(np.float32))
             f.create_dataset("unexplained_z", data=z.astype(np.float32))
+            if evidence is not None:
+                f.create_dataset("crystal_evidence", data=evidence[0].astype(np.float32))
+                f.create_dataset("second_evidence", data=evidence[1].astype(np.float32))
             f.attrs["reasons"] = ", ".join(f"{name}={bit}" for name, bit in reject_lib.REASONS.items())
             f.attrs["iteration"] = int(it.get("iteration", -1))
             f.attrs["drop"] = ", ".join(config.drop)

@@ -72,7 +72,8 @@ def test_frame_flags_reasons():
         0,
     ]
     assert reject_lib.describe(flags)[1] == "phi_zero,undetermined,two_orientations"
-    assert reject_lib.reason_counts(flags) == {"phi_zero": 1, "undetermined": 2, "two_orientations": 2, "unexplained_photons": 1}
+    assert reject_lib.reason_counts(flags) == {"phi_zero": 1, "undetermined": 2, "two_orientations": 2, "unexplained_photons": 1,
+                                               "no_crystal": 0, "second_crystal": 0}
     assert np.isnan(z[-1]) and z[4] > 6
 
 
@@ -156,3 +157,64 @@ def test_observations_count_frames_per_unique_reflection(mixed_frames):
             want[r] += 1
     np.testing.assert_array_equal(counts, want)
     assert counts.sum() > 0
+
+
+def _dense_models(grid, detector, intensity, quaternions):
+    """(n_q, n_pix) Bragg photons per unit pol at scale 1 of every valid pixel (brute-force entries)."""
+    entries = model_lib.build_entries(grid, detector.q, np.asarray(quaternions))
+    w = np.zeros((len(quaternions), detector.n_pix))
+    np.add.at(w, (np.asarray(entries.rotation), np.asarray(entries.pixel)),
+              np.asarray(model_lib.tomogram(intensity, entries), np.float64))
+    return w
+
+
+def _dense_llr(detector, frames, d, w, psi, beside=0.0):
+    """(n_q,) log-likelihood ratios of a crystal of scale psi with dense models ``w`` (n_q, n_pix) for frame d,
+    every valid pixel summed, against the background plus ``beside`` (n_pix,) Bragg photons per unit pol."""
+    counts = np.zeros(detector.n_pix)
+    a, b = frames.photon_offsets[d], frames.photon_offsets[d + 1]
+    index = detector.pixel_map()[frames.photon_pixels[a:b]]
+    np.add.at(counts, index[index >= 0], frames.photon_counts[a:b][index >= 0])
+    bg = frames.background[d].astype(np.float64)[detector.shell]
+    valid = bg > 0
+    terms = counts * np.log1p(psi * w / (bg + beside)) - psi * detector.polarization * w
+    return np.sum(terms[:, valid], axis=1)
+
+
+def test_crystal_evidence_matches_dense_sums_and_separates_blank_one_and_two_crystal_frames(mixed_frames):
+    from emcjax.merge import evidence
+    from emcjax.rotations import symmetric_misorientation
+
+    frames, truth, grid, detector = mixed_frames
+    intensity = np.asarray(truth["intensity"], np.float32)
+    assert intensity.shape == grid.model_shape
+    kind = np.asarray(truth["frame_kind"])
+    ops = CRYSTAL.rotation_ops_cartesian
+    # scan: every crystal's true orientation and a few random ones; first crystal = the truth's
+    rng = np.random.default_rng(3)
+    extra = rng.normal(size=(6, 4))
+    scan_q = np.concatenate([truth["quaternion"], truth["second_quaternion"][kind == 2],
+                             extra / np.linalg.norm(extra, axis=1, keepdims=True)])
+    scan = evidence.ScanTables(grid, detector, intensity, scan_q)
+    phi = np.where(kind == 1, 0.0, truth["phi"])
+    radius = np.deg2rad(5.0)
+    crystal, second = evidence.crystal_evidence(grid, detector, frames, intensity, truth["quaternion"], phi, scan,
+                                                ops, radius, psi=1.0, n_orientations=100)
+    w_scan = _dense_models(grid, detector, intensity, scan_q)
+    for d in (0, int(np.flatnonzero(kind == 1)[0]), int(np.flatnonzero(kind == 2)[0])):
+        assert crystal[d] == pytest.approx(_dense_llr(detector, frames, d, w_scan[d : d + 1], 1.0)[0] - np.log(100),
+                                           abs=1e-3)
+        away = symmetric_misorientation(truth["quaternion"][d][None], scan_q, ops) > radius
+        llr2 = _dense_llr(detector, frames, d, w_scan[away], 1.0, phi[d] * w_scan[d])
+        assert second[d] == pytest.approx(np.log(np.mean(np.exp(llr2 - llr2.max()))) + llr2.max(), abs=1e-3)
+    assert crystal[kind == 1].max() < 0 < crystal[kind != 1].min()
+    assert second[kind != 2].max() < 0 < second[kind == 2].min()
+
+
+def test_evidence_flags():
+    criteria = reject_lib.RejectionCriteria()
+    ones = np.ones(4)
+    flags, _ = reject_lib.frame_flags(ones, ones, 0 * ones, None, criteria,
+                                      (np.array([50.0, -3.0, 40.0, np.nan]), np.array([-9.0, -9.0, 12.0, np.nan])))
+    bits = reject_lib.REASONS
+    assert flags.tolist() == [0, bits["no_crystal"], bits["second_crystal"], 0]

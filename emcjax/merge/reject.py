@@ -16,6 +16,18 @@ Reasons (bits of the ``flags`` array; a frame may have several):
   (observed - expected) / sqrt(expected) exceeds ``max_unexplained_z``. A second crystal puts most of its
   photons there, so this catches two-crystal frames whose posterior is (as usual with ~10^2 photons) sharp
   on one of the two crystals, where the posterior test sees nothing.
+* ``no_crystal`` (16): the log Bayes factor of "a crystal of scale ``evidence_scale`` x median phi in one of
+  the run's orientations (uniform prior; its lower bound from the most likely one)" against "background
+  only" is below ``min_crystal_evidence``
+  (emcjax.merge.evidence). Unlike phi_zero it needs no threshold on phi, whose spread grows as photons get
+  fewer (at 40 Bragg over 100 background photons a blank frame's phi reached 0.16 x the median).
+* ``second_crystal`` (32): the log Bayes factor of a second crystal of that scale in a sampled orientation
+  (of the ``evidence_rotation_n`` sampling) unrelated to the first (farther from it, modulo the Laue group,
+  than ``cluster_angle`` spacings of the coarser of the run's and the scan's sampling; the first crystal's
+  predicted photons explained) against none exceeds
+  ``max_second_evidence``. With a sharp posterior the second crystal's photons hardly change the first
+  cluster's mass, and those outside the peaks drown in the background at ~40 Bragg photons per frame, but
+  they fall on the second orientation's peaks.
 """
 
 from __future__ import annotations
@@ -28,7 +40,8 @@ from emcjax.rotations import symmetric_misorientation
 
 MAX_CLIPPING_PASSES = 20
 """Passes of the unexplained-photon test, each with the reference frames of the last pass less those it flagged."""
-REASONS = {"phi_zero": 1, "undetermined": 2, "two_orientations": 4, "unexplained_photons": 8}
+REASONS = {"phi_zero": 1, "undetermined": 2, "two_orientations": 4, "unexplained_photons": 8, "no_crystal": 16,
+           "second_crystal": 32}
 """Reason name -> bit of the flags array."""
 
 
@@ -46,6 +59,19 @@ class RejectionCriteria:
     """Radius of an orientation cluster, in units of the sampling's covering radius 0.944/n rad."""
     max_unexplained_z: float = 6.0
     """Robust z-score of the photons outside the predicted peaks above which a frame is rejected."""
+    evidence_scale: float = 1.0
+    """Scale of the crystal the evidence tests look for, in units of the median phi of the frames tested."""
+    evidence_rotation_n: int = 4
+    """600-cell parameter of the rotations searched for a second crystal (0: the run's sampling; cost grows
+    as n^3: 810 rotations at n = 4 in P 43 21 2). A second crystal between them is found only when its peaks
+    still overlap theirs."""
+    """Scale of the crystal the evidence tests look for, in units of the median phi of the frames tested."""
+    min_crystal_evidence: float = 0.0
+    """log Bayes factor (nats) of a crystal against background only below which a frame is rejected
+    (no_crystal; 0: the background alone explains the photons better)."""
+    max_second_evidence: float = 0.0
+    """log Bayes factor (nats) of a second crystal against none above which a frame is rejected
+    (second_crystal; 0: a second crystal explains the photons better)."""
 
 
 def per_frame_pairs(kept_frame, kept_rotation, kept_prob, n_frames: int) -> tuple[np.ndarray, np.ndarray]:
@@ -115,6 +141,7 @@ def frame_flags(
     second_mass,
     unexplained,
     criteria: RejectionCriteria,
+    evidence=None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Flags (bitmask of REASONS) of every frame and the unexplained-photon z-scores.
 
@@ -124,6 +151,8 @@ def frame_flags(
       unexplained: ``(observed, expected)`` photons outside the predicted peaks (NaN: frame not tested), or
         None to skip that test. The z-scores are relative to the frames no other test flags.
       criteria: thresholds.
+      evidence: ``(crystal, second)`` (n,) log Bayes factors (nats, NaN: frame not tested) of
+        emcjax.merge.evidence, or None to skip those tests.
 
     Returns:
       ``(flags, z)``: (n,) uint8 and (n,) float64 (NaN when the test was skipped).
@@ -135,6 +164,11 @@ def frame_flags(
         flags[np.asarray(first_mass) < criteria.min_certainty] |= REASONS["undetermined"]
     second = np.nan_to_num(np.asarray(second_mass, np.float64), nan=0.0)
     flags[second >= criteria.second_probability] |= REASONS["two_orientations"]
+    if evidence is not None:
+        crystal, second_crystal = (np.asarray(x, np.float64) for x in evidence)
+        with np.errstate(invalid="ignore"):
+            flags[crystal < criteria.min_crystal_evidence] |= REASONS["no_crystal"]
+            flags[second_crystal > criteria.max_second_evidence] |= REASONS["second_crystal"]
     z = np.full(phi.shape[0], np.nan)
     if unexplained is not None:
         observed, expected = (np.asarray(x, np.float64) for x in unexplained)
