@@ -20,6 +20,8 @@ from emcjax.rotation_symmetry import grid_symmetry_orbits
 from emcjax.sampling_600cell import sample_600cell
 from emcjax.simulate import SimulationConfig, simulate
 
+from candidate_lists import with_random_lists
+
 GEOMETRY = DetectorGeometry(
     num_rows=96, num_cols=96, pixel_size_m=1.8e-3, beam_center_px=(47.5, 47.5), resolution_max_A=6.0, n_shells=20
 )
@@ -77,14 +79,8 @@ def test_full_lists_equal_no_lists(simulated, tmp_path):
 
 def test_blocks_do_not_change_the_result(simulated, tmp_path):
     frames, truth = simulated
-    rng = np.random.default_rng(0)
     n_rot = sample_600cell(2).n_rot
-    lists = [np.unique(np.append(rng.choice(n_rot, 25, replace=False), t)) for t in truth["rotation_index"]]
-    with_lists = dataclasses.replace(
-        frames,
-        candidate_offsets=np.concatenate([[0], np.cumsum([len(c) for c in lists])]).astype(np.int64),
-        candidate_rotations=np.concatenate(lists).astype(np.int64),
-    )
+    with_lists = with_random_lists(frames, truth["rotation_index"], n_rot, 25, seed=0)
     path = _write(tmp_path / "lists.h5", with_lists, truth)
     one, i_one, p_one, b_one, m_one = _run(path)
     assert one.rotations.shape[0] < n_rot  # the block's union, not the whole sampling

@@ -20,6 +20,8 @@ from emcjax.detector import DetectorGeometry
 from emcjax.sampling_600cell import sample_600cell
 from emcjax.simulate import SimulationConfig, simulate
 
+from candidate_lists import with_random_lists
+
 GEOMETRY = DetectorGeometry(
     num_rows=96, num_cols=96, pixel_size_m=1.8e-3, beam_center_px=(47.5, 47.5), resolution_max_A=6.0, n_shells=20
 )
@@ -29,14 +31,7 @@ SIM = SimulationConfig(n_frames=40, geometry=GEOMETRY, rotation_n=3, bragg_photo
 @pytest.fixture(scope="module")
 def listed(tmp_path_factory):
     frames, truth = simulate(SIM)
-    rng = np.random.default_rng(0)
-    n_rot = sample_600cell(3).n_rot
-    lists = [np.unique(np.append(rng.choice(n_rot, 30, replace=False), t)) for t in truth["rotation_index"]]
-    frames = dataclasses.replace(
-        frames,
-        candidate_offsets=np.concatenate([[0], np.cumsum([len(c) for c in lists])]).astype(np.int64),
-        candidate_rotations=np.concatenate(lists).astype(np.int64),
-    )
+    frames = with_random_lists(frames, truth["rotation_index"], sample_600cell(3).n_rot, 30, seed=0)
     path = tmp_path_factory.mktemp("direct") / "lists.h5"
     data_io.write_dataset(
         path, frames, geometry=dataclasses.asdict(GEOMETRY),

@@ -20,6 +20,8 @@ from emcjax.rotations import crystal_from_lab
 from emcjax.sampling_600cell import sample_600cell
 from emcjax.simulate import SimulationConfig, simulate
 
+from candidate_lists import with_random_lists
+
 GEOMETRY = DetectorGeometry(
     num_rows=80, num_cols=80, pixel_size_m=2.0e-3, beam_center_px=(39.5, 39.5), resolution_max_A=6.0, n_shells=12
 )
@@ -29,14 +31,7 @@ SIM = SimulationConfig(n_frames=12, geometry=GEOMETRY, rotation_n=3, bragg_photo
 @pytest.fixture(scope="module")
 def problem(tmp_path_factory):
     frames, truth = simulate(SIM)
-    rng = np.random.default_rng(1)
-    n_rot = sample_600cell(3).n_rot
-    lists = [np.unique(np.append(rng.choice(n_rot, 12, replace=False), t)) for t in truth["rotation_index"]]
-    frames = dataclasses.replace(
-        frames,
-        candidate_offsets=np.concatenate([[0], np.cumsum([len(c) for c in lists])]).astype(np.int64),
-        candidate_rotations=np.concatenate(lists).astype(np.int64),
-    )
+    frames = with_random_lists(frames, truth["rotation_index"], sample_600cell(3).n_rot, 12, seed=1)
     path = tmp_path_factory.mktemp("full_search") / "lists.h5"
     data_io.write_dataset(
         path, frames, geometry=dataclasses.asdict(GEOMETRY),
