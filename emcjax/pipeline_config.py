@@ -36,6 +36,10 @@ class RejectStage:
     """Thresholds of the tests."""
     photon_test: bool = True
     """Test the photons outside the predicted peaks."""
+    drop: tuple[reject_lib.Reason, ...] = tuple(reject_lib.REASONS)
+    """Reasons that set a frame's weight to 0, i.e. leave it out of highres and the half sets (every reason is
+    still flagged and counted); e.g. drop = ["phi_zero"] leaves out only the blank frames and keeps the
+    two-crystal ones, whose leading crystal EMC fits (python -m emcjax.reject --drop)."""
 
 
 @dataclasses.dataclass(frozen=True)

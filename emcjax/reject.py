@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import pathlib
 import time
-from typing import Literal
 
 import h5py
 import numpy as np
@@ -42,10 +41,7 @@ class RejectConfig:
     evidence_test: bool = True
     """The Bayes-factor tests for a crystal and a second crystal (reads the photons; scans the rotations of
     --criteria.evidence-rotation-n for the second)."""
-    drop: tuple[Literal["phi_zero", "undetermined", "two_orientations", "unexplained_photons", "no_crystal",
-                        "second_crystal"], ...] = tuple(
-        reject_lib.REASONS
-    )
+    drop: tuple[reject_lib.Reason, ...] = tuple(reject_lib.REASONS)
     """Reasons that set a frame's weight to 0 (every reason is still flagged and counted); e.g. --drop phi_zero
     drops only the blank frames and keeps the two-crystal ones, whose leading crystal EMC fits
     (docs/BENCHMARKS.md: with few frames that did better than dropping both)."""

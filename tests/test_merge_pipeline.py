@@ -102,6 +102,16 @@ def test_reject_drop_sets_weight_zero_only_for_the_chosen_reasons(pipeline, caps
     np.testing.assert_array_equal(weights, (~blank).astype(np.float32))
     assert np.all(blank[kind == 1]) and np.any((flags != 0) & ~blank)  # blank frames out, other flags kept in
     assert "weight 0 (reasons phi_zero)" in capsys.readouterr().out
+    # the pipeline's [reject] drop setting reaches the same command: the same weights
+    from emcjax import pipeline, pipeline_stages
+
+    (run / "rejection.h5").unlink()
+    config = pipeline.parse_args(["--data", str(data), "--reject.drop", "phi_zero"])
+    stage = pipeline_stages._reject_stage(config, run, [])
+    stage.call(False, print)
+    with h5py.File(run / "rejection.h5") as f:
+        np.testing.assert_array_equal(f["weights"][()], weights)
+        assert f.attrs["drop"] == "phi_zero"
 
 
 def test_halves_are_disjoint_independent_and_recorded(pipeline):

@@ -93,6 +93,26 @@ def test_help_lists_every_stage_setting(capsys):
     assert exc.value.code == 0
     text = capsys.readouterr().out
     for flag in ("--images", "--data", "--reduce.mask.file", "--orient.sampling-n", "--lowres.iters",
-                 "--lowres.emc.vn", "--reject.criteria.phi-min", "--highres.enabled", "--highres.resolution", "--halves.split",
+                 "--lowres.emc.vn", "--reject.criteria.phi-min", "--reject.drop", "--highres.enabled", "--highres.resolution", "--halves.split",
                  "--resolution.n-shells"):
         assert flag in text, flag
+
+
+def test_reject_drop_from_toml_and_flags_reaches_the_reject_stage(tmp_path, capsys):
+    from emcjax import pipeline_stages
+
+    config = tmp_path / "run.toml"
+    config.write_text('data = "x.h5"\n[reject]\ndrop = ["phi_zero"]\n')
+    parsed = pipeline.parse_args(["--config", str(config)])
+    assert parsed.reject.drop == ("phi_zero",)
+    stage = pipeline_stages._reject_stage(parsed, tmp_path / "lowres", [])
+    assert stage.settings["drop"] == ["phi_zero"]  # what emcjax.reject gets, and part of the stage's key
+    default = pipeline_stages._reject_stage(pipeline.parse_args(["--data", "x.h5"]), tmp_path / "lowres", [])
+    assert len(default.settings["drop"]) == 6  # every reason drops by default, as with emcjax.reject
+    state = PipelineState(tmp_path)
+    assert state.key(stage.settings, []) != state.key(default.settings, [])  # another drop reruns reject
+    flagged = pipeline.parse_args(["--config", str(config), "--reject.drop", "phi_zero", "no_crystal"])
+    assert flagged.reject.drop == ("phi_zero", "no_crystal")
+    config.write_text('data = "x.h5"\n[reject]\ndrop = ["blank"]\n')
+    line = cli_error(pipeline.main, ["--config", str(config)], capsys)
+    assert "reject.drop" in line and "phi_zero" in line

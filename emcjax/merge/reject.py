@@ -33,6 +33,8 @@ Reasons (bits of the ``flags`` array; a frame may have several):
 from __future__ import annotations
 
 import dataclasses
+import typing
+from typing import Literal
 
 import numpy as np
 
@@ -43,6 +45,9 @@ MAX_CLIPPING_PASSES = 20
 REASONS = {"phi_zero": 1, "undetermined": 2, "two_orientations": 4, "unexplained_photons": 8, "no_crystal": 16,
            "second_crystal": 32}
 """Reason name -> bit of the flags array."""
+Reason = Literal["phi_zero", "undetermined", "two_orientations", "unexplained_photons", "no_crystal", "second_crystal"]
+"""A reason's name (a key of REASONS), for the ``drop`` settings of emcjax.reject and the pipeline."""
+assert set(typing.get_args(Reason)) == set(REASONS)
 
 
 @dataclasses.dataclass(frozen=True)
