@@ -269,10 +269,12 @@ class LocalSetup:
 
 
 def local_candidates(
-    config: HighresConfig, source: LowresSource, n_frames: int, crystal, true_quaternions: np.ndarray | None = None
+    config: HighresConfig, source: LowresSource, n_frames: int, crystal, true_quaternions: np.ndarray | None = None,
+    weights: np.ndarray | None = None,
 ) -> LocalSetup:
     """Per-frame fine candidates from the low-res run's kept orientations, and the record of the set-up (with
-    the low-res run's median orientation error when the true orientations are given)."""
+    the low-res run's median orientation error, over the frames of weight > 0 in ``weights`` (None: all), when
+    the true orientations are given)."""
     from emcjax.sampling_600cell import sample_600cell
 
     fine_n = config.fine_n or local_grid.fine_sampling_n(source.coarse_n, source.coarse_resolution, config.resolution)
@@ -305,7 +307,8 @@ def local_candidates(
         errors = scoring.orientation_errors(
             coarse.quaternions[source.best_rotation], true_quaternions, crystal.rotation_ops_cartesian
         )
-        record["lowres_orientation_error_median_deg"] = float(np.degrees(np.median(errors)))
+        record["lowres_orientation_error_median_deg"] = float(
+            np.degrees(np.median(errors[scoring.used_frames(weights, n_frames)])))
     return LocalSetup(offsets, rotations, record)
 
 
@@ -337,10 +340,10 @@ def setup(config: HighresConfig, source: LowresSource, mesh=None):
                 f"{source.data_path} holds {frames.n_frames}"
             )
         truth = dataset.read_truth() if dataset.has_truth else {}
-        local = local_candidates(config, source, frames.n_frames, crystal, truth.get("quaternion"))
+        weights, weight_attrs = frame_weights(config, source, frames.n_frames)
+        local = local_candidates(config, source, frames.n_frames, crystal, truth.get("quaternion"), weights)
         frames = dataclasses.replace(frames, candidate_offsets=local.offsets, candidate_rotations=local.rotations)
         emc = emc_config(config, source, local.record["fine_n"])
-        weights, weight_attrs = frame_weights(config, source, frames.n_frames)
         problem = emc_lib.setup_problem(_WithSampling(dataset, local.record["fine_n"]), emc, frames, mesh=mesh,
                                         frame_weights=weights)
     if weights is not None:

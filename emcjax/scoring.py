@@ -37,14 +37,23 @@ def orientation_summary(errors_rad: np.ndarray) -> dict[str, float]:
 def orientation_metrics(problem, best_rotation, best_quaternion=None) -> dict[str, float]:
     """:func:`orientation_summary` of each frame's most likely rotation (indices into ``problem.sampling``,
     or its quaternions ``best_quaternion`` (n_frames, 4) when given, e.g. refined off the grid) against the
-    truth's orientations; empty when the data set has no true orientations."""
+    truth's orientations, over the frames the run uses (``problem.frame_weights`` > 0: not those rejected
+    or of the other half set, which a run need not orient); empty when the data set has no true orientations."""
     truth = getattr(problem, "truth", None) or {}
     if truth.get("quaternion") is None:
         return {}
     estimated = best_quaternion if best_quaternion is not None else problem.sampling.quaternions[
         np.asarray(best_rotation, np.int64)]
     rotation_ops = problem.grid.crystal.rotation_ops_cartesian
-    return orientation_summary(orientation_errors(estimated, truth["quaternion"], rotation_ops))
+    errors = orientation_errors(estimated, truth["quaternion"], rotation_ops)
+    return orientation_summary(errors[used_frames(getattr(problem, "frame_weights", None), errors.shape[0])])
+
+
+def used_frames(frame_weights, n_frames: int) -> np.ndarray:
+    """(n_frames,) bool: the frames of weight > 0 (all when ``frame_weights`` is None)."""
+    if frame_weights is None:
+        return np.ones(n_frames, bool)
+    return np.asarray(frame_weights)[:n_frames] > 0
 
 
 def values_by_hkl(hkl, ref_hkl, ref_values) -> np.ndarray:

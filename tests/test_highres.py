@@ -163,3 +163,33 @@ def test_frames_without_confident_coarse_rotations_get_no_candidates(lowres_run)
     assert record["frames_without_candidates"] == 40 - confident.shape[0] > 0
     assert np.isfinite(final["log_likelihood"])
     assert np.all(np.isfinite(runio.read_run(config.out).intensity))
+
+
+def test_orientation_errors_count_only_the_frames_the_run_uses(lowres_run):
+    """With frame weights (a half set, rejected frames) the orientation error of the record and of every
+    iteration is the median over the frames of weight > 0 only (the other half's frames get no fine candidates
+    in a half set's run, so their 'best' rotation is arbitrary: 33° medians in the tutorial)."""
+    from emcjax import scoring
+    from emcjax.crystal import Crystal
+    from emcjax.data import SparseDataset
+    from emcjax.merge import rundata
+
+    root, low = lowres_run
+    used = np.arange(40) % 2 == 0
+    weights = rundata.write_frame_weights(root / "half_weights.h5", used.astype(np.float32))
+    config = highres.HighresConfig(from_run=low.out, resolution=6.0, out=root / "weighted", iters=1,
+                                   frame_weights=weights)
+    highres.run(config, log=lambda s: None)
+    with SparseDataset(low.data) as ds:
+        true_q, crystal = ds.read_truth()["quaternion"], ds.crystal
+    ops = Crystal(cell=tuple(crystal["cell"]), space_group=str(crystal["space_group"])).rotation_ops_cartesian
+    record = json.loads((config.out / "source.json").read_text())
+    low_best = sample_600cell(3).quaternions[h5py.File(runio.iteration_path(low.out, 1))["best_rotation"][()]]
+    low_errors = np.degrees(scoring.orientation_errors(low_best, true_q, ops))
+    assert record["lowres_orientation_error_median_deg"] == pytest.approx(np.median(low_errors[used]), rel=1e-9)
+    assert np.median(low_errors[used]) != pytest.approx(np.median(low_errors), rel=1e-6)  # the test can tell
+    high_best = sample_600cell(4).quaternions[h5py.File(runio.iteration_path(config.out, 1))["best_rotation"][()]]
+    high_errors = np.degrees(scoring.orientation_errors(high_best, true_q, ops))
+    metric = runio.read_metrics(config.out)[-1]["orientation_error_median_deg"]
+    assert metric == pytest.approx(np.median(high_errors[used]), rel=1e-9)
+    assert np.median(high_errors[used]) != pytest.approx(np.median(high_errors), rel=1e-6)
