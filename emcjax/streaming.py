@@ -30,6 +30,7 @@ import dataclasses
 import functools
 import os
 import pathlib
+import re
 import shutil
 import tempfile
 import time
@@ -128,13 +129,26 @@ class JoinCache:
 
 
 CACHE_PREFIX = "emcjax-joins-"
+OLD_CACHE_NAME = re.compile(re.escape(CACHE_PREFIX) + r"[a-z0-9_]{8}")
+"""Join caches of versions before the pid naming (``tempfile.mkdtemp(prefix=CACHE_PREFIX)``: no pid in the name)."""
 
 
 def remove_stale_caches(directory: str | os.PathLike | None = None) -> list[pathlib.Path]:
     """Removes the join caches under ``directory`` (default ``TMPDIR``) whose process no longer runs (a
-    killed run cannot remove its own); returns what was removed."""
+    killed run cannot remove its own); returns what was removed.
+
+    Caches of older versions carry no pid in their name (:data:`OLD_CACHE_NAME`): such a directory is removed
+    when no process of its owner that runs Python started before the directory was last modified (its
+    creator started before it, and emcjax runs in Python), judged from ``/proc`` (kept where there is none)."""
+    directory = pathlib.Path(directory or tempfile.gettempdir())
     removed = []
-    for path in pathlib.Path(directory or tempfile.gettempdir()).glob(f"{CACHE_PREFIX}*-*"):
+    for path in directory.glob(f"{CACHE_PREFIX}*"):
+        if OLD_CACHE_NAME.fullmatch(path.name) and path.is_dir():
+            stat = path.stat()
+            if _python_started_before(stat.st_mtime, stat.st_uid) is False:
+                shutil.rmtree(path, ignore_errors=True)
+                removed.append(path)
+    for path in directory.glob(f"{CACHE_PREFIX}*-*"):
         pid = path.name[len(CACHE_PREFIX):].split("-", 1)[0]
         if not pid.isdigit() or int(pid) == os.getpid() or not path.is_dir():
             continue
@@ -146,6 +160,34 @@ def remove_stale_caches(directory: str | os.PathLike | None = None) -> list[path
         except PermissionError:  # another user's live process
             pass
     return removed
+
+
+def _python_started_before(when: float, uid: int) -> bool | None:
+    """Whether a process of user ``uid`` that runs Python (``python`` in its command line or executable) started
+    at or before ``when`` (seconds since the epoch); None where ``/proc`` does not tell (not Linux)."""
+    proc = pathlib.Path("/proc")
+    try:
+        boot = next(float(line.split()[1]) for line in (proc / "stat").read_text().splitlines()
+                    if line.startswith("btime "))
+    except (OSError, StopIteration, ValueError):
+        return None
+    tick = os.sysconf("SC_CLK_TCK")
+    for entry in proc.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if entry.stat().st_uid != uid:
+                continue
+            command = (entry / "cmdline").read_bytes().lower()
+            if b"python" not in command and "python" not in os.readlink(entry / "exe").lower():
+                continue
+            # field 22 of /proc/PID/stat: start time in clock ticks after boot (fields counted after "(comm)")
+            start = boot + int((entry / "stat").read_text().rsplit(")", 1)[1].split()[19]) / tick
+        except (OSError, ValueError, IndexError):  # gone meanwhile, or not ours to read
+            continue
+        if start <= when + 1.0:  # btime is whole seconds
+            return True
+    return False
 
 
 _CACHES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()

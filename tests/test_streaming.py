@@ -139,6 +139,25 @@ def test_stale_join_caches_of_dead_processes_are_removed(tmp_path):
     assert not stale.exists() and live.exists() and other.exists()
 
 
+@pytest.mark.skipif(not os.path.exists("/proc/stat"), reason="process start times come from /proc")
+def test_old_style_join_caches_are_removed_once_no_python_process_predates_them(tmp_path):
+    """Caches named without a pid (versions before the pid naming) go when their creator cannot run any more:
+    no Python process of their owner started before the directory was last modified."""
+    import time
+
+    from emcjax import streaming
+
+    old = tmp_path / f"{streaming.CACHE_PREFIX}k2j4_x9a"  # written in 2001: before every running process
+    recent = tmp_path / f"{streaming.CACHE_PREFIX}ab12cd34"  # written now: this (Python) process predates it
+    unlike = tmp_path / f"{streaming.CACHE_PREFIX}notatempname"  # not a mkdtemp name: left alone
+    for path, when in ((old, 1e9), (recent, time.time()), (unlike, 1e9)):
+        path.mkdir()
+        (path / "frames0000000000.i32").write_bytes(b"\0" * 16)
+        os.utime(path, (when, when))
+    assert streaming.remove_stale_caches(tmp_path) == [old]
+    assert not old.exists() and recent.exists() and unlike.exists()
+
+
 def test_repeat_frames_writes_copies(data, tmp_path):
     """experiments/repeat_frames.py (the 200,000-frame benchmark's data): every copy holds the input's
     photons, dead pixels, backgrounds and per-frame truth."""
