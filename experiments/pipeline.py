@@ -1,13 +1,15 @@
 """The one-command pipeline on simulated data with continuous orientations, blank and two-crystal frames
-(issue 16 acceptance): ``python experiments/pipeline.py [--frames 300] [--iters 5] [--interrupt]``.
+(issue 16 acceptance): ``python experiments/pipeline.py [--frames 300] [--iters 5] [--interrupt] [--highres 6]``.
 
 Simulates a small crystal (P 43 21 2, 36 x 36 x 30 Å, broad peaks, Wilson B set by ``--wilson-b`` so that the
 signal fades inside the detector) with uniform random orientations, ``--blank-fraction`` blank and
 ``--multi-fraction`` two-crystal frames and, per frame, the ``--candidates`` rotations of the n = 16 sampling
 nearest the truth (what ``emcjax.orient`` gives from spots); runs ``python -m emcjax.pipeline`` on it (with
-``--interrupt``: stopped by Ctrl-C-like interruption in half set a's second iteration, then run again) and prints
+``--interrupt``: stopped by Ctrl-C-like interruption in half set a's second iteration, then run again; with
+``--highres D``: the low-res runs to D Å, then the pipeline's [highres] stages to the detector's edge) and prints
 the acceptance numbers: CC(IMEAN of the MTZ, truth), the per-shell CC of the merged data with the truth, the
-suggested limit and the shell where the truth correlation drops below 0.5, frames rejected per true kind.
+suggested limit and the shell where the truth correlation drops below 0.5, frames rejected per true kind (and,
+with ``--highres``, each high-resolution run's cc_true and median orientation error).
 """
 
 from __future__ import annotations
@@ -44,9 +46,15 @@ def simulation(out: pathlib.Path, frames: int, candidates: int = 12, wilson_b: f
     )
 
 
-def pipeline_args(data: pathlib.Path, out: pathlib.Path, iters: int, shells: int = 6) -> list[str]:
-    return ["--data", str(data), "--out", str(out), "--lowres.iters", str(iters), "--lowres.emc.vn", "5",
+def pipeline_args(data: pathlib.Path, out: pathlib.Path, iters: int, shells: int = 6,
+                  highres: float | None = None) -> list[str]:
+    """The pipeline's flags; ``highres``: the low-res runs' d_min (Å), then [highres] (as many iterations) to
+    the detector's edge (None: the low-res runs reach the edge)."""
+    args = ["--data", str(data), "--out", str(out), "--lowres.iters", str(iters), "--lowres.emc.vn", "5",
             "--resolution.n-shells", str(shells)]
+    if highres is not None:
+        args += ["--lowres.emc.d-min", str(highres), "--highres.enabled", "--highres.iters", str(iters)]
+    return args
 
 
 class Interrupt:
@@ -79,7 +87,20 @@ def acceptance(out: pathlib.Path, record: dict) -> dict:
     return {"cc_true_imean": export["cc_true_imean"], "reflections": export["reflections"],
             "cc_true_per_shell": cc_true.round(3).tolist(), "shell_d_min": d_min.round(2).tolist(),
             "truth_shell": truth_shell, "suggested_shell": suggested_shell, "d_suggested": d_suggested,
-            "reject": record["stages"]["reject"]["summary"]}
+            "reject": record["stages"]["reject"]["summary"],
+            **{f"{name}_run": record["stages"][name]["summary"] | orientation_error(out / name)
+               for name in HIGHRES_STAGES if name in record["stages"]}}
+
+
+HIGHRES_STAGES = ("highres", "half_a_highres", "half_b_highres")
+
+
+def orientation_error(run_dir: pathlib.Path) -> dict:
+    """The last iteration's median orientation error (degrees, over the run's frames) of a run directory."""
+    from emcjax import runio
+
+    last = runio.read_metrics(run_dir)[-1]
+    return {k: round(last[k], 3) for k in ("orientation_error_median_deg",) if k in last}
 
 
 def main() -> None:
@@ -91,14 +112,17 @@ def main() -> None:
     parser.add_argument("--bragg-photons", type=float, default=300.0)
     parser.add_argument("--shells", type=int, default=6)
     parser.add_argument("--interrupt", action="store_true", help="interrupt half set a once, then run again")
+    parser.add_argument("--highres", type=float, default=None, metavar="D_LOW",
+                        help="low-res runs to D_LOW Å, then the [highres] stages to the detector's edge (4.5 Å)")
     parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("/tmp/emcjax-pipeline"))
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     data = args.out / "data.h5"
     if not data.exists():
         simulate.write(simulation(data, args.frames, args.candidates, args.wilson_b, args.bragg_photons))
-    out = args.out / f"run-{args.frames}-{args.iters}{'-interrupted' if args.interrupt else ''}"
-    config = pipeline.parse_args(pipeline_args(data, out, args.iters, args.shells))
+    out = args.out / (f"run-{args.frames}-{args.iters}{'-interrupted' if args.interrupt else ''}"
+                      f"{f'-highres{args.highres:g}' if args.highres is not None else ''}")
+    config = pipeline.parse_args(pipeline_args(data, out, args.iters, args.shells, args.highres))
     start = time.perf_counter()
     if args.interrupt:
         try:

@@ -116,3 +116,20 @@ def test_reject_drop_from_toml_and_flags_reaches_the_reject_stage(tmp_path, caps
     config.write_text('data = "x.h5"\n[reject]\ndrop = ["blank"]\n')
     line = cli_error(pipeline.main, ["--config", str(config)], capsys)
     assert "reject.drop" in line and "phi_zero" in line
+
+
+def test_pipeline_experiment_highres_option_turns_on_the_highres_stages():
+    """experiments/pipeline.py --highres D: the low-res runs to D Å, then the pipeline's [highres] stages."""
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "experiments" / "pipeline.py"
+    spec = importlib.util.spec_from_file_location("experiments_pipeline", path)
+    experiment = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(experiment)
+    data, out = pathlib.Path("data.h5"), pathlib.Path("out")
+    plain = pipeline.parse_args(experiment.pipeline_args(data, out, 3))
+    assert not plain.highres.enabled and plain.lowres.emc.d_min is None
+    config = pipeline.parse_args(experiment.pipeline_args(data, out, 3, highres=6.0))
+    assert config.highres.enabled and config.lowres.emc.d_min == 6.0 and config.highres.iters == 3
+    assert config.lowres.iters == 3 and config.data == data
