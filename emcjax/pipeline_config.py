@@ -36,6 +36,8 @@ class RejectStage:
     """Thresholds of the tests."""
     photon_test: bool = True
     """Test the photons outside the predicted peaks."""
+    evidence_test: bool = True
+    """The Bayes-factor tests for a crystal and a second crystal (no_crystal, second_crystal)."""
     drop: tuple[reject_lib.Reason, ...] = tuple(reject_lib.REASONS)
     """Reasons that set a frame's weight to 0, i.e. leave it out of highres and the half sets (every reason is
     still flagged and counted); e.g. drop = ["phi_zero"] leaves out only the blank frames and keeps the

@@ -142,7 +142,8 @@ def _reject_stage(config: PipelineConfig, run_dir: pathlib.Path, inputs: list[pa
     from emcjax import reject
 
     stage_config = reject.RejectConfig(run=run_dir.absolute(), criteria=config.reject.criteria,
-                                       photon_test=config.reject.photon_test, drop=config.reject.drop)
+                                       photon_test=config.reject.photon_test,
+                                       evidence_test=config.reject.evidence_test, drop=config.reject.drop)
     path = run_dir / reject.REJECTION_FILE
     return Stage("reject", f"{run_dir} -> {path}", inputs, _settings(stage_config), [path],
                  lambda resume, log: reject.reject(stage_config, log=log))

@@ -113,6 +113,9 @@ def test_reject_drop_from_toml_and_flags_reaches_the_reject_stage(tmp_path, caps
     assert state.key(stage.settings, []) != state.key(default.settings, [])  # another drop reruns reject
     flagged = pipeline.parse_args(["--config", str(config), "--reject.drop", "phi_zero", "no_crystal"])
     assert flagged.reject.drop == ("phi_zero", "no_crystal")
+    no_evidence = pipeline.parse_args(["--config", str(config), "--reject.no-evidence-test"])
+    assert pipeline_stages._reject_stage(no_evidence, tmp_path / "lowres", []).settings["evidence_test"] is False
+    assert default.settings["evidence_test"] is True
     config.write_text('data = "x.h5"\n[reject]\ndrop = ["blank"]\n')
     line = cli_error(pipeline.main, ["--config", str(config)], capsys)
     assert "reject.drop" in line and "phi_zero" in line

@@ -70,7 +70,6 @@ class RejectionCriteria:
     """600-cell parameter of the rotations searched for a second crystal (0: the run's sampling; cost grows
     as n^3: 810 rotations at n = 4 in P 43 21 2). A second crystal between them is found only when its peaks
     still overlap theirs."""
-    """Scale of the crystal the evidence tests look for, in units of the median phi of the frames tested."""
     min_crystal_evidence: float = 0.0
     """log Bayes factor (nats) of a crystal against background only below which a frame is rejected
     (no_crystal; 0: the background alone explains the photons better)."""
