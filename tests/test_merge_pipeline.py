@@ -114,6 +114,33 @@ def test_reject_drop_sets_weight_zero_only_for_the_chosen_reasons(pipeline, caps
         assert f.attrs["drop"] == "phi_zero"
 
 
+def test_second_crystal_test_refines_the_first_crystal_only_for_the_frames_it_would_flag(pipeline, capsys):
+    """reject computes the second-crystal evidence with the grid rotation, then again, with the first crystal
+    refined off the grid, for the frames that would be flagged: the others keep their value, flags only go.
+    (Here the true orientations are on the grid: the refinement keeps them, experiments/second_evidence.py has
+    continuous ones.)"""
+    from emcjax import reject
+    from emcjax.merge.reject import REASONS
+
+    root, data, runs = pipeline
+    values = {}
+    for step in (0.0, 0.5):
+        run = root / "runs" / f"all_refine{step}"
+        shutil.copytree(runs["all"], run, ignore=shutil.ignore_patterns("checkpoints", "rejection.h5"))
+        capsys.readouterr()
+        reject.main(["--run", str(run), "--criteria.evidence-refine-step", str(step)])
+        printed = capsys.readouterr().out
+        with h5py.File(run / "rejection.h5") as f:
+            values[step] = f["second_evidence"][()], f["flags"][()], f.attrs["evidence_refine_step"]
+    (grid, grid_flags, s0), (refined, refined_flags, s1) = values[0.0], values[0.5]
+    assert (s0, s1) == (0.0, 0.5)
+    again = grid > 0
+    assert again.any() and f"{int(again.sum())} with the first crystal refined" in printed
+    np.testing.assert_array_equal(refined[~again], grid[~again])
+    bit = REASONS["second_crystal"]
+    assert np.all((refined_flags & bit) <= (grid_flags & bit))
+
+
 def test_halves_are_disjoint_independent_and_recorded(pipeline):
     root, data, runs = pipeline
     w = {h.lower(): h5py.File(runs[h] / "frame_weights.h5")["weights"][()] for h in "AB"}

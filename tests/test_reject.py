@@ -218,3 +218,31 @@ def test_evidence_flags():
                                       (np.array([50.0, -3.0, 40.0, np.nan]), np.array([-9.0, -9.0, 12.0, np.nan])))
     bits = reject_lib.REASONS
     assert flags.tolist() == [0, bits["no_crystal"], bits["second_crystal"], 0]
+
+
+def test_refine_first_finds_the_true_orientation_among_the_offsets_and_matches_dense_sums(mixed_frames):
+    """Frames started one known offset away from their true orientation come back to it; the choice is the
+    argmax of the dense log-likelihood ratios of the 27 candidates; a frame of phi 0 keeps its start."""
+    from emcjax.merge import evidence
+    from emcjax.rotations import misorientation_angle, quaternion_conjugate, quaternion_multiply
+
+    frames, truth, grid, detector = mixed_frames
+    intensity = np.asarray(truth["intensity"], np.float32)
+    kind = np.asarray(truth["frame_kind"])
+    step = np.deg2rad(1.5)
+    offsets = evidence.local_offsets(step)
+    assert offsets.shape == (27, 4) and np.allclose(offsets[0], [1, 0, 0, 0])
+    np.testing.assert_allclose(np.sort(np.degrees(misorientation_angle(offsets, offsets[:1])))[[1, 7, 19, 26]],
+                               np.degrees(step) * np.sqrt([1, 2, 3, 3]), rtol=1e-9)
+    which = np.arange(frames.n_frames) % 26 + 1  # each frame its own known offset (never the identity)
+    start = quaternion_multiply(truth["quaternion"], quaternion_conjugate(offsets[which]))
+    phi = np.where(kind == 1, 0.0, truth["phi"])
+    chosen = evidence.refine_first(grid, detector, frames, intensity, start, phi, step)
+    back = np.degrees(misorientation_angle(chosen, truth["quaternion"])) < 1e-6
+    one = kind == 0
+    assert np.mean(back[one]) >= 0.9, np.mean(back[one])
+    np.testing.assert_array_equal(chosen[kind == 1], start[kind == 1])  # phi = 0: every candidate ties
+    for d in np.flatnonzero(one)[:3]:
+        candidates = quaternion_multiply(start[d][None], offsets)
+        llr = _dense_llr(detector, frames, d, _dense_models(grid, detector, intensity, candidates), phi[d])
+        np.testing.assert_allclose(chosen[d], candidates[np.argmax(llr)], atol=1e-12)

@@ -15,6 +15,13 @@ no Laue-group rotation brings within ``radius`` of A (of a scan sampling, which 
 second crystal's photons fall on its own peaks, which the sum over its rotation finds even when they are
 too few to stand out as photons outside A's peaks.
 
+The first crystal's orientation may be given refined off the grid (:func:`refine_first`: the best of A and
+26 rotations around it, by the frame's own log-likelihood ratio at its phi; emcjax.reject does so for the
+frames whose ``second`` with A is positive). With continuous true orientations the grid rotation A is ~2°
+off, so several per cent of a frame's Bragg photons fall outside A's predicted peaks, where the background is
+low: another orientation's peaks then collect enough of them to win (experiments/second_evidence.py,
+docs/BENCHMARKS.md).
+
 psi is fixed (a typical crystal: a multiple of the median phi), so both are exact Bayes factors of simple
 hypotheses; positive values favour the crystal. Dead pixels are not excluded from the sums (a small error).
 Cost: the in-peak entries of every scan rotation (build_entries_by_reflection) and, per photon, the entries
@@ -23,14 +30,17 @@ at its pixel: ~photons x n_rot x (entries per rotation / pixels) terms.
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 
 from emcjax import model as model_lib
 from emcjax.data import SparseFrames
 from emcjax.detector import Detector
-from emcjax.rotations import symmetric_misorientation
+from emcjax.rotations import quaternion_multiply, symmetric_misorientation
 
 CHUNK_FRAMES = 512  # frames whose (frame, scan rotation) sums are held at once
+REFINE_ROTATIONS = 2048  # candidate rotations whose in-peak entries refine_first holds at once
 
 
 class ScanTables:
@@ -68,9 +78,52 @@ def _signal_over_valid_shells(signal: np.ndarray, background: np.ndarray) -> np.
     return valid.astype(np.float64) @ signal.T
 
 
+def local_offsets(step: float) -> np.ndarray:
+    """(27, 4) unit quaternions of the rotation vectors ``step`` x (i, j, k), i, j, k in {0, -1, 1} (rad about
+    the x, y, z axes), the identity first."""
+    vectors = np.array(list(itertools.product((0, -1, 1), repeat=3)), np.float64) * step
+    angle = np.linalg.norm(vectors, axis=1)
+    axis = vectors / np.maximum(angle, 1e-300)[:, None]
+    return np.concatenate([np.cos(angle / 2)[:, None], np.sin(angle / 2)[:, None] * axis], axis=1)
+
+
+def refine_first(grid, detector: Detector, frames: SparseFrames, intensity, quaternions, phi, step: float):
+    """(n_frames, 4): per frame the rotation among ``quaternions[d] ⊗`` :func:`local_offsets` (``step`` rad)
+    with the largest log-likelihood ratio ``L = sum_t K_dt log(1 + phi_d W_t / B_dt) - phi_d S`` of a crystal
+    of the frame's scale phi_d against background only; ``quaternions[d]`` itself on ties (e.g. phi_d = 0)."""
+    quaternions = np.asarray(quaternions, np.float64)
+    phi = np.asarray(phi, np.float64)
+    offsets = local_offsets(step)
+    k, n, n_pix = offsets.shape[0], frames.n_frames, detector.n_pix
+    owner, index, count, bg = _frame_photons(detector, frames)
+    photon_start = np.searchsorted(owner, np.arange(n + 1))
+    background = np.asarray(frames.background)
+    chosen = quaternions.copy()
+    chunk = max(1, REFINE_ROTATIONS // k)
+    for a in range(0, n, chunk):
+        b = min(a + chunk, n)
+        candidates = quaternion_multiply(quaternions[a:b, None, :], offsets[None]).reshape(-1, 4)  # (b-a) x k
+        tables = ScanTables(grid, detector, intensity, candidates)
+        entry_pixel = np.repeat(np.arange(n_pix), np.diff(tables.pixel_start))
+        keys, inverse = np.unique(tables.rotation * n_pix + entry_pixel, return_inverse=True)
+        w_at_key = np.bincount(inverse, weights=tables.w, minlength=keys.size)
+        sl = slice(photon_start[a], photon_start[b])
+        candidate = (owner[sl, None] - a) * k + np.arange(k)  # (photons, k): each photon with its frame's
+        key = candidate * n_pix + index[sl, None]
+        at = np.minimum(np.searchsorted(keys, key), max(keys.size - 1, 0))
+        w = np.where(keys[at] == key, w_at_key[at], 0.0) if keys.size else np.zeros(key.shape)
+        scale = phi[owner[sl], None]
+        terms = count[sl, None] * np.log1p(scale * w / bg[sl, None])
+        llr = np.bincount(candidate.ravel(), weights=terms.ravel(), minlength=(b - a) * k).reshape(b - a, k)
+        valid = background[a:b, : tables.signal.shape[1]] >= 0
+        llr -= phi[a:b, None] * np.einsum("fks,fs->fk", tables.signal.reshape(b - a, k, -1), valid.astype(np.float64))
+        chosen[a:b] = candidates.reshape(b - a, k, 4)[np.arange(b - a), np.argmax(llr, axis=1)]
+    return chosen
+
+
 def crystal_evidence(
     grid, detector: Detector, frames: SparseFrames, intensity, best_quaternions, phi, scan: ScanTables,
-    rotation_ops, radius: float, psi: float, n_orientations: int,
+    rotation_ops, radius: float, psi: float, n_orientations: int, first_quaternions=None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """``(crystal, second)``: (n_frames,) log Bayes factors (nats) of a crystal against background only and
     of a second crystal beside the first against none.
@@ -86,26 +139,22 @@ def crystal_evidence(
       radius: rad; scan rotations within it of A (modulo the group) are A's own.
       psi: scale of the crystals tested (e.g. the median phi).
       n_orientations: rotations of the run's prior (the bound of ``crystal`` subtracts log of it).
+      first_quaternions: (n_frames, 4) the first crystal's orientation for ``second`` (e.g. A refined off the
+        grid by :func:`refine_first`); None: A.
     """
     n = frames.n_frames
     phi = np.asarray(phi, np.float64)
     owner, index, count, bg = _frame_photons(detector, frames)
-    # the first crystal: W_A at each photon's pixel (a pixel may touch two peaks: summed)
-    best = ScanTables(grid, detector, intensity, best_quaternions)
-    entry_pixel = np.repeat(np.arange(detector.n_pix), np.diff(best.pixel_start))
-    keys, inverse = np.unique(best.rotation * detector.n_pix + entry_pixel, return_inverse=True)
-    w_at_key = np.bincount(inverse, weights=best.w, minlength=keys.size)
-    key_photon = owner * detector.n_pix + index
-    at = np.searchsorted(keys, key_photon)
-    hit = at < keys.size
-    hit[hit] = keys[at[hit]] == key_photon[hit]
-    w_first = np.zeros(owner.shape[0])
-    w_first[hit] = w_at_key[at[hit]]
-    s_first = np.sum((np.asarray(frames.background)[:, : best.signal.shape[1]] >= 0) * best.signal, axis=1)
-    crystal = (np.bincount(owner, weights=count * np.log1p(psi * w_first / bg), minlength=n) - psi * s_first
+    w_best, s_best = _first_at_photons(grid, detector, frames, intensity, best_quaternions, (owner, index))
+    crystal = (np.bincount(owner, weights=count * np.log1p(psi * w_best / bg), minlength=n) - psi * s_best
                - np.log(n_orientations))
+    first, w_first = best_quaternions, w_best
+    if first_quaternions is not None:
+        first = first_quaternions
+        w_first, _ = _first_at_photons(grid, detector, frames, intensity, first, (owner, index))
 
-    # a second crystal beside A (denominator B + phi W_A): every scan rotation's entries at each photon's pixel
+    # a second crystal beside the first (denominator B + phi W_first): every scan rotation's entries at each
+    # photon's pixel
     beside = bg + phi[owner] * w_first
     s_scan = _signal_over_valid_shells(scan.signal, frames.background)
     second = np.zeros(n)
@@ -121,10 +170,28 @@ def crystal_evidence(
         llr = np.bincount(cell, weights=term, minlength=(b - a) * scan.n_rot).reshape(b - a, scan.n_rot)
         llr -= psi * s_scan[a:b]
         away = symmetric_misorientation(
-            np.asarray(best_quaternions, np.float64)[a:b, None, :], scan.quaternions[None, :, :], rotation_ops
+            np.asarray(first, np.float64)[a:b, None, :], scan.quaternions[None, :, :], rotation_ops
         ) > radius
         second[a:b] = _log_mean_exp(llr, away)
     return crystal, second
+
+
+def _first_at_photons(grid, detector: Detector, frames: SparseFrames, intensity, quaternions, photons):
+    """W of each frame's crystal in its orientation at each photon's pixel (a pixel may touch two peaks: summed)
+    and (n_frames,) its expected Bragg photons at scale 1 over the frame's valid shells."""
+    owner, index = photons
+    tables = ScanTables(grid, detector, intensity, quaternions)
+    entry_pixel = np.repeat(np.arange(detector.n_pix), np.diff(tables.pixel_start))
+    keys, inverse = np.unique(tables.rotation * detector.n_pix + entry_pixel, return_inverse=True)
+    w_at_key = np.bincount(inverse, weights=tables.w, minlength=keys.size)
+    key_photon = owner * detector.n_pix + index
+    at = np.searchsorted(keys, key_photon)
+    hit = at < keys.size
+    hit[hit] = keys[at[hit]] == key_photon[hit]
+    w = np.zeros(owner.shape[0])
+    w[hit] = w_at_key[at[hit]]
+    signal = np.sum((np.asarray(frames.background)[:, : tables.signal.shape[1]] >= 0) * tables.signal, axis=1)
+    return w, signal
 
 
 def _log_mean_exp(values: np.ndarray, mask: np.ndarray) -> np.ndarray:

@@ -27,7 +27,9 @@ Reasons (bits of the ``flags`` array; a frame may have several):
   predicted photons explained) against none exceeds
   ``max_second_evidence``. With a sharp posterior the second crystal's photons hardly change the first
   cluster's mass, and those outside the peaks drown in the background at ~40 Bragg photons per frame, but
-  they fall on the second orientation's peaks.
+  they fall on the second orientation's peaks. A frame it would flag is tested again with the first
+  crystal's orientation refined off the grid (``evidence_refine_step``): with continuous orientations the
+  grid rotation's peaks miss some of the crystal's own photons, which another orientation then explains.
 """
 
 from __future__ import annotations
@@ -70,6 +72,11 @@ class RejectionCriteria:
     """600-cell parameter of the rotations searched for a second crystal (0: the run's sampling; cost grows
     as n^3: 810 rotations at n = 4 in P 43 21 2). A second crystal between them is found only when its peaks
     still overlap theirs."""
+    evidence_refine_step: float = 0.5
+    """Step of the local search that refines the first crystal's orientation off the grid (emcjax.merge.evidence.
+    refine_first: 26 rotations around the most likely one), in units of the run's covering radius 0.944/n,
+    for the frames the second-crystal test flags with the grid rotation, which are tested again with it;
+    0: no search (the grid rotation only)."""
     min_crystal_evidence: float = 0.0
     """log Bayes factor (nats) of a crystal against background only below which a frame is rejected
     (no_crystal; 0: the background alone explains the photons better)."""
