@@ -157,5 +157,5 @@ def phi_update(intensity, phi, likelihood, dk: DirectKept, geometry: Geometry, n
     shared = _shared(dk, geometry)
     w = model_lib.tomogram(intensity, shared.entries)[dk.kept.entry]
     phi, used = mstep.phi_update(intensity, phi, likelihood, dk.kept, shared, n_shells, pair_signal=dk.pair_signal,
-                                 term_model=w)
+                                 term_model=w, until_fixed=True)
     return mstep.normalise_phi(intensity, phi, used)
