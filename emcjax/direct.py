@@ -298,8 +298,7 @@ def block_signal(plan: DirectPlan, intensity, quaternions: jax.Array, n_shells: 
         if plan.signal == "exact":
             parts.append(kernels.exact_signal(intensity, chunk, proj, plan.geometry, shape, h_max, n_box, n_shells)[0])
         else:
-            parts.append(cut_signal.tabulated_signal(table, chunk, proj, plan.cut, plan.geometry.shell, shape, h_max,
-                                                     n_shells)[0])
+            parts.append(cut_signal.tabulated_signal(table, chunk, proj, plan.cut, shape, h_max, n_shells)[0])
     return jnp.concatenate(parts)[:n_rot]
 
 
@@ -325,8 +324,7 @@ def direct_estep(problem: DirectProblem, intensity, phi, state: EMCState, spec: 
             local = block.arrays.local
             rot = crystal_from_lab(block.arrays.quaternions)[local.candidates]
             signal = cut_signal.near_frame_signal(table, rot, block.arrays.frame_reflections, local.masked_shells,
-                                                  plan.projection[0], plan.cut, plan.geometry.shell,
-                                                  plan.projection[1], block.n_near)
+                                                  plan.projection[0], plan.cut, plan.projection[1], block.n_near)
         clock = _lap(problem, "signal", clock, signal)
         result = kernels.estep_direct(intensity, phi, state.likelihood, state.hyper, plan.geometry, block.arrays,
                                       signal, spec.max_kept)

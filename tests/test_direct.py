@@ -169,7 +169,7 @@ def test_tabulated_signal_close_to_the_pixel_sum():
                            grid.tables, jnp.asarray(detector.q, jnp.float32))
     h_max = model_lib.bucket_count(int(np.max(np.asarray(model_lib.near_sphere_counts(quats, proj)))))
     exact = np.asarray(kernels.exact_signal(intensity, quats, proj, geo, shape, h_max, n_box, 10)[0]).sum(axis=1)
-    approx = np.asarray(cut_signal.tabulated_signal(table, quats, proj, cut, geo.shell, shape, h_max, 10)[0]).sum(axis=1)
+    approx = np.asarray(cut_signal.tabulated_signal(table, quats, proj, cut, shape, h_max, 10)[0]).sum(axis=1)
     relative = approx / exact - 1
     assert np.abs(relative).max() < 0.03, relative  # measured: 0.015
     assert np.corrcoef(approx, exact)[0, 1] > 0.995  # measured: 0.9995 (spread of S between rotations 14 %)
@@ -197,15 +197,14 @@ def test_near_reflection_signal_equals_the_dense_list():
     lists, counts = cut_signal.frame_reflection_lists(jnp.asarray(centre, jnp.float32), jnp.full(n_frames, reach),
                                                       proj, cut, 2048)
     assert int(np.max(np.asarray(counts))) <= 2048
-    shell = jnp.asarray(detector.shell, jnp.int32)
     masked = jnp.asarray([[10], [3], [10], [5]], jnp.int32)  # shell 10 (= n_shells) masks nothing
     near = np.asarray(cut_signal.near_counts(rot, lists, proj))
     k_max = -(-int(near.max()) // 32) * 32
     assert near.max() < 0.8 * np.asarray(counts).min()  # the frame lists hold reflections far from the sphere
-    dense = np.asarray(cut_signal.frame_signal(table, rot, lists, masked, proj, cut, shell, shape))
-    fast = np.asarray(cut_signal.near_frame_signal(table, rot, lists, masked, proj, cut, shell, shape, k_max))
+    dense = np.asarray(cut_signal.frame_signal(table, rot, lists, masked, proj, cut, shape))
+    fast = np.asarray(cut_signal.near_frame_signal(table, rot, lists, masked, proj, cut, shape, k_max))
     assert np.all(dense > 0)
     np.testing.assert_allclose(fast, dense, rtol=1e-5)
-    unmasked = np.asarray(cut_signal.near_frame_signal(table, rot, lists, jnp.full_like(masked, 10), proj, cut, shell,
-                                                        shape, k_max))
+    unmasked = np.asarray(cut_signal.near_frame_signal(table, rot, lists, jnp.full_like(masked, 10), proj, cut, shape,
+                                                        k_max))
     assert np.all(unmasked[[1, 3]] > fast[[1, 3]])  # the masked shells were left out
