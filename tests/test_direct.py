@@ -64,8 +64,9 @@ def test_log_likelihoods_equal_the_table_path(problems):
             rotation_tables(state.intensity, shared, table.n_shells), phi, state.likelihood, shared, local))
         signal = kernels.candidate_signal(
             direct.block_signal(fast.direct_plan, state.intensity, blk.arrays.quaternions, fast.n_shells), blk.arrays.local)
+        photon = direct._photon_terms(blk, state.intensity, phi, state.likelihood, fast.direct_plan.geometry)  # packed rows
         got = kernels.estep_direct(state.intensity, phi, state.likelihood, state.hyper, fast.direct_plan.geometry,
-                                   blk.arrays, signal, 8)
+                                   blk.arrays, signal, 8, photon)
         # same candidate slots: both number a frame's candidates by their position in the sorted block union
         mask = np.asarray(local.candidate_mask)
         np.testing.assert_array_equal(np.asarray(blk.arrays.local.candidate_mask), mask)

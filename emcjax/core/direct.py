@@ -60,6 +60,7 @@ class DirectBlock(NamedTuple):
       records: the frames' photon and dead-pixel records.
       frame_reflections: (n_local, h) int32 reflections that can cut the Ewald sphere at any of the frame's
         candidates (the tabulated signal, emcjax.core.cut_signal), or None.
+      rows, row_frame: the same records packed in rows (emcjax.core.packed_photons), each row's local frame.
     """
 
     local: BlockArrays
@@ -67,6 +68,8 @@ class DirectBlock(NamedTuple):
     log_prior: jax.Array
     records: Records
     frame_reflections: jax.Array | None = None
+    rows: Records | None = None
+    row_frame: jax.Array | None = None
 
 
 def _in_peak(rot: jax.Array, q_lab: jax.Array, tables: model_lib.GridTables):
@@ -160,13 +163,15 @@ class DirectEStep(NamedTuple):
 
 @functools.partial(jax.jit, static_argnames=("k",))
 def estep_direct(intensity, phi, state_likelihood, hyper: Hyper, geometry: Geometry, block: DirectBlock,
-                 signal: jax.Array, k: int) -> DirectEStep:
+                 signal: jax.Array, k: int, photon: jax.Array | None = None) -> DirectEStep:
     """E-step of one block by direct photon-peak tests; ``signal`` (n_local, n_slots) the expected signal S_dr
     at phi = 1 of every candidate over the frame's valid shells (:func:`candidate_signal` of
-    :func:`exact_signal`, or emcjax.core.cut_signal.frame_signal)."""
+    :func:`exact_signal`, or emcjax.core.cut_signal.frame_signal); ``photon`` (n_local, n_slots) the photon
+    terms (emcjax.core.packed_photons.photon_terms), else :func:`photon_terms` here."""
     local = block.local
     phi_local = local_phi(phi, local)
-    photon = photon_terms(intensity, phi_local, state_likelihood, geometry, block)
+    if photon is None:
+        photon = photon_terms(intensity, phi_local, state_likelihood, geometry, block)
     if not state_likelihood.linear_zero_term:
         raise NotImplementedError("the direct path needs a likelihood whose zero-count term is linear (Poisson)")
     zero = -phi_local[:, None] * signal
