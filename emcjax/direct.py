@@ -351,10 +351,14 @@ def direct_estep(problem: DirectProblem, intensity, phi, state: EMCState, spec: 
         frame, j = np.nonzero(prob > 0)
         slot = np.asarray(result.slot)[frame, j]
         cand = block.host("candidates")[frame, slot]
+        quaternion = block.host("quaternions")[cand]
+        n_pairs = 1 << max(frame.shape[0] - 1, 0).bit_length()  # few compiled shapes
+        inside = np.asarray(packed_photons.pair_inside(plan.geometry, np.resize(quaternion, (n_pairs, 4)),
+                                                       block.records["pixel"][np.resize(frame, n_pairs)]))
         pairs.append(BlockPairs(
             frame=block.start + frame, local_frame=frame, rotation=block.rotations[cand], prob=prob[frame, j],
-            signal=np.asarray(signal)[frame, slot], quaternion=block.host("quaternions")[cand],
-            inside=np.asarray(result.inside)[frame, j], records=block.records,
+            signal=np.asarray(signal)[frame, slot], quaternion=quaternion,
+            inside=inside[: frame.shape[0]], records=block.records,
             masked=block.host("masked_shells")[frame], background=block.host("background")[frame]))
         clock = _lap(problem, "kept pairs", clock, None)
     with_background = not state.likelihood.linear_zero_term

@@ -284,7 +284,7 @@ def near_counts(rotations, frame_reflections, proj, chunk: int = 8):
 
 @functools.partial(jax.jit, static_argnames=("shape", "k_max", "chunk"))
 def near_frame_signal(table, rotations, frame_reflections, masked_shells, proj, cut: CutGeometry, shape, k_max: int,
-                      chunk: int = 8):
+                      chunk: int = 4):
     """:func:`frame_signal` from only the reflections near the sphere at each candidate: per (frame,
     candidate) the ~230 of the frame's list (thousands) that pass model.near_sphere's test, compacted to
     ``k_max`` (>= every count of :func:`near_counts`), then ``k_max`` table interpolations. The same terms

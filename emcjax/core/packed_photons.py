@@ -30,7 +30,7 @@ import jax.numpy as jnp
 
 from emcjax import model as model_lib
 from emcjax.core.direct import Geometry, Records
-from emcjax.core.full_search import _compact, _photon_terms, peak_test, peak_value
+from emcjax.core.full_search import _compact, _photon_terms, peak_reflection, peak_test, peak_value
 from emcjax.rotations import crystal_from_lab
 
 ROW_LENGTH = 64  # records per row (full_search.record_rows)
@@ -112,3 +112,12 @@ def photon_terms(intensity, phi_local, likelihood, geometry: Geometry, quaternio
     per_row = per_row.reshape(-1, n_slots)[: rows.pixel.shape[0]]
     photon = jax.ops.segment_sum(per_row, row_frame, num_segments=candidates.shape[0], indices_are_sorted=True)
     return photon, hits.max()
+
+
+@jax.jit
+def pair_inside(geometry: Geometry, quaternions, pixel) -> jax.Array:
+    """(m, n_records) bool whether each record (valid pixel ``pixel`` (m, n_records)) of a kept pair lies in a
+    peak of the pair's rotation (``quaternions`` (m, 4)): the test of :func:`photon_terms`, so the M-steps get
+    exactly the records whose photon terms the E-step counted."""
+    m = crystal_from_lab(quaternions)[:, None]  # (m, 1, 3, 3)
+    return peak_reflection(_points(m, geometry.q_lab[pixel]), geometry.tables)[2][:, 0]
