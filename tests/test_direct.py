@@ -93,6 +93,55 @@ def test_same_model_after_three_iterations(listed, problems):
     assert np.mean(b_d == truth["rotation_index"]) > 0.5
 
 
+def test_packed_photon_terms_equal_the_per_frame_ones(problems):
+    """Photon terms over packed record rows in two passes (emcjax.core.packed_photons) equal the per-frame
+    ones by model.locate (core.direct.photon_terms), and the kept pairs' in-peak records (pair_inside) equal
+    the per-frame E-step's; the hit capacity set at set-up held."""
+    import jax
+
+    from emcjax.core import packed_photons
+    from emcjax.core.estep import local_phi
+
+    _, fast = problems
+    config = emc.EMCConfig(block_frames=20)
+    state = emc.initial_state(fast, config, seed=1)
+    phi = np.pad(np.asarray(state.phi), (0, fast.n_padded - fast.n_frames))
+    geometry = fast.direct_plan.geometry
+    for blk in fast.direct_blocks:
+        arrays = blk.arrays
+        args = (state.intensity, local_phi(phi, arrays.local), state.likelihood, geometry)
+        expected = np.asarray(jax.jit(kernels.photon_terms)(*args, arrays))
+        got, hits = packed_photons.photon_terms(*args, arrays.quaternions, arrays.local.candidates,
+                                                arrays.local.frame_start, arrays.rows, arrays.row_frame, blk.max_hits)
+        assert 0 < int(hits) <= blk.max_hits
+        mask = np.asarray(arrays.local.candidate_mask)
+        assert np.count_nonzero(expected[mask]) > 0.5 * mask.sum()
+        np.testing.assert_allclose(np.asarray(got)[mask], expected[mask], rtol=1e-5, atol=1e-3)
+        signal = np.zeros(mask.shape, np.float32)
+        reference = kernels.estep_direct(state.intensity, phi, state.likelihood, state.hyper, geometry, arrays, signal, 8)
+        frame, j = np.nonzero(np.asarray(reference.prob) > 0)
+        quats = np.asarray(arrays.quaternions)[np.asarray(arrays.local.candidates)[frame, np.asarray(reference.slot)[frame, j]]]
+        inside = np.asarray(packed_photons.pair_inside(geometry, quats, blk.records["pixel"][frame]))
+        np.testing.assert_array_equal(inside, np.asarray(reference.inside)[frame, j])
+        assert inside[blk.records["valid"][frame]].mean() > 0.1
+
+
+def test_azimuth_within_its_error_bound():
+    """cut_signal.azimuth (a polynomial atan2) is within ATAN2_ERROR of the exact angle, in every quadrant and
+    on the axes."""
+    import jax.numpy as jnp
+
+    from emcjax.core import cut_signal
+
+    rng = np.random.default_rng(4)
+    y, x = rng.normal(size=(2, 200_000)).astype(np.float32) * rng.choice([1e-3, 1.0, 1e3], size=(2, 200_000))
+    y = np.concatenate([y, [0.0, 1.0, 0.0, -1.0, 2.0, -2.0]]).astype(np.float32)
+    x = np.concatenate([x, [1.0, 0.0, -1.0, 0.0, 2.0, -2.0]]).astype(np.float32)
+    got = np.asarray(cut_signal.azimuth(jnp.asarray(y), jnp.asarray(x)), np.float64)
+    error = np.angle(np.exp(1j * (got - np.arctan2(y.astype(np.float64), x.astype(np.float64)))))
+    assert np.abs(error).max() < cut_signal.ATAN2_ERROR
+
+
 def test_table_msteps_for_other_updates(problems):
     """Intensity updates other than the reference one take the table path's M-steps on the kept rotations'
     in-peak entries (emcjax.direct_kept.kept_from_direct): one MLEM iteration equals the table path's."""
