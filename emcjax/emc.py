@@ -16,7 +16,6 @@ more reruns with a larger bucket (the step is pure, so the rerun starts from the
 from __future__ import annotations
 
 import concurrent.futures
-import ctypes
 import dataclasses
 import functools
 import time
@@ -28,6 +27,7 @@ import numpy as np
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
+from emcjax import heap
 from emcjax import model as model_lib
 from emcjax import parallel
 from emcjax.config import EMCConfig
@@ -173,6 +173,7 @@ def _blocks_with_data(problem: Problem):
         for block in problem.blocks:
             yield block, problem.block_data(block)
         return
+    heap.steady_heap()  # blocks built by the worker thread are freed into the heap the next one comes from
     with concurrent.futures.ThreadPoolExecutor(max_workers=1) as executor:
         build = functools.partial(build_block, problem.plan, lengths=problem.lengths)
         pending = executor.submit(build, problem.blocks[0])
@@ -182,16 +183,6 @@ def _blocks_with_data(problem: Problem):
                 pending = executor.submit(build, problem.blocks[b + 1])
             yield block, data
             del data
-            _release_freed_memory()
-
-
-def _release_freed_memory() -> None:
-    """Returns freed heap memory to the system (glibc keeps it per thread arena otherwise: streamed blocks
-    built in a worker thread would leave the process holding several blocks' worth). A no-op elsewhere."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 class _Overflow(Exception):

@@ -9,126 +9,34 @@ starts from another run's final model and phi.
 Outputs in ``--out``: config.toml, run.json, metrics.jsonl, iterations/NNN.h5, checkpoints/, intensities.h5,
 figures/. The run directory's life cycle (lock, resume checks, provenance, clean-up of a failed start) is
 ``emcjax.rundir``'s, checkpoints are ``emcjax.checkpoint``'s, errors go through ``emcjax.cli`` (docs/RUNS.md).
+
+The settings are ``emcjax.lowres_config``'s, the iterations (shared with emcjax.highres) ``emcjax.iteration_loop``'s;
+this module sets the run up, resumes it and is its command line.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
-import math
 import os
 import pathlib
 import time
-from typing import Literal
 
 import numpy as np
 
-from emcjax import checkpoint, cli, rundir, runio, scoring, toml_config
+from emcjax import checkpoint, cli, rundir, runio, toml_config
 from emcjax import emc as emc_lib
 from emcjax import demo as demo_lib
 from emcjax.demo import DemoConfig, cache_dir, demo_path, ensure_demo  # noqa: F401 (part of this module's API)
 from emcjax.errors import ConfigError, DataError
+from emcjax.iteration_loop import _draw, progress_line, run_iterations
+from emcjax.lowres_config import DistributedConfig, LowresConfig
 from emcjax.merge import halves
 
+__all__ = ["CHECKPOINTS_DIR", "RESUMABLE_CHANGES", "DemoConfig", "DistributedConfig", "LowresConfig", "cache_dir",
+           "demo_path", "ensure_demo", "main", "parse_args", "progress_line", "run", "run_iterations"]
+
 CHECKPOINTS_DIR = checkpoint.CHECKPOINTS_DIR
-
-
-@dataclasses.dataclass(frozen=True)
-class DistributedConfig:
-    """Multi-process runs (jax.distributed): one process per host (or per GPU); unset fields come from the
-    EMCJAX_COORDINATOR / EMCJAX_NUM_PROCESSES / EMCJAX_PROCESS_ID environment variables, then from JAX's own
-    cluster detection (SLURM, Open MPI, cloud TPU)."""
-
-    coordinator_address: str | None = None
-    """host:port of process 0's coordinator service."""
-    num_processes: int | None = None
-    """Number of processes of the run."""
-    process_id: int | None = None
-    """This process's index, 0 .. num_processes-1 (process 0 writes the run directory)."""
-
-
-@dataclasses.dataclass(frozen=True)
-class LowresConfig:
-    """Low-resolution EMC run."""
-
-    iters: int = 100
-    """Total number of EMC iterations of the run (with --resume: the total including those already done)."""
-    data: pathlib.Path | None = None
-    """Sparse data set (HDF5, docs/FORMATS.md); None: the built-in demo data set (see --demo.*)."""
-    out: pathlib.Path = pathlib.Path("runs/lowres")
-    """Run directory for config.toml, metrics.jsonl, iterations/, checkpoints/, intensities.h5, figures/."""
-    resume: bool = False
-    """Continue the run in --out from its latest checkpoint (up to --iters iterations in total); without
-    --config, that run's config.toml supplies the defaults."""
-    init_from: pathlib.Path | None = None
-    """Run directory whose final model and phi (intensities.h5) start this run; same frames and model shape."""
-    seed: int = 0
-    """Seed of the random initial model (with --half, each half draws its own seed from it)."""
-    frame_weights: pathlib.Path | None = None
-    """HDF5 file with dataset 'weights' (n_frames,) in [0, 1] (0 = frame left out), e.g. RUN/rejection.h5
-    of python -m emcjax.reject."""
-    half: Literal["a", "b"] | None = None
-    """Reconstruct only this half of the frames (split by --split), from its own random start."""
-    split: Literal["parity", "random"] = "parity"
-    """How --half splits the frames: by frame index parity, or a random permutation seeded by --split-seed."""
-    split_seed: int = 0
-    """Seed of --split random."""
-    keep_checkpoints: int = 3
-    """Number of most recent checkpoints kept (one is written every iteration)."""
-    figures_every: int = 0
-    """Also redraw the figures every this many iterations (0: only at the end of the run)."""
-    iterations_every: int = 1
-    """Write iterations/NNN.h5 every this many iterations (0: never; the last iteration is always written)."""
-    config: pathlib.Path | None = None
-    """TOML file whose values become the defaults of all other fields (flags override); not saved."""
-    emc: emc_lib.EMCConfig = dataclasses.field(default_factory=emc_lib.EMCConfig)
-    """EMC algorithm settings."""
-    demo: DemoConfig = dataclasses.field(default_factory=DemoConfig)
-    """Demo data set settings (used only without --data)."""
-    distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)
-    """Multi-process settings (single process when unset)."""
-
-    def __post_init__(self) -> None:
-        for name, low in (("iters", 0), ("keep_checkpoints", 1), ("figures_every", 0), ("iterations_every", 0)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ConfigError(f"{name} must be an integer >= {low}, got {value!r}")
-
-
-# ----------------------------------------------------------------------------------------------------
-# The run
-
-
-def _fmt_seconds(s: float) -> str:
-    if not math.isfinite(s):
-        return "?"
-    s = int(round(s))
-    if s < 60:
-        return f"{s}s"
-    if s < 3600:
-        return f"{s // 60}m{s % 60:02d}s"
-    return f"{s // 3600}h{(s % 3600) // 60:02d}m"
-
-
-def progress_line(record: dict, total: int, eta_s: float, at_most: bool = False) -> str:
-    """One progress line: iteration/total, log-likelihood, model change, phi mean±std, certainty, seconds,
-    ETA (``at_most``: a bound, the run may stop earlier on convergence) and cc_true when present."""
-    width = len(str(total))
-    parts = [
-        f"iter {record['iteration']:>{width}d}/{total}",
-        f"logL {record.get('log_likelihood', float('nan')):.6e}",
-        f"dmodel {record.get('model_change', float('nan')):.3e}",
-        f"phi {record.get('phi_mean', float('nan')):.3f}±{record.get('phi_std', float('nan')):.3f}",
-        f"certainty {record.get('certainty', float('nan')):.3f}",
-        f"{record.get('seconds', float('nan')):.2f}s",
-        f"ETA {'<= ' if at_most else ''}{_fmt_seconds(eta_s)}",
-    ]
-    if record.get("cc_true") is not None:
-        parts.append(f"cc_true {record['cc_true']:.4f}")
-    if record.get("orientation_error_median_deg") is not None:
-        parts.append(f"orient {record['orientation_error_median_deg']:.2f}°")
-    return "  ".join(parts)
 
 
 def _check_init(init, problem, source: pathlib.Path) -> None:
@@ -322,100 +230,6 @@ def _record_start(rd, config: LowresConfig, data_path: pathlib.Path, identity: d
     rd.record_start(rundir.absolute(saved, "init_from", "frame_weights"), identity,
                     header="emcjax.lowres resolved config; reuse with --config", resumed_at=resumed_at,
                     devices=[str(d) for d in jax.devices()])
-
-
-def run_iterations(config, emc_config, problem, state, manager, meta, records, main_process, log,
-                   stop_model_change: float = 0.0):
-    """The iterations from ``state.iteration`` to ``config.iters`` (a stage config with ``out``, ``iters``,
-    ``iterations_every``, ``figures_every``): metrics, iterations/NNN.h5, a checkpoint each, progress lines
-    and figures; returns the final state and all metrics records. Shared by lowres and highres.
-
-    ``stop_model_change`` > 0 stops the run early, after the first iteration whose relative model change
-    (``model_change``) is below it (a convergence stop; --iters is then a maximum), with orientation
-    refinement not before the first refined iteration."""
-    out = config.out
-    times: list[float] = []
-    iterate = functools.partial(emc_lib.iterate, problem, config=emc_config)
-    refiner = None
-    if emc_config.refine_orientations:
-        from emcjax.refinement import Refiner
-
-        refiner = Refiner(problem, emc_config)
-        iterate = refiner.iterate
-        log(f"orientation refinement: from iteration {emc_config.refine_start + 1}, the {emc_config.refine_top_k} "
-            f"most probable rotations of each frame, {emc_config.refine_steps} steps, up to "
-            f"{emc_config.refine_max_angle_deg}°")
-        if int(state.iteration) > 0:
-            _restore_refinement(refiner, out, int(state.iteration), log)
-    refined_from = emc_config.refine_start + 1 if emc_config.refine_orientations else 0
-    for _ in range(int(state.iteration), config.iters):
-        state, metrics, per_frame = iterate(state)
-        iteration = int(state.iteration)
-        converged = (bool(stop_model_change) and float(metrics.get("model_change", np.inf)) < stop_model_change
-                     and iteration > refined_from)  # a grid-only plateau is not convergence of a refined run
-        record = {"iteration": iteration, **metrics,
-                  **scoring.orientation_metrics(problem, per_frame["best_rotation"], per_frame.get("best_quaternion"))}
-        records.append(record)
-        if main_process:
-            runio.append_metrics(out, record)
-        if main_process and (
-            iteration == config.iters or converged or (config.iterations_every and iteration % config.iterations_every == 0)
-        ):
-            runio.write_iteration(out, iteration, state.intensity, state.phi,
-                                  per_frame["best_rotation"], per_frame["best_probability"], metrics,
-                                  extra={k: v for k, v in per_frame.items() if k.startswith("kept_") or k == "best_quaternion"})
-        if refiner is not None and main_process:
-            runio.write_side_arrays(out, runio.REFINEMENT_DIR, iteration, refiner.snapshot(),
-                                    keep=config.keep_checkpoints)
-        checkpoint.save(manager, state, {**meta, "iteration": iteration})
-        times.append(float(metrics.get("seconds", 0.0)))
-        recent = times[-5:]
-        eta = (config.iters - iteration) * (sum(recent) / len(recent))
-        if main_process:
-            log(progress_line(record, config.iters, eta, at_most=bool(stop_model_change)))
-        if main_process and config.figures_every and iteration % config.figures_every == 0 and iteration < config.iters:
-            _draw(out, records, problem, state)
-        if converged:
-            log(f"converged: relative model change {metrics['model_change']:.2e} < {stop_model_change:g} at "
-                f"iteration {iteration} (of at most {config.iters}); stopping")
-            break
-    return state, records
-
-
-def _restore_refinement(refiner, out: pathlib.Path, iteration: int, log) -> None:
-    """Resumes the refiner where checkpoint ``iteration`` left it (its kept rotations and refined candidates);
-    without the file (a run from before it was written) refinement restarts from a grid E-step."""
-    arrays = runio.read_side_arrays(out, runio.REFINEMENT_DIR, iteration)
-    if arrays is None:
-        log(f"warning: {out / runio.REFINEMENT_DIR} has no state for iteration {iteration}; orientation refinement "
-            "restarts from a grid E-step")
-    elif arrays:
-        refiner.restore(arrays)
-
-
-def _draw(out: pathlib.Path, records: list[dict], problem, state) -> None:
-    from emcjax import figures as figures_lib  # matplotlib: imported when the first figure is drawn
-
-    truth = getattr(problem, "truth", None)
-    true_integrated = None
-    if truth is not None and truth.get("intensity") is not None and truth.get("hkl") is not None:
-        # the truth's reflections need not be the model's (e.g. a run to a lower resolution than the data)
-        true_integrated = scoring.values_by_hkl(
-            problem.grid.asu.hkl, truth["hkl"], np.asarray(problem.integrated(truth["intensity"]))
-        )
-    crystal = getattr(problem.grid, "crystal", None)
-    figures_lib.draw_all(
-        out,
-        records,
-        problem.grid.asu.hkl,
-        np.asarray(problem.integrated(state.intensity)),
-        true_integrated,
-        laue_ops=getattr(crystal, "laue_ops", None),
-    )
-
-
-# ----------------------------------------------------------------------------------------------------
-# Command line
 
 
 def parse_args(argv: list[str] | None = None) -> LowresConfig:

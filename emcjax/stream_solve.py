@@ -59,7 +59,8 @@ def _newton_group(local, pk, b, a, size: int):
     # a group's entries are few: Newton on them directly (segment = entry; emcjax.core.mstep._newton_entries
     # numbers the touched entries compactly first, a sort), the same steps and sums per entry
     live = (local < size) & (pk > 0)
-    return mstep.newton_segments(local, pk, b, live, jnp.append(a, 0.0), size + 1, NEWTON_STEPS, a.dtype)[:size]
+    return mstep.newton_segments(local, pk, b, live, jnp.append(a, 0.0), size + 1, NEWTON_STEPS, a.dtype,
+                                  until_fixed=True)[:size]
 
 
 @functools.partial(jax.jit, static_argnames="size")

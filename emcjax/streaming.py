@@ -43,7 +43,7 @@ import numpy as np
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from emcjax import parallel
+from emcjax import heap, parallel
 from emcjax.blocks import Block, Plan, _pad_photons, frame_arrays
 from emcjax.core import background as background_lib
 from emcjax.core import mstep
@@ -52,7 +52,6 @@ from emcjax.core.estep import rotation_tables
 from emcjax.core.step import Diagnostics, FrameStats, KeptRotations, StepSpec, estep_block
 from emcjax.core.stream import CachedJoin, IntensitySums, Records, cached_join, intensity_statistics
 from emcjax.data import bucket_length
-from emcjax.emc import _release_freed_memory
 from emcjax.errors import DataError
 from emcjax.join import BACKGROUND_FLOOR, all_rotations_join
 from emcjax.stream_solve import TermStore, solve_intensity
@@ -168,6 +167,7 @@ def cache_block(plan: Plan, block: Block) -> tuple[int, int]:
     """Builds ``block``'s join (every device part of this process), writes it to the plan's cache and returns
     (join pairs, pixel records) of its largest part, bucketed and maximised over processes as
     emcjax.blocks.build_block pads them."""
+    heap.steady_heap()  # set-up too builds and frees one block-sized join after another
     cache = _CACHES.get(plan)
     if cache is None:
         cache = _CACHES[plan] = JoinCache(plan)
@@ -205,6 +205,7 @@ def _record_block(plan: Plan, block: Block, lengths: tuple[int, int]) -> RecordB
 def _record_blocks(problem):
     """Yields (block, RecordBlock); the next block is read by a worker thread while the caller uses this one."""
     build = functools.partial(_record_block, problem.plan, lengths=problem.lengths)
+    heap.steady_heap()  # one arena, freed blocks reused: no fresh pages (and page faults) per block
     with concurrent.futures.ThreadPoolExecutor(max_workers=1) as executor:
         pending = executor.submit(build, problem.blocks[0])
         for b, block in enumerate(problem.blocks):
@@ -213,7 +214,6 @@ def _record_blocks(problem):
                 pending = executor.submit(build, problem.blocks[b + 1])
             yield block, data
             del data
-            _release_freed_memory()  # the worker thread's heap arena would keep several blocks' worth
 
 
 def _squeeze(tree):
@@ -265,7 +265,8 @@ def _phi_pass_kernel(mesh: Mesh, spec: StepSpec, n_slots: int):
         start, n_local = block.frame_start, block.weight.shape[0]
         mine = kept._replace(frame=kept.frame - start, pair_frame=kept.pair_frame - start)
         phi_here, used_here = mstep.phi_update(intensity, jax.lax.dynamic_slice(new_phi, (start,), (n_local,)),
-                                               state.likelihood, mine, shared, spec.n_shells, tables=tables)
+                                               state.likelihood, mine, shared, spec.n_shells, tables=tables,
+                                               until_fixed=True)
         placed = jnp.zeros((2, new_phi.shape[0]), new_phi.dtype)
         placed = jax.lax.dynamic_update_slice(placed, jnp.stack([jnp.where(used_here, phi_here, 0.0),
                                                                  used_here.astype(new_phi.dtype)]), (0, start))

@@ -2,8 +2,8 @@
 
     python experiments/repeat_frames.py --data sim40k.h5 --times 5 --out sim200k.h5
 
-Frame d of copy k is frame d of the input (same photons, same truth: orientation, phi, the one true model),
-with frame id k x n_frames + d. Per frame the work and memory of a run are those of the input's frames, so a
+Frame d of copy k is frame d of the input (same photons, candidate rotations if any, same truth: orientation,
+phi, the one true model), with frame id k x n_frames + d. Per frame the work and memory of a run are those of the input's frames, so a
 run on the result costs what a run on a fresh simulation of that many frames costs (the 200,000-frame
 streaming benchmark in docs/BENCHMARKS.md: ``python -m emcjax.simulate`` takes ~26 min for 200,000 frames on a
 quiet 2-core machine, hours on a loaded one); the reconstruction of repeated frames is not new information.
@@ -28,10 +28,14 @@ def repeat_frames(frames: data_io.SparseFrames, times: int) -> data_io.SparseFra
 
     photon_offsets, pixels, counts = csr(frames.photon_offsets, frames.photon_pixels, frames.photon_counts)
     dead_offsets, dead = csr(frames.dead_offsets, frames.dead_pixels)
+    candidates = {}
+    if frames.has_candidates:  # each copy keeps its frame's candidate rotations
+        offsets, rotations = csr(frames.candidate_offsets, frames.candidate_rotations)
+        candidates = {"candidate_offsets": offsets, "candidate_rotations": rotations}
     return data_io.SparseFrames(
         frame_id=np.arange(times * frames.n_frames), photon_offsets=photon_offsets, photon_pixels=pixels,
         photon_counts=counts, dead_offsets=dead_offsets, dead_pixels=dead,
-        background=np.tile(frames.background, (times, 1)),
+        background=np.tile(frames.background, (times, 1)), **candidates,
     )
 
 
@@ -44,9 +48,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.times < 1:
         parser.error(f"--times {args.times}: expected >= 1")
     with data_io.SparseDataset(args.data) as dataset:
-        if dataset.has_candidates:
-            parser.error(f"{args.data}: frames with candidate lists are not supported")
         frames = dataset.read_block(0, dataset.n_frames)
+        sampling_n = dataset.candidate_sampling_n
         truth = dataset.read_truth() if dataset.has_truth else None
         geometry, crystal, mask = dataset.geometry, dataset.crystal, dataset.mask
     n = frames.n_frames
@@ -55,7 +58,8 @@ def main(argv: list[str] | None = None) -> None:
                  if isinstance(v, np.ndarray) and v.ndim >= 1 and v.shape[0] == n else v for k, v in truth.items()}
     big = repeat_frames(frames, args.times)
     big.validate()
-    data_io.write_dataset(args.out, big, geometry=geometry, crystal=crystal, mask=mask, truth=truth)
+    data_io.write_dataset(args.out, big, geometry=geometry, crystal=crystal, mask=mask, truth=truth,
+                          candidate_sampling_n=sampling_n)
     print(f"wrote {args.out}: {big.n_frames} frames ({args.times} x {n}), {int(big.photon_offsets[-1])} photons")
 
 

@@ -20,7 +20,7 @@ from emcjax.rotation_symmetry import grid_symmetry_orbits
 from emcjax.sampling_600cell import sample_600cell
 from emcjax.simulate import SimulationConfig, simulate
 
-from candidate_lists import with_random_lists
+from candidate_lists import with_random_lists, write_simulated
 
 GEOMETRY = DetectorGeometry(
     num_rows=96, num_cols=96, pixel_size_m=1.8e-3, beam_center_px=(47.5, 47.5), resolution_max_A=6.0, n_shells=20
@@ -29,12 +29,7 @@ SIM = SimulationConfig(n_frames=90, geometry=GEOMETRY, rotation_n=2, bragg_photo
 
 
 def _write(path, frames, truth):
-    data_io.write_dataset(
-        path, frames, geometry=dataclasses.asdict(GEOMETRY),
-        crystal={"cell": np.asarray(SIM.cell), "space_group": SIM.space_group}, truth=truth,
-        candidate_sampling_n=2 if frames.candidate_offsets is not None else None,
-    )
-    return path
+    return write_simulated(path, frames, truth, SIM)
 
 
 @pytest.fixture(scope="module")

@@ -7,8 +7,6 @@ the same model after 3 iterations.
 
 from __future__ import annotations
 
-import dataclasses
-
 import numpy as np
 import pytest
 
@@ -18,9 +16,9 @@ from emcjax.core.estep import block_log_likelihood, rotation_tables
 from emcjax.core import direct as kernels
 from emcjax.detector import DetectorGeometry
 from emcjax.sampling_600cell import sample_600cell
-from emcjax.simulate import SimulationConfig, simulate
+from emcjax.simulate import SimulationConfig
 
-from candidate_lists import with_random_lists
+from candidate_lists import write_listed_simulation
 
 GEOMETRY = DetectorGeometry(
     num_rows=96, num_cols=96, pixel_size_m=1.8e-3, beam_center_px=(47.5, 47.5), resolution_max_A=6.0, n_shells=20
@@ -30,14 +28,8 @@ SIM = SimulationConfig(n_frames=40, geometry=GEOMETRY, rotation_n=3, bragg_photo
 
 @pytest.fixture(scope="module")
 def listed(tmp_path_factory):
-    frames, truth = simulate(SIM)
-    frames = with_random_lists(frames, truth["rotation_index"], sample_600cell(3).n_rot, 30, seed=0)
     path = tmp_path_factory.mktemp("direct") / "lists.h5"
-    data_io.write_dataset(
-        path, frames, geometry=dataclasses.asdict(GEOMETRY),
-        crystal={"cell": np.asarray(SIM.cell), "space_group": SIM.space_group}, truth=truth, candidate_sampling_n=3,
-    )
-    return path, truth
+    return path, write_listed_simulation(path, SIM, 30, seed=0)
 
 
 @pytest.fixture(scope="module")

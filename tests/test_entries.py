@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from emcjax import model
+from emcjax.model import projection as model_projection
 from emcjax.crystal import Crystal
 from emcjax.detector import DetectorGeometry, make_detector
 from emcjax.rotations import quaternion_to_matrix
@@ -145,7 +146,7 @@ def test_box_contains_every_in_peak_point(name):
     """
     grid, det = setup(name)
     geo = det.geometry
-    shell_tol, cos_min, half_width = model._projection_bounds(grid, det)
+    shell_tol, cos_min, half_width = model_projection._projection_bounds(grid, det)
     r = grid.radius
     wl = geo.wavelength_A
     b = geo.beam_vector_px

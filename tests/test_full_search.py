@@ -3,8 +3,6 @@ must give the candidate path's log-likelihoods (emcjax.core.direct, itself teste
 
 from __future__ import annotations
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -17,10 +15,9 @@ from emcjax.core import direct as kernels
 from emcjax.core import full_search
 from emcjax.detector import DetectorGeometry
 from emcjax.rotations import crystal_from_lab
-from emcjax.sampling_600cell import sample_600cell
-from emcjax.simulate import SimulationConfig, simulate
+from emcjax.simulate import SimulationConfig
 
-from candidate_lists import with_random_lists
+from candidate_lists import write_listed_simulation
 
 GEOMETRY = DetectorGeometry(
     num_rows=80, num_cols=80, pixel_size_m=2.0e-3, beam_center_px=(39.5, 39.5), resolution_max_A=6.0, n_shells=12
@@ -30,13 +27,8 @@ SIM = SimulationConfig(n_frames=12, geometry=GEOMETRY, rotation_n=3, bragg_photo
 
 @pytest.fixture(scope="module")
 def problem(tmp_path_factory):
-    frames, truth = simulate(SIM)
-    frames = with_random_lists(frames, truth["rotation_index"], sample_600cell(3).n_rot, 12, seed=1)
     path = tmp_path_factory.mktemp("full_search") / "lists.h5"
-    data_io.write_dataset(
-        path, frames, geometry=dataclasses.asdict(GEOMETRY),
-        crystal={"cell": np.asarray(SIM.cell), "space_group": SIM.space_group}, truth=truth, candidate_sampling_n=3,
-    )
+    write_listed_simulation(path, SIM, 12, seed=1)
     with data_io.SparseDataset(path) as dataset:
         return direct.setup_direct(dataset, emc.EMCConfig(block_frames=12), signal="exact")
 

@@ -9,8 +9,8 @@ one padded).
 
 from __future__ import annotations
 
-import os
 import dataclasses
+import os
 
 import jax
 import numpy as np
@@ -161,3 +161,13 @@ def test_repeat_frames_writes_copies(data, tmp_path):
             for field in ("photon_offsets", "photon_pixels", "photon_counts", "dead_offsets", "background"):
                 np.testing.assert_array_equal(getattr(copy, field), getattr(original, field), err_msg=field)
         np.testing.assert_array_equal(big.read_truth()["phi"], np.tile(ds.read_truth()["phi"], 3))
+    # candidate lists (the paper-geometry candidate benchmark's subsets): every copy keeps its frames' lists
+    counts = np.arange(n) % 4 + 1
+    listed = dataclasses.replace(original, candidate_offsets=np.concatenate([[0], np.cumsum(counts)]),
+                                 candidate_rotations=np.arange(counts.sum()) % 60)
+    repeated = module.repeat_frames(listed, 2)
+    repeated.validate(num_rotations=60)
+    for k in range(2):
+        copy = repeated.frame_slice(k * n, (k + 1) * n)
+        np.testing.assert_array_equal(copy.candidate_offsets, listed.candidate_offsets)
+        np.testing.assert_array_equal(copy.candidate_rotations, listed.candidate_rotations)

@@ -31,6 +31,8 @@ import jax
 import jax.numpy as jnp
 
 from emcjax import model as model_lib
+from emcjax.model import entries as model_entries
+from emcjax.model import slicing as model_slicing
 from emcjax.core import mstep
 from emcjax.core.arrays import Kept, Shared
 from emcjax.core.direct import Geometry
@@ -62,8 +64,8 @@ class DirectKept(NamedTuple):
 
 def touched_entries(dk: DirectKept, geometry: Geometry) -> model_lib.Entries:
     """The touched entries with their trilinear stencils (zero weight on padding), as ``model.Entries``."""
-    voxels, weights = model_lib._stencils(dk.quaternions, dk.touched_rotation, dk.touched_pixel, geometry.q_lab,
-                                          geometry.tables)  # those of the entries (model._entries_from_pairs)
+    voxels, weights = model_entries._stencils(dk.quaternions, dk.touched_rotation, dk.touched_pixel, geometry.q_lab,
+                                              geometry.tables)  # those of the entries (model._entries_from_pairs)
     weights = jnp.where(dk.touched[:, None], weights, 0.0)
     return model_lib.Entries(dk.touched_rotation, dk.touched_pixel, voxels, weights, n_rot=dk.quaternions.shape[0])
 
@@ -77,7 +79,7 @@ def _in_peak_reflection(rot, q_lab, tables):
     """(...) int32 reflection whose peak holds lab points ``q_lab`` (..., 3) at ``rot`` (..., 3, 3), -1 for none,
     q_crystal computed elementwise (the in-peak test of the entries)."""
     q_crystal = jnp.sum(rot * q_lab[..., None, :], axis=-1)
-    refl, _ = jax.vmap(model_lib._nearest_reflection, in_axes=(0, None))(q_crystal.reshape(-1, 3), tables)
+    refl, _ = jax.vmap(model_slicing._nearest_reflection, in_axes=(0, None))(q_crystal.reshape(-1, 3), tables)
     return refl.reshape(q_crystal.shape[:-1])
 
 
@@ -157,5 +159,5 @@ def phi_update(intensity, phi, likelihood, dk: DirectKept, geometry: Geometry, n
     shared = _shared(dk, geometry)
     w = model_lib.tomogram(intensity, shared.entries)[dk.kept.entry]
     phi, used = mstep.phi_update(intensity, phi, likelihood, dk.kept, shared, n_shells, pair_signal=dk.pair_signal,
-                                 term_model=w)
+                                 term_model=w, until_fixed=True)
     return mstep.normalise_phi(intensity, phi, used)

@@ -174,9 +174,26 @@ def _newton_entries(local, pk, b, live, a, size: int, newton_steps: int, dtype):
     return jnp.zeros(size + 1, dtype).at[touched].set(w_touched)[:size]
 
 
-def newton_segments(segment, pk, b, live, a, n_segments: int, newton_steps: int, dtype):
+def newton_iterate(body, x0, newton_steps: int, until_fixed: bool = False):
+    """``body`` applied ``newton_steps`` times to ``x0`` (``jax.lax.fori_loop``: reverse-differentiable), or with
+    ``until_fixed`` the same result sooner: a ``while_loop`` that stops at the first step that changes nothing
+    (a deterministic body then changes nothing ever after, so the result is bit for bit the fixed count's).
+    For the host-driven iterations (streamed, direct candidate path), which are not differentiated."""
+    if not until_fixed:
+        return jax.lax.fori_loop(0, newton_steps, body, x0)
+
+    def step(carry):
+        i, x, _ = carry
+        new = body(i, x)
+        return i + 1, new, jnp.any(new != x)
+
+    return jax.lax.while_loop(lambda c: (c[0] < newton_steps) & c[2], step, (0, x0, jnp.asarray(True)))[1]
+
+
+def newton_segments(segment, pk, b, live, a, n_segments: int, newton_steps: int, dtype, until_fixed: bool = False):
     """(n_segments,) w >= 0 solving sum_terms P K / (B + w) = a per segment (module docstring of
-    :func:`reference_update`), by Newton's method from w = 0; 0 where the left side at 0 is <= a."""
+    :func:`reference_update`), by Newton's method from w = 0; 0 where the left side at 0 is <= a.
+    ``until_fixed``: see :func:`newton_iterate`."""
     safe_pk = jnp.where(live, pk, 1.0)
 
     def g_and_slope(w):
@@ -194,7 +211,7 @@ def newton_segments(segment, pk, b, live, a, n_segments: int, newton_steps: int,
 
     w0 = jnp.zeros(n_segments, dtype)
     g0, _ = g_and_slope(w0)
-    return jnp.where(g0 > 0, jax.lax.fori_loop(0, newton_steps, body, w0), 0.0)
+    return jnp.where(g0 > 0, newton_iterate(body, w0, newton_steps, until_fixed), 0.0)
 
 
 def reference_update(intensity, phi, likelihood, kept: Kept, shared: Shared, n_shells: int, newton_steps: int = 30,
@@ -285,7 +302,7 @@ def mlem_update(intensity, phi, likelihood, kept: Kept, shared: Shared, n_shells
 
 
 def phi_update(intensity, phi, likelihood, kept: Kept, shared: Shared, n_shells: int, newton_steps: int = 40,
-               axis=None, tables=None, pair_signal=None, term_model=None):
+               axis=None, tables=None, pair_signal=None, term_model=None, until_fixed: bool = False):
     """Per-frame 1-D Poisson ML of phi >= 0 given the responsibilities (METHOD.md §7.3).
 
     Maximises sum_{kept r} P_dr [sum_t K_dt log(B_dt + phi W_rt) - phi S_dr] by Newton's method from phi = 0
@@ -293,7 +310,8 @@ def phi_update(intensity, phi, likelihood, kept: Kept, shared: Shared, n_shells:
     Frames without any kept weight (weight 0: rejected, other half set, padding) keep their phi.
     ``tables``: the rotation tables of ``intensity`` when the caller has them (the E-step's). Or, without
     tables, ``pair_signal`` (m,) S_dr of every kept pair and ``term_model`` (n,) W at every kept join pair
-    (emcjax.core.direct_mstep).
+    (emcjax.core.direct_mstep). ``until_fixed``: stop the Newton steps once none changes phi (same result, not
+    reverse-differentiable; :func:`newton_iterate`).
 
     Returns:
       ``(phi, used)``: the new, unnormalised phi of all frames and which frames were updated.
@@ -324,7 +342,7 @@ def phi_update(intensity, phi, likelihood, kept: Kept, shared: Shared, n_shells:
 
     p0 = jnp.zeros(n_frames, phi.dtype)
     g0, _ = grad(p0)
-    p = jnp.where(g0 > 0, jax.lax.fori_loop(0, newton_steps, body, p0), 0.0)
+    p = jnp.where(g0 > 0, newton_iterate(body, p0, newton_steps, until_fixed), 0.0)
     mass = jax.ops.segment_sum(kept.pair_prob, kept.pair_frame, num_segments=n_frames)
     p, mass = _psum(jnp.stack([jnp.where(mass > 0, p, 0.0), mass]), axis)
     used = mass > 0
