@@ -34,8 +34,10 @@ from emcjax.blocks import FrameSource, frame_arrays, rotation_set
 from emcjax.config import EMCConfig
 from emcjax.core import cut_signal
 from emcjax.core import direct as kernels
-from emcjax.core import direct_mstep
+from emcjax.core import direct_mstep, packed_photons
+from emcjax.core.full_search import record_rows
 from emcjax.core.arrays import BlockArrays, EMCState, PhotonArrays
+from emcjax.core.estep import local_phi
 from emcjax.core.step import Diagnostics, FrameStats, KeptRotations, StepSpec
 from emcjax.data import SparseDataset, SparseFrames, bucket_length
 from emcjax.detector import Detector
@@ -82,6 +84,7 @@ class DirectBlockData:
     rotations: np.ndarray  # (n_rot,) int64 sampling index (padding repeats the last)
     records: dict  # numpy: pixel, count, dead, background, valid (n_local, n_records)
     n_near: int = 0  # tabulated signal: most reflections near the sphere at one candidate (padded, static)
+    max_hits: int = 0  # most (row, candidate, record) in-peak triples of a chunk of record rows (packed_photons)
     _host: dict = dataclasses.field(default_factory=dict)
 
     def host(self, name: str) -> np.ndarray:
@@ -144,14 +147,24 @@ def build_direct_block(plan: DirectPlan, start: int, n_local: int) -> tuple[Dire
     reflections, n_near = None, 0
     if plan.signal == "tabulated":
         reflections, n_near = _frame_reflections(plan, quaternions, candidates, mask)
+    rows, row_frame = record_rows(records, packed_photons.ROW_LENGTH)
     arrays = kernels.DirectBlock(
         local=local,
         quaternions=jnp.asarray(quaternions, jnp.float32),
         log_prior=jnp.asarray(prior),
         records=kernels.Records(*(jnp.asarray(records[k]) for k in kernels.Records._fields)),
         frame_reflections=reflections,
+        rows=rows,
+        row_frame=row_frame,
     )
-    return DirectBlockData(start, n_local, arrays, padded, records, n_near), longest
+    hits = packed_photons.hit_counts(plan.geometry, arrays.quaternions, local.candidates, rows, row_frame)
+    max_hits = _bucket_hits(int(np.max(np.asarray(hits))))
+    return DirectBlockData(start, n_local, arrays, padded, records, n_near, max_hits), longest
+
+
+def _bucket_hits(n: int) -> int:
+    """``n`` in-peak triples rounded up to a multiple of 4096 (few compiled shapes), with 1 % slack."""
+    return max(4096, -(-int(n * 1.01 + 1) // 4096) * 4096)
 
 
 def _frame_reflections(plan: DirectPlan, quaternions: np.ndarray, candidates: np.ndarray, mask: np.ndarray):
@@ -298,8 +311,7 @@ def block_signal(plan: DirectPlan, intensity, quaternions: jax.Array, n_shells: 
         if plan.signal == "exact":
             parts.append(kernels.exact_signal(intensity, chunk, proj, plan.geometry, shape, h_max, n_box, n_shells)[0])
         else:
-            parts.append(cut_signal.tabulated_signal(table, chunk, proj, plan.cut, plan.geometry.shell, shape, h_max,
-                                                     n_shells)[0])
+            parts.append(cut_signal.tabulated_signal(table, chunk, proj, plan.cut, shape, h_max, n_shells)[0])
     return jnp.concatenate(parts)[:n_rot]
 
 
@@ -325,11 +337,11 @@ def direct_estep(problem: DirectProblem, intensity, phi, state: EMCState, spec: 
             local = block.arrays.local
             rot = crystal_from_lab(block.arrays.quaternions)[local.candidates]
             signal = cut_signal.near_frame_signal(table, rot, block.arrays.frame_reflections, local.masked_shells,
-                                                  plan.projection[0], plan.cut, plan.geometry.shell,
-                                                  plan.projection[1], block.n_near)
+                                                  plan.projection[0], plan.cut, plan.projection[1], block.n_near)
         clock = _lap(problem, "signal", clock, signal)
+        photon = _photon_terms(block, intensity, phi, state.likelihood, plan.geometry)
         result = kernels.estep_direct(intensity, phi, state.likelihood, state.hyper, plan.geometry, block.arrays,
-                                      signal, spec.max_kept)
+                                      signal, spec.max_kept, photon)
         clock = _lap(problem, "photons and posterior", clock, result)
         values = [np.asarray(v) for v in result.stats]
         values[2] = block.rotations[values[2]]
@@ -339,10 +351,14 @@ def direct_estep(problem: DirectProblem, intensity, phi, state: EMCState, spec: 
         frame, j = np.nonzero(prob > 0)
         slot = np.asarray(result.slot)[frame, j]
         cand = block.host("candidates")[frame, slot]
+        quaternion = block.host("quaternions")[cand]
+        n_pairs = 1 << max(frame.shape[0] - 1, 0).bit_length()  # few compiled shapes
+        inside = np.asarray(packed_photons.pair_inside(plan.geometry, np.resize(quaternion, (n_pairs, 4)),
+                                                       block.records["pixel"][np.resize(frame, n_pairs)]))
         pairs.append(BlockPairs(
             frame=block.start + frame, local_frame=frame, rotation=block.rotations[cand], prob=prob[frame, j],
-            signal=np.asarray(signal)[frame, slot], quaternion=block.host("quaternions")[cand],
-            inside=np.asarray(result.inside)[frame, j], records=block.records,
+            signal=np.asarray(signal)[frame, slot], quaternion=quaternion,
+            inside=inside[: frame.shape[0]], records=block.records,
             masked=block.host("masked_shells")[frame], background=block.host("background")[frame]))
         clock = _lap(problem, "kept pairs", clock, None)
     with_background = not state.likelihood.linear_zero_term
@@ -353,6 +369,20 @@ def direct_estep(problem: DirectProblem, intensity, phi, state: EMCState, spec: 
     kept, union = direct_kept(pairs, problem.detector.polarization, problem.n_shells, with_background)
     _lap(problem, "kept pairs", clock, None)
     return kept, union, stats
+
+
+def _photon_terms(block: DirectBlockData, intensity, phi, likelihood, geometry) -> jax.Array:
+    """(n_local, n_slots) photon terms of a block over its packed record rows (packed_photons), redone with
+    room for more in-peak triples if a chunk had more than ``block.max_hits`` (the sizes are set at set-up by
+    the same test; this only guards against float32 differences between compilations)."""
+    arrays = block.arrays
+    args = (intensity, local_phi(phi, arrays.local), likelihood, geometry, arrays.quaternions,
+            arrays.local.candidates, arrays.local.frame_start, arrays.rows, arrays.row_frame)
+    while True:
+        photon, hits = packed_photons.photon_terms(*args, block.max_hits)
+        if int(hits) <= block.max_hits:
+            return photon
+        block.max_hits = _bucket_hits(int(hits))
 
 
 def _lap(problem: DirectProblem, phase: str, clock: float, result) -> float:

@@ -43,7 +43,7 @@ def search_step(carry, offset, quats, intensity, table, phi_local, likelihood, g
     """One rotation chunk: S of its rotations (tabulated), L_dr of every frame, and the running (log-evidence,
     best L, best rotation) per frame (uniform prior over the chunk's rotations), and whether every two-pass
     step was complete."""
-    signal, _ = cut_signal.tabulated_signal(table, quats, proj, cut, geometry.shell, shape, h_max, n_shells)
+    signal, _ = cut_signal.tabulated_signal(table, quats, proj, cut, shape, h_max, n_shells)
     logl, complete = full_search.shared_log_likelihood(intensity, phi_local, likelihood, geometry, records, frames,
                                                        masked, crystal_from_lab(quats), signal, row_frame, max_hits)
     log_sum, best, best_index, all_complete = carry
@@ -76,8 +76,8 @@ def _steady(call, n_pieces: int, seconds: float) -> tuple[int, float]:
 
 
 @functools.partial(jax.jit, static_argnames=("shape", "h_max", "n_shells"))
-def signal_step(quats, table, proj, cut, shell, shape, h_max, n_shells):
-    return cut_signal.tabulated_signal(table, quats, proj, cut, shell, shape, h_max, n_shells)[0].sum()
+def signal_step(quats, table, proj, cut, shape, h_max, n_shells):
+    return cut_signal.tabulated_signal(table, quats, proj, cut, shape, h_max, n_shells)[0].sum()
 
 
 def _lap(label: str, start: float) -> float:
@@ -226,8 +226,8 @@ def main() -> None:
     print(f"peak test alone (arithmetic, no table reads, no model value, no signal), chunk {best}: first call "
           f"{first_s:.1f} s, {n_local * best * n_calls / elapsed:.3e} pairs/s; a photon lies inside a peak at "
           f"{hits:.2%} of the rotations (~ records incl. dead pixels)", flush=True)
-    signal_step(pieces[0], table, proj, cut, plan.geometry.shell, **static).block_until_ready()
-    n_calls, elapsed = _steady(lambda i: signal_step(pieces[i], table, proj, cut, plan.geometry.shell, **static),
+    signal_step(pieces[0], table, proj, cut, **static).block_until_ready()
+    n_calls, elapsed = _steady(lambda i: signal_step(pieces[i], table, proj, cut, **static),
                                pieces.shape[0], min(args.seconds, 2.0))
     signal_s = elapsed / (n_calls * best)
     print(f"signal alone: {signal_s * 1e6:.1f} µs per rotation ({signal_s * rate / n_local * 100:.1f}% of a step "

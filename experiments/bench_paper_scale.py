@@ -65,7 +65,7 @@ def signal_error(problem: direct.DirectProblem, intensity, n_rotations: int) -> 
     reflections = cut_signal.frame_reflection_lists(quats, jnp.zeros(quats.shape[0]), proj, cut, 1024)[0]
     rot = crystal_from_lab(quats)[:, None]
     no_mask = jnp.full((quats.shape[0], 1), problem.n_shells, jnp.int32)
-    approx = np.asarray(cut_signal.frame_signal(table, rot, reflections, no_mask, proj, cut, plan.geometry.shell, shape))[:, 0]
+    approx = np.asarray(cut_signal.frame_signal(table, rot, reflections, no_mask, proj, cut, shape))[:, 0]
     total = exact.sum(axis=1)
     rel = approx / total - 1.0
     return {"rotations": int(quats.shape[0]), "mean": float(rel.mean()), "sd": float(rel.std()),

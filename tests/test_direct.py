@@ -56,8 +56,9 @@ def test_log_likelihoods_equal_the_table_path(problems):
             rotation_tables(state.intensity, shared, table.n_shells), phi, state.likelihood, shared, local))
         signal = kernels.candidate_signal(
             direct.block_signal(fast.direct_plan, state.intensity, blk.arrays.quaternions, fast.n_shells), blk.arrays.local)
+        photon = direct._photon_terms(blk, state.intensity, phi, state.likelihood, fast.direct_plan.geometry)  # packed rows
         got = kernels.estep_direct(state.intensity, phi, state.likelihood, state.hyper, fast.direct_plan.geometry,
-                                   blk.arrays, signal, 8)
+                                   blk.arrays, signal, 8, photon)
         # same candidate slots: both number a frame's candidates by their position in the sorted block union
         mask = np.asarray(local.candidate_mask)
         np.testing.assert_array_equal(np.asarray(blk.arrays.local.candidate_mask), mask)
@@ -82,6 +83,55 @@ def test_same_model_after_three_iterations(listed, problems):
     np.testing.assert_allclose(p_d, p_t, rtol=1e-3, atol=1e-4)
     assert np.mean(b_d == b_t) > 0.95
     assert np.mean(b_d == truth["rotation_index"]) > 0.5
+
+
+def test_packed_photon_terms_equal_the_per_frame_ones(problems):
+    """Photon terms over packed record rows in two passes (emcjax.core.packed_photons) equal the per-frame
+    ones by model.locate (core.direct.photon_terms), and the kept pairs' in-peak records (pair_inside) equal
+    the per-frame E-step's; the hit capacity set at set-up held."""
+    import jax
+
+    from emcjax.core import packed_photons
+    from emcjax.core.estep import local_phi
+
+    _, fast = problems
+    config = emc.EMCConfig(block_frames=20)
+    state = emc.initial_state(fast, config, seed=1)
+    phi = np.pad(np.asarray(state.phi), (0, fast.n_padded - fast.n_frames))
+    geometry = fast.direct_plan.geometry
+    for blk in fast.direct_blocks:
+        arrays = blk.arrays
+        args = (state.intensity, local_phi(phi, arrays.local), state.likelihood, geometry)
+        expected = np.asarray(jax.jit(kernels.photon_terms)(*args, arrays))
+        got, hits = packed_photons.photon_terms(*args, arrays.quaternions, arrays.local.candidates,
+                                                arrays.local.frame_start, arrays.rows, arrays.row_frame, blk.max_hits)
+        assert 0 < int(hits) <= blk.max_hits
+        mask = np.asarray(arrays.local.candidate_mask)
+        assert np.count_nonzero(expected[mask]) > 0.5 * mask.sum()
+        np.testing.assert_allclose(np.asarray(got)[mask], expected[mask], rtol=1e-5, atol=1e-3)
+        signal = np.zeros(mask.shape, np.float32)
+        reference = kernels.estep_direct(state.intensity, phi, state.likelihood, state.hyper, geometry, arrays, signal, 8)
+        frame, j = np.nonzero(np.asarray(reference.prob) > 0)
+        quats = np.asarray(arrays.quaternions)[np.asarray(arrays.local.candidates)[frame, np.asarray(reference.slot)[frame, j]]]
+        inside = np.asarray(packed_photons.pair_inside(geometry, quats, blk.records["pixel"][frame]))
+        np.testing.assert_array_equal(inside, np.asarray(reference.inside)[frame, j])
+        assert inside[blk.records["valid"][frame]].mean() > 0.1
+
+
+def test_azimuth_within_its_error_bound():
+    """cut_signal.azimuth (a polynomial atan2) is within ATAN2_ERROR of the exact angle, in every quadrant and
+    on the axes."""
+    import jax.numpy as jnp
+
+    from emcjax.core import cut_signal
+
+    rng = np.random.default_rng(4)
+    y, x = rng.normal(size=(2, 200_000)).astype(np.float32) * rng.choice([1e-3, 1.0, 1e3], size=(2, 200_000))
+    y = np.concatenate([y, [0.0, 1.0, 0.0, -1.0, 2.0, -2.0]]).astype(np.float32)
+    x = np.concatenate([x, [1.0, 0.0, -1.0, 0.0, 2.0, -2.0]]).astype(np.float32)
+    got = np.asarray(cut_signal.azimuth(jnp.asarray(y), jnp.asarray(x)), np.float64)
+    error = np.angle(np.exp(1j * (got - np.arctan2(y.astype(np.float64), x.astype(np.float64)))))
+    assert np.abs(error).max() < cut_signal.ATAN2_ERROR
 
 
 def test_table_msteps_for_other_updates(problems):
@@ -161,7 +211,7 @@ def test_tabulated_signal_close_to_the_pixel_sum():
                            grid.tables, jnp.asarray(detector.q, jnp.float32))
     h_max = model_lib.bucket_count(int(np.max(np.asarray(model_lib.near_sphere_counts(quats, proj)))))
     exact = np.asarray(kernels.exact_signal(intensity, quats, proj, geo, shape, h_max, n_box, 10)[0]).sum(axis=1)
-    approx = np.asarray(cut_signal.tabulated_signal(table, quats, proj, cut, geo.shell, shape, h_max, 10)[0]).sum(axis=1)
+    approx = np.asarray(cut_signal.tabulated_signal(table, quats, proj, cut, shape, h_max, 10)[0]).sum(axis=1)
     relative = approx / exact - 1
     assert np.abs(relative).max() < 0.03, relative  # measured: 0.015
     assert np.corrcoef(approx, exact)[0, 1] > 0.995  # measured: 0.9995 (spread of S between rotations 14 %)
@@ -189,15 +239,14 @@ def test_near_reflection_signal_equals_the_dense_list():
     lists, counts = cut_signal.frame_reflection_lists(jnp.asarray(centre, jnp.float32), jnp.full(n_frames, reach),
                                                       proj, cut, 2048)
     assert int(np.max(np.asarray(counts))) <= 2048
-    shell = jnp.asarray(detector.shell, jnp.int32)
     masked = jnp.asarray([[10], [3], [10], [5]], jnp.int32)  # shell 10 (= n_shells) masks nothing
     near = np.asarray(cut_signal.near_counts(rot, lists, proj))
     k_max = -(-int(near.max()) // 32) * 32
     assert near.max() < 0.8 * np.asarray(counts).min()  # the frame lists hold reflections far from the sphere
-    dense = np.asarray(cut_signal.frame_signal(table, rot, lists, masked, proj, cut, shell, shape))
-    fast = np.asarray(cut_signal.near_frame_signal(table, rot, lists, masked, proj, cut, shell, shape, k_max))
+    dense = np.asarray(cut_signal.frame_signal(table, rot, lists, masked, proj, cut, shape))
+    fast = np.asarray(cut_signal.near_frame_signal(table, rot, lists, masked, proj, cut, shape, k_max))
     assert np.all(dense > 0)
     np.testing.assert_allclose(fast, dense, rtol=1e-5)
-    unmasked = np.asarray(cut_signal.near_frame_signal(table, rot, lists, jnp.full_like(masked, 10), proj, cut, shell,
-                                                        shape, k_max))
+    unmasked = np.asarray(cut_signal.near_frame_signal(table, rot, lists, jnp.full_like(masked, 10), proj, cut, shape,
+                                                        k_max))
     assert np.all(unmasked[[1, 3]] > fast[[1, 3]])  # the masked shells were left out

@@ -60,6 +60,7 @@ class DirectBlock(NamedTuple):
       records: the frames' photon and dead-pixel records.
       frame_reflections: (n_local, h) int32 reflections that can cut the Ewald sphere at any of the frame's
         candidates (the tabulated signal, emcjax.core.cut_signal), or None.
+      rows, row_frame: the same records packed in rows (emcjax.core.packed_photons), each row's local frame.
     """
 
     local: BlockArrays
@@ -67,6 +68,8 @@ class DirectBlock(NamedTuple):
     log_prior: jax.Array
     records: Records
     frame_reflections: jax.Array | None = None
+    rows: Records | None = None
+    row_frame: jax.Array | None = None
 
 
 def _in_peak(rot: jax.Array, q_lab: jax.Array, tables: model_lib.GridTables):
@@ -147,7 +150,8 @@ class DirectEStep(NamedTuple):
     Attributes:
       logl: (n_local, n_slots) float32 L_dr (no prior, no frame constant).
       slot, prob: (n_local, k) kept candidate slots and weight x probability (0 where pruned).
-      inside: (n_local, k, n_records) bool whether each record lies in a peak of the kept slot's rotation.
+      inside: (n_local, k, n_records) bool whether each record lies in a peak of the kept slot's rotation (None
+        with packed photon terms).
       stats: (log_likelihood, max_prob, best_rotation (block rotation index), n_kept), (n_local,) each.
     """
 
@@ -160,13 +164,17 @@ class DirectEStep(NamedTuple):
 
 @functools.partial(jax.jit, static_argnames=("k",))
 def estep_direct(intensity, phi, state_likelihood, hyper: Hyper, geometry: Geometry, block: DirectBlock,
-                 signal: jax.Array, k: int) -> DirectEStep:
+                 signal: jax.Array, k: int, photon: jax.Array | None = None) -> DirectEStep:
     """E-step of one block by direct photon-peak tests; ``signal`` (n_local, n_slots) the expected signal S_dr
     at phi = 1 of every candidate over the frame's valid shells (:func:`candidate_signal` of
-    :func:`exact_signal`, or emcjax.core.cut_signal.frame_signal)."""
+    :func:`exact_signal`, or emcjax.core.cut_signal.frame_signal); ``photon`` (n_local, n_slots) the photon
+    terms (emcjax.core.packed_photons.photon_terms; then ``inside`` is None: the caller tests the kept pairs'
+    records itself, packed_photons.pair_inside), else :func:`photon_terms` here."""
     local = block.local
     phi_local = local_phi(phi, local)
-    photon = photon_terms(intensity, phi_local, state_likelihood, geometry, block)
+    packed = photon
+    if photon is None:
+        photon = photon_terms(intensity, phi_local, state_likelihood, geometry, block)
     if not state_likelihood.linear_zero_term:
         raise NotImplementedError("the direct path needs a likelihood whose zero-count term is linear (Poisson)")
     zero = -phi_local[:, None] * signal
@@ -179,7 +187,10 @@ def estep_direct(intensity, phi, state_likelihood, hyper: Hyper, geometry: Geome
     log_likelihood = jnp.where(used, local.weight * (jnp.where(used, resp.log_evidence, 0.0) + constant), 0.0)
     rows = jnp.arange(local.candidates.shape[0])
     best = local.candidates[rows, resp.best_slot]
-    kept_rot = crystal_from_lab(block.quaternions)[local.candidates[rows[:, None], resp.slot]]  # (n_local, k, 3, 3)
-    refl, _, _ = _in_peak(kept_rot[:, :, None], geometry.q_lab[block.records.pixel][:, None, :], geometry.tables)
+    inside = None
+    if packed is None:
+        kept_rot = crystal_from_lab(block.quaternions)[local.candidates[rows[:, None], resp.slot]]  # (n_local, k, 3, 3)
+        refl, _, _ = _in_peak(kept_rot[:, :, None], geometry.q_lab[block.records.pixel][:, None, :], geometry.tables)
+        inside = refl >= 0
     stats = (log_likelihood, resp.max_prob, best, jnp.sum(resp.prob > 0, axis=1, dtype=jnp.int32))
-    return DirectEStep(logl, resp.slot, resp.prob * local.weight[:, None], refl >= 0, stats)
+    return DirectEStep(logl, resp.slot, resp.prob * local.weight[:, None], inside, stats)

@@ -46,17 +46,23 @@ def peak_test(q_crystal, tables: model_lib.GridTables):
     return frac, hkl, delta[0] * delta[0] + delta[1] * delta[1] + delta[2] * delta[2] <= tables.radius_sq
 
 
-def peak_value(q_crystal, tables: model_lib.GridTables, flat: jax.Array):
-    """Model value at crystal-frame points, elementwise: ``q_crystal`` a tuple of three broadcastable float32
-    arrays (1/Å), ``flat`` the padded model (model.pad_model). Returns ``(inside, value)``: whether each point
-    lies in a peak (model.locate's refl >= 0) and its trilinear model value (0 outside)."""
+def peak_reflection(q_crystal, tables: model_lib.GridTables):
+    """:func:`peak_test` and the reflection table's read, elementwise: ``(frac, hkl, inside, row)``, ``inside``
+    whether each point lies in a peak (model.locate's refl >= 0) and ``row`` that reflection (0 outside)."""
     frac, hkl, near = peak_test(q_crystal, tables)
     index = [hkl[i].astype(jnp.int32) - tables.hkl_min[i] for i in range(3)]
     for i, n in enumerate(tables.refl_lookup.shape):
         near = near & (index[i] >= 0) & (index[i] < n)
     refl = tables.refl_lookup[tuple(jnp.where(near, x, 0) for x in index)]
     inside = near & (refl >= 0)
-    row = jnp.where(inside, refl, 0)
+    return frac, hkl, inside, jnp.where(inside, refl, 0)
+
+
+def peak_value(q_crystal, tables: model_lib.GridTables, flat: jax.Array):
+    """Model value at crystal-frame points, elementwise: ``q_crystal`` a tuple of three broadcastable float32
+    arrays (1/Å), ``flat`` the padded model (model.pad_model). Returns ``(inside, value)``: whether each point
+    lies in a peak (model.locate's refl >= 0) and its trilinear model value (0 outside)."""
+    frac, hkl, inside, row = peak_reflection(q_crystal, tables)
     local = [tables.divisions[i] * (frac[i] - hkl[i]) for i in range(3)]
     base = [jnp.floor(x) for x in local]
     t = [x - y for x, y in zip(local, base)]
