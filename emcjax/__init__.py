@@ -16,25 +16,25 @@ images (emcjax.frontend): ``python -m emcjax.simulate_images``, ``python -m emcj
 
 from emcjax import heap as _heap
 
-_heap.single_arena()  # before JAX's threads allocate: blocks freed by one thread are reused by the next (emcjax.heap)
+_heap.single_arena()  # first, before JAX starts its threads: one heap arena for all of them (emcjax.heap)
 
-from emcjax.crystal import Crystal as Crystal  # noqa: E402
-from emcjax.data import SparseDataset as SparseDataset  # noqa: E402
-from emcjax.data import SparseFrames as SparseFrames  # noqa: E402
-from emcjax.data import write_dataset as write_dataset  # noqa: E402
-from emcjax.detector import DetectorGeometry as DetectorGeometry  # noqa: E402
-from emcjax.detector import make_detector as make_detector  # noqa: E402
-from emcjax.emc import EMCConfig as EMCConfig  # noqa: E402
-from emcjax.emc import EMCState as EMCState  # noqa: E402
-from emcjax.emc import initial_state as initial_state  # noqa: E402
-from emcjax.emc import init_state as init_state  # noqa: E402
-from emcjax.emc import iterate as iterate  # noqa: E402
-from emcjax.emc import make_step as make_step  # noqa: E402
-from emcjax.emc import setup_problem as setup_problem  # noqa: E402
-from emcjax.errors import EmcjaxError as EmcjaxError  # noqa: E402
-from emcjax.model import make_grid as make_grid  # noqa: E402
-from emcjax.rotations import crystal_from_lab as crystal_from_lab  # noqa: E402
-from emcjax.sampling_600cell import sample_600cell as sample_600cell  # noqa: E402
+from emcjax.crystal import Crystal as Crystal
+from emcjax.data import SparseDataset as SparseDataset
+from emcjax.data import SparseFrames as SparseFrames
+from emcjax.data import write_dataset as write_dataset
+from emcjax.detector import DetectorGeometry as DetectorGeometry
+from emcjax.detector import make_detector as make_detector
+from emcjax.emc import EMCConfig as EMCConfig
+from emcjax.emc import EMCState as EMCState
+from emcjax.emc import initial_state as initial_state
+from emcjax.emc import init_state as init_state
+from emcjax.emc import iterate as iterate
+from emcjax.emc import make_step as make_step
+from emcjax.emc import setup_problem as setup_problem
+from emcjax.errors import EmcjaxError as EmcjaxError
+from emcjax.model import make_grid as make_grid
+from emcjax.rotations import crystal_from_lab as crystal_from_lab
+from emcjax.sampling_600cell import sample_600cell as sample_600cell
 
 __version__ = "0.1.0"
 

@@ -4,11 +4,11 @@ A streamed iteration allocates and frees the same block-sized arrays (tens of MB
 host reads the next block in a worker thread while the devices work on the current one. With glibc's defaults
 each thread allocates from its own heap arena, freed memory is returned to the system (large chunks are
 ``mmap``-ed and ``munmap``-ed, the top of a heap is trimmed), and every block then touches fresh pages: on the
-200,000-frame streamed benchmark ~70,000 page faults per block and pass, ~40 % of an iteration's CPU time in
-the kernel zeroing pages and in the host code touching them (docs/BENCHMARKS.md). :func:`steady_heap` makes
-glibc keep and reuse that memory instead: one arena for all threads (a block the worker built is freed back
-where the next one is allocated), chunks below 1 GiB from the heap rather than ``mmap``, and no trimming below
-2 GiB of free heap. The process then holds its peak working set (about one more block than with trimming)
+200,000-frame streamed benchmark ~28,000 page faults per block and pass (14 M in the run), 28 % of the run's
+CPU time in the kernel (docs/BENCHMARKS.md). Instead glibc is made to keep and reuse that memory: one arena for
+all threads (:func:`single_arena`, set when emcjax is imported: a block the worker built is freed back where the
+next one is allocated) and, once a run works block by block (:func:`steady_heap`), chunks below 1 GiB from the
+heap rather than ``mmap`` and no trimming below 2 GiB of free heap. The process then holds its peak working set (about one more block than with trimming)
 instead of returning it between blocks.
 """
 
