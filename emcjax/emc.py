@@ -15,7 +15,6 @@ more reruns with a larger bucket (the step is pure, so the rerun starts from the
 
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
 import functools
 import time
@@ -173,16 +172,8 @@ def _blocks_with_data(problem: Problem):
         for block in problem.blocks:
             yield block, problem.block_data(block)
         return
-    heap.steady_heap()  # blocks built by the worker thread are freed into the heap the next one comes from
-    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as executor:
-        build = functools.partial(build_block, problem.plan, lengths=problem.lengths)
-        pending = executor.submit(build, problem.blocks[0])
-        for b, block in enumerate(problem.blocks):
-            data = pending.result()[0]
-            if b + 1 < len(problem.blocks):
-                pending = executor.submit(build, problem.blocks[b + 1])
-            yield block, data
-            del data
+    yield from heap.prefetched(lambda block: build_block(problem.plan, block, lengths=problem.lengths)[0],
+                               problem.blocks)
 
 
 class _Overflow(Exception):

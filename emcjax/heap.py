@@ -14,8 +14,10 @@ instead of returning it between blocks.
 
 from __future__ import annotations
 
+import concurrent.futures
 import ctypes
 import functools
+from collections.abc import Callable, Iterator, Sequence
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -3, -8  # glibc's mallopt parameters (malloc.h)
 KEEP_FREE_BYTES = 2**31 - 1  # free heap kept before glibc trims it (the largest a C int holds)
@@ -43,3 +45,17 @@ def steady_heap() -> bool:
     """Keeps freed memory for the next block (module docstring); ``True`` if set. Process-wide: it also
     applies to everything the process allocates afterwards."""
     return _mallopt((_M_MMAP_THRESHOLD, MMAP_BYTES), (_M_TRIM_THRESHOLD, KEEP_FREE_BYTES))
+
+
+def prefetched(build: Callable, blocks: Sequence) -> Iterator[tuple[object, object]]:
+    """Yields ``(block, build(block))`` for every block, the next one built by a worker thread while the caller
+    uses this one (with :func:`steady_heap`: the blocks freed here are reused for the next ones)."""
+    steady_heap()
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as executor:
+        pending = executor.submit(build, blocks[0])
+        for b, block in enumerate(blocks):
+            data = pending.result()
+            if b + 1 < len(blocks):
+                pending = executor.submit(build, blocks[b + 1])
+            yield block, data
+            del data

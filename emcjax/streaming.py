@@ -25,7 +25,6 @@ Poisson) take emcjax.emc's host iteration, which holds every block's kept pairs.
 
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
 import functools
 import os
@@ -246,16 +245,7 @@ def _record_block(plan: Plan, block: Block, lengths: tuple[int, int]) -> RecordB
 
 def _record_blocks(problem):
     """Yields (block, RecordBlock); the next block is read by a worker thread while the caller uses this one."""
-    build = functools.partial(_record_block, problem.plan, lengths=problem.lengths)
-    heap.steady_heap()  # one arena, freed blocks reused: no fresh pages (and page faults) per block
-    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as executor:
-        pending = executor.submit(build, problem.blocks[0])
-        for b, block in enumerate(problem.blocks):
-            data = pending.result()
-            if b + 1 < len(problem.blocks):
-                pending = executor.submit(build, problem.blocks[b + 1])
-            yield block, data
-            del data
+    return heap.prefetched(functools.partial(_record_block, problem.plan, lengths=problem.lengths), problem.blocks)
 
 
 def _squeeze(tree):
