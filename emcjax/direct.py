@@ -40,7 +40,7 @@ from emcjax.core.arrays import EMCState
 from emcjax.core.estep import local_phi
 from emcjax.core.step import Diagnostics, FrameStats, KeptRotations, StepSpec
 from emcjax.data import SparseDataset, SparseFrames, bucket_length
-from emcjax.direct_blocks import SHARED_ENTRIES, SIGNAL_CHUNK, DirectBlockData, DirectPlan, _bucket_hits
+from emcjax.direct_blocks import SHARED_ENTRIES, SIGNAL_CHUNK, DirectBlockData, DirectPlan, bucket_hits
 from emcjax.direct_blocks import build_direct_block
 from emcjax.direct_kept import BlockPairs, direct_kept, kept_from_direct
 from emcjax.errors import ConfigError
@@ -245,7 +245,7 @@ def _photon_terms(block: DirectBlockData, intensity, phi, likelihood, geometry) 
         photon, hits = packed_photons.photon_terms(*args, block.max_hits)
         if int(hits) <= block.max_hits:
             return photon
-        block.max_hits = _bucket_hits(int(hits))
+        block.max_hits = bucket_hits(int(hits))
 
 
 def _lap(problem: DirectProblem, phase: str, clock: float, result) -> float:

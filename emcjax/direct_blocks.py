@@ -133,11 +133,11 @@ def build_direct_block(plan: DirectPlan, start: int, n_local: int) -> tuple[Dire
         row_frame=row_frame,
     )
     hits = packed_photons.hit_counts(plan.geometry, arrays.quaternions, local.candidates, rows, row_frame)
-    max_hits = _bucket_hits(int(np.max(np.asarray(hits))))
+    max_hits = bucket_hits(int(np.max(np.asarray(hits))))
     return DirectBlockData(start, n_local, arrays, padded, records, n_near, max_hits), longest
 
 
-def _bucket_hits(n: int) -> int:
+def bucket_hits(n: int) -> int:
     """``n`` in-peak triples rounded up to a multiple of 4096 (few compiled shapes), with 1 % slack."""
     return max(4096, -(-int(n * 1.01 + 1) // 4096) * 4096)
 
