@@ -12,6 +12,7 @@ A *cell* is a (frame, candidate slot) pair of the block, flat index ``local_fram
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import NamedTuple
 
 import numpy as np
@@ -92,6 +93,14 @@ class EntryIndex:
     pixel_start: np.ndarray
     n_rot: int
 
+    @functools.cached_property
+    def by_key(self) -> tuple[np.ndarray, np.ndarray]:
+        """(entry ids sorted by rotation * n_pix + pixel, those keys sorted): the index by (rotation, pixel) that
+        :func:`build_join` looks frames' candidates up in (built on first use)."""
+        key = self.rotation * (self.pixel_start.shape[0] - 1) + self.pixel
+        order = np.argsort(key, kind="stable")
+        return order, key[order]
+
     @staticmethod
     def build(entry_pixel: np.ndarray, entry_rotation: np.ndarray, n_pix: int, n_rot: int) -> "EntryIndex":
         order = np.argsort(entry_pixel, kind="stable")
@@ -152,21 +161,12 @@ def build_join(
     n_frames, n_slots = candidates.shape
     rec = pixel_records(frames, detector, background)
     start = entries.pixel_start[rec.pixel]
-    pos, owner = ragged_ranges(start, entries.pixel_start[rec.pixel + 1] - start)
-    entry = entries.by_pixel[pos]
-    frame = rec.frame[owner]
-
-    # Slot of (frame, rotation): position of the rotation in the frame's sorted candidate list. Keys are
-    # frame * (n_rot + 1) + rotation, padding slots get rotation n_rot (sorted last, never matched).
-    stride = entries.n_rot + 1
-    cand_key = np.arange(n_frames)[:, None] * stride + np.where(candidate_mask, candidates, entries.n_rot)
-    slot_order = np.argsort(cand_key, axis=1, kind="stable")
-    sorted_keys = np.take_along_axis(cand_key, slot_order, axis=1).ravel()
-    key = frame * stride + entries.rotation[entry]
-    at = np.minimum(np.searchsorted(sorted_keys, key), sorted_keys.shape[0] - 1)
-    hit = sorted_keys[at] == key
-    cell = frame[hit] * n_slots + slot_order.ravel()[at[hit]]
-    entry, owner = entry[hit], owner[hit]
+    at_pixel = entries.pixel_start[rec.pixel + 1] - start
+    first = _first_slots(candidates, candidate_mask)
+    if rec.pixel.shape[0] * n_slots < int(at_pixel.sum()):  # few candidates per frame, many rotations per block
+        cell, entry, owner = _pairs_by_lookup(rec, entries, candidates, first)
+    else:
+        cell, entry, owner = _pairs_by_pixel(rec, entries, candidates, first, start, at_pixel)
     order = np.argsort(cell, kind="stable")
     cell, entry, owner = cell[order], entry[order], owner[order]
     cell_offsets = np.searchsorted(cell, np.arange(n_frames * n_slots + 1)).astype(np.int64)
@@ -179,6 +179,58 @@ def build_join(
         polarization=detector.polarization[rec.pixel[owner]].astype(np.float32),
     )
     return (join, cell_offsets, owner) if with_records else (join, cell_offsets)
+
+
+def _first_slots(candidates: np.ndarray, candidate_mask: np.ndarray) -> np.ndarray:
+    """(n_frames, n_slots) bool: the real slots whose rotation no earlier slot of the frame holds (a rotation
+    listed twice gets its pairs once, in its first slot)."""
+    prefix = np.all(candidate_mask[:, 1:] <= candidate_mask[:, :-1])
+    if prefix and np.all(~candidate_mask[:, 1:] | (np.diff(candidates, axis=1) > 0)):
+        return candidate_mask  # increasing lists (e.g. a full search's): no rotation twice
+    listed = np.where(candidate_mask, candidates, -1)
+    order = np.argsort(listed, axis=1, kind="stable")
+    ranked = np.take_along_axis(listed, order, axis=1)
+    repeat = np.zeros(candidates.shape, bool)
+    repeat[:, 1:] = ranked[:, 1:] == ranked[:, :-1]
+    first = np.empty(candidates.shape, bool)
+    np.put_along_axis(first, order, ~repeat, axis=1)
+    return first & candidate_mask
+
+
+def _pairs_by_pixel(rec: PixelRecords, entries: EntryIndex, candidates, first, start, at_pixel):
+    """(cell, entry, record) of the join, in record order: every entry at each record's pixel, kept when its
+    rotation is one of the frame's candidates (cheap when the block's rotations are the frames' candidates)."""
+    n_slots = candidates.shape[1]
+    pos, owner = ragged_ranges(start, at_pixel)
+    entry = entries.by_pixel[pos]
+    frame = rec.frame[owner]
+    # Keys are frame * (n_rot + 1) + rotation; other slots get rotation n_rot (sorted last, never matched).
+    stride = entries.n_rot + 1
+    cand_key = np.arange(candidates.shape[0])[:, None] * stride + np.where(first, candidates, entries.n_rot)
+    slot_order = np.argsort(cand_key, axis=1, kind="stable")
+    sorted_keys = np.take_along_axis(cand_key, slot_order, axis=1).ravel()
+    key = frame * stride + entries.rotation[entry]
+    at = np.minimum(np.searchsorted(sorted_keys, key), sorted_keys.shape[0] - 1)
+    hit = sorted_keys[at] == key
+    return frame[hit] * n_slots + slot_order.ravel()[at[hit]], entry[hit], owner[hit]
+
+
+def _pairs_by_lookup(rec: PixelRecords, entries: EntryIndex, candidates, first):
+    """:func:`_pairs_by_pixel`'s pairs, in record order, by looking each (record, candidate slot) up in the
+    entries by (rotation, pixel): cheap when a block holds many more rotations than a frame's candidates
+    (candidate lists that differ from frame to frame)."""
+    n_pix = entries.pixel_start.shape[0] - 1
+    n_slots = candidates.shape[1]
+    record = np.repeat(np.arange(rec.pixel.shape[0]), n_slots)
+    slot = np.tile(np.arange(n_slots), rec.pixel.shape[0])
+    keep = first[rec.frame[record], slot]
+    record, slot = record[keep], slot[keep]
+    frame = rec.frame[record]
+    by_key, sorted_key = entries.by_key
+    key = candidates[frame, slot] * n_pix + rec.pixel[record]
+    low = np.searchsorted(sorted_key, key, "left")
+    pos, query = ragged_ranges(low, np.searchsorted(sorted_key, key, "right") - low)
+    return frame[query] * n_slots + slot[query], by_key[pos], record[query]
 
 
 def all_rotations_join(records: PixelRecords, entries: EntryIndex, n_cells: int):
