@@ -7,6 +7,10 @@ does not explain, that background alone explains better than a crystal, or that 
 better (emcjax.merge.reject, emcjax.merge.evidence), and writes ``DIR/rejection.h5``: ``weights`` (0 = rejected; a
 frame-weights file for ``lowres --frame-weights``), ``flags`` (bitmask), the test statistics and the
 reasons. Prints the counts per reason (and, for simulated data, per true frame kind).
+
+The orientation the photon and evidence tests take for the frame's (first) crystal is the refined continuous
+``best_quaternion`` when the run saved one (emcjax.refinement), else the sampling rotation ``best_rotation``;
+the output says which (attribute ``first_orientation``).
 """
 
 from __future__ import annotations
@@ -50,13 +54,12 @@ class RejectConfig:
 def _unexplained(run: RunData, log) -> tuple[np.ndarray, np.ndarray]:
     from emcjax.data import SparseDataset
 
-    best = run.iteration["best_rotation"]
     observed, expected = np.zeros(run.n_frames), np.zeros(run.n_frames)
     with SparseDataset(run.data_path) as ds:
         for start in range(0, run.n_frames, READ_FRAMES):
             stop = min(start + READ_FRAMES, run.n_frames)
             frames = ds.read_block(start, stop)
-            o, e = observe.unexplained_photons(run.grid, run.detector, frames, run.quaternions(best[start:stop]))
+            o, e = observe.unexplained_photons(run.grid, run.detector, frames, run.best_quaternions(start, stop))
             observed[start:stop], expected[start:stop] = o, e
             log(f"photon test: {stop}/{run.n_frames} frames")
     return observed, expected
@@ -79,7 +82,6 @@ def _evidence(run: RunData, criteria: reject_lib.RejectionCriteria, used: np.nda
     scan = evidence_lib.ScanTables(run.grid, run.detector, intensity, reduced(scan_n))
     phi = np.asarray(run.iteration["phi"], np.float64)
     psi = criteria.evidence_scale * float(np.median(phi[used]))
-    best = run.iteration["best_rotation"]
     crystal, second = np.zeros(run.n_frames), np.zeros(run.n_frames)
     step = criteria.evidence_refine_step * 0.944 / run.sampling_n
     ops = run.crystal.rotation_ops_cartesian
@@ -87,7 +89,7 @@ def _evidence(run: RunData, criteria: reject_lib.RejectionCriteria, used: np.nda
     with SparseDataset(run.data_path) as ds:
         for start in range(0, run.n_frames, READ_FRAMES):
             stop = min(start + READ_FRAMES, run.n_frames)
-            frames, best_q = ds.read_block(start, stop), run.quaternions(best[start:stop])
+            frames, best_q = ds.read_block(start, stop), run.best_quaternions(start, stop)
             crystal[start:stop], second[start:stop] = evidence_lib.crystal_evidence(
                 run.grid, run.detector, frames, intensity, best_q, phi[start:stop], scan, ops, away, psi,
                 n_orientations)
@@ -114,6 +116,11 @@ def reject(config: RejectConfig, log=print) -> dict:
     it = run.iteration
     used = run.weights() > 0
     criteria = config.criteria
+    first_orientation = "best_quaternion" if run.has_refined_orientations else "best_rotation"
+    if config.photon_test or config.evidence_test:
+        log("first crystal's orientation: " + (
+            "the run's refined continuous orientations (best_quaternion)" if run.has_refined_orientations
+            else "the run's most likely sampling rotations (best_rotation)"))
     radius = criteria.cluster_angle * 0.944 / run.sampling_n
     if "kept_frame" in it:
         rotations, probs = reject_lib.per_frame_pairs(
@@ -153,6 +160,7 @@ def reject(config: RejectConfig, log=print) -> dict:
             f.attrs["reasons"] = ", ".join(f"{name}={bit}" for name, bit in reject_lib.REASONS.items())
             f.attrs["iteration"] = int(it.get("iteration", -1))
             f.attrs["drop"] = ", ".join(config.drop)
+            f.attrs["first_orientation"] = first_orientation
             for key, value in dataclasses.asdict(criteria).items():
                 f.attrs[key] = value
     counts = reject_lib.reason_counts(flags)

@@ -4,6 +4,8 @@ rotations of simulated frames moving to the truth, and the lowres switch end to 
 
 from __future__ import annotations
 
+import contextlib
+import io
 import math
 
 import h5py
@@ -143,12 +145,21 @@ def test_start_rotations_are_each_frames_most_probable():
     np.testing.assert_array_equal(starts, [[9, 7], [3, 3], [5, 5]])
 
 
-def test_lowres_switch_runs_refined_iterations(simulated, capsys):
-    root, data, problem, _ = simulated
+@pytest.fixture(scope="module")
+def refined_run(simulated):
+    """A two-iteration lowres run refining from iteration 2 (its directory and printed output)."""
+    root, data, _, _ = simulated
     out = root / "run"
-    lowres.main(["--data", str(data), "--out", str(out), "--iters", "2", "--emc.refine-orientations",
-                 "--emc.refine-start", "1", "--emc.refine-top-k", "1"])
-    printed = capsys.readouterr().out
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        lowres.main(["--data", str(data), "--out", str(out), "--iters", "2", "--emc.refine-orientations",
+                     "--emc.refine-start", "1", "--emc.refine-top-k", "1"])
+    return out, printed.getvalue()
+
+
+def test_lowres_switch_runs_refined_iterations(simulated, refined_run):
+    _, _, problem, _ = simulated
+    out, printed = refined_run
     assert "orientation refinement: from iteration 2" in printed and "iter 2/2" in printed
     first, second = runio.read_metrics(out)
     assert "refine_gain_median" not in first and second["refine_gain_median"] > 0
@@ -162,6 +173,42 @@ def test_lowres_switch_runs_refined_iterations(simulated, capsys):
     nearest = problem.sampling.quaternions[best]
     angle = np.degrees(scoring.orientation_errors(nearest, quaternion, np.eye(3)[None]))
     assert np.all(angle < np.degrees(0.944 / 6) + 1e-6)
+
+
+def test_reject_takes_the_refined_orientations_as_the_first_crystal(refined_run):
+    """emcjax.reject on a refined run: the first crystal's evidence is that of the saved best_quaternion, not
+    of the grid rotation best_rotation, and the output and rejection.h5 say so."""
+    from emcjax import reject
+    from emcjax.frontend.grid_orbits import grid_orbits
+    from emcjax.merge import evidence as evidence_lib
+    from emcjax.merge.rundata import load_run
+    from emcjax.sampling_600cell import sample_600cell
+
+    out, _ = refined_run
+    printed = []
+    reject.reject(reject.RejectConfig(run=out, photon_test=False), log=printed.append)
+    assert "first crystal's orientation: the run's refined continuous orientations (best_quaternion)" in printed
+    with h5py.File(out / reject.REJECTION_FILE) as f:
+        got, attr = f["crystal_evidence"][()], f.attrs["first_orientation"]
+    assert attr == "best_quaternion"
+
+    run = load_run(out)
+    sampling = sample_600cell(run.sampling_n)
+    n_orientations = grid_orbits(sampling, run.crystal.rotation_ops_cartesian).representative.shape[0]
+    phi = np.asarray(run.iteration["phi"], np.float64)
+    psi = reject.RejectConfig(run=out).criteria.evidence_scale * float(np.median(phi))
+    scan = evidence_lib.ScanTables(run.grid, run.detector, run.result.intensity, sampling.quaternions[:1])
+    with SparseDataset(run.data_path) as dataset:
+        frames = dataset.read_block(0, run.n_frames)
+
+    def crystal(quaternions):
+        return evidence_lib.crystal_evidence(run.grid, run.detector, frames, run.result.intensity, quaternions, phi,
+                                             scan, run.crystal.rotation_ops_cartesian, 0.0, psi, n_orientations)[0]
+
+    refined = crystal(run.iteration["best_quaternion"])
+    on_grid = crystal(sampling.quaternions[run.iteration["best_rotation"]])
+    np.testing.assert_allclose(got, refined, rtol=1e-5, atol=1e-3)
+    assert np.max(np.abs(refined - on_grid)) > 1.0  # nats: the refined orientation is not the grid rotation's
 
 
 def test_experiment_quick_size(tmp_path):

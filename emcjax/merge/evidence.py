@@ -15,6 +15,7 @@ no Laue-group rotation brings within ``radius`` of A (of a scan sampling, which 
 second crystal's photons fall on its own peaks, which the sum over its rotation finds even when they are
 too few to stand out as photons outside A's peaks.
 
+A is the run's refined continuous orientation (``best_quaternion``) when it saved one (emcjax.reject).
 The first crystal's orientation may be given refined off the grid (:func:`refine_first`: the best of A and
 26 rotations around it, by the frame's own log-likelihood ratio at its phi; emcjax.reject does so for the
 frames whose ``second`` with A is positive). With continuous true orientations the grid rotation A is ~2°

@@ -41,7 +41,7 @@ class RunData:
       sampling_n: 600-cell parameter of the sampling rotation indices refer to.
       result: the final model (``intensities.h5``).
       iteration: the arrays of the last ``iterations/NNN.h5`` (phi, best_rotation, best_probability and,
-        when written, kept_frame, kept_rotation, kept_prob).
+        when written, kept_frame, kept_rotation, kept_prob and the refined best_quaternion).
       frame_weights: (n_frames,) weights the run used (None: all 1).
       truth: the data set's truth, or None.
     """
@@ -71,6 +71,20 @@ class RunData:
         from emcjax.sampling_600cell import sample_600cell
 
         return sample_600cell(self.sampling_n).quaternions[np.asarray(rotation_index, np.int64)]
+
+    @property
+    def has_refined_orientations(self) -> bool:
+        """Whether the last iteration file holds ``best_quaternion`` (continuous orientations refined off the
+        grid, emcjax.refinement)."""
+        return "best_quaternion" in self.iteration
+
+    def best_quaternions(self, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """(stop - start, 4) float64 most likely orientation of frames ``start:stop``: the refined
+        ``best_quaternion`` when the run saved it, else the sampling rotation ``best_rotation``."""
+        stop = self.n_frames if stop is None else stop
+        if self.has_refined_orientations:
+            return np.asarray(self.iteration["best_quaternion"][start:stop], np.float64)
+        return self.quaternions(self.iteration["best_rotation"][start:stop])
 
 
 def last_iteration_file(run_dir: pathlib.Path) -> pathlib.Path:
