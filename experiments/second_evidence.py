@@ -2,6 +2,7 @@
 
     python experiments/second_evidence.py RUN_DIR [RUN_DIR ...]          # runs with rejection.h5 and a truth
     python experiments/second_evidence.py --simulate 3 4 5 --out /tmp/second_evidence   # small sets first
+    python experiments/second_evidence.py --simulate 4 --frames 30 --out /tmp/second_evidence-quick  # the test's
 
 For each finished run (``emcjax.reject`` done; simulated data) it recomputes the second-crystal log Bayes
 factor of every frame with three choices of the first crystal's orientation: the run's most likely grid
@@ -11,7 +12,8 @@ against the run's rejection.h5 when that was written with the refinement). It pr
 frames have positive evidence with each, and the photons the first crystal's predicted peaks leave
 (minus the background expected there) at A and at the truth. ``--simulate SEED ...``: first simulates
 the data set of experiments/pipeline.py (60 frames, continuous orientations, 5 % blank, 5 % two-crystal)
-with each seed and runs lowres (6 Å, 2 iterations, as the tutorial) and reject on it.
+with each seed (``--frames`` frames) and runs lowres (6 Å, 2 iterations, as the tutorial) and reject on it.
+A run that saved refined continuous orientations (``best_quaternion``) has them as A, as reject does.
 
 Small runs only (a Python loop over photons): ~10^2 frames.
 """
@@ -79,7 +81,10 @@ def off_peak_excess(run, frames, photons, quaternions) -> np.ndarray:
     return off_photons - np.sum(background * ~on, axis=1)
 
 
-def analyse(run_dir: pathlib.Path) -> dict:
+def analyse(run_dir: pathlib.Path) -> tuple[dict, float]:
+    """Prints the run's comparison; returns the counts per true frame kind ({kind: {choice: frames with second
+    evidence > 0, "frames": frames}}) and the largest |difference| (nats) of the recomputed evidence from the
+    run's rejection.h5 over the used frames."""
     from emcjax.merge.reject import RejectionCriteria
 
     run = load_run(run_dir)
@@ -102,7 +107,7 @@ def analyse(run_dir: pathlib.Path) -> dict:
     scan = ev.ScanTables(run.grid, run.detector, run.result.intensity,
                          sampling.quaternions[grid_orbits(sampling, ops).representative])
     away = max(criteria.cluster_angle * 0.944 / run.sampling_n, criteria.cluster_angle * 0.944 / criteria.evidence_rotation_n)
-    grid_q = run.quaternions(run.iteration["best_rotation"])
+    grid_q = run.best_quaternions()  # what reject takes: the grid rotation, or the run's refined orientation
     step = (stored_step or 0.5) * 0.944 / run.sampling_n
     refined_q = ev.refine_first(run.grid, run.detector, frames, run.result.intensity, grid_q, phi, step)
     second = {name: second_evidence(run, frames, photons, scan, q, phi, psi, away)
@@ -111,8 +116,9 @@ def analyse(run_dir: pathlib.Path) -> dict:
     second["reject"] = np.where(second["A"] > 0, second["refined"], second["A"])
     # what reject stores: A, or with --criteria.evidence-refine-step > 0 the refined one where A's is positive
     expected = second["reject"] if stored_step > 0 else second["A"]
+    difference = float(np.nanmax(np.abs(expected - stored)[used]))
     print(f"{run_dir}: second evidence recomputed vs rejection.h5 (refine step {stored_step}): max |difference| "
-          f"{np.nanmax(np.abs(expected - stored)[used]):.2g} nats")
+          f"{difference:.2g} nats")
     errors = {name: np.degrees(symmetric_misorientation(q, true_q, ops)) for name, q in (("A", grid_q), ("refined", refined_q))}
     good = used & (kind == 0)
     print(f"  one-crystal frames: median orientation error A {np.median(errors['A'][good]):.2f}°, refined "
@@ -132,21 +138,23 @@ def analyse(run_dir: pathlib.Path) -> dict:
         print("  one-crystal frames flagged with A or refined: frame, phi / median, second evidence A / truth / refined: " + "; ".join(
             f"{d} {phi[d] / np.median(phi[used]):.2f} {second['A'][d]:.1f}/{second['truth'][d]:.1f}/{second['refined'][d]:.1f}"
             for d in flagged))
-    return counts
+    return counts, difference
 
 
-def simulate_and_run(seed: int, out: pathlib.Path) -> pathlib.Path:
-    """experiments/pipeline.py's data set with ``seed`` (60 frames), lowres at 6 Å (2 iterations), reject."""
+def simulate_and_run(seed: int, out: pathlib.Path, frames: int = 60) -> pathlib.Path:
+    """experiments/pipeline.py's data set with ``seed`` (``frames`` frames), lowres at 6 Å (2 iterations),
+    reject."""
     sys.path.insert(0, str(ROOT / "experiments"))
     from pipeline import simulation
 
     from emcjax import emc, lowres, reject, simulate
 
     out.mkdir(parents=True, exist_ok=True)
-    data = out / f"data-{seed}.h5"
+    suffix = "" if frames == 60 else f"-{frames}"
+    data = out / f"data-{seed}{suffix}.h5"
     if not data.exists():
-        simulate.write(simulation(data, 60, seed=seed))
-    run_dir = out / f"lowres-{seed}"
+        simulate.write(simulation(data, frames, seed=seed))
+    run_dir = out / f"lowres-{seed}{suffix}"
     if not (run_dir / "rejection.h5").exists():
         lowres.run(lowres.LowresConfig(data=data, out=run_dir, iters=2, seed=seed,
                                        emc=emc.EMCConfig(vn=5, d_min=6.0)), log=lambda s: None)
@@ -154,16 +162,20 @@ def simulate_and_run(seed: int, out: pathlib.Path) -> pathlib.Path:
     return run_dir
 
 
-def main() -> None:
+def main(argv=None) -> dict:
+    """Runs the comparison; returns {run directory: (counts, max |difference| from rejection.h5)}."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("runs", nargs="*", type=pathlib.Path)
     parser.add_argument("--simulate", nargs="*", type=int, default=[], metavar="SEED")
+    parser.add_argument("--frames", type=int, default=60, help="frames of each --simulate data set")
     parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("/tmp/emcjax-second-evidence"))
-    args = parser.parse_args()
-    runs = list(args.runs) + [simulate_and_run(seed, args.out) for seed in args.simulate]
+    args = parser.parse_args(argv)
+    runs = list(args.runs) + [simulate_and_run(seed, args.out, args.frames) for seed in args.simulate]
     totals: dict = {}
+    results = {}
     for run_dir in runs:
-        for label, row in analyse(run_dir).items():
+        results[run_dir] = analyse(run_dir)
+        for label, row in results[run_dir][0].items():
             for key, value in row.items():
                 totals.setdefault(label, {}).setdefault(key, 0)
                 totals[label][key] += value
@@ -171,6 +183,7 @@ def main() -> None:
         print("all runs: " + "; ".join(
             f"{label}: " + ", ".join(f"{k} {v}/{row['frames']}" for k, v in row.items() if k != "frames")
             for label, row in totals.items()))
+    return results
 
 
 if __name__ == "__main__":
