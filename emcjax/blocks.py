@@ -207,7 +207,9 @@ def frame_arrays(plan, frames: SparseFrames, start: int, n_local: int):
     return masked, background, weight, rec, photons
 
 
-def _pad_photons(photons: PhotonArrays, length: int, n_local: int) -> PhotonArrays:
+def pad_photons(photons: PhotonArrays, length: int, n_local: int) -> PhotonArrays:
+    """``photons`` padded to ``length`` records with zero-count, non-dead records of background 1 on the
+    block's last local frame (``n_local - 1``), which add nothing to any sum."""
     pad = length - photons.frame.shape[0]
     fill = {"frame": n_local - 1, "count": 0.0, "dead": 0.0, "background": 1.0, "shell": 0}
     return PhotonArrays(**{k: np.concatenate([v, np.full(pad, fill[k], v.dtype)]) for k, v in photons._asdict().items()})
@@ -235,6 +237,6 @@ def build_block(plan: Plan, block: Block, lengths: tuple[int, int] | None = None
         masked_shells=stack([p[0][2] for p in parts]),
         background=stack([p[0][3] for p in parts]),
         weight=stack([p[0][4] for p in parts]),
-        photons=parallel.stack_tree(plan.mesh, [_pad_photons(p[2], lengths[1], block.n_local) for p in parts]),
+        photons=parallel.stack_tree(plan.mesh, [pad_photons(p[2], lengths[1], block.n_local) for p in parts]),
     )
     return BlockData(arrays, rotations), lengths

@@ -44,7 +44,7 @@ from emcjax.direct_blocks import SHARED_ENTRIES, SIGNAL_CHUNK, DirectBlockData, 
 from emcjax.direct_blocks import build_direct_block
 from emcjax.direct_kept import BlockPairs, direct_kept, kept_from_direct
 from emcjax.errors import ConfigError
-from emcjax.problem import Problem, _frame_counts, _geometry, geometry_setup
+from emcjax.problem import Problem, frame_photon_counts, geometry_setup, replicated_geometry
 from emcjax.rotations import crystal_from_lab
 from emcjax.sampling_index import SampledRotations
 
@@ -115,7 +115,7 @@ def setup_direct(dataset: SparseDataset, config: EMCConfig, frames: SparseFrames
     n_frames = source.n_frames
     n_slots = max(int(np.diff(offsets).max()), 1)
     background = source.background()
-    geometry_arrays = _geometry(mesh, detector, grid)
+    geometry_arrays = replicated_geometry(mesh, detector, grid)
     geometry = kernels.Geometry(
         polarization=jnp.asarray(detector.polarization, jnp.float32), shell=jnp.asarray(detector.shell, jnp.int32),
         tables=grid.tables, q_lab=jnp.asarray(detector.q, jnp.float32),
@@ -137,7 +137,7 @@ def setup_direct(dataset: SparseDataset, config: EMCConfig, frames: SparseFrames
     counts = np.zeros((2, n_frames))
     for b in range(n_blocks):
         start, stop = b * per_block, min((b + 1) * per_block, n_frames)
-        counts[:, start:stop] = _frame_counts(plan, start, stop)
+        counts[:, start:stop] = frame_photon_counts(plan, start, stop)
     return DirectProblem(
         detector=detector, grid=grid, sampling=sampling, rotations=blocks[0].rotations, mesh=mesh,
         geometry=geometry_arrays, rotation_set=None, blocks=[], batch=None, n_frames=n_frames,
@@ -306,19 +306,19 @@ def iteration(problem: DirectProblem, state: EMCState, spec: StepSpec):
 
 def _table_iteration(problem: DirectProblem, state: EMCState, spec: StepSpec, phi):
     """:func:`iteration` with the table path's M-steps on the kept rotations' in-peak entries."""
-    from emcjax.emc import _mstep_kernel  # the M-step kernels of the table path, unchanged
+    from emcjax.emc import mstep_kernel  # the M-step kernels of the table path, unchanged
 
     kept, kept_set, first = direct_estep(problem, state.intensity, phi, state, spec, entries=True)
     shared = kept_set.shared(problem.geometry)
     clock = _start(problem)
-    intensity = _mstep_kernel(problem.mesh, spec, "intensity")(state.intensity, phi, state.likelihood, kept, shared)
+    intensity = mstep_kernel(problem.mesh, spec, "intensity")(state.intensity, phi, state.likelihood, kept, shared)
     _lap(problem, "M-steps", clock, intensity)
     last = first
     if spec.update_phi:
         kept, kept_set, last = direct_estep(problem, intensity, phi, state, spec, entries=True)
         shared = kept_set.shared(problem.geometry)
         clock = _start(problem)
-        intensity, phi = _mstep_kernel(problem.mesh, spec, "phi")(intensity, phi, state.likelihood, kept, shared)
+        intensity, phi = mstep_kernel(problem.mesh, spec, "phi")(intensity, phi, state.likelihood, kept, shared)
         _lap(problem, "M-steps", clock, phi)
     new = state._replace(iteration=state.iteration + 1, intensity=intensity, phi=phi[: problem.n_frames])
     pairs = KeptRotations(*(parallel.host_array(x).ravel() for x in (kept.pair_frame, kept.pair_rotation, kept.pair_prob)))

@@ -144,7 +144,9 @@ def _block_kernel(mesh: Mesh, spec: StepSpec):
 
 
 @functools.lru_cache(maxsize=None)
-def _mstep_kernel(mesh: Mesh, spec: StepSpec, which: str):
+def mstep_kernel(mesh: Mesh, spec: StepSpec, which: str):
+    """The jitted, sharded M-step of ``which`` ("intensity" or "phi") from the kept pairs: a function of
+    (intensity, phi, likelihood, kept, shared) giving the new model or phi (cached per mesh and spec)."""
     spec = dataclasses.replace(spec, axis=parallel.AXIS)
 
     def local(intensity, phi, likelihood, kept, shared):
@@ -264,12 +266,12 @@ def _host_iteration(problem: Problem, state: EMCState, spec: StepSpec):
     phi = jnp.pad(state.phi, (0, n_pad))
     kept, kept_set, first = _host_estep(problem, state.intensity, phi, state, spec)
     shared = kept_set.shared(problem.geometry)
-    intensity = _mstep_kernel(problem.mesh, spec, "intensity")(state.intensity, phi, state.likelihood, kept, shared)
+    intensity = mstep_kernel(problem.mesh, spec, "intensity")(state.intensity, phi, state.likelihood, kept, shared)
     last = first
     if spec.update_phi:
         kept, kept_set, last = _host_estep(problem, intensity, phi, state, spec)
         shared = kept_set.shared(problem.geometry)
-        intensity, phi = _mstep_kernel(problem.mesh, spec, "phi")(intensity, phi, state.likelihood, kept, shared)
+        intensity, phi = mstep_kernel(problem.mesh, spec, "phi")(intensity, phi, state.likelihood, kept, shared)
     likelihood = state.likelihood
     if spec.refine_background:
         totals = tuple(parallel.replicate(problem.mesh, np.pad(x, (0, n_pad)).astype(np.float32))
@@ -342,14 +344,14 @@ def estep(problem: Problem, state: EMCState, config: EMCConfig) -> EStep:
 def update_intensity(problem: Problem, state: EMCState, result: EStep, config: EMCConfig) -> jax.Array:
     """Intensity M-step with the configured rule on the kept pairs of an E-step."""
     phi = jnp.pad(state.phi, (0, problem.n_padded - problem.n_frames))
-    kernel = _mstep_kernel(problem.mesh, problem.spec(config), "intensity")
+    kernel = mstep_kernel(problem.mesh, problem.spec(config), "intensity")
     return kernel(state.intensity, phi, state.likelihood, result.kept, result.rotation_set.shared(problem.geometry))
 
 
 def update_phi(problem: Problem, state: EMCState, result: EStep, config: EMCConfig) -> tuple[jax.Array, jax.Array]:
     """phi M-step and the mean-1 normalisation (inverse factor on the model): (intensity, phi)."""
     phi = jnp.pad(state.phi, (0, problem.n_padded - problem.n_frames))
-    kernel = _mstep_kernel(problem.mesh, problem.spec(config), "phi")
+    kernel = mstep_kernel(problem.mesh, problem.spec(config), "phi")
     intensity, phi = kernel(state.intensity, phi, state.likelihood, result.kept, result.rotation_set.shared(problem.geometry))
     return intensity, phi[: problem.n_frames]
 

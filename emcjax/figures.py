@@ -23,7 +23,8 @@ from emcjax.atomic_files import atomic_path  # noqa: E402
 FIGURES_DIR = "figures"
 
 
-def _save(fig: Figure, path: pathlib.Path) -> pathlib.Path:
+def save_figure(fig: Figure, path: pathlib.Path) -> pathlib.Path:
+    """Writes ``fig`` as a PNG (110 dpi) to ``path`` atomically, closes it and returns ``path``."""
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
     plt.close(fig)
@@ -62,7 +63,7 @@ def plot_convergence(records: Sequence[Mapping[str, Any]], path: str | os.PathLi
         if key == "cc_true" and y.size:
             ax.set_ylim(min(0.0, float(y.min())), 1.0)
     fig.tight_layout()
-    return _save(fig, pathlib.Path(path))
+    return save_figure(fig, pathlib.Path(path))
 
 
 def plot_sections(
@@ -106,7 +107,7 @@ def plot_sections(
         ax.grid(alpha=0.2)
     if scatter is not None:
         fig.colorbar(scatter, ax=list(axes), label="log10 integrated intensity", shrink=0.85)
-    return _save(fig, pathlib.Path(path))
+    return save_figure(fig, pathlib.Path(path))
 
 
 def plot_cc_true(integrated: np.ndarray, true_integrated: np.ndarray, path: str | os.PathLike) -> pathlib.Path:
@@ -138,7 +139,7 @@ def plot_cc_true(integrated: np.ndarray, true_integrated: np.ndarray, path: str 
     ax.set_ylabel("recovered integrated intensity")
     ax.set_title(f"CC = {cc:.4f} ({a.size} unique reflections)")
     ax.grid(alpha=0.3)
-    return _save(fig, pathlib.Path(path))
+    return save_figure(fig, pathlib.Path(path))
 
 
 def draw_all(

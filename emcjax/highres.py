@@ -109,7 +109,7 @@ def run(config: HighresConfig, log=print) -> dict:
         attrs={"iteration": int(state.iteration), "data": os.fspath(source.data_path),
                "lowres_run": os.fspath(source.run_dir.absolute()), "resolution_A": config.resolution},
     )
-    lowres._draw(out, records, problem, state)
+    lowres.draw_run_figures(out, records, problem, state)
     log(f"done: {out} (iteration {int(state.iteration)})")
     return final
 

@@ -96,7 +96,7 @@ def run_iterations(config, emc_config, problem, state, manager, meta, records, m
         if main_process:
             log(progress_line(record, config.iters, eta, at_most=bool(stop_model_change)))
         if main_process and config.figures_every and iteration % config.figures_every == 0 and iteration < config.iters:
-            _draw(out, records, problem, state)
+            draw_run_figures(out, records, problem, state)
         if converged:
             log(f"converged: relative model change {metrics['model_change']:.2e} < {stop_model_change:g} at "
                 f"iteration {iteration} (of at most {config.iters}); stopping")
@@ -115,7 +115,9 @@ def _restore_refinement(refiner, out: pathlib.Path, iteration: int, log) -> None
         refiner.restore(arrays)
 
 
-def _draw(out: pathlib.Path, records: list[dict], problem, state) -> None:
+def draw_run_figures(out: pathlib.Path, records: list[dict], problem, state) -> None:
+    """Draws the run's PNG figures into ``out`` (emcjax.figures.draw_all): the per-iteration metrics of
+    ``records`` and the integrated model of ``state`` (against the truth's, for simulated data)."""
     from emcjax import figures as figures_lib  # matplotlib: imported when the first figure is drawn
 
     truth = getattr(problem, "truth", None)

@@ -29,7 +29,7 @@ from emcjax import emc as emc_lib
 from emcjax import demo as demo_lib
 from emcjax.demo import DemoConfig, cache_dir, demo_path, ensure_demo  # noqa: F401 (part of this module's API)
 from emcjax.errors import ConfigError, DataError
-from emcjax.iteration_loop import _draw, progress_line, run_iterations
+from emcjax.iteration_loop import draw_run_figures, progress_line, run_iterations
 from emcjax.lowres_config import DistributedConfig, LowresConfig
 from emcjax.merge import halves
 
@@ -217,7 +217,7 @@ def run(config: LowresConfig, log=print) -> dict:
                 out, np.asarray(state.intensity), problem.grid.asu.hkl, problem.integrated(state.intensity),
                 np.asarray(state.phi), attrs={"iteration": int(state.iteration), "data": os.fspath(data_path)},
             )
-            _draw(out, records, problem, state)
+            draw_run_figures(out, records, problem, state)
             log(f"done: {out} (iteration {int(state.iteration)})")
     return dict(records[-1]) if records else {"iteration": int(state.iteration)}
 

@@ -161,7 +161,7 @@ def correlation_by_hkl(hkl_a, values_a, hkl_b, values_b) -> float:
     return float(np.corrcoef(np.asarray(values_a)[ia], np.asarray(values_b)[ib])[0, 1])
 
 
-def _frame_counts(plan: Plan, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+def frame_photon_counts(plan: Plan, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
     """Photons and expected background photons (float64) of the frames [start, stop)."""
     frames = plan.source.read(start, stop)
     background = plan.background[start : start + frames.n_frames]
@@ -302,7 +302,7 @@ def setup_problem(dataset: SparseDataset, config: EMCConfig, frames: SparseFrame
                 data = build_block(plan, block, lengths)[0]
             block.resident = data
     del built
-    geometry_arrays = _geometry(mesh, detector, grid)
+    geometry_arrays = replicated_geometry(mesh, detector, grid)
     batch = None
     if problem_set is not None and not config.stream:
         batch = Batch(problem_set.shared(geometry_arrays), _stack_blocks(mesh, [b.resident.arrays for b in blocks]))
@@ -314,7 +314,7 @@ def setup_problem(dataset: SparseDataset, config: EMCConfig, frames: SparseFrame
             start = block.start + i * n_local
             if start < n_frames:
                 stop = min(start + n_local, n_frames)
-                counts[:, start:stop] = _frame_counts(plan, start, stop)
+                counts[:, start:stop] = frame_photon_counts(plan, start, stop)
     counts = parallel.gather_frames(mesh, [counts.T], [0], n_frames).T
     first_rotations = problem_set.rotations if problem_set is not None else blocks[0].rotations
     return Problem(
@@ -327,7 +327,9 @@ def setup_problem(dataset: SparseDataset, config: EMCConfig, frames: SparseFrame
     )
 
 
-def _geometry(mesh: Mesh, detector: Detector, grid) -> Shared:
+def replicated_geometry(mesh: Mesh, detector: Detector, grid) -> Shared:
+    """The detector's polarization (float32) and shell (int32) per valid pixel and the grid's tables,
+    replicated on every device of ``mesh``, as a :class:`Shared` without entry tables or log prior."""
     replicate = functools.partial(jax.tree.map, lambda x: parallel.replicate(mesh, np.asarray(x)))
     return Shared(
         entries=None,

@@ -143,14 +143,16 @@ def _vertices_600cell() -> np.ndarray:
     return np.array(verts, dtype=np.float64)
 
 
-def _exact_to_float(v_int: np.ndarray, denom: float) -> np.ndarray:
+def exact_to_float(v_int: np.ndarray, denom: float) -> np.ndarray:
     """``(..., 4, 2)`` or ``(..., 8)`` exact ``(a, b)`` pairs -> ``(..., 4)`` float ``(a + τ b) / denom``."""
     v = v_int.reshape(v_int.shape[:-2] + (8,)) if v_int.shape[-2:] == (4, 2) else v_int
     return (v[..., 0::2] + TAU * v[..., 1::2]) / denom
 
 
 @dataclasses.dataclass(frozen=True)
-class _Polytope:
+class Polytope600Cell:
+    """Vertices, edges, faces and cells of the 600-cell (:func:`polytope_600cell`)."""
+
     vert_int: np.ndarray  # (120, 8) exact (a, b) pairs, value (a + b τ)/2
     vert: np.ndarray  # (120, 4) float
     edges: np.ndarray  # (720, 2) sorted vertex indices, lexicographic order
@@ -162,10 +164,10 @@ class _Polytope:
     cell_vsum: np.ndarray  # (600, 4)
 
 
-_POLYTOPE: _Polytope | None = None
+_POLYTOPE: Polytope600Cell | None = None
 
 
-def _polytope() -> _Polytope:
+def polytope_600cell() -> Polytope600Cell:
     """Vertices, edges, faces and cells of the 600-cell, numbered and ordered as the reference does.
 
     Edges/faces/cells are all sets of mutually adjacent vertices (adjacent = nearest-neighbour distance
@@ -180,7 +182,7 @@ def _polytope() -> _Polytope:
     if _POLYTOPE is not None:
         return _POLYTOPE
     vert_int = _vertices_600cell().reshape(120, 8)
-    vert = _exact_to_float(vert_int, 2.0)
+    vert = exact_to_float(vert_int, 2.0)
     d2 = np.sum((vert[:, None, :] - vert[None, :, :]) ** 2, axis=-1)
     np.fill_diagonal(d2, np.inf)
     adj = d2 < d2.min() + 1e-6
@@ -209,7 +211,7 @@ def _polytope() -> _Polytope:
     c3 = np.argmax(common2 & adj[c2] & (idx[None, :] > c2[:, None]), axis=1)
     edge_cell_vsum = vert[ei] + vert[ej] + vert[c2] + vert[c3]
 
-    _POLYTOPE = _Polytope(
+    _POLYTOPE = Polytope600Cell(
         vert_int=vert_int,
         vert=vert,
         edges=edges,
@@ -223,7 +225,7 @@ def _polytope() -> _Polytope:
     return _POLYTOPE
 
 
-def _interior_lattice(dim: int, n: int) -> np.ndarray:
+def interior_lattice(dim: int, n: int) -> np.ndarray:
     """Integer barycentric weights of the interior lattice points of an n-subdivided simplex.
 
     Args:
@@ -280,7 +282,7 @@ def sample_600cell(n: int, *, chunk_points: int = 1 << 22) -> RotationSampling:
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
         raise ConfigError(f"sample_600cell: n must be a positive integer, got {n!r}")
     n = int(n)
-    poly = _polytope()
+    poly = polytope_600cell()
     n_rot = n_rotations_600cell(n)
     quats = np.empty((n_rot, 4), dtype=np.float64)
     weights = np.empty(n_rot, dtype=np.float64)
@@ -294,7 +296,7 @@ def sample_600cell(n: int, *, chunk_points: int = 1 << 22) -> RotationSampling:
     ]
     for simplices, vsum, factor in categories:
         dim = simplices.shape[1] - 1
-        bary = _interior_lattice(dim, n).astype(np.float64)  # (n_pts, dim+1)
+        bary = interior_lattice(dim, n).astype(np.float64)  # (n_pts, dim+1)
         n_pts = bary.shape[0]
         if n_pts == 0:
             continue
@@ -308,7 +310,7 @@ def sample_600cell(n: int, *, chunk_points: int = 1 << 22) -> RotationSampling:
             first = np.argmax(nonzero, axis=-1)
             keep = np.take_along_axis(p_int, first[..., None], axis=-1)[..., 0] > 0
             s_idx, p_idx = np.nonzero(keep)  # row-major: simplex outer, lattice point inner
-            v_q = _exact_to_float(p_int[s_idx, p_idx], 2.0 * n)  # (m, 4)
+            v_q = exact_to_float(p_int[s_idx, p_idx], 2.0 * n)  # (m, 4)
             del p_int, nonzero, first, keep
             norm_q = np.linalg.norm(v_q, axis=1)
             v_c = vsum[s0 + s_idx]

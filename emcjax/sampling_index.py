@@ -19,7 +19,7 @@ from __future__ import annotations
 import numpy as np
 
 from emcjax.errors import ConfigError
-from emcjax.sampling_600cell import _exact_to_float, _interior_lattice, _polytope, n_rotations_600cell
+from emcjax.sampling_600cell import exact_to_float, interior_lattice, polytope_600cell, n_rotations_600cell
 
 
 def _kept(bary: np.ndarray, vert_int: np.ndarray) -> np.ndarray:
@@ -61,7 +61,7 @@ class SampledRotations:
             raise ConfigError(f"SampledRotations: n must be a positive integer, got {n!r}")
         self.n = int(n)
         self.n_rot = n_rotations_600cell(self.n)
-        poly = _polytope()
+        poly = polytope_600cell()
         self._categories = []
         starts, counts, total_weight = [], [], 0.0
         for simplices, vsum, factor in (
@@ -70,7 +70,7 @@ class SampledRotations:
             (poly.faces, poly.face_cell_vsum, 1.0),
             (poly.cells, poly.cell_vsum, 1.0),
         ):
-            bary = _interior_lattice(simplices.shape[1] - 1, self.n).astype(np.float64)
+            bary = interior_lattice(simplices.shape[1] - 1, self.n).astype(np.float64)
             if bary.shape[0] == 0:
                 continue
             per = np.zeros(simplices.shape[0], np.int64)
@@ -92,7 +92,7 @@ class SampledRotations:
         self.log_weights = _Lookup(lambda idx: self._lookup(idx)[1])
 
     def _weights(self, bary, vert_int, vsum, factor):
-        v_q = _exact_to_float(np.matmul(bary, vert_int), 2.0 * self.n)
+        v_q = exact_to_float(np.matmul(bary, vert_int), 2.0 * self.n)
         norm_q = np.linalg.norm(v_q, axis=-1)
         return factor * (v_q @ vsum) / (norm_q**4 * np.linalg.norm(vsum))
 
@@ -103,7 +103,7 @@ class SampledRotations:
         quats = np.empty((flat.shape[0], 4))
         logw = np.empty(flat.shape[0])
         category = np.searchsorted(self._offsets, flat, side="right") - 1
-        poly = _polytope()
+        poly = polytope_600cell()
         for c in np.unique(category):
             simplices, vsum, factor, bary = self._categories[c]
             mine = np.flatnonzero(category == c)
@@ -114,7 +114,7 @@ class SampledRotations:
                 rank = local[simplex == s] - self._starts[c][s]
                 vert = poly.vert_int[simplices[s]].reshape(-1, 8)
                 points = np.flatnonzero(_kept(bary, vert[None])[0])[rank]
-                v_q = _exact_to_float(np.matmul(bary[points], vert), 2.0 * self.n)
+                v_q = exact_to_float(np.matmul(bary[points], vert), 2.0 * self.n)
                 quats[at] = v_q / np.linalg.norm(v_q, axis=1, keepdims=True)
                 logw[at] = np.log(self._weights(bary[points], poly.vert_int[simplices[s]], vsum[s], factor)) - self._log_total
         return quats.reshape(*idx.shape, 4), logw.reshape(idx.shape)

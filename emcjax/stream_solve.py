@@ -80,14 +80,14 @@ def _exposure(sums: IntensitySums, shared):
 
 @functools.partial(jax.jit, static_argnames="shape")
 def _reference_voxels(w, exposure, shared, shape):
-    numerator, denominator = mstep._back_project(jnp.stack([exposure * w, exposure]), shared, shape, None)
-    return mstep._safe_divide(numerator, denominator).reshape(shape)
+    numerator, denominator = mstep.back_project(jnp.stack([exposure * w, exposure]), shared, shape, None)
+    return mstep.safe_divide(numerator, denominator).reshape(shape)
 
 
 @functools.partial(jax.jit, static_argnames="shape")
 def _mlem_step(flat, ratio, denominator, shared, shape):
-    numerator = mstep._back_project(ratio[None], shared, shape, None)[0]
-    return jnp.where(denominator > 0, flat * mstep._safe_divide(numerator, denominator), flat)
+    numerator = mstep.back_project(ratio[None], shared, shape, None)[0]
+    return jnp.where(denominator > 0, flat * mstep.safe_divide(numerator, denominator), flat)
 
 
 def _by_group(values: np.ndarray, n_groups: int) -> np.ndarray:
@@ -112,7 +112,7 @@ def solve_intensity(problem, spec: StepSpec, intensity, sums: IntensitySums, sto
         for g in range(groups):
             w[:, g] = np.asarray(_newton_group(*store.read(g, size), a[:, g], size=size))
         return _reference_voxels(jnp.asarray(w.ravel()[:n_entries]), exposure, shared, shape)
-    denominator = mstep._back_project(jnp.asarray(exposure_np * pol)[None], shared, shape, None)[0]
+    denominator = mstep.back_project(jnp.asarray(exposure_np * pol)[None], shared, shape, None)[0]
     flat = intensity.reshape(-1)
     for _ in range(spec.inner_iterations):
         tomogram = _by_group(np.asarray(model_lib.tomogram(flat.reshape(shape), shared.entries)), groups)

@@ -44,7 +44,7 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from emcjax import heap, parallel
-from emcjax.blocks import Block, Plan, _pad_photons, frame_arrays
+from emcjax.blocks import Block, Plan, pad_photons, frame_arrays
 from emcjax.core import background as background_lib
 from emcjax.core import mstep
 from emcjax.core.arrays import BlockArrays, EMCState, PhotonArrays
@@ -239,7 +239,7 @@ def _record_block(plan: Plan, block: Block, lengths: tuple[int, int]) -> RecordB
         )
         join, offsets = cache.read(start, lengths[0], n_local * plan.n_slots)
         parts.append(RecordBlock(np.int32(start), real, masked, background, weight,
-                                 _pad_photons(photons, lengths[1], n_local), records, join, offsets))
+                                 pad_photons(photons, lengths[1], n_local), records, join, offsets))
     return parallel.stack_tree(plan.mesh, parts)
 
 

@@ -44,7 +44,7 @@ def bench(label: str, geometry: DetectorGeometry, n_rot: int, chunk: int) -> Non
     crystal = Crystal(cell=(79.1, 79.1, 37.9, 90.0, 90.0, 90.0), space_group="P 43 21 2")
     grid = model.make_grid(crystal, d_min=geometry.resolution_max_A, d_max=1.0 / float(det.q_norm.min()))
     quats = random_quaternions(n_rot, seed=0)
-    _, _, half_width = model_projection._projection_bounds(grid, det)
+    _, _, half_width = model_projection.projection_bounds(grid, det)
     print(
         f"{label}: {geometry.num_rows}x{geometry.num_cols} pixels ({det.n_pix} valid), {grid.n_refl} reflections, "
         f"radius {grid.radius:.4g} 1/Å, box {int(2 * half_width) + 1}^2 pixels, {n_rot} rotations, "

@@ -34,14 +34,14 @@ def simulate_reference_geometry(path: pathlib.Path, frames: int, rotation_n: int
     """A simulated data set whose detector limits are whole pixel units (exportable)."""
     from emcjax import simulate
     from emcjax.detector import DetectorGeometry
-    from emcjax.legacy.geometry import _beamstop_for_px, _qmin_px, _resolution_for_px
+    from emcjax.legacy.geometry import beamstop_for_px, beamstop_qmin_px, resolution_for_px
 
     base = DetectorGeometry(resolution_max_A=d_min)
     dist = base.distance_px
     lam_d = base.wavelength_A * dist
     geometry = dataclasses.replace(
-        base, resolution_max_A=_resolution_for_px(lam_d, int(math.ceil(lam_d / d_min))),
-        beamstop_radius_px=_beamstop_for_px(dist, _qmin_px(dist, base.beamstop_radius_px)))
+        base, resolution_max_A=resolution_for_px(lam_d, int(math.ceil(lam_d / d_min))),
+        beamstop_radius_px=beamstop_for_px(dist, beamstop_qmin_px(dist, base.beamstop_radius_px)))
     simulate.write(simulate.SimulationConfig(out=path, n_frames=frames, geometry=geometry, rotation_n=rotation_n))
 
 

@@ -61,10 +61,10 @@ def second_evidence(run, frames, photons, scan, first_quaternions, phi, psi, awa
     for j in range(owner.shape[0]):
         a, b = scan.pixel_start[index[j]], scan.pixel_start[index[j] + 1]
         np.add.at(llr[owner[j]], scan.rotation[a:b], count[j] * np.log1p(psi * scan.w[a:b] / beside[j]))
-    llr -= psi * ev._signal_over_valid_shells(scan.signal, frames.background)
+    llr -= psi * ev.signal_over_valid_shells(scan.signal, frames.background)
     ops = run.crystal.rotation_ops_cartesian
     away = symmetric_misorientation(first_quaternions[:, None, :], scan.quaternions[None], ops) > away_radius
-    return ev._log_mean_exp(llr, away)
+    return ev.log_mean_exp(llr, away)
 
 
 def off_peak_excess(run, frames, photons, quaternions) -> np.ndarray:
@@ -101,7 +101,7 @@ def analyse(run_dir: pathlib.Path) -> tuple[dict, float]:
     phi = np.asarray(run.iteration["phi"], np.float64)
     used = run.weights() > 0
     psi = criteria.evidence_scale * float(np.median(phi[used]))
-    owner, index, count, bg = ev._frame_photons(run.detector, frames)
+    owner, index, count, bg = ev.photons_on_valid_pixels(run.detector, frames)
     photons = (owner, index, count, bg)
     sampling = sample_600cell(criteria.evidence_rotation_n)
     scan = ev.ScanTables(run.grid, run.detector, run.result.intensity,

@@ -146,7 +146,7 @@ def test_box_contains_every_in_peak_point(name):
     """
     grid, det = setup(name)
     geo = det.geometry
-    shell_tol, cos_min, half_width = model_projection._projection_bounds(grid, det)
+    shell_tol, cos_min, half_width = model_projection.projection_bounds(grid, det)
     r = grid.radius
     wl = geo.wavelength_A
     b = geo.beam_vector_px

@@ -541,7 +541,7 @@ def test_model_round_trip_on_grids_that_do_not_coincide(c):
     np.testing.assert_allclose(legacy.model_to_reference(grid, imported, ref), exported, rtol=1e-9, atol=1e-12)
     error = np.abs(imported.sum(axis=1) - model.sum(axis=1)) / model.sum(axis=1)
     assert np.median(error) < 0.04
-    interpolated, _ = legacy._interpolated_model(grid, ref, exported)
+    interpolated, _ = legacy.interpolated_model(grid, ref, exported)
     assert np.median(error) < 0.5 * np.median(np.abs(interpolated.sum(axis=1) - model.sum(axis=1)) / model.sum(axis=1))
 
 

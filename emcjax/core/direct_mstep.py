@@ -64,8 +64,8 @@ class DirectKept(NamedTuple):
 
 def touched_entries(dk: DirectKept, geometry: Geometry) -> model_lib.Entries:
     """The touched entries with their trilinear stencils (zero weight on padding), as ``model.Entries``."""
-    voxels, weights = model_entries._stencils(dk.quaternions, dk.touched_rotation, dk.touched_pixel, geometry.q_lab,
-                                              geometry.tables)  # those of the entries (model._entries_from_pairs)
+    voxels, weights = model_entries.entry_stencils(dk.quaternions, dk.touched_rotation, dk.touched_pixel, geometry.q_lab,
+                                              geometry.tables)  # those of the entries (model.entries_from_pairs)
     weights = jnp.where(dk.touched[:, None], weights, 0.0)
     return model_lib.Entries(dk.touched_rotation, dk.touched_pixel, voxels, weights, n_rot=dk.quaternions.shape[0])
 
@@ -79,7 +79,7 @@ def _in_peak_reflection(rot, q_lab, tables):
     """(...) int32 reflection whose peak holds lab points ``q_lab`` (..., 3) at ``rot`` (..., 3, 3), -1 for none,
     q_crystal computed elementwise (the in-peak test of the entries)."""
     q_crystal = jnp.sum(rot * q_lab[..., None, :], axis=-1)
-    refl, _ = jax.vmap(model_slicing._nearest_reflection, in_axes=(0, None))(q_crystal.reshape(-1, 3), tables)
+    refl, _ = jax.vmap(model_slicing.nearest_reflection, in_axes=(0, None))(q_crystal.reshape(-1, 3), tables)
     return refl.reshape(q_crystal.shape[:-1])
 
 
@@ -120,7 +120,7 @@ def exposure_projection(rows, quaternions, n_rotations: int, proj, geometry: Geo
 
     ``rows`` (n_union, n_shells) from :func:`exposure_rows`, ``quaternions`` (n_union, 4), n_union a multiple of
     ``ROTATION_CHUNK``: one compiled call per chunk of ``ROTATION_CHUNK`` rotations, whatever the union's size
-    (stencils as in ``model._stencils``, matmul q, so that the sums are the table path's).
+    (stencils as in ``model.entry_stencils``, matmul q, so that the sums are the table path's).
     ``h_max`` >= the reflections near the sphere at every rotation (``model.near_sphere_counts``); ``n_flat``
     the padded model's size. A box pixel is in-peak by the test of the entries (``model.box_pixels``).
     """

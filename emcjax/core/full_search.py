@@ -86,7 +86,7 @@ def chunk_points(q_lab: jax.Array, rotations: jax.Array):
     return tuple(m[..., i, 0] * q[..., 0] + m[..., i, 1] * q[..., 1] + m[..., i, 2] * q[..., 2] for i in range(3))
 
 
-def _photon_terms(likelihood, inside, value, pol, phi, background, count, dead, frame):
+def record_photon_terms(likelihood, inside, value, pol, phi, background, count, dead, frame):
     """Per (record, rotation): photon_excess for photons, -zero_term for dead pixels, 0 outside every peak."""
     bragg = pol * phi * value
     background = pol * background
@@ -106,13 +106,13 @@ def shared_photon_terms(intensity, phi_local, likelihood, geometry: Geometry, re
     """
     q_crystal = chunk_points(geometry.q_lab[records.pixel], rotations)
     inside, value = peak_value(q_crystal, geometry.tables, model_lib.pad_model(intensity))
-    terms = _photon_terms(likelihood, inside, value, geometry.polarization[records.pixel][:, None, :],
+    terms = record_photon_terms(likelihood, inside, value, geometry.polarization[records.pixel][:, None, :],
                           phi_local[:, None, None], records.background[:, None, :], records.count[:, None, :],
                           records.dead[:, None, :], frames[:, None, None])
     return jnp.sum(terms, axis=2)
 
 
-def _compact(mask: jax.Array, size: int) -> tuple[jax.Array, jax.Array]:
+def compact_positions(mask: jax.Array, size: int) -> tuple[jax.Array, jax.Array]:
     """Positions of the first ``size`` True entries of a 1-d ``mask`` in increasing order, the rest of the
     ``size`` slots filled with the last position (so the list stays sorted), and how many there are. A
     cumulative sum and a scatter of distinct slots (jnp.nonzero's bincount adds every entry into its slot)."""
@@ -134,7 +134,7 @@ def shared_photon_terms_compact(intensity, phi_local, likelihood, geometry: Geom
     used = (records.count > 0) | (records.dead > 0)
     near = peak_test(chunk_points(geometry.q_lab[pixel], rotations), geometry.tables)[2] & used[:, None, :]
     n_rows, n_rot, n_records = near.shape
-    hit, hits = _compact(near.ravel(), max_hits)
+    hit, hits = compact_positions(near.ravel(), max_hits)
     row, rest = jnp.divmod(hit, n_rot * n_records)
     rotation, record = jnp.divmod(rest, n_records)
     q = geometry.q_lab[pixel[row, record]]
@@ -142,7 +142,7 @@ def shared_photon_terms_compact(intensity, phi_local, likelihood, geometry: Geom
     q_crystal = tuple(m[:, i, 0] * q[:, 0] + m[:, i, 1] * q[:, 1] + m[:, i, 2] * q[:, 2] for i in range(3))
     inside, value = peak_value(q_crystal, geometry.tables, model_lib.pad_model(intensity))
     inside = inside & (jnp.arange(max_hits) < hits)
-    terms = _photon_terms(likelihood, inside, value, geometry.polarization[pixel[row, record]], phi_local[row],
+    terms = record_photon_terms(likelihood, inside, value, geometry.polarization[pixel[row, record]], phi_local[row],
                           records.background[row, record], records.count[row, record], records.dead[row, record],
                           frames[row])
     out = jax.ops.segment_sum(terms, row * n_rot + rotation, num_segments=n_rows * n_rot, indices_are_sorted=True)

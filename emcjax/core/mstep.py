@@ -69,7 +69,8 @@ def _sum_to_owned(values: jax.Array, axis) -> jax.Array:
     return jax.lax.psum_scatter(values.reshape(-1, n).T, axis, scatter_dimension=0, tiled=False)
 
 
-def _safe_divide(numerator, denominator):
+def safe_divide(numerator, denominator):
+    """numerator / denominator where denominator > 0, else 0 (no NaN or inf, nor in gradients)."""
     ok = denominator > 0
     return jnp.where(ok, numerator / jnp.where(ok, denominator, 1.0), 0.0)
 
@@ -116,7 +117,7 @@ def entry_exposure(phi, kept: Kept, shared: Shared, n_shells: int, axis) -> jax.
     return rotation_exposure(phi, kept, shared, n_shells, axis) - _sum_to_owned(dead, axis)
 
 
-def _back_project(values, shared: Shared, shape, axis) -> jax.Array:
+def back_project(values, shared: Shared, shape, axis) -> jax.Array:
     """Sum over devices of this device's entry values (k, size) through the trilinear weights,
     stabilizer-summed: (k, n_asu * n_voxels)."""
     voxels = _owned(shared.entries.voxels, axis)
@@ -269,10 +270,10 @@ def reference_update(intensity, phi, likelihood, kept: Kept, shared: Shared, n_s
             return solve(jnp.where(mine, entry, -1), jax.lax.all_gather(columns, axis, tiled=True))
 
         sums = jax.lax.cond(fits, routed, gathered)
-    numerator, denominator = _back_project(sums, shared, intensity.shape, axis)
+    numerator, denominator = back_project(sums, shared, intensity.shape, axis)
     if extra_denominator is not None:
         denominator = denominator + extra_denominator
-    return _safe_divide(numerator, denominator).reshape(intensity.shape)
+    return safe_divide(numerator, denominator).reshape(intensity.shape)
 
 
 def mlem_update(intensity, phi, likelihood, kept: Kept, shared: Shared, n_shells: int, inner_iterations: int = 1,
@@ -284,7 +285,7 @@ def mlem_update(intensity, phi, likelihood, kept: Kept, shared: Shared, n_shells
     ent = shared.entries
     exposure = entry_exposure(phi, kept, shared, n_shells, axis)
     pol = shared.polarization[_owned(ent.pixel, axis)]
-    denominator = _back_project((exposure * pol)[None], shared, intensity.shape, axis)[0]
+    denominator = back_project((exposure * pol)[None], shared, intensity.shape, axis)[0]
     phi_k = phi[kept.frame]
     pk = kept.prob * kept.count * phi_k
     background = kept_background(likelihood, kept)
@@ -296,7 +297,7 @@ def mlem_update(intensity, phi, likelihood, kept: Kept, shared: Shared, n_shells
         ratio = pk / (background + phi_k * w)
         numerator = _psum(jax.ops.segment_sum((ratio[:, None] * weights).ravel(), voxels.ravel(), num_segments=n_flat), axis)
         numerator = model_lib.stabilizer_sum(numerator[:-1].reshape(intensity.shape), shared.tables).reshape(-1)
-        return jnp.where(denominator > 0, flat * _safe_divide(numerator, denominator), flat)
+        return jnp.where(denominator > 0, flat * safe_divide(numerator, denominator), flat)
 
     return jax.lax.fori_loop(0, inner_iterations, body, intensity.reshape(-1)).reshape(intensity.shape)
 
@@ -352,7 +353,7 @@ def phi_update(intensity, phi, likelihood, kept: Kept, shared: Shared, n_shells:
 def normalise_phi(intensity, phi, used):
     """Mean-1 phi over the used frames, the inverse factor on the model (the likelihood is unchanged)."""
     n_used = jnp.sum(used)
-    mean = _safe_divide(jnp.sum(jnp.where(used, phi, 0.0)), n_used.astype(phi.dtype))
+    mean = safe_divide(jnp.sum(jnp.where(used, phi, 0.0)), n_used.astype(phi.dtype))
     ok = mean > 0
     factor = jnp.where(ok, mean, 1.0)
     return intensity * factor, phi / factor

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 
 from emcjax import model as model_lib
 from emcjax.core.direct import Geometry, Records
-from emcjax.core.full_search import _compact, _photon_terms, peak_reflection, peak_test, peak_value
+from emcjax.core.full_search import compact_positions, record_photon_terms, peak_reflection, peak_test, peak_value
 from emcjax.rotations import crystal_from_lab
 
 ROW_LENGTH = 64  # records per row (full_search.record_rows)
@@ -93,7 +93,7 @@ def photon_terms(intensity, phi_local, likelihood, geometry: Geometry, quaternio
     def one(c):
         pixel, count, dead, background, rf = c
         near = _near(geometry, rot_all, candidates, pixel, count, dead, rf)
-        hit, hits = _compact(near.ravel(), max_hits)
+        hit, hits = compact_positions(near.ravel(), max_hits)
         row, rest = jnp.divmod(hit, n_slots * row_length)
         slot, record = jnp.divmod(rest, row_length)
         frame = rf[row]
@@ -103,7 +103,7 @@ def photon_terms(intensity, phi_local, likelihood, geometry: Geometry, quaternio
         q_crystal = tuple(m[:, i, 0] * q[:, 0] + m[:, i, 1] * q[:, 1] + m[:, i, 2] * q[:, 2] for i in range(3))
         inside, value = peak_value(q_crystal, geometry.tables, flat)
         inside = inside & (jnp.arange(max_hits) < hits)
-        terms = _photon_terms(likelihood, inside, value, geometry.polarization[px], phi_local[frame],
+        terms = record_photon_terms(likelihood, inside, value, geometry.polarization[px], phi_local[frame],
                               background[row, record], count[row, record], dead[row, record], frame_start + frame)
         out = jax.ops.segment_sum(terms, row * n_slots + slot, num_segments=chunk * n_slots, indices_are_sorted=True)
         return out.reshape(chunk, n_slots), hits

@@ -309,7 +309,7 @@ def plot_candidate_counts(counts: np.ndarray, n_spots: np.ndarray, min_spots: in
     axes[1].set(xlabel="candidate rotations per frame", ylabel="frames",
                 title=f"median {np.median(usable) if usable.size else 0:.0f}, {np.mean(usable == 0) if usable.size else 0:.1%} empty")
     fig.tight_layout()
-    return figures._save(fig, path)
+    return figures.save_figure(fig, path)
 
 
 def _with_candidates(block: SparseFrames, f: h5py.File, a: int, b: int, lists: list[np.ndarray],

@@ -30,7 +30,7 @@ on its grid, rule for rule (reproduces its finish_intensity.bin; docs/LEGACY.md)
 from emcjax.legacy.convert import emc_grid, export_run, import_directory, reference_compatible_config
 from emcjax.legacy.directory import LegacyDirectory, read_legacy
 from emcjax.legacy.files import read_config_ini
-from emcjax.legacy.grid import (ReferenceGrid, _interpolated_model, model_to_reference, reference_grid,
+from emcjax.legacy.grid import (ReferenceGrid, interpolated_model, model_to_reference, reference_grid,
                                 reference_to_model)
 
 __all__ = [
@@ -41,6 +41,7 @@ __all__ = [
     "reference_grid",
     "model_to_reference",
     "reference_to_model",
+    "interpolated_model",
     "import_directory",
     "export_run",
     "reference_compatible_config",

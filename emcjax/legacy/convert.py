@@ -15,8 +15,8 @@ from emcjax.crystal import Crystal
 from emcjax.detector import DetectorGeometry, make_detector
 from emcjax.errors import DataError
 from emcjax.legacy.directory import LegacyDirectory, read_legacy
-from emcjax.legacy.files import BASIS_VEC, PIX_MAP_DAT, REC_VECTORS, SYM_OP, _write
-from emcjax.legacy.geometry import _qmin_px, reference_detector_arrays, reference_limits
+from emcjax.legacy.files import BASIS_VEC, PIX_MAP_DAT, REC_VECTORS, SYM_OP, write_file
+from emcjax.legacy.geometry import beamstop_qmin_px, reference_detector_arrays, reference_limits
 from emcjax.legacy.grid import model_to_reference, reference_grid, reference_to_model
 
 
@@ -160,7 +160,7 @@ def export_run(run_dir: str | pathlib.Path, to: str | pathlib.Path, *, data: str
     lam_d = g.wavelength_A * dist
     d_min_eff = g.resolution_max_A if d_min is None else float(d_min)
     qmax_px = int(math.ceil(lam_d / g.resolution_max_A))
-    qmin_px = _qmin_px(dist, g.beamstop_radius_px)
+    qmin_px = beamstop_qmin_px(dist, g.beamstop_radius_px)
     qcut_px = int(math.ceil(lam_d / d_min_eff))
     exact = abs(lam_d / g.resolution_max_A - qmax_px) < 1e-6 and \
         abs(2 * dist * math.sin(0.5 * math.atan(g.beamstop_radius_px / dist)) - qmin_px) < 1e-6
@@ -182,25 +182,25 @@ def export_run(run_dir: str | pathlib.Path, to: str | pathlib.Path, *, data: str
     qmax_px_w, qmin_px_w, q_px, pol, ids = reference_detector_arrays(g, mask, g.resolution_max_A, g.beamstop_radius_px)
     rec = np.empty((ids.shape[0], 4))
     rec[:, :3], rec[:, 3] = q_px, pol
-    _write(to / REC_VECTORS, np.array([qmax_px_w, qmin_px_w, ids.shape[0]], "<i4").tobytes() + rec.astype("<f8").tobytes())
+    write_file(to / REC_VECTORS, np.array([qmax_px_w, qmin_px_w, ids.shape[0]], "<i4").tobytes() + rec.astype("<f8").tobytes())
     pix_map = np.full(g.num_pixels, -1, np.int64)
     pix_map[ids] = np.arange(ids.shape[0])
-    _write(to / PIX_MAP_DAT, "\n".join(map(str, pix_map.tolist())) + "\n")
+    write_file(to / PIX_MAP_DAT, "\n".join(map(str, pix_map.tolist())) + "\n")
     basis = np.array([[float(f"{x:.10g}") for x in row] for row in crystal.real_basis])  # as the file holds it
-    _write(to / BASIS_VEC, "\n".join(" ".join(f"{x:.10g}" for x in row) for row in basis) + "\n")
+    write_file(to / BASIS_VEC, "\n".join(" ".join(f"{x:.10g}" for x in row) for row in basis) + "\n")
     ops = _sym_ops_cartesian(crystal)
-    _write(to / SYM_OP, f"{len(ops)}\n" + "".join(" ".join(f"{x:.17g}" for x in m.ravel()) + "\n" for m in ops))
+    write_file(to / SYM_OP, f"{len(ops)}\n" + "".join(" ".join(f"{x:.17g}" for x in m.ravel()) + "\n" for m in ops))
     # model files
     ref = reference_grid(basis, *reference_limits(g, qmin_px, qcut_px), vn, gw)
     values_ref = model_to_reference(grid, result.intensity, ref)
-    _write(to / "finish_intensity.bin", values_ref.astype("<f8").tobytes())
+    write_file(to / "finish_intensity.bin", values_ref.astype("<f8").tobytes())
     sums = np.bincount(ref.owner, weights=values_ref, minlength=ref.hkl.shape[0])
     hkl_lines = [f"{ref.box[0]} {ref.box[1]} {ref.box[2]} {ref.hkl.shape[0]}"]
     hkl_lines += [f"{h} {k} {l} {s:.10e}" for (h, k, l), s in zip(ref.hkl.tolist(), sums.tolist())]
-    _write(to / "hkl-val.dat", "\n".join(hkl_lines) + "\n")
+    write_file(to / "hkl-val.dat", "\n".join(hkl_lines) + "\n")
     phi = np.asarray(result.phi, np.float64)
-    _write(to / "total-phi.dat", "".join(f"{p:12.5e}\n" for p in phi))
-    _write(to / "aux/start-phi.dat", "".join(f"{p:.9e}\n" for p in np.asarray(result.phi, np.float32).tolist()))
+    write_file(to / "total-phi.dat", "".join(f"{p:12.5e}\n" for p in phi))
+    write_file(to / "aux/start-phi.dat", "".join(f"{p:.9e}\n" for p in np.asarray(result.phi, np.float32).tolist()))
     summary = {"n_hkl": int(ref.hkl.shape[0]), "n_voxels": ref.n_voxels, "n_frames": int(phi.shape[0])}
     if not model_only:
         if sampling_n is None:
@@ -213,7 +213,7 @@ def export_run(run_dir: str | pathlib.Path, to: str | pathlib.Path, *, data: str
         quats[:, :4] = s.quaternions
         quats[:, 4] = np.exp(s.log_weights)
         qname = f"aux/c-quaternion{int(sampling_n)}.bin"
-        _write(to / qname, np.array([s.n_rot], "<i4").tobytes() + quats.astype("<f8").tobytes())
+        write_file(to / qname, np.array([s.n_rot], "<i4").tobytes() + quats.astype("<f8").tobytes())
         pos = np.full(g.num_pixels, -1, np.int64)
         pos[ids] = np.arange(ids.shape[0])
         n = frames.n_frames
@@ -230,21 +230,21 @@ def export_run(run_dir: str | pathlib.Path, to: str | pathlib.Path, *, data: str
             sl = slice(frames.dead_offsets[d], frames.dead_offsets[d + 1])
             t = pos[frames.dead_pixels[sl]]
             dense[d, t[t >= 0]] = -1
-        _write(to / "Data/mpi-datafile.bin", dense.tobytes())
-        _write(to / "Data/mpi-bg_model.bin", np.asarray(frames.background, "<f8").tobytes())
+        write_file(to / "Data/mpi-datafile.bin", dense.tobytes())
+        write_file(to / "Data/mpi-bg_model.bin", np.asarray(frames.background, "<f8").tobytes())
         recs = []
         for d in range(n):  # a data set without lists searched every rotation: list them all
             c = np.arange(s.n_rot) if frames.candidate_offsets is None else \
                 frames.candidate_rotations[frames.candidate_offsets[d]:frames.candidate_offsets[d + 1]]
             recs.append(np.concatenate([[c.shape[0]], c]).astype("<i4"))
-        _write(to / "aux/prob-orien.bin", np.concatenate(recs).astype("<i4").tobytes())
-        _write(to / "reduce-data/reduced-data_id.dat", f"{n}\n" + "".join(f"{i}\n" for i in frames.frame_id.tolist()))
+        write_file(to / "aux/prob-orien.bin", np.concatenate(recs).astype("<i4").tobytes())
+        write_file(to / "reduce-data/reduced-data_id.dat", f"{n}\n" + "".join(f"{i}\n" for i in frames.frame_id.tolist()))
         cfg_lines.update({"quat_file": qname, "mpi_datafile": "Data/mpi-datafile.bin",
                           "mpi_bgfile": "Data/mpi-bg_model.bin", "prob_orien_file": "aux/prob-orien.bin",
                           "reduced_data_id_file": "reduce-data/reduced-data_id.dat"})
         summary["photons_outside_reference_pixels"] = lost
     text = "# written by python -m emcjax.legacy export\n[emcjax-export]\n"
     text += "".join(f"{k} = {v}\n" for k, v in cfg_lines.items())
-    _write(to / "config.ini", text)
+    write_file(to / "config.ini", text)
     return summary
 

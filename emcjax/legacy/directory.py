@@ -12,10 +12,10 @@ from emcjax import data as data_io
 from emcjax.crystal import Crystal
 from emcjax.detector import Detector, DetectorGeometry
 from emcjax.errors import ConfigError, DataError
-from emcjax.legacy.files import (BASIS_VEC, REC_VECTORS, SYM_OP, _key, read_config_ini, read_data_ids, read_datafile,
+from emcjax.legacy.files import (BASIS_VEC, REC_VECTORS, SYM_OP, required_key, read_config_ini, read_data_ids, read_datafile,
                                  read_float64_array, read_matrix_file, read_phi, read_pix_map, read_prob_orien,
                                  read_quaternion_file, read_rec_vectors)
-from emcjax.legacy.geometry import (_resolution_for_px, cell_from_basis, check_detector, geometry_from_config,
+from emcjax.legacy.geometry import (resolution_for_px, cell_from_basis, check_detector, geometry_from_config,
                                     infer_space_group, reference_limits)
 from emcjax.legacy.grid import ReferenceGrid, reference_grid
 
@@ -173,15 +173,15 @@ def read_legacy(root: str | pathlib.Path, space_group: str | None = None, check_
         phi_path = alt if alt.exists() else (phi_path or root / "aux/start-phi.dat")
     phi = read_phi(phi_path, n_frames)
 
-    vn = _key(cfg, "VN", cfg_path, int, "voxels per min|a*| (VN)")
-    gw = _key(cfg, "gw", cfg_path, float, "peak radius in voxels (gw)")
-    res_cutoff = _key(cfg, "res_cutoff", cfg_path, float, "low-res cutoff in Å")
+    vn = required_key(cfg, "VN", cfg_path, int, "voxels per min|a*| (VN)")
+    gw = required_key(cfg, "gw", cfg_path, float, "peak radius in voxels (gw)")
+    res_cutoff = required_key(cfg, "res_cutoff", cfg_path, float, "low-res cutoff in Å")
     lam_d = geometry.wavelength_A * geometry.distance_px
     qcut_px = int(math.ceil(lam_d / res_cutoff))
     if qcut_px > qmax_px:
-        raise DataError(f"{cfg_path}: res_cutoff = {res_cutoff} Å is beyond res_max = {_key(cfg, 'res_max', cfg_path, float)} "
+        raise DataError(f"{cfg_path}: res_cutoff = {res_cutoff} Å is beyond res_max = {required_key(cfg, 'res_max', cfg_path, float)} "
                         "Å; expected res_cutoff >= res_max")
-    d_min = _resolution_for_px(lam_d, qcut_px)
+    d_min = resolution_for_px(lam_d, qcut_px)
     ref = reference_grid(basis, *reference_limits(geometry, qmin_px, qcut_px), vn, gw)
 
     intensity_file, intensity = None, None

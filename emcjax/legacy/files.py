@@ -50,7 +50,9 @@ def read_config_ini(path: str | pathlib.Path) -> dict[str, str]:
     return out
 
 
-def _key(cfg: dict, key: str, where: pathlib.Path, kind: type = str, what: str = "") -> Any:
+def required_key(cfg: dict, key: str, where: pathlib.Path, kind: type = str, what: str = "") -> Any:
+    """``kind(cfg[key])``; DataError naming ``where`` and the key (``what`` expected) when it is missing or
+    not of that kind."""
     if key not in cfg:
         raise DataError(f"{where}: key '{key}' is missing; expected {what or kind.__name__}")
     try:
@@ -240,7 +242,8 @@ def read_datafile(path: pathlib.Path, n_frames: int, n_pix: int) -> np.ndarray:
 
 
 
-def _write(path: pathlib.Path, data: bytes | str) -> None:
+def write_file(path: pathlib.Path, data: bytes | str) -> None:
+    """Writes ``data`` (bytes, or text as UTF-8) to ``path`` atomically, making its parent directories."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_files.atomic_path(path) as tmp:
         if isinstance(data, str):

@@ -10,7 +10,7 @@ import numpy as np
 from emcjax.crystal import Crystal
 from emcjax.detector import Detector, DetectorGeometry, make_detector
 from emcjax.errors import ConfigError, DataError
-from emcjax.legacy.files import _key
+from emcjax.legacy.files import required_key
 
 # Space groups tried (in order) when inferring from sym-op.dat: the primitive group of the rotation point
 # group of each Laue class (systematic absences cannot be inferred from Laue operators).
@@ -39,7 +39,7 @@ def reference_limits(geometry: DetectorGeometry, qmin_px: int, qcut_px: int) -> 
     return qmin_px * scale, qcut_px * scale
 
 
-def _resolution_for_px(lam_d: float, q_px: int) -> float:
+def resolution_for_px(lam_d: float, q_px: int) -> float:
     """The largest-ish d with ceil(λD/d) == q_px (d ≈ λD/q_px, nudged by ulps against rounding)."""
     d = lam_d / q_px
     for _ in range(64):
@@ -49,17 +49,19 @@ def _resolution_for_px(lam_d: float, q_px: int) -> float:
     return d
 
 
-def _qmin_px(distance_px: float, rstop: float) -> int:
+def beamstop_qmin_px(distance_px: float, rstop: float) -> int:
+    """The reference's inner limit qmin (pixel units of q, integer) of a beam stop of radius ``rstop``
+    pixels at ``distance_px`` pixels: ceil(2 D sin(atan(R/D)/2))."""
     return int(math.ceil(2.0 * distance_px * math.sin(0.5 * math.atan(rstop / distance_px))))
 
 
-def _beamstop_for_px(distance_px: float, q_px: int) -> float:
+def beamstop_for_px(distance_px: float, q_px: int) -> float:
     """Beam-stop radius R (pixels) whose inner limit 2D sin(atan(R/D)/2) is q_px (pixel units)."""
     if q_px <= 0:
         return 0.0
     r = distance_px * math.tan(2.0 * math.asin(min(q_px / (2.0 * distance_px), 1.0)))
     for _ in range(64):
-        if _qmin_px(distance_px, r) <= q_px:
+        if beamstop_qmin_px(distance_px, r) <= q_px:
             break
         r = float(np.nextafter(r, 0.0))
     return r
@@ -68,22 +70,22 @@ def _beamstop_for_px(distance_px: float, q_px: int) -> float:
 def geometry_from_config(cfg: dict, config_path: pathlib.Path, qmax_px: int, qmin_px: int,
                          rec_path: pathlib.Path) -> DetectorGeometry:
     """A DetectorGeometry whose exact limits reproduce the reference's whole-pixel limits (module doc)."""
-    num_row = _key(cfg, "num_row", config_path, int)
-    num_col = _key(cfg, "num_col", config_path, int)
-    px = _key(cfg, "px", config_path, float, "pixel size in m")
-    detd = _key(cfg, "detd", config_path, float, "detector distance in m")
-    wl = _key(cfg, "wl", config_path, float, "wavelength in Å")
-    cx = _key(cfg, "cx", config_path, float, "beam centre row in pixels")
-    cy = _key(cfg, "cy", config_path, float, "beam centre column in pixels")
-    s = np.array([_key(cfg, k, config_path, float, "beam direction component") for k in ("sx", "sy", "sz")])
-    rstop = _key(cfg, "Rstop", config_path, float, "beam-stop radius in pixels")
-    res_max = _key(cfg, "res_max", config_path, float, "outer resolution in Å")
-    qlen = _key(cfg, "qlen", config_path, int, "number of radial background bins")
+    num_row = required_key(cfg, "num_row", config_path, int)
+    num_col = required_key(cfg, "num_col", config_path, int)
+    px = required_key(cfg, "px", config_path, float, "pixel size in m")
+    detd = required_key(cfg, "detd", config_path, float, "detector distance in m")
+    wl = required_key(cfg, "wl", config_path, float, "wavelength in Å")
+    cx = required_key(cfg, "cx", config_path, float, "beam centre row in pixels")
+    cy = required_key(cfg, "cy", config_path, float, "beam centre column in pixels")
+    s = np.array([required_key(cfg, k, config_path, float, "beam direction component") for k in ("sx", "sy", "sz")])
+    rstop = required_key(cfg, "Rstop", config_path, float, "beam-stop radius in pixels")
+    res_max = required_key(cfg, "res_max", config_path, float, "outer resolution in Å")
+    qlen = required_key(cfg, "qlen", config_path, int, "number of radial background bins")
     if not s[2] < 0:
         raise DataError(f"{config_path}: sz = {s[2]}; expected < 0 (beam along -z)")
     dist = _distance_px(detd, px, s)
     lam_d = wl * dist
-    want_max, want_min = int(math.ceil(lam_d / res_max)), _qmin_px(dist, rstop)
+    want_max, want_min = int(math.ceil(lam_d / res_max)), beamstop_qmin_px(dist, rstop)
     if (want_max, want_min) != (qmax_px, qmin_px):
         raise DataError(
             f"{rec_path}: header qmax_px = {qmax_px}, qmin_px = {qmin_px}; expected ({want_max}, {want_min}) from "
@@ -91,8 +93,8 @@ def geometry_from_config(cfg: dict, config_path: pathlib.Path, qmax_px: int, qmi
     return DetectorGeometry(
         num_rows=num_row, num_cols=num_col, pixel_size_m=px, distance_m=detd, beam_center_px=(cx, cy),
         beam_direction=tuple(float(x) for x in s), wavelength_A=wl,
-        beamstop_radius_px=_beamstop_for_px(dist, qmin_px),
-        resolution_max_A=_resolution_for_px(lam_d, qmax_px), n_shells=qlen,
+        beamstop_radius_px=beamstop_for_px(dist, qmin_px),
+        resolution_max_A=resolution_for_px(lam_d, qmax_px), n_shells=qlen,
     )
 
 
@@ -110,7 +112,7 @@ def reference_detector_arrays(geometry: DetectorGeometry, mask: np.ndarray | Non
     q_px = dist * (S / norm[:, None] - b / np.linalg.norm(b))
     qn = np.linalg.norm(q_px, axis=1)
     qmax_px = int(math.ceil(g.wavelength_A * dist / res_max))
-    qmin_px = _qmin_px(dist, rstop)
+    qmin_px = beamstop_qmin_px(dist, rstop)
     valid = (qn >= qmin_px) & (qn <= qmax_px)
     if mask is not None:
         valid &= ~np.asarray(mask, bool).ravel()

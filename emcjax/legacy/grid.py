@@ -62,7 +62,7 @@ def reference_reciprocal(real_basis: np.ndarray) -> np.ndarray:
     return rl
 
 
-def _lattice_points(rl: np.ndarray, hkl: np.ndarray) -> np.ndarray:
+def lattice_points(rl: np.ndarray, hkl: np.ndarray) -> np.ndarray:
     """rvec_i = ((rl[i][0]*h + rl[i][1]*k) + rl[i][2]*l) for (n, 3) hkl, summed left to right like the C."""
     h = hkl.astype(np.float64)
     return np.stack([((0.0 + rl[i, 0] * h[:, 0]) + rl[i, 1] * h[:, 1]) + rl[i, 2] * h[:, 2] for i in range(3)], axis=1)
@@ -100,7 +100,7 @@ def reference_grid(real_basis: np.ndarray, r_min: float, r_max: float, vn: int, 
             rng = [np.arange(-m, m + 1) for m in box]
             rng[axis] = np.array([-box[axis], box[axis]])
             faces = np.stack(np.meshgrid(*rng, indexing="ij"), -1).reshape(-1, 3)
-            if np.any(_sum_squares(_lattice_points(rl, faces)) < rmax2):
+            if np.any(_sum_squares(lattice_points(rl, faces)) < rmax2):
                 box[axis] += 1
                 break
         else:
@@ -109,7 +109,7 @@ def reference_grid(real_basis: np.ndarray, r_min: float, r_max: float, vn: int, 
     half_grid = int(math.ceil(math.sqrt(rmax2) / min_rcell * vn))  # (Nx - 1) / 2
     rng = [np.arange(-m, m + 1) for m in box]
     hkl = np.stack(np.meshgrid(*rng, indexing="ij"), -1).reshape(-1, 3)
-    centre = _lattice_points(rl, hkl) * rescale  # voxel units
+    centre = lattice_points(rl, hkl) * rescale  # voxel units
     # pre-filter: reflections whose sphere lies wholly outside [r_min, r_max] are partial for sure
     margin = (gw + 2.0) / rescale
     cn = np.sqrt(_sum_squares(centre)) / rescale
@@ -200,7 +200,7 @@ def model_to_reference(grid, intensity: np.ndarray, ref: ReferenceGrid) -> np.nd
     return np.sum(weights * flat[columns], axis=1)
 
 
-def _interpolated_model(grid, ref: ReferenceGrid, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def interpolated_model(grid, ref: ReferenceGrid, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The reference's model W(q) at emcjax's voxels, averaged over symmetry mates.
 
     For every reflection h of ``grid.hkl`` that the reference also holds and every voxel j, W is the
@@ -251,7 +251,7 @@ def reference_to_model(grid, ref: ReferenceGrid, values: np.ndarray) -> tuple[np
     Least squares over every reference voxel of every symmetry mate, solved per unique reflection (the map is
     block diagonal: a reference voxel only sees its own reflection's profile). Where the reference's voxels
     do not determine emcjax's (grids that do not coincide), the solution closest to the reference's own
-    trilinear interpolation at emcjax's voxels (:func:`_interpolated_model`) is taken. So exporting the
+    trilinear interpolation at emcjax's voxels (:func:`interpolated_model`) is taken. So exporting the
     imported model reproduces the file exactly (up to rounding) whenever it came from an emcjax export, and
     on grids that coincide the model itself comes back exactly. Voxels no reference voxel sees keep the
     interpolated value.
@@ -265,7 +265,7 @@ def reference_to_model(grid, ref: ReferenceGrid, values: np.ndarray) -> tuple[np
     live = columns < n_asu * n_vox
     weights = np.where(live, weights, 0.0)
     has = np.any(live & (weights > 0), axis=1)
-    start, _ = _interpolated_model(grid, ref, values)
+    start, _ = interpolated_model(grid, ref, values)
     columns, weights, values = columns[has], weights[has], values[has]
     block = columns[np.arange(columns.shape[0]), np.argmax(live[has], axis=1)] // n_vox  # one reflection per row
     j = np.where(columns < n_asu * n_vox, columns % n_vox, 0)

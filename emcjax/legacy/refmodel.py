@@ -23,7 +23,7 @@ import numpy as np
 
 from emcjax.errors import DataError
 from emcjax.legacy.directory import LegacyDirectory
-from emcjax.legacy.grid import _lattice_points, c_round, reference_reciprocal
+from emcjax.legacy.grid import lattice_points, c_round, reference_reciprocal
 
 EPSILON = 1e-10  # the program's epsilon
 CP_THRES = 0.999  # cumulative probability kept (recon.c)
@@ -137,7 +137,7 @@ def reference_arrays(legacy: LegacyDirectory) -> ReferenceArrays:
     normalised = (weight.astype(np.float64) * (1.0 / total)).astype(np.float32)
     log_weight = np.log(normalised.astype(np.float64)).astype(np.float32)
 
-    centre = _lattice_points(rl, ref.hkl) * rescale
+    centre = lattice_points(rl, ref.hkl) * rescale
     ext = int(math.ceil(legacy.gw)) + 1
     box_len = 2 * ext + 1
     origin = c_round(centre).astype(np.int64) - ext

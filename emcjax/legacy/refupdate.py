@@ -20,7 +20,7 @@ import numpy as np
 
 from emcjax.errors import DataError
 from emcjax.legacy.directory import LegacyDirectory
-from emcjax.legacy.grid import _lattice_points, c_round, reference_reciprocal
+from emcjax.legacy.grid import lattice_points, c_round, reference_reciprocal
 from emcjax.legacy.refmodel import (EPSILON, ReferenceArrays, Tomogram, reference_arrays, responsibilities,
                                     tomogram)
 
@@ -194,7 +194,7 @@ def symmetrize(legacy: LegacyDirectory, arrays: ReferenceArrays, values: np.ndar
     proj = np.linalg.inv(rl)
     n_hkl, cells = arrays.box_voxel.shape
     total, weight = np.zeros((n_hkl, cells)), np.zeros((n_hkl, cells))
-    rvec = _lattice_points(rl, ref.hkl)
+    rvec = lattice_points(rl, ref.hkl)
     vec = ref.voxels.astype(np.float64)
     half = (arrays.box_len - 1) // 2
     for S in np.asarray(legacy.sym_ops, np.float64):

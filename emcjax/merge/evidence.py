@@ -62,7 +62,7 @@ class ScanTables:
         self.n_rot = entries.n_rot
 
 
-def _frame_photons(detector: Detector, frames: SparseFrames):
+def photons_on_valid_pixels(detector: Detector, frames: SparseFrames):
     """(owner, valid-pixel index, count, background per unit pol) of the photons on valid pixels and shells."""
     owner = np.repeat(np.arange(frames.n_frames), np.diff(frames.photon_offsets))
     index = detector.pixel_map()[frames.photon_pixels]
@@ -73,7 +73,7 @@ def _frame_photons(detector: Detector, frames: SparseFrames):
     return owner[live], index[live], count[live], bg[live]
 
 
-def _signal_over_valid_shells(signal: np.ndarray, background: np.ndarray) -> np.ndarray:
+def signal_over_valid_shells(signal: np.ndarray, background: np.ndarray) -> np.ndarray:
     """(n_frames, n_rows) expected Bragg photons at phi = 1 over each frame's valid shells."""
     valid = np.asarray(background)[:, : signal.shape[1]] >= 0  # shells past the valid pixels' hold no signal
     return valid.astype(np.float64) @ signal.T
@@ -96,7 +96,7 @@ def refine_first(grid, detector: Detector, frames: SparseFrames, intensity, quat
     phi = np.asarray(phi, np.float64)
     offsets = local_offsets(step)
     k, n, n_pix = offsets.shape[0], frames.n_frames, detector.n_pix
-    owner, index, count, bg = _frame_photons(detector, frames)
+    owner, index, count, bg = photons_on_valid_pixels(detector, frames)
     photon_start = np.searchsorted(owner, np.arange(n + 1))
     background = np.asarray(frames.background)
     chosen = quaternions.copy()
@@ -145,7 +145,7 @@ def crystal_evidence(
     """
     n = frames.n_frames
     phi = np.asarray(phi, np.float64)
-    owner, index, count, bg = _frame_photons(detector, frames)
+    owner, index, count, bg = photons_on_valid_pixels(detector, frames)
     w_best, s_best = _first_at_photons(grid, detector, frames, intensity, best_quaternions, (owner, index))
     crystal = (np.bincount(owner, weights=count * np.log1p(psi * w_best / bg), minlength=n) - psi * s_best
                - np.log(n_orientations))
@@ -157,7 +157,7 @@ def crystal_evidence(
     # a second crystal beside the first (denominator B + phi W_first): every scan rotation's entries at each
     # photon's pixel
     beside = bg + phi[owner] * w_first
-    s_scan = _signal_over_valid_shells(scan.signal, frames.background)
+    s_scan = signal_over_valid_shells(scan.signal, frames.background)
     second = np.zeros(n)
     photon_start = np.searchsorted(owner, np.arange(n + 1))
     for a in range(0, n, CHUNK_FRAMES):
@@ -173,7 +173,7 @@ def crystal_evidence(
         away = symmetric_misorientation(
             np.asarray(first, np.float64)[a:b, None, :], scan.quaternions[None, :, :], rotation_ops
         ) > radius
-        second[a:b] = _log_mean_exp(llr, away)
+        second[a:b] = log_mean_exp(llr, away)
     return crystal, second
 
 
@@ -195,7 +195,7 @@ def _first_at_photons(grid, detector: Detector, frames: SparseFrames, intensity,
     return w, signal
 
 
-def _log_mean_exp(values: np.ndarray, mask: np.ndarray) -> np.ndarray:
+def log_mean_exp(values: np.ndarray, mask: np.ndarray) -> np.ndarray:
     """(rows,) log of the mean of exp(values) over the True entries of each row (-inf for none)."""
     v = np.where(mask, values, -np.inf)
     top = v.max(axis=1, keepdims=True)

@@ -331,7 +331,7 @@ def to_csv(stats: MergingStats) -> str:
 
 def plot(stats: MergingStats, path: str | os.PathLike, d_suggested: float | None = None) -> pathlib.Path:
     """CC1/2, CC*, CC_true (when known), Rsplit and completeness against 1/d (top axis: d in Å); PNG."""
-    from emcjax.figures import _save, plt
+    from emcjax.figures import save_figure, plt
 
     centre = np.sqrt(0.5 * (stats.d_max.astype(np.float64) ** -2 + stats.d_min.astype(np.float64) ** -2))
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(10, 4))
@@ -355,4 +355,4 @@ def plot(stats: MergingStats, path: str | os.PathLike, d_suggested: float | None
     inverse = lambda x: 1 / np.maximum(x, 1e-6)  # noqa: E731
     secondary = ax.secondary_xaxis("top", functions=(inverse, inverse))
     secondary.set_xlabel("d (Å)")
-    return _save(fig, pathlib.Path(path))
+    return save_figure(fig, pathlib.Path(path))

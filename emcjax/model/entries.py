@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from emcjax.model.grid import GridTables, ReciprocalGrid
-from emcjax.model.slicing import _EXACT, _nearest_reflection, locate, pad_model
+from emcjax.model.slicing import EXACT_PRECISION, nearest_reflection, locate, pad_model
 from emcjax.rotations import crystal_from_lab
 
 
@@ -53,15 +53,18 @@ jax.tree_util.register_dataclass(
 def _classify(quaternions: jax.Array, q_lab: jax.Array, tables: GridTables) -> jax.Array:
     """(n_rot_chunk, n_pix) int32 reflection index of every (rotation, pixel), -1 outside all peaks."""
     rot = crystal_from_lab(quaternions)  # (r, 3, 3)
-    q_crystal = jnp.einsum("rij,pj->rpi", rot, q_lab, precision=_EXACT)
-    refl, _ = jax.vmap(jax.vmap(_nearest_reflection, in_axes=(0, None)), in_axes=(0, None))(q_crystal, tables)
+    q_crystal = jnp.einsum("rij,pj->rpi", rot, q_lab, precision=EXACT_PRECISION)
+    refl, _ = jax.vmap(jax.vmap(nearest_reflection, in_axes=(0, None)), in_axes=(0, None))(q_crystal, tables)
     return refl
 
 
 @jax.jit
-def _stencils(quaternions, rotation, pixel, q_lab, tables):
+def entry_stencils(quaternions, rotation, pixel, q_lab, tables):
+    """Trilinear stencils of in-peak entries: for each entry e, pixel ``pixel[e]``'s lab q (1/Å, ``q_lab``)
+    rotated into the crystal frame of rotation ``rotation[e]`` of ``quaternions``; returns (voxels (n, 8) int32
+    flat model indices, weights (n, 8) float32) as :func:`emcjax.model.slicing.locate` gives them."""
     rot = crystal_from_lab(quaternions)[rotation]
-    q_crystal = jnp.einsum("eij,ej->ei", rot, q_lab[pixel], precision=_EXACT)
+    q_crystal = jnp.einsum("eij,ej->ei", rot, q_lab[pixel], precision=EXACT_PRECISION)
     _, voxels, weights = jax.vmap(locate, in_axes=(0, None))(q_crystal, tables)
     return voxels, weights
 
@@ -95,10 +98,10 @@ def build_entries(
         pixel.append(p.astype(np.int32))
     rotation = np.concatenate(rotation)
     pixel = np.concatenate(pixel)
-    return _entries_from_pairs(rotation, pixel, quats, q_dev, tables, n_rot)
+    return entries_from_pairs(rotation, pixel, quats, q_dev, tables, n_rot)
 
 
-def _entries_from_pairs(rotation, pixel, quats, q_dev, tables, n_rot) -> Entries:
+def entries_from_pairs(rotation, pixel, quats, q_dev, tables, n_rot) -> Entries:
     """Entries of sorted (rotation, pixel) pairs (host int32 arrays): trilinear stencils on the device."""
     voxels, weights = [], []
     step = 1 << 18
@@ -107,7 +110,7 @@ def _entries_from_pairs(rotation, pixel, quats, q_dev, tables, n_rot) -> Entries
         p = pixel[start : start + step]
         # padded to one of few lengths (the power of two above, below ``step``): few compiled shapes
         pad = (step if rotation.shape[0] > step else 1 << max(r.shape[0] - 1, 0).bit_length()) - r.shape[0]
-        v, w = _stencils(quats, jnp.asarray(np.pad(r, (0, pad))), jnp.asarray(np.pad(p, (0, pad))), q_dev, tables)
+        v, w = entry_stencils(quats, jnp.asarray(np.pad(r, (0, pad))), jnp.asarray(np.pad(p, (0, pad))), q_dev, tables)
         voxels.append(v[: r.shape[0]])
         weights.append(w[: r.shape[0]])
     if not voxels:

@@ -12,14 +12,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from emcjax.model.entries import Entries, _entries_from_pairs
+from emcjax.model.entries import Entries, entries_from_pairs
 from emcjax.model.grid import GridTables, ReciprocalGrid
-from emcjax.model.projection import _ProjectionTables, projection_setup
-from emcjax.model.slicing import _nearest_reflection
+from emcjax.model.projection import ProjectionTables, projection_setup
+from emcjax.model.slicing import nearest_reflection
 from emcjax.rotations import crystal_from_lab
 
 
-def _near_sphere(rot: jax.Array, proj: _ProjectionTables) -> jax.Array:
+def _near_sphere(rot: jax.Array, proj: ProjectionTables) -> jax.Array:
     """(n_refl,) bool: reflections of one rotation whose peak can touch the Ewald sphere.
 
     |C^T G + k|² - 1/λ² = |G|² + 2 G·(C k) (|k| = 1/λ): three multiply-adds per reflection.
@@ -32,13 +32,13 @@ def _near_sphere(rot: jax.Array, proj: _ProjectionTables) -> jax.Array:
 
 
 @jax.jit
-def _count_candidates(quaternions, proj: _ProjectionTables):
+def _count_candidates(quaternions, proj: ProjectionTables):
     """(n_rot_chunk,) int32 number of reflections near the Ewald sphere of every rotation."""
     rot = crystal_from_lab(quaternions)
     return jax.vmap(lambda m: _near_sphere(m, proj).sum(dtype=jnp.int32))(rot)
 
 
-def box_pixels(rot: jax.Array, proj: _ProjectionTables, shape, h_max: int, n_box: int):
+def box_pixels(rot: jax.Array, proj: ProjectionTables, shape, h_max: int, n_box: int):
     """Pixels in the box around the projection of every reflection near the Ewald sphere at crystal_from_lab
     ``rot`` (3, 3): ``(pixel, refl, count)``: (h_max * n_box²,) int32 valid-pixel index (-1 off the detector,
     masked, or padding), the reflection whose box holds it (same shape), and the reflections near the sphere
@@ -75,14 +75,14 @@ def box_pixels(rot: jax.Array, proj: _ProjectionTables, shape, h_max: int, n_box
 
 
 @functools.partial(jax.jit, static_argnames=("shape", "h_max", "n_box"))
-def _reflection_pixels(quaternions, proj: _ProjectionTables, tables: GridTables, shape, h_max, n_box):
+def _reflection_pixels(quaternions, proj: ProjectionTables, tables: GridTables, shape, h_max, n_box):
     """In-peak pixels of a chunk of rotations found from their reflections near the Ewald sphere.
 
     Returns ``(pixels, counts)``: (n_rot_chunk, h_max * n_box²) int32 valid-pixel index of every kept
     (rotation, box slot), -1 elsewhere; (n_rot_chunk,) int32 reflections near the sphere per rotation (the
     result is complete only where counts <= h_max).
     """
-    near_pixel = jax.vmap(jax.vmap(_nearest_reflection, in_axes=(0, None)), in_axes=(0, None))
+    near_pixel = jax.vmap(jax.vmap(nearest_reflection, in_axes=(0, None)), in_axes=(0, None))
     rot = crystal_from_lab(quaternions)
     pixel, refl, count = jax.vmap(lambda m: box_pixels(m, proj, shape, h_max, n_box))(rot)  # (r, h_max * n_box²) each, (r,)
     # The inside test of build_entries (_classify), on the same (rotation, pixel)-shaped batch.
@@ -92,7 +92,7 @@ def _reflection_pixels(quaternions, proj: _ProjectionTables, tables: GridTables,
     return jnp.where(keep, pixel, -1), count
 
 
-def near_sphere(rot: jax.Array, proj: _ProjectionTables) -> jax.Array:
+def near_sphere(rot: jax.Array, proj: ProjectionTables) -> jax.Array:
     """(n_refl,) bool reflections whose peak can touch the Ewald sphere at crystal_from_lab ``rot`` (3, 3)."""
     return _near_sphere(rot, proj)
 
@@ -102,13 +102,13 @@ def bucket_count(n: int) -> int:
     return _bucket(n)
 
 
-def near_sphere_counts(quaternions: jax.Array, proj: _ProjectionTables) -> jax.Array:
+def near_sphere_counts(quaternions: jax.Array, proj: ProjectionTables) -> jax.Array:
     """(n_rot,) int32 reflections whose peak can touch the Ewald sphere at each rotation (the ``h_max`` that
     :func:`reflection_pixels` needs is their maximum)."""
     return _count_candidates(quaternions, proj)
 
 
-def reflection_pixels(quaternions: jax.Array, proj: _ProjectionTables, tables: GridTables, shape, h_max: int,
+def reflection_pixels(quaternions: jax.Array, proj: ProjectionTables, tables: GridTables, shape, h_max: int,
                       n_box: int):
     """In-peak pixels of a chunk of rotations (valid-pixel index or -1, (n_rot, h_max * n_box²)) and the
     reflections near the sphere per rotation (complete where <= h_max); see :func:`build_entries_by_reflection`."""
@@ -128,7 +128,7 @@ def build_entries_by_reflection(
     Same result as ``build_entries(grid, detector.q, quaternions)`` (same pairs, stencils and order), but
     instead of testing every pixel against every rotation it projects each reflection whose peak can touch
     the Ewald sphere onto the detector and tests only the pixels in a small box around its projection (the
-    box half-width is a proven bound, see :func:`_projection_bounds`). A pixel is kept by exactly the test of
+    box half-width is a proven bound, see :func:`projection_bounds`). A pixel is kept by exactly the test of
     :func:`build_entries`: its float32 crystal-frame q rounds to that reflection and lies within the radius,
     evaluated by the same kernel on a (rotation, pixel)-shaped batch (bitwise the same entries on the CPU in
     the tests; differently fused float32 arithmetic could only flip pixels within ~1e-5 of a peak boundary).
@@ -177,4 +177,4 @@ def build_entries_by_reflection(
         pixel.append(found[kept].astype(np.int32))
     rotation = np.concatenate(rotation) if rotation else np.zeros(0, np.int32)
     pixel = np.concatenate(pixel) if pixel else np.zeros(0, np.int32)
-    return _entries_from_pairs(rotation, pixel, quats, jnp.asarray(detector.q, jnp.float32), tables, n_rot)
+    return entries_from_pairs(rotation, pixel, quats, jnp.asarray(detector.q, jnp.float32), tables, n_rot)

@@ -1,5 +1,5 @@
 """Set-up of the reflection-driven pixel search (emcjax.model.entries_by_reflection): the proven bounds on where
-a reflection's in-peak pixels can lie (:func:`_projection_bounds`) and the device tables of the search
+a reflection's in-peak pixels can lie (:func:`projection_bounds`) and the device tables of the search
 (:func:`projection_setup`, computed once per grid and detector).
 """
 
@@ -18,7 +18,7 @@ from emcjax.errors import ConfigError
 from emcjax.model.grid import ReciprocalGrid
 
 
-class _ProjectionTables(NamedTuple):
+class ProjectionTables(NamedTuple):
     """Device arrays of :func:`_reflection_pixels` (a pytree; all float32 unless said)."""
 
     centres: jax.Array  # (n_refl, 3) crystal-frame reflection centres G = B @ hkl, 1/Å
@@ -34,7 +34,7 @@ class _ProjectionTables(NamedTuple):
     q_lab: jax.Array  # (n_pix, 3) lab-frame pixel q
 
 
-def _projection_bounds(grid: ReciprocalGrid, detector) -> tuple[float, float, float]:
+def projection_bounds(grid: ReciprocalGrid, detector) -> tuple[float, float, float]:
     """Conservative bounds for the reflection-driven search: ``(shell_tol, cos_min, half_width)``.
 
     A valid pixel t with |q_t - g| <= r (r = grid.radius, g = C^T G_h the reflection's lab position) obeys:
@@ -76,9 +76,9 @@ def _projection_bounds(grid: ReciprocalGrid, detector) -> tuple[float, float, fl
 _PROJECTIONS = weakref.WeakKeyDictionary()  # detector -> {grid: projection_setup's result}
 
 
-def projection_setup(grid: ReciprocalGrid, detector) -> tuple[_ProjectionTables, tuple[int, int], int]:
+def projection_setup(grid: ReciprocalGrid, detector) -> tuple[ProjectionTables, tuple[int, int], int]:
     """Device tables of the reflection-driven pixel search: ``(proj, (num_rows, num_cols), n_box)``, n_box the
-    side of the pixel box tested around each reflection's projection (:func:`_projection_bounds`).
+    side of the pixel box tested around each reflection's projection (:func:`projection_bounds`).
 
     Computed once per (grid, detector) pair (both immutable) and reused while both live: the bounds scan every
     valid pixel (~0.3 s at 1.4 M pixels), and entries are built for new rotations at every E-step of the
@@ -89,16 +89,16 @@ def projection_setup(grid: ReciprocalGrid, detector) -> tuple[_ProjectionTables,
     return per_grid[grid]
 
 
-def _projection_setup(grid: ReciprocalGrid, detector) -> tuple[_ProjectionTables, tuple[int, int], int]:
+def _projection_setup(grid: ReciprocalGrid, detector) -> tuple[ProjectionTables, tuple[int, int], int]:
     geo = detector.geometry
     shape = (geo.num_rows, geo.num_cols)
-    shell_tol, cos_min, half_width = _projection_bounds(grid, detector)
+    shell_tol, cos_min, half_width = projection_bounds(grid, detector)
     n_box = int(math.floor(2 * half_width)) + 1
     b = geo.beam_vector_px
     inv_wl = 1.0 / geo.wavelength_A
     centres = grid.hkl @ grid.crystal.reciprocal_basis.T
     f32 = functools.partial(jnp.asarray, dtype=jnp.float32)
-    proj = _ProjectionTables(
+    proj = ProjectionTables(
         centres=f32(centres),
         centres_sq=f32(np.einsum("ij,ij->i", centres, centres)),
         k_beam=f32(b / np.linalg.norm(b) / geo.wavelength_A),

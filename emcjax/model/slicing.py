@@ -16,20 +16,21 @@ import numpy as np
 from emcjax.model.grid import GridTables
 
 
-# Full float32 matrix products: accelerators may otherwise use reduced-precision (e.g. TF32) products, whose
-# ~5e-4 relative error would move pixels across peak boundaries.
-_EXACT = jax.lax.Precision.HIGHEST
+# The precision of the matmuls that map q (1/Å) between frames and to fractional hkl: full float32 products;
+# accelerators may otherwise use reduced-precision (e.g. TF32) products, whose ~5e-4 relative error would move
+# pixels across peak boundaries.
+EXACT_PRECISION = jax.lax.Precision.HIGHEST
 
 
 # The 8 corners of a grid cell, (8, 3) int, in the order (dx, dy, dz) = (0,0,0), (0,0,1), ..., (1,1,1).
 _CORNERS = np.array([[i, j, k] for i in (0, 1) for j in (0, 1) for k in (0, 1)], dtype=np.int32)
 
 
-def _nearest_reflection(q_crystal: jax.Array, tables: GridTables) -> tuple[jax.Array, jax.Array]:
+def nearest_reflection(q_crystal: jax.Array, tables: GridTables) -> tuple[jax.Array, jax.Array]:
     """Reflection whose support contains ``q_crystal`` (3,) 1/Å: (index or -1, fractional coords (3,))."""
-    frac = jnp.matmul(tables.frac_from_q, q_crystal, precision=_EXACT)
+    frac = jnp.matmul(tables.frac_from_q, q_crystal, precision=EXACT_PRECISION)
     hkl = jnp.round(frac)
-    delta = q_crystal - jnp.matmul(tables.q_from_frac, hkl, precision=_EXACT)
+    delta = q_crystal - jnp.matmul(tables.q_from_frac, hkl, precision=EXACT_PRECISION)
     inside = jnp.dot(delta, delta) <= tables.radius_sq
     idx = hkl.astype(jnp.int32) - tables.hkl_min
     shape = jnp.asarray(tables.refl_lookup.shape, jnp.int32)
@@ -50,7 +51,7 @@ def locate(q_crystal: jax.Array, tables: GridTables) -> tuple[jax.Array, jax.Arr
       indices into the padded asymmetric-unit model (:func:`pad_model`), (8,) float32 trilinear weights
       (zero for corners outside the support and for points in no peak).
     """
-    refl, frac = _nearest_reflection(q_crystal, tables)
+    refl, frac = nearest_reflection(q_crystal, tables)
     local = tables.divisions * (frac - jnp.round(frac))  # grid units from the peak centre
     base = jnp.floor(local)
     t = local - base
