@@ -1,6 +1,7 @@
 """The direct candidate path's planning (host side): what a run holds for every block of frames with
 candidate lists — the plan (geometry, sampling, candidate lists, the cut geometry of the tabulated signal) and
-each block's photon records, packed record rows and candidate quaternions — built once at set-up
+each block's photon records (packed record rows on the device, padded per frame on the host) and candidate
+quaternions — built once at set-up
 (emcjax.direct.setup_direct); no in-peak entries. The E-step and the iteration are emcjax.direct's."""
 
 from __future__ import annotations
@@ -50,8 +51,9 @@ class DirectPlan:
 
 @dataclasses.dataclass(eq=False)
 class DirectBlockData:
-    """A block of the direct path: device arrays, the sampling index of each block rotation, and the host
-    records (for the kept pairs' entries)."""
+    """A block of the direct path: device arrays (the photon records packed in rows only: ``arrays.records`` is
+    None), the sampling index of each block rotation, and the host records padded per frame (for the kept
+    pairs' entries)."""
 
     start: int
     n_local: int
@@ -68,6 +70,13 @@ class DirectBlockData:
             value = self.arrays.quaternions if name == "quaternions" else getattr(self.arrays.local, name)
             self._host[name] = np.asarray(value)
         return self._host[name]
+
+    def with_device_records(self) -> kernels.DirectBlock:
+        """``arrays`` with ``records``: the host records padded per frame copied to the device, for the
+        reference E-step (emcjax.core.direct.photon_terms; about n_local x n_records x 16 bytes), made on each
+        call and not kept."""
+        return self.arrays._replace(records=kernels.Records(*(jnp.asarray(self.records[k])
+                                                              for k in kernels.Records._fields)))
 
 
 def _records_per_frame(rec, n_local: int, n_records: int | None):
@@ -127,7 +136,6 @@ def build_direct_block(plan: DirectPlan, start: int, n_local: int) -> tuple[Dire
         local=local,
         quaternions=jnp.asarray(quaternions, jnp.float32),
         log_prior=jnp.asarray(prior),
-        records=kernels.Records(*(jnp.asarray(records[k]) for k in kernels.Records._fields)),
         frame_reflections=reflections,
         rows=rows,
         row_frame=row_frame,

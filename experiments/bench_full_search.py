@@ -136,7 +136,7 @@ def main() -> None:
     clock = _lap(f"{args.pool} rotations by index", clock)
     proj, shape, _ = plan.projection
     h_max = model_lib.bucket_count(int(np.max(np.asarray(model_lib.near_sphere_counts(quats, proj)))))
-    records, local = block.arrays.records, block.arrays.local
+    records, local = block.with_device_records().records, block.arrays.local
     n_local = local.candidates.shape[0]
     phi_local = jnp.pad(state.phi, (0, problem.n_padded - problem.n_frames))[:n_local]
     frames = jnp.arange(n_local, dtype=jnp.int32)

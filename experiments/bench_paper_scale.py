@@ -129,6 +129,9 @@ def main() -> None:
                       f"{time.process_time() - cpu:.1f} s, load average {os.getloadavg()[0]:.1f}), "
                       f"{len(problem.direct_blocks)} blocks, {problem.detector.n_pix} valid pixels, "
                       f"{problem.grid.n_refl} reflections, {problem.direct_plan.n_records} records per frame (padded)")
+                held = [jax.tree.leaves(block.arrays) for block in problem.direct_blocks if block.arrays is not None]
+                print(f"[{n} frames] device arrays the blocks hold: {sum(x.nbytes for b in held for x in b) / 2**20:.2f} MB"
+                      f" ({sum(x.nbytes for b in held for x in b) / n / 1024:.1f} kB per frame)")
                 state = emc.initial_state(problem, emc_config, seed=0)
                 for i in range(args.iters):
                     problem.seconds.clear()

@@ -52,14 +52,15 @@ def test_peak_value_equals_locate(problem):
 def test_shared_chunk_equals_the_candidate_path(problem):
     state = emc.initial_state(problem, emc.EMCConfig(block_frames=12), seed=1)
     plan, blk = problem.direct_plan, problem.direct_blocks[0]
-    local = blk.arrays.local
+    arrays = blk.with_device_records()
+    local = arrays.local
     phi = jnp.pad(state.phi, (0, problem.n_padded - problem.n_frames))
-    rotation_signal = direct.block_signal(plan, state.intensity, blk.arrays.quaternions, problem.n_shells)
-    expected = kernels.estep_direct(state.intensity, phi, state.likelihood, state.hyper, plan.geometry, blk.arrays,
+    rotation_signal = direct.block_signal(plan, state.intensity, arrays.quaternions, problem.n_shells)
+    expected = kernels.estep_direct(state.intensity, phi, state.likelihood, state.hyper, plan.geometry, arrays,
                                     kernels.candidate_signal(rotation_signal, local), 4).logl
     frames = jnp.arange(blk.n_local, dtype=jnp.int32)
     got, complete = full_search.shared_log_likelihood(
-        state.intensity, phi[: blk.n_local], state.likelihood, plan.geometry, blk.arrays.records, frames,
+        state.intensity, phi[: blk.n_local], state.likelihood, plan.geometry, arrays.records, frames,
         local.masked_shells, crystal_from_lab(blk.arrays.quaternions), rotation_signal)
     assert bool(complete)
     assert got.shape == (blk.n_local, blk.arrays.quaternions.shape[0])

@@ -57,7 +57,9 @@ class DirectBlock(NamedTuple):
       local: per-frame arrays (``join`` and ``cell_offsets`` are None; ``candidates`` index ``quaternions``).
       quaternions: (n_rot, 4) float32 the block's distinct candidate rotations.
       log_prior: (n_rot,) float32 their log prior (normalised over the sampling; -inf on padding).
-      records: the frames' photon and dead-pixel records.
+      records: the frames' photon and dead-pixel records padded per frame, or None: only the reference
+        :func:`photon_terms` (and :func:`estep_direct` without ``photon``) read them; a run passes the packed
+        ``rows`` instead (emcjax.direct_blocks.DirectBlockData.with_device_records builds them on demand).
       frame_reflections: (n_local, h) int32 reflections that can cut the Ewald sphere at any of the frame's
         candidates (the tabulated signal, emcjax.core.cut_signal), or None.
       rows, row_frame: the same records packed in rows (emcjax.core.packed_photons), each row's local frame.
@@ -66,7 +68,7 @@ class DirectBlock(NamedTuple):
     local: BlockArrays
     quaternions: jax.Array
     log_prior: jax.Array
-    records: Records
+    records: Records | None = None
     frame_reflections: jax.Array | None = None
     rows: Records | None = None
     row_frame: jax.Array | None = None
@@ -85,6 +87,8 @@ def photon_terms(intensity, phi_local, likelihood, geometry: "Geometry", block: 
     """(n_local, n_slots) sum over the frame's records inside a peak of the candidate of the photon term
     (``photon_excess`` for photons, ``-zero_term`` for dead pixels), nats: the join part of L_dr."""
     local, rec = block.local, block.records
+    if rec is None:
+        raise ValueError("photon_terms needs the block's records padded per frame (DirectBlockData.with_device_records)")
     n_local, n_slots = local.candidates.shape
     rot_all = crystal_from_lab(block.quaternions)
     flat = model_lib.pad_model(intensity)
