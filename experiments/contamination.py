@@ -20,7 +20,8 @@ offset such as a second crystal's photons would show): R_scale = sum |I - k I_tr
 the uncentred correlation; the offset c of a fit I ~ k I_true + c relative to the shell's mean I; and
 cc_true after each iteration (convergence from the random start). Prints one line per run and the
 paired differences (arm - all; next_rejected - next_all) over seeds; writes OUT/summary.json and
-OUT/contamination.png (the differences per seed). ``--quick``: one tiny scenario (the test's). The runners are called in-process
+OUT/contamination.png (the differences per seed). ``--quick``: one tiny scenario (the test's; ``--quick small``: on
+the small crystal in continuous orientations). The runners are called in-process
 (``emcjax.lowres.run``, ``emcjax.reject.reject``), so there is one JAX start-up.
 """
 
@@ -163,6 +164,8 @@ def paired(rows: list[dict], arm: str, base: str = "all") -> dict:
 
 QUICK = Scenario(0.1, 0.1, 40.0, 100, background_photons=100.0)
 """--quick: 100 frames on a 64 x 64 detector to 8 Å (the tests' size), 2 + 1 iterations, one seed."""
+QUICK_SMALL = Scenario(0.1, 0.1, 300.0, 60, small_crystal="uniform")
+"""--quick small: 60 frames of the small crystal in continuous orientations, 2 + 1 iterations, one seed."""
 
 
 def figure(summary: dict, path: pathlib.Path) -> None:
@@ -202,13 +205,15 @@ def main(argv=None) -> None:
     p.add_argument("--scenarios", nargs="*", default=["acceptance"], choices=list(SCENARIOS))
     p.add_argument("--seeds", type=int, nargs="*", default=[0])
     p.add_argument("--arms", nargs="*", default=["all", "rejected"], choices=ARMS)
-    p.add_argument("--quick", action="store_true", help="one tiny scenario (QUICK), for the tests")
+    p.add_argument("--quick", nargs="?", const="default", choices=["default", "small"],
+                   help="one tiny scenario (QUICK, or QUICK_SMALL with 'small'), for the tests")
     args = p.parse_args(argv)
     scenarios, geometry = SCENARIOS, {}
     if args.quick:
         from emcjax.detector import DetectorGeometry
 
-        scenarios, args.scenarios, args.seeds, args.iters, args.next_iters = {"quick": QUICK}, ["quick"], [0], 2, 1
+        scenarios, args.scenarios, args.seeds, args.iters, args.next_iters = \
+            {"quick": QUICK if args.quick == "default" else QUICK_SMALL}, ["quick"], [0], 2, 1
         args.arms = ["all", "rejected", "next_all", "next_rejected"]
         geometry = {"geometry": DetectorGeometry(num_rows=64, num_cols=64, pixel_size_m=3.6e-3,
                                                  beam_center_px=(31.5, 31.5), resolution_max_A=8.0, n_shells=10)}
