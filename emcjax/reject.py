@@ -10,9 +10,9 @@ reasons. Prints the counts per reason (and, for simulated data, per true frame k
 
 The orientation the photon and evidence tests take for the frame's (first) crystal is the refined continuous
 ``best_quaternion`` when the run saved one (emcjax.refinement), else the sampling rotation ``best_rotation``;
-the output says which (attribute ``first_orientation``). Both tests look only at the pixels where every Bragg
-photon falls in a peak the model holds (emcjax.merge.modelled_pixels: not within two peak radii of the model's
-resolution limits, where the reflections it leaves out put theirs).
+the output says which (attribute ``first_orientation``). The photon test and the second-crystal test look only
+at the pixels where every Bragg photon falls in a peak the model holds (emcjax.merge.modelled_pixels: not within
+two peak radii of the model's resolution limits, where the reflections it leaves out put theirs).
 """
 
 from __future__ import annotations
@@ -83,7 +83,9 @@ def _evidence(run: RunData, criteria: reject_lib.RejectionCriteria, used: np.nda
     away = max(radius, criteria.cluster_angle * 0.944 / scan_n)
     n_orientations = reduced(run.sampling_n).shape[0]
     intensity = run.result.intensity
-    detector = modelled_detector(run.grid, run.detector)  # no photons of reflections the model leaves out
+    # the second crystal (and the first's refinement for it): only where no reflection the model leaves out puts
+    # photons (the first crystal's there would be evidence for a second)
+    detector = modelled_detector(run.grid, run.detector)
     scan = evidence_lib.ScanTables(run.grid, detector, intensity, reduced(scan_n))
     phi = np.asarray(run.iteration["phi"], np.float64)
     psi = criteria.evidence_scale * float(np.median(phi[used]))
@@ -95,9 +97,12 @@ def _evidence(run: RunData, criteria: reject_lib.RejectionCriteria, used: np.nda
         for start in range(0, run.n_frames, READ_FRAMES):
             stop = min(start + READ_FRAMES, run.n_frames)
             frames, best_q = ds.read_block(start, stop), run.best_quaternions(start, stop)
-            crystal[start:stop], second[start:stop] = evidence_lib.crystal_evidence(
+            # a crystal: all valid pixels (photons no predicted peak holds only add 0 to its sum)
+            crystal[start:stop] = evidence_lib.crystal_bound(run.grid, run.detector, frames, intensity, best_q, psi,
+                                                             n_orientations)
+            second[start:stop] = evidence_lib.crystal_evidence(
                 run.grid, detector, frames, intensity, best_q, phi[start:stop], scan, ops, away, psi,
-                n_orientations)
+                n_orientations)[1]
             # the frames a second crystal would flag, again with their first crystal refined off the grid
             # (emcjax.merge.evidence: why); the others are not flagged either way, and refining all costs ~27x
             again = np.flatnonzero(second[start:stop] > criteria.max_second_evidence) if step > 0 else []

@@ -147,8 +147,7 @@ def crystal_evidence(
     phi = np.asarray(phi, np.float64)
     owner, index, count, bg = photons_on_valid_pixels(detector, frames)
     w_best, s_best = _first_at_photons(grid, detector, frames, intensity, best_quaternions, (owner, index))
-    crystal = (np.bincount(owner, weights=count * np.log1p(psi * w_best / bg), minlength=n) - psi * s_best
-               - np.log(n_orientations))
+    crystal = _crystal_bound((owner, index, count, bg), w_best, s_best, psi, n_orientations, n)
     first, w_first = best_quaternions, w_best
     if first_quaternions is not None:
         first = first_quaternions
@@ -175,6 +174,22 @@ def crystal_evidence(
         ) > radius
         second[a:b] = log_mean_exp(llr, away)
     return crystal, second
+
+
+def crystal_bound(grid, detector: Detector, frames: SparseFrames, intensity, best_quaternions, psi: float,
+                  n_orientations: int) -> np.ndarray:
+    """(n_frames,) ``crystal`` of :func:`crystal_evidence` alone (no scan): ``L_dA - log n_orientations``, nats."""
+    photons = photons_on_valid_pixels(detector, frames)
+    w_best, s_best = _first_at_photons(grid, detector, frames, intensity, best_quaternions, photons[:2])
+    return _crystal_bound(photons, w_best, s_best, psi, n_orientations, frames.n_frames)
+
+
+def _crystal_bound(photons, w_best, s_best, psi: float, n_orientations: int, n_frames: int) -> np.ndarray:
+    """``sum_t K_dt log(1 + psi W_At / B_dt) - psi S_A - log n_orientations`` per frame from the photons
+    (owner, index, count, background) and W of A at them, and A's expected photons S_A at scale 1."""
+    owner, _, count, bg = photons
+    return (np.bincount(owner, weights=count * np.log1p(psi * w_best / bg), minlength=n_frames) - psi * s_best
+            - np.log(n_orientations))
 
 
 def _first_at_photons(grid, detector: Detector, frames: SparseFrames, intensity, quaternions, photons):
