@@ -21,7 +21,9 @@ The first crystal's orientation may be given refined off the grid (:func:`refine
 frames whose ``second`` with A is positive). With continuous true orientations the grid rotation A is ~2°
 off, so several per cent of a frame's Bragg photons fall outside A's predicted peaks, where the background is
 low: another orientation's peaks then collect enough of them to win (experiments/second_evidence.py,
-docs/BENCHMARKS.md).
+docs/BENCHMARKS.md). So do the photons of the reflections the model leaves out at its resolution limits:
+emcjax.reject gives ``second`` and :func:`refine_first` only the pixels of emcjax.merge.modelled_pixels, and
+:func:`crystal_bound` (``crystal`` alone) all valid pixels.
 
 psi is fixed (a typical crystal: a multiple of the median phi), so both are exact Bayes factors of simple
 hypotheses; positive values favour the crystal. Dead pixels are not excluded from the sums (a small error).
