@@ -39,6 +39,9 @@ from typing import NamedTuple
 import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # this checkout's emcjax
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+
+import pipeline as pipeline_experiment  # noqa: E402  (experiments/pipeline.py: the small crystal's data set)
 
 
 
@@ -52,6 +55,7 @@ class Scenario(NamedTuple):
     equal_crystals: bool = False  # the second crystal gets the first's phi
     background_photons: float = 30.0
     background_error: float = 0.0  # the true background is (1 + this) x the data set's (poisson-bgscale draw)
+    small_crystal: str = ""  # experiments/pipeline.py's small crystal (below) in "uniform" or "grid" orientations
 
 
 SCENARIOS = {
@@ -74,7 +78,17 @@ SCENARIOS = {
     "sparse_equal_40_100": Scenario(0.05, 0.05, 40.0, 1000, True, 100.0),
     # ... with 10 % more background photons than the data set's background says (EMC fits phi to them)
     "sparse_bgerr_40_100": Scenario(0.05, 0.05, 40.0, 1000, background_photons=100.0, background_error=0.1),
+    # continuous (uniform random) true orientations, as real crystals have: experiments/pipeline.py's data set
+    # (36 x 36 x 30 Å, broad peaks, 48 x 48 pixels to 4.5 Å, Wilson B 250) with the 12 rotations of the n = 16
+    # sampling nearest each frame's truth as its candidate list; no searched rotation is the truth
+    "continuous": Scenario(0.05, 0.05, 300.0, 1000, small_crystal="uniform"),
+    "continuous_sparse": Scenario(0.05, 0.05, 60.0, 1000, background_photons=60.0, small_crystal="uniform"),
+    "continuous_equal": Scenario(0.05, 0.05, 300.0, 1000, True, small_crystal="uniform"),
+    # the same crystal with true orientations on the n = 16 grid (each candidate list holds the truth)
+    "small_grid": Scenario(0.05, 0.05, 300.0, 1000, small_crystal="grid"),
 }
+SMALL_WILSON_B = 250.0
+"""Wilson B (Å^2) of the small crystal's scenarios: the signal reaches the detector's edge."""
 N_SHELLS = 5
 ARMS = ["all", "rejected", "oracle", "no_blank", "no_multi", "rejected_phi_zero", "next_all", "next_rejected"]
 BASE = {"next_rejected": "next_all"}  # the arm each is compared with (default: all)
@@ -213,7 +227,7 @@ def main(argv=None) -> None:
     summary["scenarios"] = {k: v for k, v in summary["scenarios"].items() if "runs" in v}  # this version's only
     summary.update(machine=f"{platform.node()} {platform.machine()}", iters=args.iters)
     for name in args.scenarios:
-        blank, multi, photons, n_frames, equal, background, background_error = scenarios[name]
+        blank, multi, photons, n_frames, equal, background, background_error, small = scenarios[name]
         rows = []
         for seed in args.seeds:
             out = args.out / name / f"seed{seed}"
@@ -221,11 +235,17 @@ def main(argv=None) -> None:
             data = out / "data.h5"
             start, cpu = time.perf_counter(), time.process_time()
             if not data.exists():
-                simulate.write(simulate.SimulationConfig(
+                config = simulate.SimulationConfig(
                     out=data, n_frames=n_frames, blank_fraction=blank, multi_fraction=multi, bragg_photons=photons,
                     background_photons=background, multi_equal=equal, seed=seed, **geometry,
                     **({"likelihood": "poisson-bgscale", "background_scale": 1 + background_error}
-                       if background_error else {})))
+                       if background_error else {}))
+                if small:
+                    config = dataclasses.replace(
+                        pipeline_experiment.simulation(data, n_frames, wilson_b=SMALL_WILSON_B, seed=seed),
+                        blank_fraction=blank, multi_fraction=multi, bragg_photons=photons,
+                        background_photons=background, multi_equal=equal, orientations=small, rotation_n=16)
+                simulate.write(config)
             with SparseDataset(data) as ds:
                 truth = ds.read_truth()
                 crystal = Crystal(tuple(ds.crystal["cell"]), str(ds.crystal["space_group"]))
@@ -233,6 +253,8 @@ def main(argv=None) -> None:
             for arm, keep in (("oracle", kind == 0), ("no_blank", kind != 1), ("no_multi", kind != 2)):
                 write_frame_weights(out / f"{arm}.h5", keep.astype(np.float32), {"source": f"truth frame_kind: {arm}"})
             base = lowres.LowresConfig(iters=args.iters, data=data, seed=seed, keep_checkpoints=1, iterations_every=0)
+            if small:  # the small crystal's model: vn = 5 voxels per reciprocal-lattice spacing
+                base = dataclasses.replace(base, emc=dataclasses.replace(base.emc, vn=5))
             weights = {"all": None, "rejected": out / "all" / reject.REJECTION_FILE,
                        **{arm: out / f"{arm}.h5" for arm in ("oracle", "no_blank", "no_multi", "rejected_phi_zero")}}
             row: dict = {"seed": seed}
@@ -267,7 +289,7 @@ def main(argv=None) -> None:
                                           "seconds": row["seconds"]}), flush=True)
         summary["scenarios"][name] = {
             "blank": blank, "multi": multi, "bragg_photons": photons, "n_frames": n_frames, "equal_crystals": equal,
-            "background_photons": background, "background_error": background_error,
+            "background_photons": background, "background_error": background_error, "small_crystal": small,
             "runs": rows, "paired": {a: paired(rows, a, BASE.get(a, "all")) for a in args.arms if a not in ("all", "next_all")},
         }
         for arm, d in summary["scenarios"][name]["paired"].items():
