@@ -133,9 +133,9 @@ def analyse(run_dir: pathlib.Path) -> tuple[dict, float]:
         total = np.bincount(every[0], weights=every[2], minlength=frames.n_frames)
         for name, q in (("A", grid_q), ("truth", true_q)):
             excess = off_peak_excess(run_at, frames, every, q)
+            share = 100 * np.median(excess[good] / total[good])
             print(f"  one-crystal frames, {pixels} pixels: photons outside the peaks of {name} beyond the background "
-                  f"there: median {np.median(excess[good]):.1f} ({100 * np.median(excess[good] / total[good]):.1f} % of "
-                  "the frame's photons)")
+                  f"there: median {np.median(excess[good]):.1f} ({share:.1f} % of the frame's photons)")
     counts = {}
     for label, k in (("one crystal", 0), ("blank", 1), ("two crystals", 2)):
         sel = used & (kind == k)
