@@ -10,7 +10,9 @@ reasons. Prints the counts per reason (and, for simulated data, per true frame k
 
 The orientation the photon and evidence tests take for the frame's (first) crystal is the refined continuous
 ``best_quaternion`` when the run saved one (emcjax.refinement), else the sampling rotation ``best_rotation``;
-the output says which (attribute ``first_orientation``).
+the output says which (attribute ``first_orientation``). The photon test and the second-crystal test look only
+at the pixels where every Bragg photon falls in a peak the model holds (emcjax.merge.modelled_pixels: not within
+two peak radii of the model's resolution limits, where the reflections it leaves out put theirs).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import numpy as np
 
 from emcjax import atomic_files, cli
 from emcjax.merge import evidence as evidence_lib
+from emcjax.merge.modelled_pixels import modelled_detector
 from emcjax.merge import observe
 from emcjax.merge import reject as reject_lib
 from emcjax.merge.rundata import RunData, load_run
@@ -55,11 +58,12 @@ def _unexplained(run: RunData, log) -> tuple[np.ndarray, np.ndarray]:
     from emcjax.data import SparseDataset
 
     observed, expected = np.zeros(run.n_frames), np.zeros(run.n_frames)
+    detector = modelled_detector(run.grid, run.detector)  # no photons of reflections the model leaves out
     with SparseDataset(run.data_path) as ds:
         for start in range(0, run.n_frames, READ_FRAMES):
             stop = min(start + READ_FRAMES, run.n_frames)
             frames = ds.read_block(start, stop)
-            o, e = observe.unexplained_photons(run.grid, run.detector, frames, run.best_quaternions(start, stop))
+            o, e = observe.unexplained_photons(run.grid, detector, frames, run.best_quaternions(start, stop))
             observed[start:stop], expected[start:stop] = o, e
             log(f"photon test: {stop}/{run.n_frames} frames")
     return observed, expected
@@ -79,7 +83,10 @@ def _evidence(run: RunData, criteria: reject_lib.RejectionCriteria, used: np.nda
     away = max(radius, criteria.cluster_angle * 0.944 / scan_n)
     n_orientations = reduced(run.sampling_n).shape[0]
     intensity = run.result.intensity
-    scan = evidence_lib.ScanTables(run.grid, run.detector, intensity, reduced(scan_n))
+    # the second crystal (and the first's refinement for it): only where no reflection the model leaves out puts
+    # photons (the first crystal's there would be evidence for a second)
+    detector = modelled_detector(run.grid, run.detector)
+    scan = evidence_lib.ScanTables(run.grid, detector, intensity, reduced(scan_n))
     phi = np.asarray(run.iteration["phi"], np.float64)
     psi = criteria.evidence_scale * float(np.median(phi[used]))
     crystal, second = np.zeros(run.n_frames), np.zeros(run.n_frames)
@@ -90,18 +97,21 @@ def _evidence(run: RunData, criteria: reject_lib.RejectionCriteria, used: np.nda
         for start in range(0, run.n_frames, READ_FRAMES):
             stop = min(start + READ_FRAMES, run.n_frames)
             frames, best_q = ds.read_block(start, stop), run.best_quaternions(start, stop)
-            crystal[start:stop], second[start:stop] = evidence_lib.crystal_evidence(
-                run.grid, run.detector, frames, intensity, best_q, phi[start:stop], scan, ops, away, psi,
-                n_orientations)
+            # a crystal: all valid pixels (photons no predicted peak holds only add 0 to its sum)
+            crystal[start:stop] = evidence_lib.crystal_bound(run.grid, run.detector, frames, intensity, best_q, psi,
+                                                             n_orientations)
+            second[start:stop] = evidence_lib.crystal_evidence(
+                run.grid, detector, frames, intensity, best_q, phi[start:stop], scan, ops, away, psi,
+                n_orientations)[1]
             # the frames a second crystal would flag, again with their first crystal refined off the grid
             # (emcjax.merge.evidence: why); the others are not flagged either way, and refining all costs ~27x
             again = np.flatnonzero(second[start:stop] > criteria.max_second_evidence) if step > 0 else []
             if len(again):
                 some = SparseFrames.concatenate(frames.frame_slice(d, d + 1) for d in again)
-                first = evidence_lib.refine_first(run.grid, run.detector, some, intensity, best_q[again],
+                first = evidence_lib.refine_first(run.grid, detector, some, intensity, best_q[again],
                                                   phi[start + again], step)
                 second[start + again] = evidence_lib.crystal_evidence(
-                    run.grid, run.detector, some, intensity, best_q[again], phi[start + again], scan, ops, away, psi,
+                    run.grid, detector, some, intensity, best_q[again], phi[start + again], scan, ops, away, psi,
                     n_orientations, first_quaternions=first)[1]
                 refined += len(again)
             log(f"evidence test ({scan.n_rot} rotations): {stop}/{run.n_frames} frames"

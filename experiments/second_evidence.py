@@ -10,7 +10,8 @@ rotation A, the **true** orientation, and A refined off the grid (emcjax.merge.e
 and what ``reject`` now computes ("reject": refined for the frames whose evidence with A is positive; checked
 against the run's rejection.h5 when that was written with the refinement). It prints, per true frame kind, how many
 frames have positive evidence with each, and the photons the first crystal's predicted peaks leave
-(minus the background expected there) at A and at the truth. ``--simulate SEED ...``: first simulates
+(minus the background expected there) at A and at the truth, on all valid pixels and on the pixels reject
+tests (emcjax.merge.modelled_pixels: away from the model's resolution limits). ``--simulate SEED ...``: first simulates
 the data set of experiments/pipeline.py (60 frames, continuous orientations, 5 % blank, 5 % two-crystal)
 with each seed (``--frames`` frames) and runs lowres (6 Å, 2 iterations, as the tutorial) and reject on it.
 A run that saved refined continuous orientations (``best_quaternion``) has them as A, as reject does.
@@ -21,6 +22,7 @@ Small runs only (a Python loop over photons): ~10^2 frames.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import pathlib
 import sys
 
@@ -34,6 +36,7 @@ if str(ROOT) not in sys.path:
 from emcjax.data import SparseDataset  # noqa: E402
 from emcjax.frontend.grid_orbits import grid_orbits  # noqa: E402
 from emcjax.merge import evidence as ev  # noqa: E402
+from emcjax.merge.modelled_pixels import modelled_detector  # noqa: E402
 from emcjax.merge.rundata import load_run  # noqa: E402
 from emcjax.rotations import symmetric_misorientation  # noqa: E402
 from emcjax.sampling_600cell import sample_600cell  # noqa: E402
@@ -88,6 +91,8 @@ def analyse(run_dir: pathlib.Path) -> tuple[dict, float]:
     from emcjax.merge.reject import RejectionCriteria
 
     run = load_run(run_dir)
+    all_pixels = run.detector
+    run = dataclasses.replace(run, detector=modelled_detector(run.grid, all_pixels))  # the pixels reject tests
     with h5py.File(run_dir / "rejection.h5", "r") as f:
         stored = f["second_evidence"][()]
         stored_step = float(f.attrs.get("evidence_refine_step", 0.0))
@@ -123,11 +128,14 @@ def analyse(run_dir: pathlib.Path) -> tuple[dict, float]:
     good = used & (kind == 0)
     print(f"  one-crystal frames: median orientation error A {np.median(errors['A'][good]):.2f}°, refined "
           f"{np.median(errors['refined'][good]):.2f}°")
-    total = np.bincount(owner, weights=count, minlength=frames.n_frames)
-    for name, q in (("A", grid_q), ("truth", true_q)):
-        excess = off_peak_excess(run, frames, photons, q)
-        print(f"  one-crystal frames: photons outside the peaks of {name} beyond the background there: median "
-              f"{np.median(excess[good]):.1f} ({100 * np.median(excess[good] / total[good]):.1f} % of the frame's photons)")
+    for pixels, run_at in (("all valid", dataclasses.replace(run, detector=all_pixels)), ("modelled", run)):
+        every = ev.photons_on_valid_pixels(run_at.detector, frames)
+        total = np.bincount(every[0], weights=every[2], minlength=frames.n_frames)
+        for name, q in (("A", grid_q), ("truth", true_q)):
+            excess = off_peak_excess(run_at, frames, every, q)
+            share = 100 * np.median(excess[good] / total[good])
+            print(f"  one-crystal frames, {pixels} pixels: photons outside the peaks of {name} beyond the background "
+                  f"there: median {np.median(excess[good]):.1f} ({share:.1f} % of the frame's photons)")
     counts = {}
     for label, k in (("one crystal", 0), ("blank", 1), ("two crystals", 2)):
         sel = used & (kind == k)

@@ -21,7 +21,9 @@ The first crystal's orientation may be given refined off the grid (:func:`refine
 frames whose ``second`` with A is positive). With continuous true orientations the grid rotation A is ~2°
 off, so several per cent of a frame's Bragg photons fall outside A's predicted peaks, where the background is
 low: another orientation's peaks then collect enough of them to win (experiments/second_evidence.py,
-docs/BENCHMARKS.md).
+docs/BENCHMARKS.md). So do the photons of the reflections the model leaves out at its resolution limits:
+emcjax.reject gives ``second`` and :func:`refine_first` only the pixels of emcjax.merge.modelled_pixels, and
+:func:`crystal_bound` (``crystal`` alone) all valid pixels.
 
 psi is fixed (a typical crystal: a multiple of the median phi), so both are exact Bayes factors of simple
 hypotheses; positive values favour the crystal. Dead pixels are not excluded from the sums (a small error).
@@ -147,8 +149,7 @@ def crystal_evidence(
     phi = np.asarray(phi, np.float64)
     owner, index, count, bg = photons_on_valid_pixels(detector, frames)
     w_best, s_best = _first_at_photons(grid, detector, frames, intensity, best_quaternions, (owner, index))
-    crystal = (np.bincount(owner, weights=count * np.log1p(psi * w_best / bg), minlength=n) - psi * s_best
-               - np.log(n_orientations))
+    crystal = _crystal_bound((owner, index, count, bg), w_best, s_best, psi, n_orientations, n)
     first, w_first = best_quaternions, w_best
     if first_quaternions is not None:
         first = first_quaternions
@@ -175,6 +176,22 @@ def crystal_evidence(
         ) > radius
         second[a:b] = log_mean_exp(llr, away)
     return crystal, second
+
+
+def crystal_bound(grid, detector: Detector, frames: SparseFrames, intensity, best_quaternions, psi: float,
+                  n_orientations: int) -> np.ndarray:
+    """(n_frames,) ``crystal`` of :func:`crystal_evidence` alone (no scan): ``L_dA - log n_orientations``, nats."""
+    photons = photons_on_valid_pixels(detector, frames)
+    w_best, s_best = _first_at_photons(grid, detector, frames, intensity, best_quaternions, photons[:2])
+    return _crystal_bound(photons, w_best, s_best, psi, n_orientations, frames.n_frames)
+
+
+def _crystal_bound(photons, w_best, s_best, psi: float, n_orientations: int, n_frames: int) -> np.ndarray:
+    """``sum_t K_dt log(1 + psi W_At / B_dt) - psi S_A - log n_orientations`` per frame from the photons
+    (owner, index, count, background) and W of A at them, and A's expected photons S_A at scale 1."""
+    owner, _, count, bg = photons
+    return (np.bincount(owner, weights=count * np.log1p(psi * w_best / bg), minlength=n_frames) - psi * s_best
+            - np.log(n_orientations))
 
 
 def _first_at_photons(grid, detector: Detector, frames: SparseFrames, intensity, quaternions, photons):
