@@ -18,7 +18,8 @@ limits), radial shell s_t and polarization x solid-angle factor pol_t (the EMC's
 3. Rings: strict local maxima of B over +-2 shells are followed down to their flanking minima; a maximum
    is a ring when it exceeds the linear interpolation between the minima by more than ``ring_excess``
    (5 %, as the reference) *and* its excess photons over the higher flank are significant (> ``ring_sigma``
-   Poisson standard deviations) and at least ``min_photons``. The excluded shells (B = -1) are those around the maximum still 2 sigma
+   Poisson standard deviations) and its excess photons over its shells (those still 2 sigma above the higher
+   flank) are at least ``min_photons``. The excluded shells (B = -1) are those around the maximum still 2 sigma
    above the higher flank, plus one on each side. The reference has no significance test and excludes
    everything between the minima, so on sparse frames every noise bump would exclude shells -- a
    deliberate deviation (docs/METHOD-NOTES.md).
@@ -201,9 +202,10 @@ def ring_shells(background: np.ndarray, shell_pol: np.ndarray, excess: float = 0
       shell_pol: (n_shells,) sum of pol over the shell's kept pixels (converts B to photons).
       excess: relative excess of the maximum over the interpolated baseline (0.05: 5 %).
       sigma: required significance of the excess photons, in Poisson standard deviations.
-      min_photons: required excess photons of the peak shell over the higher flank (a ring spreads
-        hundreds of photons around the beam; on sparse frames the Bragg photons of one shell make
-        significant but small bumps, which must not exclude the shell).
+      min_photons: required excess photons over the higher flank, summed over the ring's shells (those
+        still 2 sigma above it; a ring spreads hundreds of photons around the beam, over several thin
+        shells; on sparse frames the Bragg photons of one shell make significant but small bumps, which
+        must not exclude the shell).
       first_shell: shells below this (inside the beam stop) are not considered.
     """
     n = background.shape[0]
@@ -229,8 +231,7 @@ def ring_shells(background: np.ndarray, shell_pol: np.ndarray, excess: float = 0
         base = b[lo] + (b[hi] - b[lo]) * (j - lo) / (hi - lo)
         # significance against the higher flank, so that a noise dip on one side makes no ring
         level = max(b[lo], b[hi])
-        if not (b[j] > (1 + excess) * base and _significant(b[j], level, pol[j], sigma)
-                and (b[j] - level) * pol[j] >= min_photons):
+        if not (b[j] > (1 + excess) * base and _significant(b[j], level, pol[j], sigma)):
             continue
         # the ring: the contiguous shells around j still significantly (2 sigma) above the flank level,
         # plus one shell on each side for the tails
@@ -240,5 +241,9 @@ def ring_shells(background: np.ndarray, shell_pol: np.ndarray, excess: float = 0
         z = j
         while z < hi and _significant(b[z + 1], level, pol[z + 1], 2.0):
             z += 1
+        # its excess photons over the flank level, summed over those shells (thin shells split a ring, so
+        # its peak shell alone may hold fewer than min_photons of a strong ring)
+        if np.sum((b[a:z + 1] - level) * pol[a:z + 1]) < min_photons:
+            continue
         ring[used[max(a - 1, lo):min(z + 1, hi) + 1]] = True
     return ring
