@@ -219,7 +219,8 @@ def test_frame_background_recovers_a_known_level_and_rejects_spots():
 def test_ring_spread_over_thin_shells_is_found_by_its_summed_photons():
     """A ring of 300 photons over ~4 shells (peak shell 80 photons, below ring_photons = 100) on 0.05
     photons/pixel is excluded (the peak shell's photons alone missed it: 2 of 40 tutorial-like frames kept a
-    2000-photon ring); a 60-photon bump of the same shape is not."""
+    2000-photon ring); a 60-photon bump of the same shape is not; a ring whose profile dips inside it is
+    found whole (the dip was taken for its flank: 2 more of those 40 frames)."""
     tables = bg_lib.radial_tables(GEOMETRY, None)
     pol = tables.shell_pol
     shells = np.arange(GEOMETRY.n_shells)
@@ -235,6 +236,16 @@ def test_ring_spread_over_thin_shells_is_found_by_its_summed_photons():
     excluded = bg_lib.ring_shells(profile(300.0), pol)
     assert excluded[centre] and np.all(np.diff(np.flatnonzero(excluded)) == 1) and excluded.sum() <= 9  # centre +-3 (2 sigma) +-1
     assert not bg_lib.ring_shells(profile(60.0), pol).any()
+    # a dip inside the ring (thin shells with few pixels) is no flank: the ring is still found, whole
+    dipped = profile(2000.0)
+    dipped[centre + 1] = 0.3 * dipped[centre]
+    assert dipped[centre + 2] > dipped[centre + 1]
+    excluded = bg_lib.ring_shells(dipped, pol)
+    assert excluded[centre - 2:centre + 4].all() and np.all(np.diff(np.flatnonzero(excluded)) == 1)
+    # a Bragg bump next to a ring on the background level stays a separate feature (no ring, not excluded)
+    bumped = profile(2000.0)
+    bumped[centre + 8] += 20.0 / pol[centre + 8]
+    assert not bg_lib.ring_shells(bumped, pol)[centre + 7:].any()
 
 
 def test_find_spots_centroids_diffuse_patches_and_crowded_shells():

@@ -15,7 +15,8 @@ limits), radial shell s_t and polarization x solid-angle factor pol_t (the EMC's
    its fixed point. A deviation from the reference (plain mean): weak Bragg spots, whose pixels hold a few
    photons each and are no outliers, stay out of the background too (at 150 Bragg photons per frame
    on 0.3 background photons per pixel the plain mean is 2-5 % high per shell, docs/METHOD-NOTES.md).
-3. Rings: strict local maxima of B over +-2 shells are followed down to their flanking minima; a maximum
+3. Rings: strict local maxima of B over +-2 shells are followed down to their flanking minima (past a dip
+   inside the ring: a further descent significantly below the dip, without a rise above the maximum); a maximum
    is a ring when it exceeds the linear interpolation between the minima by more than ``ring_excess``
    (5 %, as the reference) *and* its excess photons over the higher flank are significant (> ``ring_sigma``
    Poisson standard deviations) and its excess photons over its shells (those still 2 sigma above the higher
@@ -193,6 +194,29 @@ def _significant(value: float, level: float, pol: float, sigma: float) -> bool:
     return value * pol - expected > sigma * np.sqrt(max(expected, 1.0))
 
 
+def _flank(b: np.ndarray, pol: np.ndarray, j: int, step: int, sigma: float) -> int:
+    """Index of the flanking minimum of the maximum ``b[j]`` in direction ``step`` (+-1): the end of the
+    descent from j, continued past a dip when the profile, after a rise that stays below b[j], descends to a
+    value significantly (``sigma``) below the dip (thin shells hold few pixels, so a ring's profile can dip
+    inside the ring; a dip at the background level is followed by no significant descent)."""
+    def descend(i: int) -> int:
+        while 0 <= i + step < b.size and b[i + step] < b[i]:
+            i += step
+        return i
+
+    m = descend(j)
+    while True:
+        top = m
+        while 0 <= top + step < b.size and b[top + step] >= b[top]:
+            top += step
+        if top == m or b[top] >= b[j]:
+            return m
+        low = descend(top)
+        if not _significant(b[m], b[low], pol[m], sigma):
+            return m
+        m = low
+
+
 def ring_shells(background: np.ndarray, shell_pol: np.ndarray, excess: float = 0.05, sigma: float = 5.0,
                 min_photons: float = 100.0, first_shell: int = 0) -> np.ndarray:
     """(n_shells,) bool: shells of ice/powder rings (see the module docstring, step 3).
@@ -220,12 +244,7 @@ def ring_shells(background: np.ndarray, shell_pol: np.ndarray, excess: float = 0
         window = np.concatenate([b[j - 2:j], b[j + 1:j + 3]])
         if not np.all(b[j] > window):
             continue
-        lo = j
-        while lo > 0 and b[lo - 1] < b[lo]:
-            lo -= 1
-        hi = j
-        while hi < b.size - 1 and b[hi + 1] < b[hi]:
-            hi += 1
+        lo, hi = _flank(b, pol, j, -1, sigma), _flank(b, pol, j, 1, sigma)
         if lo == j or hi == j:
             continue
         base = b[lo] + (b[hi] - b[lo]) * (j - lo) / (hi - lo)
