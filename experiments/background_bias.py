@@ -89,15 +89,17 @@ def measure(background: float, n_frames: int, seed: int = 0) -> dict[str, np.nda
     return out
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict[float, dict[str, np.ndarray]]:
+    """Prints the table; returns the measurements per level."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="one level, 10 frames")
     parser.add_argument("--frames", type=int, default=40)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     levels, n_frames = ((0.05,), 10) if args.quick else ((0.01, 0.05, 0.3), args.frames)
     print("level: background photons per pixel at pol = 1; photons per frame on the used pixels")
+    results = {}
     for level in levels:
-        m = measure(level, n_frames)
+        m = results[level] = measure(level, n_frames)
         for name, sel in (("one crystal", m["kind"] == 0), ("blank", m["kind"] == 1), ("all", m["kind"] >= 0)):
             if not sel.any():
                 continue
@@ -105,6 +107,7 @@ def main() -> None:
             print(f"level {level:5.2f} {name:11s} ({sel.sum():3d} frames): estimated {est:7.1f} true {true:7.1f} "
                   f"ratio {est / true:5.2f}; excess {est - true:6.1f} = leaked Bragg {m['leaked'][sel].mean():6.1f} "
                   f"+ ring {m['ring'][sel].mean():6.1f} + rest {est - true - m['leaked'][sel].mean() - m['ring'][sel].mean():6.1f}")
+    return results
 
 
 if __name__ == "__main__":
