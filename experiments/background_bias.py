@@ -45,9 +45,9 @@ def images_config(background: float, n_frames: int, seed: int) -> si.ImageSimula
     return si.ImageSimulationConfig(simulation=sim, background_per_pixel=background, module_size=48, ring_q=0.05)
 
 
-def measure(background: float, n_frames: int, seed: int = 0) -> dict[str, np.ndarray]:
+def measure(background: float, n_frames: int, seed: int = 0, **reduce_settings) -> dict[str, np.ndarray]:
     """Per-frame photons on the used pixels: 'estimated', 'true', 'leaked', 'ring', and 'kind' (0 one
-    crystal, 1 blank, 2 two crystals)."""
+    crystal, 1 blank, 2 two crystals); ``reduce_settings``: ReduceConfig fields."""
     config = images_config(background, n_frames, seed)
     frames, truth, images = si.render(config)
     images = list(images)
@@ -60,7 +60,7 @@ def measure(background: float, n_frames: int, seed: int = 0) -> dict[str, np.nda
     tables = bg_lib.radial_tables(REDUCE_GEOMETRY, mask)
     det = tables.detector
     n_shells = REDUCE_GEOMETRY.n_shells
-    reduce_config = reduce_lib.ReduceConfig(geometry=REDUCE_GEOMETRY, min_spot_pixels=1)
+    reduce_config = reduce_lib.ReduceConfig(geometry=REDUCE_GEOMETRY, min_spot_pixels=1, **reduce_settings)
     valid_index = np.full(REDUCE_GEOMETRY.num_pixels, -1)
     valid_index[det.pixel_id] = np.arange(det.n_pix)
     pattern = truth["background_pattern"].ravel()[det.pixel_id]
@@ -74,6 +74,10 @@ def measure(background: float, n_frames: int, seed: int = 0) -> dict[str, np.nda
         outlier = k > bg_lib.poisson_threshold(lam, reduce_config.quantile)
         cap = np.maximum(bg_lib.poisson_threshold(lam, reduce_config.clip_quantile), 1)
         kept = used & ~bg_lib._dilate(outlier, tables) & (k <= cap)
+        if reduce_config.neighbour_quantile is not None:
+            neighbours = bg_lib._neighbour_sum(np.where(used, k, 0), tables)
+            neighbour_mean = bg_lib._neighbour_sum(np.where(used, lam, 0), tables)
+            kept &= neighbours <= bg_lib.poisson_threshold(neighbour_mean, reduce_config.neighbour_quantile)
         pol_used = np.bincount(det.shell, np.where(used, det.polarization, 0), n_shells)
         pol_kept = np.bincount(det.shell, np.where(kept, det.polarization, 0), n_shells)
         scale = np.divide(pol_used, pol_kept, out=np.zeros(n_shells), where=pol_kept > 0)[det.shell]
@@ -94,12 +98,16 @@ def main(argv: list[str] | None = None) -> dict[float, dict[str, np.ndarray]]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="one level, 10 frames")
     parser.add_argument("--frames", type=int, default=40)
+    parser.add_argument("--neighbour-quantile", type=float, default=0.9,
+                        help="reduce's --neighbour-quantile (a negative value: None, no neighbour test)")
     args = parser.parse_args(argv)
     levels, n_frames = ((0.05,), 10) if args.quick else ((0.01, 0.05, 0.3), args.frames)
-    print("level: background photons per pixel at pol = 1; photons per frame on the used pixels")
+    print(f"level: background photons per pixel at pol = 1; photons per frame on the used pixels "
+          f"(neighbour quantile {args.neighbour_quantile})")
     results = {}
     for level in levels:
-        m = results[level] = measure(level, n_frames)
+        neighbour_quantile = None if args.neighbour_quantile < 0 else args.neighbour_quantile
+        m = results[level] = measure(level, n_frames, neighbour_quantile=neighbour_quantile)
         for name, sel in (("one crystal", m["kind"] == 0), ("blank", m["kind"] == 1), ("all", m["kind"] >= 0)):
             if not sel.any():
                 continue

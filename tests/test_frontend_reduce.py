@@ -144,7 +144,8 @@ def background_ratio_per_shell(frames, truth, tables) -> np.ndarray:
 
 def test_background_stays_unbiased_under_many_weak_bragg_spots(tmp_path):
     """150 Bragg photons per frame, mostly in spots too weak to be outliers: the truncated-Poisson estimate
-    stays within 5 % per shell; the plain mean of the non-outlier pixels (the reference) is biased high."""
+    stays within 5 % per shell; the plain mean of the non-outlier pixels (the reference: no neighbour test
+    either) is biased high."""
     images = dataclasses.replace(IMAGES, out=tmp_path, format="h5",
                                  simulation=dataclasses.replace(IMAGES.simulation, bragg_photons=150.0))
     si.write(images)
@@ -153,6 +154,7 @@ def test_background_stays_unbiased_under_many_weak_bragg_spots(tmp_path):
         out = tmp_path / f"reduced_{clip}.h5"
         reduce_lib.run(reduce_lib.ReduceConfig(
             images=(str(tmp_path / "images.h5"),), out=out, geometry=GEOMETRY, cell=CELL, clip_quantile=clip,
+            neighbour_quantile=None if clip is None else 0.9,
             truth=tmp_path / "truth.h5", mask=reduce_lib.MaskConfig(file=tmp_path / "shadow_mask.npy")),
             log=lambda s: None)
         with data_io.SparseDataset(out) as ds:
@@ -214,6 +216,37 @@ def test_frame_background_recovers_a_known_level_and_rejects_spots():
     excluded = bg_lib.ring_shells(with_ring, tables.shell_pol)
     assert excluded[15] and excluded.sum() <= 4
     assert not bg_lib.ring_shells(background, tables.shell_pol).any()
+
+
+@pytest.mark.parametrize("level, per_pixel", [(0.02, 1), (0.3, 2)])
+def test_neighbour_test_keeps_weak_spread_spots_out_and_biases_no_pure_background(level, per_pixel):
+    """Poisson background of ``level`` photons per pixel (pol = 1) plus weak spots: 2 x 2 pixels with
+    ``per_pixel`` photons each (no outlier; at 0.02 a one-photon pixel passes any count test). With the
+    neighbour test the background photons stay within 5 % of the truth (and within 4 sigma on pure
+    background); without it they are high by a good part of the spots' photons."""
+    rng = np.random.default_rng(1)
+    tables = bg_lib.radial_tables(GEOMETRY, None)
+    det = tables.detector
+    g = GEOMETRY
+    n_frames = 20
+    true = level * det.polarization.sum()
+    n_spots = int(0.3 * true / (4 * per_pixel))  # spots: 30 % of the background photons
+    ratio = {None: [], 0.9: []}
+    pure = {None: [], 0.9: []}
+    for _ in range(n_frames):
+        background = rng.poisson(level * det.polarization)
+        image = np.zeros((g.num_rows, g.num_cols), np.int64)
+        for r, c in zip(rng.integers(0, g.num_rows - 1, n_spots), rng.integers(0, g.num_cols - 1, n_spots)):
+            image[r:r + 2, c:c + 2] = per_pixel
+        spots = image.ravel()[det.pixel_id]
+        for nq in (None, 0.9):
+            for counts, out in ((background + spots, ratio), (background, pure)):
+                b, _ = bg_lib.frame_background(counts, np.zeros(det.n_pix, bool), tables, neighbour_quantile=nq)
+                out[nq].append((b[det.shell] * det.polarization).sum() / true)
+    sigma = 1 / np.sqrt(true * n_frames)
+    assert abs(np.mean(pure[0.9]) - 1) < 4 * sigma + 0.005, pure
+    assert abs(np.mean(ratio[0.9]) - 1) < 0.05, np.mean(ratio[0.9])
+    assert np.mean(ratio[None]) - 1 > 0.1, np.mean(ratio[None])
 
 
 def test_ring_spread_over_thin_shells_is_found_by_its_summed_photons():

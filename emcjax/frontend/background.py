@@ -15,6 +15,11 @@ limits), radial shell s_t and polarization x solid-angle factor pol_t (the EMC's
    its fixed point. A deviation from the reference (plain mean): weak Bragg spots, whose pixels hold a few
    photons each and are no outliers, stay out of the background too (at 150 Bragg photons per frame
    on 0.3 background photons per pixel the plain mean is 2-5 % high per shell, docs/METHOD-NOTES.md).
+   With ``neighbour_quantile``, a pixel is also left out when the photons on its valid 8-neighbours exceed
+   their Poisson level at that quantile (mean: the sum of their B(s) pol): for Poisson background this
+   depends on the neighbours only, not on the pixel's own count, so it biases nothing; it drops the
+   photons of weak spots spread over adjacent pixels, which a count test cannot see where the background is
+   ~0.01-0.05 photons per pixel (one Bragg photon on a pixel then passes as background).
 3. Rings: strict local maxima of B over +-2 shells are followed down to their flanking minima (past a dip
    inside the ring: a further descent significantly below the dip, without a rise above the maximum); a maximum
    is a ring when it exceeds the linear interpolation between the minima by more than ``ring_excess``
@@ -122,6 +127,15 @@ def _dilate(outlier: np.ndarray, tables: RadialTables) -> np.ndarray:
     return grown.ravel()[tables.detector.pixel_id]
 
 
+def _neighbour_sum(values: np.ndarray, tables: RadialTables) -> np.ndarray:
+    """(n_pix,) sum of ``values`` (n_pix,) over each valid pixel's valid 8-neighbours (the pixel excluded)."""
+    g = tables.geometry
+    raw = np.zeros(g.num_pixels)
+    raw[tables.detector.pixel_id] = values
+    window = ndimage.convolve(raw.reshape(g.num_rows, g.num_cols), np.ones((3, 3)), mode="constant")
+    return window.ravel()[tables.detector.pixel_id] - values
+
+
 def _truncated_rate(k: np.ndarray, cap: np.ndarray, keep: np.ndarray, tables: RadialTables,
                     start: np.ndarray, steps: int = 20) -> np.ndarray:
     """(n_shells,) maximum-likelihood B of Poisson counts ``k`` with means B(s_t) pol_t, each truncated at
@@ -144,8 +158,8 @@ def _truncated_rate(k: np.ndarray, cap: np.ndarray, keep: np.ndarray, tables: Ra
 
 
 def frame_background(counts: np.ndarray, dead: np.ndarray, tables: RadialTables, iterations: int = 5,
-                     quantile: float = 0.99999, clip_quantile: float | None = 0.97
-                     ) -> tuple[np.ndarray, np.ndarray]:
+                     quantile: float = 0.99999, clip_quantile: float | None = 0.97,
+                     neighbour_quantile: float | None = 0.9) -> tuple[np.ndarray, np.ndarray]:
     """Radial background and outlier pixels of one frame.
 
     Args:
@@ -156,6 +170,8 @@ def frame_background(counts: np.ndarray, dead: np.ndarray, tables: RadialTables,
       quantile: Poisson CDF level of the outlier threshold.
       clip_quantile: Poisson CDF level above which pixels are left out of the background estimate (the
         truncated-Poisson rate of the rest is the estimate); None: the plain mean (the reference).
+      neighbour_quantile: Poisson CDF level above which the photons on a pixel's 8 neighbours leave it out
+        of the estimate; None: no neighbour test (the reference).
 
     Returns:
       ``(background, outlier)``: (n_shells,) float64 photons per pixel per unit pol (0 in shells without
@@ -166,6 +182,8 @@ def frame_background(counts: np.ndarray, dead: np.ndarray, tables: RadialTables,
     k = np.asarray(counts, np.float64)
     keep = ~dead
     outlier = np.zeros(k.shape, bool)
+    if neighbour_quantile is not None:
+        neighbour_photons = _neighbour_sum(np.where(dead, 0.0, k), tables)
     num = np.bincount(det.shell, weights=np.where(keep, k, 0.0), minlength=n_shells)
     den = np.bincount(det.shell, weights=np.where(keep, det.polarization, 0.0), minlength=n_shells)
     background = np.divide(num, den, out=np.zeros(n_shells), where=den > 0)
@@ -173,6 +191,12 @@ def frame_background(counts: np.ndarray, dead: np.ndarray, tables: RadialTables,
         lam = background[det.shell] * det.polarization
         outlier = (k > poisson_threshold(lam, quantile)) & ~dead
         keep = ~dead & ~_dilate(outlier, tables)
+        if neighbour_quantile is not None:
+            # a pixel counts only when its neighbours' photons are plausible background: independent of
+            # its own count for Poisson background, so nothing is biased; drops the photons of weak spots
+            # spread over adjacent pixels (none an outlier)
+            neighbour_mean = _neighbour_sum(np.where(dead, 0.0, lam), tables)
+            keep &= neighbour_photons <= poisson_threshold(neighbour_mean, neighbour_quantile)
         if clip_quantile is None:
             num = np.bincount(det.shell, weights=np.where(keep, k, 0.0), minlength=n_shells)
             den = np.bincount(det.shell, weights=np.where(keep, det.polarization, 0.0), minlength=n_shells)

@@ -67,6 +67,10 @@ class ReduceConfig:
     clip_quantile: float | None = 0.97
     """Poisson CDF level above which a pixel is left out of the background estimate (truncated-Poisson
     rate of the rest; keeps weak Bragg spots out of the background); None: the plain mean (the reference)."""
+    neighbour_quantile: float | None = 0.9
+    """Poisson CDF level above which the photons of a pixel's 8 neighbours leave it out of the background
+    estimate (keeps the weak spots spread over adjacent pixels out; unbiased for Poisson background);
+    None: no neighbour test."""
     ring_excess: float = 0.05
     """Relative excess of a background maximum that makes it a ring."""
     ring_sigma: float = 5.0
@@ -132,7 +136,7 @@ def reduce_frame(image: np.ndarray, tables: RadialTables, config: ReduceConfig, 
         dead |= k >= saturation
     k = np.where(dead, 0, k)
     background, outlier = frame_background(k, dead, tables, config.background_iterations, config.quantile,
-                                           config.clip_quantile)
+                                           config.clip_quantile, config.neighbour_quantile)
     spots = find_spots(image, det.pixel_id[outlier], tables, config.min_spot_pixels, config.max_spot_pixels,
                        config.max_spots_per_shell)
     excluded = ring_shells(background, tables.shell_pol, config.ring_excess, config.ring_sigma, config.ring_photons)
