@@ -13,8 +13,6 @@ test (docs/BENCHMARKS.md). The tests therefore look only at the pixels with |q| 
 
 from __future__ import annotations
 
-import numpy as np
-
 from emcjax.detector import Detector
 
 
