@@ -11,8 +11,8 @@ not excluded), sum B(s_t) pol_t, with the truth there, level_d x pattern_t. The 
   is a rate over the kept pixels, applied to all used ones);
 * ring photons on kept pixels (a ring left in, or its tails beside the excluded shells), likewise scaled.
 
-``PYTHONPATH=$PWD python experiments/background_bias.py [--quick]`` prints one line per level and frame
-kind; numbers in docs/METHOD-NOTES.md (data reduction, background estimator).
+``PYTHONPATH=$PWD python experiments/background_bias.py [--quick] [--neighbour-quantile 0.9]`` prints one
+line per level and frame kind; numbers in docs/METHOD-NOTES.md (data reduction, background estimator).
 """
 
 from __future__ import annotations
@@ -98,16 +98,15 @@ def main(argv: list[str] | None = None) -> dict[float, dict[str, np.ndarray]]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="one level, 10 frames")
     parser.add_argument("--frames", type=int, default=40)
-    parser.add_argument("--neighbour-quantile", type=float, default=0.9,
-                        help="reduce's --neighbour-quantile (a negative value: None, no neighbour test)")
+    parser.add_argument("--neighbour-quantile", type=float, default=None,
+                        help="reduce's --neighbour-quantile (default None: no neighbour test, as reduce)")
     args = parser.parse_args(argv)
     levels, n_frames = ((0.05,), 10) if args.quick else ((0.01, 0.05, 0.3), args.frames)
     print(f"level: background photons per pixel at pol = 1; photons per frame on the used pixels "
           f"(neighbour quantile {args.neighbour_quantile})")
     results = {}
     for level in levels:
-        neighbour_quantile = None if args.neighbour_quantile < 0 else args.neighbour_quantile
-        m = results[level] = measure(level, n_frames, neighbour_quantile=neighbour_quantile)
+        m = results[level] = measure(level, n_frames, neighbour_quantile=args.neighbour_quantile)
         for name, sel in (("one crystal", m["kind"] == 0), ("blank", m["kind"] == 1), ("all", m["kind"] >= 0)):
             if not sel.any():
                 continue

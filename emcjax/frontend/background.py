@@ -159,7 +159,7 @@ def _truncated_rate(k: np.ndarray, cap: np.ndarray, keep: np.ndarray, tables: Ra
 
 def frame_background(counts: np.ndarray, dead: np.ndarray, tables: RadialTables, iterations: int = 5,
                      quantile: float = 0.99999, clip_quantile: float | None = 0.97,
-                     neighbour_quantile: float | None = 0.9) -> tuple[np.ndarray, np.ndarray]:
+                     neighbour_quantile: float | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Radial background and outlier pixels of one frame.
 
     Args:

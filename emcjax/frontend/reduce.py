@@ -67,10 +67,10 @@ class ReduceConfig:
     clip_quantile: float | None = 0.97
     """Poisson CDF level above which a pixel is left out of the background estimate (truncated-Poisson
     rate of the rest; keeps weak Bragg spots out of the background); None: the plain mean (the reference)."""
-    neighbour_quantile: float | None = 0.9
-    """Poisson CDF level above which the photons of a pixel's 8 neighbours leave it out of the background
-    estimate (keeps the weak spots spread over adjacent pixels out; unbiased for Poisson background);
-    None: no neighbour test."""
+    neighbour_quantile: float | None = None
+    """Poisson CDF level (e.g. 0.9) above which the photons of a pixel's 8 neighbours leave it out of the
+    background estimate (keeps the weak spots spread over adjacent pixels out; unbiased for Poisson
+    background); None: no neighbour test (default: with 0.9 the tutorial's cc_true fell, docs/METHOD-NOTES.md)."""
     ring_excess: float = 0.05
     """Relative excess of a background maximum that makes it a ring."""
     ring_sigma: float = 5.0
