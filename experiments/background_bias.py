@@ -4,12 +4,11 @@ Renders the tutorial's image set (docs/TUTORIAL.md: 96 x 96 pixels, ~1000 Bragg 
 2000-photon powder ring at 0.05 1/Å) at several dense-background levels, reduces every frame as
 ``python -m emcjax.reduce`` does (the tutorial's settings: 100 shells to 4 Å, single-pixel spots) and
 compares, per frame, the background photons the reduction predicts on its used pixels (valid, live, shell
-not excluded), sum B(s_t) pol_t, with the truth there, level_d x pattern_t. The excess is split into
-
-* leaked Bragg photons: the truth's Bragg photons on pixels the estimator keeps (not an outlier or an
-  outlier's neighbour, count <= its clip level), times used/kept polarization of their shell (the estimate
-  is a rate over the kept pixels, applied to all used ones);
-* ring photons on kept pixels (a ring left in, or its tails beside the excluded shells), likewise scaled.
+not excluded), sum B(s_t) pol_t, with the truth there: level_d x pattern_t plus the ring's photons (a ring
+left in is radially symmetric background here). Of the excess, 'leaked Bragg' is the truth's Bragg photons
+on the pixels the estimator keeps (not an outlier or an outlier's neighbour, count <= its clip level, and
+the neighbour test if on), times used/kept polarization of their shell (the estimate is a rate over the
+kept pixels, applied to all used ones).
 
 ``PYTHONPATH=$PWD python experiments/background_bias.py [--quick] [--neighbour-quantile 0.9]`` prints one
 line per level and frame kind; numbers in docs/METHOD-NOTES.md (data reduction, background estimator).
@@ -46,7 +45,7 @@ def images_config(background: float, n_frames: int, seed: int) -> si.ImageSimula
 
 
 def measure(background: float, n_frames: int, seed: int = 0, **reduce_settings) -> dict[str, np.ndarray]:
-    """Per-frame photons on the used pixels: 'estimated', 'true', 'leaked', 'ring', and 'kind' (0 one
+    """Per-frame photons on the used pixels: 'estimated', 'true', 'leaked', and 'kind' (0 one
     crystal, 1 blank, 2 two crystals); ``reduce_settings``: ReduceConfig fields."""
     config = images_config(background, n_frames, seed)
     frames, truth, images = si.render(config)
@@ -65,7 +64,7 @@ def measure(background: float, n_frames: int, seed: int = 0, **reduce_settings) 
     valid_index[det.pixel_id] = np.arange(det.n_pix)
     pattern = truth["background_pattern"].ravel()[det.pixel_id]
     ring_pattern = truth["ring_pattern"].ravel()[det.pixel_id]
-    out = {key: np.zeros(n_frames) for key in ("estimated", "true", "leaked", "ring")}
+    out = {key: np.zeros(n_frames) for key in ("estimated", "true", "leaked")}
     for d, image in enumerate(images):
         reduced = reduce_lib.reduce_frame(image, tables, reduce_config, config.saturation)
         k = image.ravel()[det.pixel_id].astype(np.float64)
@@ -86,9 +85,8 @@ def measure(background: float, n_frames: int, seed: int = 0, **reduce_settings) 
         where = valid_index[frames.photon_pixels[a:b]]
         np.add.at(bragg, where[where >= 0], frames.photon_counts[a:b][where >= 0])
         out["estimated"][d] = (reduced.background[det.shell] * det.polarization)[used].sum()
-        out["true"][d] = truth["background_level"][d] * pattern[used].sum()
+        out["true"][d] = (truth["background_level"][d] * pattern + truth["ring_level"][d] * ring_pattern)[used].sum()
         out["leaked"][d] = (bragg * scale)[kept].sum()
-        out["ring"][d] = (truth["ring_level"][d] * ring_pattern * scale)[kept].sum()
     out["kind"] = truth["frame_kind"]
     return out
 
@@ -113,7 +111,7 @@ def main(argv: list[str] | None = None) -> dict[float, dict[str, np.ndarray]]:
             est, true = m["estimated"][sel].mean(), m["true"][sel].mean()
             print(f"level {level:5.2f} {name:11s} ({sel.sum():3d} frames): estimated {est:7.1f} true {true:7.1f} "
                   f"ratio {est / true:5.2f}; excess {est - true:6.1f} = leaked Bragg {m['leaked'][sel].mean():6.1f} "
-                  f"+ ring {m['ring'][sel].mean():6.1f} + rest {est - true - m['leaked'][sel].mean() - m['ring'][sel].mean():6.1f}")
+                  f"+ rest {est - true - m['leaked'][sel].mean():6.1f}")
     return results
 
 

@@ -20,12 +20,10 @@ limits), radial shell s_t and polarization x solid-angle factor pol_t (the EMC's
    depends on the neighbours only, not on the pixel's own count, so it biases nothing; it drops the
    photons of weak spots spread over adjacent pixels, which a count test cannot see where the background is
    ~0.01-0.05 photons per pixel (one Bragg photon on a pixel then passes as background).
-3. Rings: strict local maxima of B over +-2 shells are followed down to their flanking minima (past a dip
-   inside the ring: a further descent significantly below the dip, without a rise above the maximum); a maximum
+3. Rings: strict local maxima of B over +-2 shells are followed down to their flanking minima; a maximum
    is a ring when it exceeds the linear interpolation between the minima by more than ``ring_excess``
    (5 %, as the reference) *and* its excess photons over the higher flank are significant (> ``ring_sigma``
-   Poisson standard deviations) and its excess photons over its shells (those still 2 sigma above the higher
-   flank) are at least ``min_photons``. The excluded shells (B = -1) are those around the maximum still 2 sigma
+   Poisson standard deviations) and at least ``min_photons``. The excluded shells (B = -1) are those around the maximum still 2 sigma
    above the higher flank, plus one on each side. The reference has no significance test and excludes
    everything between the minima, so on sparse frames every noise bump would exclude shells -- a
    deliberate deviation (docs/METHOD-NOTES.md).
@@ -218,29 +216,6 @@ def _significant(value: float, level: float, pol: float, sigma: float) -> bool:
     return value * pol - expected > sigma * np.sqrt(max(expected, 1.0))
 
 
-def _flank(b: np.ndarray, pol: np.ndarray, j: int, step: int, sigma: float) -> int:
-    """Index of the flanking minimum of the maximum ``b[j]`` in direction ``step`` (+-1): the end of the
-    descent from j, continued past a dip when the profile, after a rise that stays below b[j], descends to a
-    value significantly (``sigma``) below the dip (thin shells hold few pixels, so a ring's profile can dip
-    inside the ring; a dip at the background level is followed by no significant descent)."""
-    def descend(i: int) -> int:
-        while 0 <= i + step < b.size and b[i + step] < b[i]:
-            i += step
-        return i
-
-    m = descend(j)
-    while True:
-        top = m
-        while 0 <= top + step < b.size and b[top + step] >= b[top]:
-            top += step
-        if top == m or b[top] >= b[j]:
-            return m
-        low = descend(top)
-        if not _significant(b[m], b[low], pol[m], sigma):
-            return m
-        m = low
-
-
 def ring_shells(background: np.ndarray, shell_pol: np.ndarray, excess: float = 0.05, sigma: float = 5.0,
                 min_photons: float = 100.0, first_shell: int = 0) -> np.ndarray:
     """(n_shells,) bool: shells of ice/powder rings (see the module docstring, step 3).
@@ -250,10 +225,9 @@ def ring_shells(background: np.ndarray, shell_pol: np.ndarray, excess: float = 0
       shell_pol: (n_shells,) sum of pol over the shell's kept pixels (converts B to photons).
       excess: relative excess of the maximum over the interpolated baseline (0.05: 5 %).
       sigma: required significance of the excess photons, in Poisson standard deviations.
-      min_photons: required excess photons over the higher flank, summed over the ring's shells (those
-        still 2 sigma above it; a ring spreads hundreds of photons around the beam, over several thin
-        shells; on sparse frames the Bragg photons of one shell make significant but small bumps, which
-        must not exclude the shell).
+      min_photons: required excess photons of the peak shell over the higher flank (a ring spreads
+        hundreds of photons around the beam; on sparse frames the Bragg photons of one shell make
+        significant but small bumps, which must not exclude the shell).
       first_shell: shells below this (inside the beam stop) are not considered.
     """
     n = background.shape[0]
@@ -268,13 +242,19 @@ def ring_shells(background: np.ndarray, shell_pol: np.ndarray, excess: float = 0
         window = np.concatenate([b[j - 2:j], b[j + 1:j + 3]])
         if not np.all(b[j] > window):
             continue
-        lo, hi = _flank(b, pol, j, -1, sigma), _flank(b, pol, j, 1, sigma)
+        lo = j
+        while lo > 0 and b[lo - 1] < b[lo]:
+            lo -= 1
+        hi = j
+        while hi < b.size - 1 and b[hi + 1] < b[hi]:
+            hi += 1
         if lo == j or hi == j:
             continue
         base = b[lo] + (b[hi] - b[lo]) * (j - lo) / (hi - lo)
         # significance against the higher flank, so that a noise dip on one side makes no ring
         level = max(b[lo], b[hi])
-        if not (b[j] > (1 + excess) * base and _significant(b[j], level, pol[j], sigma)):
+        if not (b[j] > (1 + excess) * base and _significant(b[j], level, pol[j], sigma)
+                and (b[j] - level) * pol[j] >= min_photons):
             continue
         # the ring: the contiguous shells around j still significantly (2 sigma) above the flank level,
         # plus one shell on each side for the tails
@@ -284,9 +264,5 @@ def ring_shells(background: np.ndarray, shell_pol: np.ndarray, excess: float = 0
         z = j
         while z < hi and _significant(b[z + 1], level, pol[z + 1], 2.0):
             z += 1
-        # its excess photons over the flank level, summed over those shells (thin shells split a ring, so
-        # its peak shell alone may hold fewer than min_photons of a strong ring)
-        if np.sum((b[a:z + 1] - level) * pol[a:z + 1]) < min_photons:
-            continue
         ring[used[max(a - 1, lo):min(z + 1, hi) + 1]] = True
     return ring

@@ -76,8 +76,7 @@ class ReduceConfig:
     ring_sigma: float = 5.0
     """Required significance of a ring's excess photons (Poisson standard deviations)."""
     ring_photons: float = 100.0
-    """Required excess photons of a ring, summed over its shells (Bragg photons of sparse frames make smaller
-    bumps)."""
+    """Required excess photons of a ring's peak shell (Bragg photons of sparse frames make smaller bumps)."""
     min_spot_pixels: int = 2
     """Smallest patch of outlier pixels that is a spot."""
     max_spot_pixels: int = 10
