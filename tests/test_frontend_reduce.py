@@ -144,8 +144,7 @@ def background_ratio_per_shell(frames, truth, tables) -> np.ndarray:
 
 def test_background_stays_unbiased_under_many_weak_bragg_spots(tmp_path):
     """150 Bragg photons per frame, mostly in spots too weak to be outliers: the truncated-Poisson estimate
-    stays within 5 % per shell; the plain mean of the non-outlier pixels (the reference: no neighbour test
-    either) is biased high."""
+    stays within 5 % per shell; the plain mean of the non-outlier pixels (the reference) is biased high."""
     images = dataclasses.replace(IMAGES, out=tmp_path, format="h5",
                                  simulation=dataclasses.replace(IMAGES.simulation, bragg_photons=150.0))
     si.write(images)
@@ -154,7 +153,6 @@ def test_background_stays_unbiased_under_many_weak_bragg_spots(tmp_path):
         out = tmp_path / f"reduced_{clip}.h5"
         reduce_lib.run(reduce_lib.ReduceConfig(
             images=(str(tmp_path / "images.h5"),), out=out, geometry=GEOMETRY, cell=CELL, clip_quantile=clip,
-            neighbour_quantile=None if clip is None else 0.9,
             truth=tmp_path / "truth.h5", mask=reduce_lib.MaskConfig(file=tmp_path / "shadow_mask.npy")),
             log=lambda s: None)
         with data_io.SparseDataset(out) as ds:
