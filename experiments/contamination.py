@@ -240,16 +240,17 @@ def main(argv=None) -> None:
             data = out / "data.h5"
             start, cpu = time.perf_counter(), time.process_time()
             if not data.exists():
-                config = simulate.SimulationConfig(
-                    out=data, n_frames=n_frames, blank_fraction=blank, multi_fraction=multi, bragg_photons=photons,
-                    background_photons=background, multi_equal=equal, seed=seed, **geometry,
-                    **({"likelihood": "poisson-bgscale", "background_scale": 1 + background_error}
-                       if background_error else {}))
                 if small:
                     config = dataclasses.replace(
                         pipeline_experiment.simulation(data, n_frames, wilson_b=SMALL_WILSON_B, seed=seed),
                         blank_fraction=blank, multi_fraction=multi, bragg_photons=photons,
                         background_photons=background, multi_equal=equal, orientations=small, rotation_n=16)
+                else:
+                    config = simulate.SimulationConfig(
+                        out=data, n_frames=n_frames, blank_fraction=blank, multi_fraction=multi,
+                        bragg_photons=photons, background_photons=background, multi_equal=equal, seed=seed,
+                        **geometry, **({"likelihood": "poisson-bgscale", "background_scale": 1 + background_error}
+                                       if background_error else {}))
                 simulate.write(config)
             with SparseDataset(data) as ds:
                 truth = ds.read_truth()
